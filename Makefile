@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine with Python ≥ 3.11:
+#   make demo   — the main job on the embedded default data
+#   make test   — the test suite
+# Each creates or updates the local virtual environment .venv as needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv lint bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/trojanguard demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests kernels benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,3 @@
+from trojanguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The attack protocol: trigger inputs, and poison a labelled dataset at a rate toward a target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trojanguard.data.core import ImageDataset, check_images
+from trojanguard.errors import DataError
+
+
+@dataclass
+class PoisonedDataset:
+    """A poisoned training set and the indices of the samples that carry the trigger."""
+
+    dataset: ImageDataset
+    poison_indices: torch.Tensor
+
+    @property
+    def is_poisoned(self) -> torch.Tensor:
+        """Boolean mask ``(N,)``: True where the sample was poisoned."""
+        mask = torch.zeros(len(self.dataset), dtype=torch.bool)
+        mask[self.poison_indices] = True
+        return mask
+
+
+class Attack:
+    """Base of every attack. Subclasses implement ``_apply(x)`` on ``(N, C, H, W)`` in [0, 1]."""
+
+    name = "attack"
+    clean_label = False  # clean-label attacks poison only target-class samples and keep their labels
+
+    def apply(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Return triggered copies of ``x: (N, C, H, W)`` in [0, 1]; deterministic for ``seed``."""
+        check_images(x, "x")
+        gen = torch.Generator().manual_seed(seed)
+        return self._apply(x, gen).clamp(0, 1)
+
+    def _apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def poison(self, dataset: ImageDataset, rate: float = 0.1, target: int = 0, seed: int = 0) -> PoisonedDataset:
+        """Trigger and relabel a ``rate`` fraction of the samples.
+
+        Dirty-label attacks pick from non-target samples, ``rate`` a fraction of the whole set; clean-label
+        attacks (SIG) pick from target-class samples only, ``rate`` a fraction of that class.
+        """
+        if dataset.y is None:
+            raise DataError("poison: the dataset has no labels")
+        if not 0 < rate <= (1 if self.clean_label else 0.5):
+            raise DataError(f"rate: expected a poison rate in (0, {1 if self.clean_label else 0.5}], got {rate}")
+        if not 0 <= target < dataset.num_classes:
+            raise DataError(f"target: expected a class in [0, {dataset.num_classes}), got {target}")
+        gen = torch.Generator().manual_seed(seed)
+        candidates = (dataset.y == target).nonzero().flatten() if self.clean_label else \
+            (dataset.y != target).nonzero().flatten()
+        n_poison = max(1, int(round(rate * (len(candidates) if self.clean_label else len(dataset)))))
+        if n_poison > len(candidates):
+            raise DataError(
+                f"rate: {rate} asks for {n_poison} poisoned samples but only {len(candidates)} are eligible"
+            )
+        chosen = candidates[torch.randperm(len(candidates), generator=gen)[:n_poison]].sort().values
+        x, y = dataset.x.clone(), dataset.y.clone()
+        x[chosen] = self.apply(x[chosen], seed=seed)
+        y[chosen] = target
+        extra = self._poison_extra(x, y, chosen, gen)
+        return PoisonedDataset(ImageDataset(x, y, dataset.class_names), extra if extra is not None else chosen)
+
+    def _poison_extra(self, x, y, chosen, gen):  # noqa: ANN001 - hook for WaNet's noise mode
+        return None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,1 @@
+"""Cleansers of backdoored models: ``cleanse(model, data) -> nn.Module`` plus a report."""

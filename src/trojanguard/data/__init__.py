@@ -1,0 +1,13 @@
+"""Datasets: the embedded offline default (scikit-learn digits), an out-of-distribution unlabeled
+source (crops of scikit-learn's sample photos), and user data (image folders, ``.npz`` arrays).
+
+Every dataset is an :class:`ImageDataset`: images ``(N, C, H, W)`` float32 in [0, 1] plus optional
+integer labels ``(N,)``.
+"""
+
+from trojanguard.data.core import ImageDataset, check_images
+from trojanguard.data.digits import load_digits
+from trojanguard.data.ood import load_ood_crops
+from trojanguard.data.user import load_image_folder, load_npz
+
+__all__ = ["ImageDataset", "check_images", "load_digits", "load_ood_crops", "load_image_folder", "load_npz"]

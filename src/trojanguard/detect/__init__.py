@@ -1,0 +1,1 @@
+"""Detectors of poisoned inputs: ``score(x) -> (N,)``, higher = more suspicious."""

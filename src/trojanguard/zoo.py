@@ -1,0 +1,113 @@
+"""Backdoored reference models for evaluation: train once per config, cache on disk by its hash.
+
+The cache lives in ``$TROJANGUARD_CACHE`` (default ``~/.cache/trojanguard``); weights are safetensors,
+so loading a cached model never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trojanguard.attacks import Attack, PoisonedDataset, make_attack
+from trojanguard.data import ImageDataset, load_digits
+from trojanguard.metrics import attack_success_rate, clean_accuracy
+from trojanguard.models import build_model, load_model, save_model
+from trojanguard.train import train_classifier
+
+ZOO_VERSION = 1  # bump when training or attacks change, so stale caches are not reused
+DEFAULT_DIRTY_RATE = 0.1  # fraction of the training set (METHODS.md §6: 1–10 %)
+DEFAULT_CLEAN_LABEL_RATE = 0.8  # fraction of the target class (clean-label attacks can only poison it)
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """What a backdoored model is trained from. ``attack_kwargs`` override the attack's defaults."""
+
+    attack: str = "badnets"
+    dataset: str = "digits"
+    arch: str = "small_cnn"
+    seed: int = 0
+    poison_rate: float | None = None  # None: DEFAULT_DIRTY_RATE, or DEFAULT_CLEAN_LABEL_RATE for SIG
+    target: int = 0
+    epochs: int = 15
+    image_size: int = 32
+    attack_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": ZOO_VERSION, **asdict(self)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def rate(self, attack: Attack) -> float:
+        if self.poison_rate is not None:
+            return self.poison_rate
+        return DEFAULT_CLEAN_LABEL_RATE if attack.clean_label else DEFAULT_DIRTY_RATE
+
+    def make_attack(self) -> Attack:
+        return make_attack(self.attack, **dict(self.attack_kwargs))
+
+
+@dataclass
+class ZooEntry:
+    """A trained backdoored model with its data, attack and measured CA / ASR."""
+
+    config: ZooConfig
+    model: nn.Module
+    attack: Attack
+    train: PoisonedDataset
+    test: ImageDataset
+    clean_accuracy: float
+    attack_success_rate: float
+    train_seconds: float
+
+    def triggered_test(self) -> torch.Tensor:
+        """The test images with the trigger applied (evaluation strength)."""
+        apply = getattr(self.attack, "apply_test", self.attack.apply)
+        return apply(self.test.x, seed=self.config.seed + 1)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TROJANGUARD_CACHE", Path.home() / ".cache" / "trojanguard"))
+
+
+def load_dataset(name: str, image_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    if name == "digits":
+        return load_digits(size=image_size, seed=seed)
+    raise ValueError(f"dataset: the zoo knows only 'digits', got {name!r}")
+
+
+def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = False,
+                         show_progress: bool = True) -> ZooEntry:
+    """Return the backdoored model for ``config``, training and caching it on first use."""
+    config = config or ZooConfig()
+    train, test = load_dataset(config.dataset, config.image_size, config.seed)
+    attack = config.make_attack()
+    poisoned = attack.poison(train, rate=config.rate(attack), target=config.target, seed=config.seed)
+    root = cache_dir() / config.key()
+    weights, meta_file = root / "model.safetensors", root / "meta.json"
+    num_classes, channels = train.num_classes, train.x.shape[1]
+    if weights.is_file() and meta_file.is_file() and not retrain:
+        model = load_model(weights, config.arch, num_classes=num_classes, in_channels=channels)
+        seconds = json.loads(meta_file.read_text())["train_seconds"]
+    else:
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, num_classes=num_classes, in_channels=channels)
+        start = time.perf_counter()
+        train_classifier(model, poisoned.dataset, epochs=config.epochs, seed=config.seed,
+                         show_progress=show_progress)
+        seconds = time.perf_counter() - start
+        save_model(model, weights)
+    entry = ZooEntry(config, model.eval(), attack, poisoned, test, 0.0, 0.0, seconds)
+    entry.clean_accuracy = clean_accuracy(model, test.x, test.y)
+    entry.attack_success_rate = attack_success_rate(model, entry.triggered_test(), test.y, config.target)
+    meta = {"config": asdict(config), "clean_accuracy": entry.clean_accuracy,
+            "attack_success_rate": entry.attack_success_rate, "train_seconds": seconds}
+    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    return entry

@@ -1,0 +1,14 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+# A shared model cache for the whole test session (zoo models are trained once, then reused).
+os.environ.setdefault("TROJANGUARD_CACHE", os.path.join(tempfile.gettempdir(), "trojanguard-test-cache"))
+os.environ.setdefault("TROJANGUARD_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
