@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append((name, entry.clean_accuracy, entry.attack_success_rate, "-"))
         print(f"[{time.perf_counter() - start:6.1f}s] {name}: model ready (trained in {entry.train_seconds:.1f}s)",
               file=sys.stderr)
-    print(f"\ntrojanguard demo — digits, {args.arch}, poison rate 0.1, target 0")
+    print(f"\ntrojanguard demo — digits, {args.arch}, target class 0, zoo poison rates (see trojanguard.zoo)")
     print(f"{'attack':10s} {'defence':12s} {'CA':>6s} {'ASR':>6s} {'AUROC':>6s}")
     for name, ca, asr, auroc in rows:
         print(f"{name:10s} {'none':12s} {ca:6.3f} {asr:6.3f} {auroc:>6s}")

@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+from trojanguard.cli import main
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["reference"] == []
+    assert set(info["backends"]) == {"cuda", "triton", "cpp", "reference"}
+    assert "torch" in info["versions"] and info["devices"][0] == "cpu"
+
+
+def test_native_extension_and_kernels_package_import():
+    import trojanguard._C as native
+    import trojanguard._kernels  # noqa: F401
+
+    assert "cuda" in native.build_info()
+
+
+def test_demo_prints_table_for_requested_attack(capsys):
+    assert main(["demo", "--attacks", "badnets"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("badnets"))
+    ca, asr = map(float, row.split()[2:4])
+    assert ca >= 0.95 and asr >= 0.95
+
+
+def test_module_entry_point_and_bad_arguments():
+    done = subprocess.run([sys.executable, "-m", "trojanguard", "demo", "--attacks", "nope"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "invalid choice" in done.stderr

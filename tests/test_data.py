@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trojanguard.data import ImageDataset, load_digits, load_image_folder, load_npz, load_ood_crops
+from trojanguard.errors import DataError
+
+
+def test_digits_shape_range_and_deterministic_split():
+    train, test = load_digits(size=32)
+    assert len(train) + len(test) == 1797
+    assert train.x.shape[1:] == (3, 32, 32) and train.x.dtype == torch.float32
+    assert 0 <= train.x.min() and train.x.max() <= 1
+    assert set(train.y.unique().tolist()) == set(range(10))
+    again, _ = load_digits(size=32)
+    assert torch.equal(train.x, again.x) and torch.equal(train.y, again.y)
+    other, _ = load_digits(size=32, seed=1)
+    assert not torch.equal(train.y, other.y)
+    small, _ = load_digits(size=16, channels=1)
+    assert small.x.shape[1:] == (1, 16, 16)
+
+
+def test_ood_crops_are_natural_images_of_requested_size():
+    crops = load_ood_crops(n=20, size=24, seed=3)
+    assert crops.x.shape == (20, 3, 24, 24) and crops.y is None
+    assert crops.x.std() > 0.05  # real photo content, not blank
+    assert torch.equal(crops.x, load_ood_crops(n=20, size=24, seed=3).x)
+    with pytest.raises(DataError, match="n:"):
+        load_ood_crops(n=0)
+
+
+def _save_png(path, value, size=10):
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_with_classes_skips_corrupt_files(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            _save_png(tmp_path / cls / f"{i}.png", 40 * i)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = tmp_path / "cat" / "0.png"
+    (tmp_path / "cat" / "truncated.png").write_bytes(good.read_bytes()[:30])
+    ds = load_image_folder(tmp_path, size=8)
+    assert ds.x.shape == (6, 3, 8, 8)
+    assert ds.y.tolist() == [0, 0, 0, 1, 1, 1] and ds.class_names == ["cat", "dog"]
+    assert sorted(p.split("/")[-1] for p, _ in ds.skipped) == ["broken.png", "truncated.png"]
+
+
+def test_flat_image_folder_has_no_labels(tmp_path):
+    for i in range(2):
+        _save_png(tmp_path / f"{i}.png", 255)
+    ds = load_image_folder(tmp_path, size=4, channels=1)
+    assert ds.y is None and ds.x.shape == (2, 1, 4, 4)
+    assert torch.allclose(ds.x, torch.ones_like(ds.x))
+
+
+def test_image_folder_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+    with pytest.raises(DataError, match="no image files"):
+        load_image_folder(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of 1 image files"):
+        load_image_folder(tmp_path)
+
+
+def test_npz_uint8_nhwc_and_float_nchw(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
+    ds = load_npz(tmp_path / "a.npz")
+    assert ds.x.shape == (5, 3, 8, 8)
+    assert torch.allclose(ds.x[0, :, 1, 2] * 255, torch.tensor(x[0, 1, 2], dtype=torch.float32))
+    assert ds.y.tolist() == list(range(5))
+    np.savez(tmp_path / "b.npz", x=np.random.rand(4, 1, 6, 6).astype(np.float32))
+    assert load_npz(tmp_path / "b.npz").y is None
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((2, 8, 8), np.uint8)}, "4 dimensions"),
+        ({"x": np.zeros((2, 3, 8, 8), np.int32)}, "dtype int32"),
+        ({"x": np.full((2, 3, 8, 8), 2.0, np.float32)}, r"values in \[0, 1\]"),
+        ({"x": np.full((2, 3, 8, 8), np.nan, np.float32)}, "NaN"),
+        ({"x": np.zeros((2, 8, 8, 5), np.uint8)}, "C in"),
+        ({"x": np.zeros((2, 3, 8, 8), np.float32), "y": np.zeros(3, np.int64)}, "expected shape"),
+        ({"x": np.zeros((2, 3, 8, 8), np.float32), "y": np.zeros(2, np.float32)}, "integer labels"),
+        ({"images": np.zeros((2, 3, 8, 8), np.float32)}, "no array named 'x'"),
+    ],
+)
+def test_npz_bad_inputs(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_npz_missing_and_corrupt(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_npz(tmp_path / "none.npz")
+    (tmp_path / "c.npz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="cannot be read"):
+        load_npz(tmp_path / "c.npz")
+
+
+def test_image_dataset_validates():
+    with pytest.raises(DataError, match="4 dimensions"):
+        ImageDataset(torch.zeros(3, 8, 8))
+    with pytest.raises(DataError, match="floating"):
+        ImageDataset(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(DataError, match="expected shape"):
+        ImageDataset(torch.zeros(2, 3, 8, 8), torch.zeros(3))
