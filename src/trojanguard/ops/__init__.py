@@ -1,5 +1,25 @@
 """Ops with interchangeable backends (reference PyTorch, C++ CPU, CUDA, Triton); see ``_backends``."""
 
-from trojanguard.ops._backends import BACKEND_NAMES, backend_availability
+from trojanguard.ops._backends import (
+    BACKEND_NAMES,
+    OPS,
+    BackendUnavailableError,
+    backend_availability,
+    use_backend,
+)
+from trojanguard.ops.mask_step import (
+    MaskStepParams,
+    blend_reference,
+    mask_from_theta,
+    mask_gradient_reference,
+    mask_step,
+    mask_step_reference,
+    regularizer_reference,
+    uniform_noise,
+)
 
-__all__ = ["BACKEND_NAMES", "backend_availability"]
+__all__ = [
+    "BACKEND_NAMES", "OPS", "BackendUnavailableError", "backend_availability", "use_backend",
+    "MaskStepParams", "blend_reference", "mask_from_theta", "mask_gradient_reference", "mask_step",
+    "mask_step_reference", "regularizer_reference", "uniform_noise",
+]

@@ -1,51 +1,144 @@
-"""Backend registry: which implementations of the ops can run here, and why not where they cannot.
+"""Backend registry and dispatch for the ops.
 
-Dispatch order for an op (used by the ops as they arrive): explicit ``backend=`` argument → the
-``TROJANGUARD_BACKEND`` environment variable → first available of (cuda, triton, cpp, reference).
+Each op is an :class:`Op` holding its pure-PyTorch reference and any faster implementations, each of
+which answers ``not_supported_reasons(*tensors)``. Dispatch order: explicit ``backend=`` argument →
+:func:`use_backend` context → ``TROJANGUARD_BACKEND`` environment variable → first available of
+(cuda, triton, cpp, reference). Automatic choice never fails; asking for a backend that cannot run
+raises an error listing every backend and why it was refused. Tracing/export and
+``torch.use_deterministic_algorithms`` force the reference.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import importlib.util
 import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
 
 BACKEND_NAMES = ("cuda", "triton", "cpp", "reference")
+AUTO_ORDER = BACKEND_NAMES
+_state = threading.local()
 
 
-def _native_module():
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: str
+    fn: Callable
+    not_supported_reasons: Callable[..., list[str]]
+
+
+class Op:
+    """One op: a reference plus registered implementations, selected per call."""
+
+    def __init__(self, name: str, reference: Callable):
+        self.name = name
+        self.implementations: dict[str, Implementation] = {
+            "reference": Implementation("reference", reference, lambda *a, **k: [])
+        }
+
+    def register(self, backend: str, fn: Callable, not_supported_reasons: Callable[..., list[str]]) -> None:
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+        self.implementations[backend] = Implementation(backend, fn, not_supported_reasons)
+
+    def reasons(self, *args, **kwargs) -> dict[str, list[str]]:
+        """Every backend and why it cannot run these inputs (empty list = it can)."""
+        out = {}
+        for name in BACKEND_NAMES:
+            impl = self.implementations.get(name)
+            out[name] = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(*args, **kwargs)
+        return out
+
+    def select(self, backend: str | None, *args, **kwargs) -> Implementation:
+        requested = backend if backend not in (None, "auto") else _requested_backend()
+        if _force_reference():
+            return self.implementations["reference"]
+        if requested is not None:
+            if requested not in BACKEND_NAMES:
+                raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+            impl = self.implementations.get(requested)
+            reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(*args, **kwargs)
+            if reasons:
+                table = "; ".join(f"{n}: {', '.join(r) or 'available'}" for n, r in self.reasons(*args, **kwargs).items())
+                raise BackendUnavailableError(f"{self.name}: backend {requested!r} cannot run here ({table})")
+            return impl
+        for name in AUTO_ORDER:
+            if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+                continue  # the interpreter is for tests only: far slower than every other backend
+            impl = self.implementations.get(name)
+            if impl is not None and not impl.not_supported_reasons(*args, **kwargs):
+                return impl
+        return self.implementations["reference"]
+
+    def __call__(self, *args, backend: str | None = None, **kwargs):
+        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+
+
+OPS: dict[str, Op] = {}
+
+
+def define_op(name: str, reference: Callable) -> Op:
+    op = OPS[name] = Op(name, reference)
+    return op
+
+
+def _requested_backend() -> str | None:
+    return getattr(_state, "backend", None) or os.environ.get("TROJANGUARD_BACKEND") or None
+
+
+def _force_reference() -> bool:
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    return tracing or torch.are_deterministic_algorithms_enabled()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Within the block, ops use backend ``name`` (None or 'auto': automatic choice)."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = None if name == "auto" else name
     try:
-        return importlib.import_module("trojanguard._C")
-    except ImportError:
-        return None
+        yield
+    finally:
+        _state.backend = previous
+
+
+def triton_reasons(*tensors: torch.Tensor) -> list[str]:
+    """Why the Triton kernels cannot run on these tensors (shared by every Triton op)."""
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and not all(t.is_cuda for t in tensors):
+        reasons.append("tensors are not on a CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, slowly)")
+    if interpret and any(t.is_cuda for t in tensors):
+        reasons.append("TRITON_INTERPRET=1 runs on CPU tensors only")
+    return reasons
 
 
 def not_supported_reasons(backend: str) -> list[str]:
-    """Why ``backend`` cannot run on this machine (empty list = available)."""
-    import torch
+    """Why ``backend`` cannot run on this machine at all (empty list = available)."""
+    from trojanguard import _native
 
     if backend == "reference":
         return []
     if backend == "cpp":
-        return [] if _native_module() is not None else ["trojanguard._C was not built (no C++ compiler at install?)"]
+        return _native.cpu_reasons()
     if backend == "cuda":
-        reasons = []
-        if not torch.cuda.is_available():
-            reasons.append("no CUDA device")
-        native = _native_module()
-        if native is None or not native.build_info().get("cuda", False):
-            reasons.append("trojanguard._C was built without CUDA")
-        return reasons
+        return _native.cuda_reasons()
     if backend == "triton":
-        reasons = []
-        if importlib.util.find_spec("triton") is None:
-            reasons.append("triton is not installed")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("no CUDA device (set TRITON_INTERPRET=1 to run kernels on CPU, slowly)")
-        return reasons
+        probe = torch.empty(0, device="cuda") if torch.cuda.is_available() else torch.empty(0)
+        return triton_reasons(probe)
     raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
 
 
 def backend_availability() -> dict[str, list[str]]:
-    """Map each backend name to its list of reasons it is unavailable (empty = available)."""
+    """Map each backend name to its list of reasons it is unavailable here (empty = available)."""
     return {name: not_supported_reasons(name) for name in BACKEND_NAMES}
