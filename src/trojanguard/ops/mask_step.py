@@ -161,6 +161,10 @@ def _mask_step_triton(*args):
 
 
 def _mask_step_triton_reasons(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, *rest) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("trojanguard._kernels.mask_step") is None:
+        return ["trojanguard._kernels.mask_step is not installed"]
     return triton_reasons(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv)
 
 
