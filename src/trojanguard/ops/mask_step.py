@@ -150,6 +150,10 @@ mask_step_op = define_op("mask_step", mask_step_reference)
 def mask_step(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean=None, std=None,
               out_dtype=None, *, backend: str | None = None):
     """One fused mask-optimisation step on the chosen backend; see :func:`mask_step_reference`."""
+    if (mean is None) != (std is None):
+        raise ValueError("mean, std: expected both or neither (the normalisation folded into the step)")
+    if theta.shape[-2:] != x.shape[-2:] or theta.shape[-1] * theta.shape[-2] == 0:
+        raise ValueError(f"theta, x: expected equal non-empty (H, W), got {tuple(theta.shape)} and {tuple(x.shape)}")
     return mask_step_op(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean, std, out_dtype,
                         backend=backend)
 
