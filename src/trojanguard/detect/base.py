@@ -16,10 +16,10 @@ class Detector:
 
     threshold: float | None = None
 
-    def score(self, x) -> torch.Tensor:  # noqa: ANN001
+    def score(self, x) -> torch.Tensor:
         raise NotImplementedError
 
-    def calibrate(self, clean_x, fpr: float = 0.01, *, rule: str = "quantile", t: float = 0.5) -> float:  # noqa: ANN001
+    def calibrate(self, clean_x, fpr: float = 0.01, *, rule: str = "quantile", t: float = 0.5) -> float:
         """Fit the decision threshold on clean reference data and return it."""
         if rule not in CALIBRATION_RULES:
             raise ValueError(f"rule: expected one of {CALIBRATION_RULES}, got {rule!r}")
@@ -34,7 +34,7 @@ class Detector:
             self.threshold = float(scores.mean() + t * scores.std())
         return self.threshold
 
-    def predict(self, x) -> torch.Tensor:  # noqa: ANN001
+    def predict(self, x) -> torch.Tensor:
         """Boolean ``(N,)``: True where the score is above the calibrated threshold."""
         if self.threshold is None:
             raise RuntimeError(f"{type(self).__name__}.predict: call calibrate(clean_x, fpr=...) first")

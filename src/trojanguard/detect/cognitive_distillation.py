@@ -1,0 +1,278 @@
+"""Cognitive Distillation (Huang et al., ICLR 2023): the smallest mask that keeps the model's output.
+
+For each input, Adam learns a mask ``m = (tanh θ + 1)/2`` such that ``x·m + (1 − m)·δ`` (δ a random flat
+colour redrawn every step) gives the same logits (CD-L) or features (CD-F) as ``x``, under an L1 and a
+total-variation penalty. A backdoor trigger alone drives the prediction, so poisoned inputs keep a much
+smaller mask: ``score = 1 − mean(m)`` (higher = more suspicious; the paper's ``Σ m`` up to sign and scale).
+
+Everything outside the network runs in one fused op per step (:func:`trojanguard.ops.mask_step`); the
+network needs only an input gradient (weights frozen, never differentiated). Each sample draws δ from its own
+counter-based stream keyed by its index in the data, so results do not depend on batch size or order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trojanguard.data.batching import count_images, iter_image_batches
+from trojanguard.detect.base import Detector
+from trojanguard.errors import DataError
+from trojanguard.models import Normalize
+from trojanguard.models.features import LayerOutput, default_feature_layer, model_device, working_copy
+from trojanguard.ops import MaskStepParams, blend_reference, mask_from_theta, mask_step, uniform_noise
+from trojanguard.progress import progress
+
+MODES = ("logits", "features")
+# The authors' defaults per mode (METHODS.md §1): Adam lr, γ (L1 weight, the paper's α) and β (TV weight).
+MODE_DEFAULTS = {
+    "logits": {"lr": 0.1, "alpha": 0.01, "beta": 1.0},
+    "features": {"lr": 0.05, "alpha": 0.001, "beta": 10.0},
+}
+ADAM_BETAS = (0.1, 0.1)
+ADAM_EPS = 1e-8
+THETA_INIT = 1.0  # m ≈ 0.881 at the start
+REFERENCE_PIXELS = 32 * 32  # resolution the authors' γ was chosen at (scale_alpha_by_resolution)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EARLY_STOP_EVERY = 10  # steps between convergence checks when early_stop is set
+SEED_MIX = 0x9E3779B1  # spreads detector seeds over the 31-bit per-sample seed space
+
+
+@dataclass
+class DistillationResult:
+    """Per-sample outcome of CD. masks: (N, M, H, W); patterns = x·m: (N, C, H, W); l1 = Σ m: (N,);
+    steps: optimisation steps each sample ran (< ``steps`` only with early stop)."""
+
+    masks: torch.Tensor
+    patterns: torch.Tensor
+    l1: torch.Tensor
+    steps: torch.Tensor
+
+    FIELDS = ("masks", "patterns", "l1", "steps")
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """1 − mean(m): higher = smaller mask = more suspicious."""
+        return 1 - self.masks.flatten(1).mean(1)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU executes bf16 matrix math natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and several times slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the network (None = fp32). 'auto': bf16 on CUDA devices that support it and on CPUs
+    with native bf16, fp32 elsewhere. θ and the Adam moments always stay fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+class CognitiveDistillation(Detector):
+    """Cognitive Distillation detector of backdoor-triggered inputs.
+
+    Args:
+        model: any ``nn.Module`` classifier taking ``(N, C, H, W)`` input; left exactly as handed in.
+        mode: ``"logits"`` (CD-L) or ``"features"`` (CD-F, distils the output of ``layer``).
+        layer: module name for CD-F (default: the last 4-D output before global pooling).
+        steps, lr, alpha (γ, L1 weight per pixel of an unnormalised mask sum), beta (TV weight): the
+            authors' defaults per mode when None.
+        mask_channels: 1 (one mask shared by all channels, the paper) or C (one per channel).
+        batch_size: images optimised together (memory vs speed only; results do not depend on it).
+        preprocess: what the model expects applied to [0, 1] pixels — None, ``(mean, std)``, a
+            :class:`~trojanguard.models.Normalize` (both folded into the fused step) or any differentiable
+            callable; it is applied to the reference pass and to every perturbed input alike.
+        backend: op backend for the fused step (``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"``, ``"triton"``).
+        precision: network precision (``"auto"``: bf16 where the hardware runs it natively, else fp32).
+        channels_last: run the network in channels_last memory format (faster convolutions on CPU and GPU).
+        fuse_conv_bn: fold eval-mode BatchNorm into convolutions (CD-L only; skipped if the model is not
+            FX-traceable).
+        scale_alpha_by_resolution: divide γ by (H·W)/(32·32) so the L1 term weighs the same at any size
+            (the authors' γ grows ×49 in effect from 32 to 224 px).
+        early_stop: stop a sample once no mask value moved more than this over 10 steps (None: run all steps).
+        seed: base of the per-sample noise streams.
+        show_progress: progress bar over batches.
+    """
+
+    def __init__(self, model: nn.Module, *, mode: str = "logits", layer: str | None = None, steps: int = 100,
+                 lr: float | None = None, alpha: float | None = None, beta: float | None = None,
+                 mask_channels: int = 1, batch_size: int = 256, preprocess=None, backend: str = "auto",
+                 precision: str = "auto", channels_last: bool = True, fuse_conv_bn: bool = True,
+                 scale_alpha_by_resolution: bool = False, early_stop: float | None = None, seed: int = 0,
+                 show_progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        if early_stop is not None and early_stop <= 0:
+            raise ValueError(f"early_stop: expected a positive tolerance or None, got {early_stop}")
+        defaults = MODE_DEFAULTS[mode]
+        self.model, self.mode, self.layer, self.steps = model, mode, layer, steps
+        self.lr = defaults["lr"] if lr is None else lr
+        self.alpha = defaults["alpha"] if alpha is None else alpha
+        self.beta = defaults["beta"] if beta is None else beta
+        self.mask_channels, self.batch_size, self.backend = mask_channels, batch_size, backend
+        self.mean, self.std, self.preprocess = _split_preprocess(preprocess)
+        resolve_precision(precision, torch.device("cpu"))  # validates the name
+        self.precision, self.channels_last, self.fuse_conv_bn = precision, channels_last, fuse_conv_bn
+        self.scale_alpha_by_resolution, self.early_stop = scale_alpha_by_resolution, early_stop
+        self.seed, self.show_progress = seed, show_progress
+
+    def __repr__(self) -> str:
+        keys = ("mode", "layer", "steps", "lr", "alpha", "beta", "mask_channels", "batch_size", "backend",
+                "precision", "early_stop", "seed")
+        return f"CognitiveDistillation({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+    # ------------------------------------------------------------------------------------------ public API
+    def distill(self, x) -> DistillationResult:
+        """Masks, cognitive patterns and mask L1 norms of every input in ``x`` (tensor, Dataset, DataLoader)."""
+        parts = list(self.iter_distill(x, keep_masks=True))
+        if not parts:
+            raise DataError("x: no images to distil")
+        return DistillationResult(*(torch.cat([getattr(r, f) for _, r in parts]) for f in DistillationResult.FIELDS))
+
+    def score(self, x) -> torch.Tensor:
+        """Suspicion ``(N,)`` = 1 − mean mask value; higher = more suspicious."""
+        parts = [r.scores for _, r in self.iter_distill(x, keep_masks=False)]
+        if not parts:
+            raise DataError("x: no images to score")
+        return torch.cat(parts)
+
+    def iter_distill(self, x, *, keep_masks: bool = True) -> Iterator[tuple[int, DistillationResult]]:
+        """Stream ``(start index, result of one batch)``; with ``keep_masks=False`` masks hold only what
+        ``scores`` needs (the per-sample mean, as an (N, 1, 1, 1) tensor) and patterns are empty."""
+        device = model_device(self.model)
+        net, restore = working_copy(self.model, channels_last=self.channels_last,
+                                    fuse_conv_bn=self.fuse_conv_bn and self.mode == "logits")
+        try:
+            target = self._target(net, x, device)
+            batches = progress(iter_image_batches(x, self.batch_size), desc="cognitive distillation",
+                               enable=self.show_progress, total=_num_batches(x, self.batch_size))
+            for xb, start in batches:
+                yield start, self._distill_batch(target, xb.to(device, torch.float32), start, keep_masks)
+        finally:
+            restore()
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _target(self, net: nn.Module, data, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function whose output CD preserves: logits, or the chosen layer's output."""
+        layer = self.layer
+        if self.mode == "features" and layer is None:
+            first, _ = next(iter_image_batches(data, 2), (None, 0))
+            if first is None:
+                raise DataError("x: no images to distil")
+            example = self._step_input(first[:2].to(device, torch.float32))
+            layer = default_feature_layer(net, self._network_input(example))
+            self.layer = layer
+        return LayerOutput(net, layer if self.mode == "features" else None)
+
+    def _network_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What the network sees for ``z``, the fused step's output (normalised pixels when (mean, std) are
+        folded in, raw pixels otherwise)."""
+        return z if self.preprocess is None else self.preprocess(z)
+
+    def _step_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in the fused step's output space (normalised when (mean, std) are folded in)."""
+        if self.mean is None:
+            return pixels
+        return blend_reference(pixels, torch.ones_like(pixels[:, :1]), torch.zeros_like(pixels[:, :, :1, :1]),
+                               self.mean.to(pixels), self.std.to(pixels))
+
+    def _alpha_per_pixel(self, h: int, w: int) -> float:
+        return self.alpha / (h * w / REFERENCE_PIXELS) if self.scale_alpha_by_resolution else self.alpha
+
+    def _distill_batch(self, target, x: torch.Tensor, start: int, keep_masks: bool) -> DistillationResult:
+        pixels, (n, c, h, w) = x, x.shape
+        if self.mask_channels not in (1, c):
+            raise DataError(f"mask_channels: expected 1 or the images' channel count {c}, got {self.mask_channels}")
+        device = x.device
+        autocast_dtype = resolve_precision(self.precision, device)
+        mean, std = (None, None) if self.mean is None else (self.mean.to(device), self.std.to(device))
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        def network(z: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                return target(self._network_input(z).contiguous(memory_format=memory_format)).float()
+
+        with torch.no_grad():
+            try:
+                reference = network(self._step_input(x))
+            except RuntimeError as exc:
+                raise DataError(f"x: the model cannot take images of shape {tuple(x.shape[1:])}: {exc}") from exc
+        seeds = ((torch.arange(start, start + n, dtype=torch.int64) + self.seed * SEED_MIX) & 0x7FFFFFFF).to(device)
+        theta = torch.full((n, self.mask_channels, h, w), THETA_INIT, device=device)
+        exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta)
+        delta = uniform_noise(seeds, 1, c)
+        x_adv = blend_reference(x, mask_from_theta(theta), delta, mean, std)
+        alpha = self._alpha_per_pixel(h, w)
+        # Early stop drops converged samples from the batch; each one stops by its own criterion only.
+        masks = torch.empty_like(theta)  # final masks, filled as samples finish
+        steps_run = torch.full((n,), self.steps, dtype=torch.int64)
+        active = torch.arange(n, device=device)
+        previous = mask_from_theta(theta) if self.early_stop else None
+        for step in range(1, self.steps + 1):
+            x_adv.requires_grad_(True)
+            distance = (network(x_adv) - reference).abs().flatten(1).mean(1).sum()
+            (grad,) = torch.autograd.grad(distance, x_adv)
+            params = MaskStepParams(self.lr, *ADAM_BETAS, ADAM_EPS, alpha, self.beta, step)
+            delta, x_adv = mask_step(theta, exp_avg, exp_avg_sq, x, delta, grad, seeds, params, mean, std,
+                                     torch.float32, backend=self.backend)
+            if self.early_stop and step % EARLY_STOP_EVERY == 0 and step < self.steps:
+                mask = mask_from_theta(theta)
+                done = (mask - previous).abs().flatten(1).amax(1) < self.early_stop
+                if done.any():
+                    masks[active[done]] = mask[done]
+                    steps_run[active[done].cpu()] = step
+                    keep = ~done
+                    active, mask = active[keep], mask[keep]
+                    theta, exp_avg, exp_avg_sq = theta[keep], exp_avg[keep], exp_avg_sq[keep]
+                    x, delta, x_adv, seeds, reference = x[keep], delta[keep], x_adv[keep], seeds[keep], reference[keep]
+                    if len(active) == 0:
+                        break
+                previous = mask
+        if len(active):
+            masks[active] = mask_from_theta(theta)
+        l1 = masks.flatten(1).sum(1)
+        if keep_masks:
+            return DistillationResult(masks.cpu(), (pixels * masks).cpu(), l1.cpu(), steps_run)
+        mean_mask = masks.flatten(1).mean(1).view(-1, 1, 1, 1)
+        return DistillationResult(mean_mask.cpu(), torch.empty(0), l1.cpu(), steps_run)
+
+
+def _split_preprocess(preprocess) -> tuple[torch.Tensor | None, torch.Tensor | None, Callable | None]:
+    """(mean, std) to fold into the fused step, or a callable applied on the network side."""
+    if preprocess is None:
+        return None, None, None
+    if isinstance(preprocess, Normalize):
+        return preprocess.mean.flatten().float(), preprocess.std.flatten().float(), None
+    if isinstance(preprocess, (tuple, list)) and len(preprocess) == 2:
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in preprocess)
+        if mean.shape != std.shape or (std <= 0).any():
+            raise ValueError("preprocess: expected (mean, std) of equal length with std > 0")
+        return mean, std, None
+    if callable(preprocess):
+        return None, None, preprocess
+    raise TypeError(f"preprocess: expected None, (mean, std), Normalize or a callable, got {type(preprocess).__name__}")
+
+
+def _num_batches(data, batch_size: int) -> int | None:
+    count = count_images(data)
+    return None if count is None else -(-count // batch_size)
