@@ -35,8 +35,12 @@ def images():
     return torch.rand(7, 3, 16, 12, generator=torch.Generator().manual_seed(1))
 
 
-def autograd_masks(model, x, steps, lr, alpha, beta, seed=0):
-    """The recipe written with autograd and torch.optim.Adam, δ from the detector's per-sample streams."""
+def autograd_masks(model, x, steps, lr, alpha, beta, seed=0, probabilities=False):
+    """The recipe written with autograd and torch.optim.Adam, δ from the detector's per-sample streams;
+    ``probabilities``: CD-P's distance (total variation between softmax outputs) instead of logit L1."""
+    if probabilities:
+        logits_model = model
+        model = lambda z: torch.softmax(logits_model(z), 1) * 5  # noqa: E731 — ×K/2: mean |Δ| = total variation
     n, c, h, w = x.shape
     seeds = (torch.arange(n) + seed * SEED_MIX) & 0x7FFFFFFF
     theta = torch.ones(n, 1, h, w, requires_grad=True)
@@ -64,8 +68,16 @@ def test_masks_match_the_autograd_recipe(net, images):
     """Fused step + input-only gradient = the recipe with autograd on θ (fp32; atol 1e-4 after 8 steps)."""
     expected = autograd_masks(net, images, steps=8, lr=0.1, alpha=0.01, beta=1.0)
     for backend in ("reference", "auto"):
-        got = cd(net, steps=8, backend=backend, channels_last=False, fuse_conv_bn=False).distill(images).masks
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        got = cd(net, mode="logits", steps=8, backend=backend, channels_last=False, fuse_conv_bn=False)
+        torch.testing.assert_close(got.distill(images).masks, expected, atol=1e-4, rtol=0)
+
+
+def test_probability_mode_matches_the_autograd_recipe(net, images):
+    """CD-P: γ = 1/(H·W) by default, fast paths on (channels_last, fused conv-BN); atol 1e-4 after 8 steps."""
+    expected = autograd_masks(net, images, steps=8, lr=0.1, alpha=1 / (16 * 12), beta=1.0, probabilities=True)
+    detector = cd(net, steps=8)
+    assert detector.mode == "probabilities"
+    torch.testing.assert_close(detector.distill(images).masks, expected, atol=1e-4, rtol=0)
 
 
 def test_results_do_not_depend_on_batch_size_or_order(net, images):
@@ -82,7 +94,7 @@ def test_preprocessing_is_applied_to_every_pass(net, images):
     norm = Normalize(MEAN, STD)
     expected = autograd_masks(inside, images, steps=6, lr=0.1, alpha=0.01, beta=1.0)
     for preprocess in ((MEAN, STD), norm, lambda z: norm(z)):
-        got = cd(net, steps=6, preprocess=preprocess, channels_last=False, fuse_conv_bn=False).distill(images)
+        got = cd(net, mode="logits", steps=6, preprocess=preprocess, channels_last=False, fuse_conv_bn=False).distill(images)
         torch.testing.assert_close(got.masks, expected, atol=1e-4, rtol=0)
 
 
@@ -92,7 +104,7 @@ def test_model_is_left_as_handed_in(net, images):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [(m.training) for m in model.modules()]
     grads = [p.requires_grad for p in model.parameters()]
-    for mode in ("logits", "features"):
+    for mode in ("probabilities", "logits", "features"):
         cd(model, mode=mode, steps=2).distill(images)
     assert [m.training for m in model.modules()] == flags
     assert [p.requires_grad for p in model.parameters()] == grads
@@ -155,3 +167,18 @@ def test_calibration_controls_false_positives(net):
 def test_early_stop_ends_converged_samples(net, images):
     result = cd(net, steps=60, early_stop=0.5).distill(images)
     assert (result.steps < 60).all() and (result.steps % 10 == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["badnets", "blended"])
+def test_detects_backdoored_training_samples(attack):
+    """Defaults on the zoo model (digits, small CNN): AUROC ≥ 0.9 on every poisoned sample + 100 clean ones."""
+    from trojanguard.zoo import ZooConfig, get_backdoored_model
+
+    entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
+    poisoned = entry.train.is_poisoned
+    clean = torch.nonzero(~poisoned).flatten()[torch.randperm(int((~poisoned).sum()),
+                                                               generator=torch.Generator().manual_seed(0))[:100]]
+    index = torch.cat([torch.nonzero(poisoned).flatten(), clean])
+    scores = CognitiveDistillation(entry.model, show_progress=False).score(entry.train.dataset.x[index])
+    assert auroc(poisoned[index], scores) >= 0.9

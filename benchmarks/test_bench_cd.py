@@ -1,0 +1,54 @@
+"""End to end: images per second of Cognitive Distillation (100 steps) — the SDK detector vs the baseline that
+follows the authors' recipe line by line (``cd_baseline.py``), same images, same model, one run.
+
+Run: ``python -m pytest benchmarks/test_bench_cd.py --benchmark-only``. AUROC parity of the two is measured
+by ``cd_effectiveness.py`` (speed does not depend on the weights, so untrained models are timed here).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trojanguard.detect import CognitiveDistillation
+from trojanguard.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cd_baseline import baseline_cd_l1  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STEPS = 100
+IMAGES = {"small_cnn": 128, "resnet18_cifar": 32} if DEVICE == "cpu" else {"small_cnn": 1024, "resnet18_cifar": 512}
+VARIANTS = {
+    "baseline": None,
+    "sdk": {},
+    "sdk-reference-ops-nchw": {"backend": "reference", "channels_last": False, "fuse_conv_bn": False},
+    "sdk-early-stop": {"early_stop": 0.01},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", list(IMAGES))
+def test_cd_end_to_end(benchmark, arch, variant):
+    torch.manual_seed(0)
+    model = build_model(arch).to(DEVICE).eval()
+    x = torch.rand(IMAGES[arch], 3, 32, 32, device=DEVICE)
+    benchmark.group = f"CD-L end to end {arch} {DEVICE}"
+    options = VARIANTS[variant]
+    if options is None:
+        def run():
+            return baseline_cd_l1(model, x, steps=STEPS, batch_size=100 if arch == "small_cnn" else 64)
+    else:
+        detector = CognitiveDistillation(model, steps=STEPS, show_progress=False, **options)
+
+        def run():
+            return detector.score(x)
+
+    def timed():
+        run()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["images/s"] = round(len(x) / benchmark.stats.stats.median, 1)
