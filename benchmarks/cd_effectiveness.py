@@ -1,5 +1,5 @@
 """AUROC of Cognitive Distillation on the attack zoo (digits, small CNN, zoo poison rates): the SDK detector
-vs the baseline recipe (``cd_baseline.py``), CD-L and CD-F, on the poisoned training set.
+vs the baseline recipe (``cd_baseline.py``) for CD-L and CD-F, and the SDK's default CD-P, on the poisoned training set.
 
 Run: ``python benchmarks/cd_effectiveness.py [--attacks badnets blended ...] [--clean 400]``. ``--clean N``
 scores every poisoned sample plus N random clean ones (a stratified subset, for time on small CPUs); 0 = all.
@@ -12,8 +12,8 @@ import argparse
 import time
 
 import torch
-
 from cd_baseline import baseline_cd_l1
+
 from trojanguard.detect import CognitiveDistillation
 from trojanguard.metrics import auprc, auroc, tpr_at_fpr
 from trojanguard.models.features import LayerOutput, default_feature_layer
@@ -31,10 +31,19 @@ def evaluation_subset(poisoned: torch.Tensor, clean: int, seed: int = 0) -> torc
     return torch.cat([pos, neg]).sort().values
 
 
+def detector_scores(name: str, mode: str, model, x: torch.Tensor) -> torch.Tensor:
+    """Suspicion scores of the SDK detector or of the baseline recipe (−Σm), higher = more suspicious."""
+    if name == "sdk":
+        return CognitiveDistillation(model, mode=mode).score(x)
+    layer = default_feature_layer(model, x[:2])
+    defaults = {"logits": {}, "features": {"lr": 0.05, "alpha": 0.001, "beta": 10.0}}[mode]
+    return -baseline_cd_l1(model, x, mode=mode, feature_fn=lambda net, z: LayerOutput(net, layer)(z), **defaults)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--modes", nargs="+", default=["logits", "features"], choices=["logits", "features"])
+    parser.add_argument("--modes", nargs="+", default=["probabilities", "logits", "features"], choices=["probabilities", "logits", "features"])
     parser.add_argument("--clean", type=int, default=400)
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
@@ -45,16 +54,9 @@ def main() -> None:
         index = evaluation_subset(poisoned, args.clean)
         x, truth = entry.train.dataset.x[index], poisoned[index]
         for mode in args.modes:
-            runs = {"sdk": lambda m=mode: CognitiveDistillation(entry.model, mode=m).score(x)}
-            if not args.no_baseline:
-                layer = default_feature_layer(entry.model, x[:2])
-                feature_fn = lambda model, z, layer=layer: LayerOutput(model, layer)(z)  # noqa: E731
-                defaults = {"logits": {}, "features": {"lr": 0.05, "alpha": 0.001, "beta": 10.0}}[mode]
-                runs["baseline"] = lambda m=mode, d=defaults, f=feature_fn: -baseline_cd_l1(
-                    entry.model, x, mode=m, feature_fn=f, **d)
-            for name, run in runs.items():
+            for name in ("sdk",) if args.no_baseline or mode == "probabilities" else ("sdk", "baseline"):
                 start = time.perf_counter()
-                scores = run()
+                scores = detector_scores(name, mode, entry.model, x)
                 seconds = time.perf_counter() - start
                 rows.append(f"| {attack} | CD-{mode[0].upper()} | {name} | {len(x)} ({int(truth.sum())} poisoned) | "
                             f"{auroc(truth, scores):.3f} | {auprc(truth, scores):.3f} | "

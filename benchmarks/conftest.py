@@ -31,7 +31,7 @@ def device_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}"
 
 
-def ratio_table(benchmarks) -> list[str]:  # noqa: ANN001
+def ratio_table(benchmarks) -> list[str]:
     groups: dict[str, list] = {}
     for bench in benchmarks:
         groups.setdefault(bench.group or bench.name, []).append(bench)
@@ -48,7 +48,7 @@ def ratio_table(benchmarks) -> list[str]:  # noqa: ANN001
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, config):  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return

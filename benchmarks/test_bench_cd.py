@@ -15,7 +15,7 @@ from trojanguard.detect import CognitiveDistillation
 from trojanguard.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cd_baseline import baseline_cd_l1  # noqa: E402
+from cd_baseline import baseline_cd_l1
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS = 100

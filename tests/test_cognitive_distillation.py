@@ -40,7 +40,7 @@ def autograd_masks(model, x, steps, lr, alpha, beta, seed=0, probabilities=False
     ``probabilities``: CD-P's distance (total variation between softmax outputs) instead of logit L1."""
     if probabilities:
         logits_model = model
-        model = lambda z: torch.softmax(logits_model(z), 1) * 5  # noqa: E731 — ×K/2: mean |Δ| = total variation
+        model = lambda z: torch.softmax(logits_model(z), 1) * 5
     n, c, h, w = x.shape
     seeds = (torch.arange(n) + seed * SEED_MIX) & 0x7FFFFFFF
     theta = torch.ones(n, 1, h, w, requires_grad=True)
