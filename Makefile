@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv lint bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.py csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
