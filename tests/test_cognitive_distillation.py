@@ -182,3 +182,12 @@ def test_detects_backdoored_training_samples(attack):
     index = torch.cat([torch.nonzero(poisoned).flatten(), clean])
     scores = CognitiveDistillation(entry.model, show_progress=False).score(entry.train.dataset.x[index])
     assert auroc(poisoned[index], scores) >= 0.9
+
+
+def test_compiled_network_gives_the_same_masks(net, images):
+    """torch.compile plumbing (aot_eager backend: no C++ toolchain needed); atol 1e-4."""
+    eager = cd(net, steps=5).distill(images)
+    compiled = cd(net, steps=5, compile="aot_eager").distill(images)
+    torch.testing.assert_close(compiled.masks, eager.masks, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="compile"):
+        cd(net, mode="features", compile=True)

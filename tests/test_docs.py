@@ -1,0 +1,22 @@
+"""The documentation's Python examples run as written (each file's blocks in order, one namespace)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: p.name)
+def test_examples_run(path, capsys):
+    namespace: dict = {}
+    for block in python_blocks(path):
+        exec(compile(block, str(path), "exec"), namespace)  # noqa: S102 — our own documentation
+    assert capsys.readouterr().out  # every example prints what it shows
