@@ -56,7 +56,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
     versions = (f"torch {torch.__version__}, trojanguard {trojanguard.__version__}, python {platform.python_version()}"
                 + ("" if not torch.cuda.is_available() else f", CUDA {torch.version.cuda}"))
-    header = [f"device: {device_description()}", f"versions: {versions}", f"command: {' '.join(sys.argv)}", ""]
+    header = [f"device: {device_description()}", f"versions: {versions}", f"command: python -m pytest {' '.join(sys.argv[1:])}", ""]
     text = "\n".join(header + ratio_table(session.benchmarks))
     terminalreporter.write_line("\nratios (measured in this run):\n" + text)
     (Path(__file__).parent / ".last_ratios.md").write_text(text + "\n")
