@@ -31,10 +31,12 @@ def evaluation_subset(poisoned: torch.Tensor, clean: int, seed: int = 0) -> torc
     return torch.cat([pos, neg]).sort().values
 
 
-def detector_scores(name: str, mode: str, model, x: torch.Tensor) -> torch.Tensor:
-    """Suspicion scores of the SDK detector or of the baseline recipe (−Σm), higher = more suspicious."""
-    if name == "sdk":
-        return CognitiveDistillation(model, mode=mode).score(x)
+def detector_scores(name: str, mode: str, model, x: torch.Tensor, early_stop: float | None = None
+                    ) -> torch.Tensor:
+    """Suspicion scores of the SDK detector (``sdk``, or ``sdk early-stop …`` with ``early_stop``) or of the
+    baseline recipe (−Σm); higher = more suspicious."""
+    if name.startswith("sdk"):
+        return CognitiveDistillation(model, mode=mode, early_stop=early_stop if "early" in name else None).score(x)
     layer = default_feature_layer(model, x[:2])
     defaults = {"logits": {}, "features": {"lr": 0.05, "alpha": 0.001, "beta": 10.0}}[mode]
     return -baseline_cd_l1(model, x, mode=mode, feature_fn=lambda net, z: LayerOutput(net, layer)(z), **defaults)
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["probabilities", "logits", "features"], choices=["probabilities", "logits", "features"])
     parser.add_argument("--clean", type=int, default=400)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--early-stop", type=float, default=None, help="also run the SDK with this early stop")
     args = parser.parse_args()
     rows = ["| attack | mode | detector | images | AUROC | AUPRC | TPR@5%FPR | images/s |", "|---|---|---|---|---|---|---|---|"]
     for attack in args.attacks:
@@ -54,9 +57,11 @@ def main() -> None:
         index = evaluation_subset(poisoned, args.clean)
         x, truth = entry.train.dataset.x[index], poisoned[index]
         for mode in args.modes:
-            for name in ("sdk",) if args.no_baseline or mode == "probabilities" else ("sdk", "baseline"):
+            names = ["sdk"] + ([] if args.no_baseline or mode == "probabilities" else ["baseline"])
+            names += [f"sdk early-stop {args.early_stop}"] if args.early_stop else []
+            for name in names:
                 start = time.perf_counter()
-                scores = detector_scores(name, mode, entry.model, x)
+                scores = detector_scores(name, mode, entry.model, x, args.early_stop)
                 seconds = time.perf_counter() - start
                 rows.append(f"| {attack} | CD-{mode[0].upper()} | {name} | {len(x)} ({int(truth.sum())} poisoned) | "
                             f"{auroc(truth, scores):.3f} | {auprc(truth, scores):.3f} | "

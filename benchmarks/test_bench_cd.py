@@ -1,4 +1,5 @@
-"""End to end: images per second of Cognitive Distillation (100 steps) — the SDK detector vs the baseline that
+"""End to end: images per second of Cognitive Distillation (100 steps) — the SDK detector (its defaults: CD-P;
+per step the same work as CD-L — one forward, one input gradient, the mask step) vs the baseline that
 follows the authors' recipe line by line (``cd_baseline.py``), same images, same model, one run.
 
 Run: ``python -m pytest benchmarks/test_bench_cd.py --benchmark-only``. AUROC parity of the two is measured
@@ -34,7 +35,7 @@ def test_cd_end_to_end(benchmark, arch, variant):
     torch.manual_seed(0)
     model = build_model(arch).to(DEVICE).eval()
     x = torch.rand(IMAGES[arch], 3, 32, 32, device=DEVICE)
-    benchmark.group = f"CD-L end to end {arch} {DEVICE}"
+    benchmark.group = f"CD end to end (100 steps) {arch} {DEVICE}"
     options = VARIANTS[variant]
     if options is None:
         def run():
