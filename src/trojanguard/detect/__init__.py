@@ -2,5 +2,6 @@
 
 from trojanguard.detect.base import Detector
 from trojanguard.detect.cognitive_distillation import CognitiveDistillation, DistillationResult
+from trojanguard.detect.feature_distance import FeatureMahalanobis
 
-__all__ = ["CognitiveDistillation", "Detector", "DistillationResult"]
+__all__ = ["CognitiveDistillation", "Detector", "DistillationResult", "FeatureMahalanobis"]

@@ -1,0 +1,121 @@
+"""Serve an exported guard with ONNX Runtime: validated batches in, ``(logits, score, flagged)`` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from trojanguard.errors import DataError
+from trojanguard.guard.module import GuardOutput
+from trojanguard.guard.onnx_export import INPUT_NAME, OUTPUT_NAMES, decode_metadata
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+REQUIRED_METADATA = ("threshold", "input_shape", "input_range", "policy")
+
+
+def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:
+    """ONNX Runtime provider list: ``"auto"`` → CUDA then CPU when the CUDA provider is installed, else CPU;
+    ``"cpu"``/``"cuda"`` or provider names are checked against the installed ones."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers == "auto":
+        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    names = [providers] if isinstance(providers, str) else list(providers)
+    resolved = [PROVIDER_ALIASES.get(name, name) for name in names]
+    missing = [name for name in resolved if name not in available]
+    if missing:
+        raise ValueError(f"providers: {missing} not available in this onnxruntime; available: {available}")
+    return resolved
+
+
+class GuardSession:
+    """ONNX Runtime session of a graph written by :func:`~trojanguard.guard.export_onnx`.
+
+    ``run(x)`` takes ``(N, C, H, W)`` float32 images (NumPy or torch) and returns a :class:`GuardOutput` of
+    NumPy arrays. A wrong shape, dtype or an empty batch raises :class:`~trojanguard.errors.DataError`
+    naming what was expected; NaN, ±Inf and out-of-range values are not errors — the graph flags those
+    inputs (``score = inf``), so one bad image does not fail a whole batch.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: ``"auto"`` (CUDA when onnxruntime-gpu is installed, else CPU), ``"cpu"``, ``"cuda"`` or a
+            list of ONNX Runtime provider names.
+        session_options: an ``onnxruntime.SessionOptions`` (threads, optimisation level).
+        batch_size: ``run`` splits larger inputs into runs of this many images (None: one run).
+    """
+
+    def __init__(self, path: str | Path, providers: str | Sequence[str] = "auto", *, session_options=None,
+                 batch_size: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no ONNX file at {path}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size}")
+        self.path, self.batch_size = path, batch_size
+        self.session = ort.InferenceSession(str(path), sess_options=session_options,
+                                            providers=resolve_providers(providers))
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        missing = [key for key in REQUIRED_METADATA if key not in self.metadata]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if missing or outputs != list(OUTPUT_NAMES):
+            raise DataError(f"path: {path} is not a trojanguard guard graph (missing metadata {missing}, outputs "
+                            f"{outputs}); write it with trojanguard.guard.export_onnx")
+        self.input_shape = tuple(self.metadata["input_shape"])
+        self._outputs = list(OUTPUT_NAMES)
+        fixed_batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = fixed_batch if isinstance(fixed_batch, int) else None
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers the session actually runs on (in priority order)."""
+        return self.session.get_providers()
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def policy(self) -> str:
+        return str(self.metadata["policy"])
+
+    def __repr__(self) -> str:
+        return (f"GuardSession({str(self.path)!r}, providers={self.providers}, threshold={self.threshold:.4g}, "
+                f"policy={self.policy!r}, input_shape={self.input_shape})")
+
+    def run(self, x) -> GuardOutput:
+        """``(logits (N, K) float32, score (N,) float32, flagged (N,) bool)`` as NumPy arrays."""
+        x = self.validate(x)
+        step = self.batch_size or len(x)
+        if self.fixed_batch is not None:
+            step = self.fixed_batch
+        parts = [self.session.run(self._outputs, {INPUT_NAME: x[i : i + step]}) for i in range(0, len(x), step)]
+        if len(parts) == 1:
+            return GuardOutput(*parts[0])
+        return GuardOutput(*(np.concatenate([p[j] for p in parts]) for j in range(len(OUTPUT_NAMES))))
+
+    __call__ = run
+
+    def validate(self, x) -> np.ndarray:
+        """The batch as a contiguous float32 NumPy array, or a DataError saying what is wrong with it."""
+        if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+            x = x.detach().cpu().numpy()
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x: expected a NumPy array or torch tensor of shape (N, {', '.join(map(str, self.input_shape))})"
+                            f", got {type(x).__name__}")
+        if x.dtype != np.float32:
+            hint = " (scale integer pixels to [0, 1]: x.astype(np.float32) / 255)" if x.dtype.kind in "ui" else \
+                " (convert with x.astype(np.float32))" if x.dtype.kind == "f" else ""
+            raise DataError(f"x: expected float32 pixels, got {x.dtype}{hint}")
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            hint = " (a single image? add the batch axis: x[None])" if tuple(x.shape) == self.input_shape else ""
+            raise DataError(f"x: expected shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}")
+        if len(x) == 0:
+            raise DataError("x: empty batch (N = 0)")
+        if self.fixed_batch is not None and len(x) % self.fixed_batch:
+            raise DataError(f"x: this graph was exported with a fixed batch of {self.fixed_batch}; got {len(x)} images")
+        return np.ascontiguousarray(x)
