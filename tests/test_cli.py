@@ -14,10 +14,11 @@ def test_info_lists_backends(capsys):
 
 
 def test_native_extension_and_kernels_package_import():
-    import trojanguard._C as native
+    """The extension loads (installed, or built just in time from a source tree) and the kernels package imports."""
     import trojanguard._kernels  # noqa: F401
+    from trojanguard import _native
 
-    assert "cuda" in native.build_info()
+    assert "cuda" in _native.build_info()
 
 
 def test_demo_prints_table_for_requested_attack(capsys):
@@ -26,6 +27,8 @@ def test_demo_prints_table_for_requested_attack(capsys):
     row = next(line for line in out.splitlines() if line.startswith("badnets"))
     ca, asr = map(float, row.split()[2:4])
     assert ca >= 0.95 and asr >= 0.95
+    cd = next(line for line in out.splitlines() if line.startswith("badnets") and line.split()[1] == "cd")
+    assert float(cd.split()[4]) >= 0.9  # issue 3: CD AUROC on BadNets with the defaults
 
 
 def test_module_entry_point_and_bad_arguments():
