@@ -49,19 +49,23 @@ def main() -> None:
     parser.add_argument("--clean", type=int, default=400)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--early-stop", type=float, default=None, help="also run the SDK with this early stop")
+    parser.add_argument("--device", default="cpu", help="where the model and images go (e.g. cuda)")
     args = parser.parse_args()
     rows = ["| attack | mode | detector | images | AUROC | AUPRC | TPR@5%FPR | images/s |", "|---|---|---|---|---|---|---|---|"]
     for attack in args.attacks:
         entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
         poisoned = entry.train.is_poisoned
         index = evaluation_subset(poisoned, args.clean)
-        x, truth = entry.train.dataset.x[index], poisoned[index]
+        x, truth = entry.train.dataset.x[index].to(args.device), poisoned[index]
+        model = entry.model.to(args.device)
         for mode in args.modes:
             names = ["sdk"] + ([] if args.no_baseline or mode == "probabilities" else ["baseline"])
             names += [f"sdk early-stop {args.early_stop}"] if args.early_stop else []
             for name in names:
                 start = time.perf_counter()
-                scores = detector_scores(name, mode, entry.model, x, args.early_stop)
+                scores = detector_scores(name, mode, model, x, args.early_stop).cpu()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
                 rows.append(f"| {attack} | CD-{mode[0].upper()} | {name} | {len(x)} ({int(truth.sum())} poisoned) | "
                             f"{auroc(truth, scores):.3f} | {auprc(truth, scores):.3f} | "

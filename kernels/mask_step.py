@@ -224,14 +224,15 @@ def _check_shapes(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, 
 def mask_step_triton(theta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor,
                      delta: torch.Tensor, grad_xadv: torch.Tensor, seeds: torch.Tensor, params: MaskStepParams,
                      mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None, *,
-                     block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out_dtype: torch.dtype | None = None, *, block_size: int | None = None,
+                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`trojanguard.ops.mask_step_reference`, same arguments and results.
 
     ``theta``, ``exp_avg``, ``exp_avg_sq``: (N, M, H, W), updated in place; ``x``, ``grad_xadv``: (N, C, H, W);
     ``delta``: (N, C, 1, 1); ``seeds``: (N,) integers; ``mean``, ``std``: (C,) or None. Returns
     ``(delta_next (N, C, 1, 1) fp32, x_adv_next (N, C, H, W) in out_dtype or x.dtype)``. ``block_size``
-    (pixels per program, a power of two) overrides the automatic choice; tests use it to force many tiles.
+    (pixels per program, a power of two) and ``num_warps`` override the automatic choice; tests use the first to
+    force many tiles, ``benchmarks/roofline.py --sweep`` both to measure the choice.
     """
     _check_shapes(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std)
     n, c, h, w = x.shape
@@ -264,7 +265,8 @@ def mask_step_triton(theta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: tor
         raise ValueError(f"block_size: expected a power of two, got {block_size}")
     tiles = triton.cdiv(hw, block_size)
     grid = (n * m * tiles,)
-    num_warps = min(8, max(4, block_size * block_c // ELEMENTS_PER_WARP))
+    if num_warps is None:
+        num_warps = min(8, max(4, block_size * block_c // ELEMENTS_PER_WARP))
 
     has_halo = tiles > 1
     if has_halo:

@@ -23,8 +23,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMinBlocksPerSm = 4;        // caps registers at 64 per thread: enough warps in flight to hide DRAM latency
 constexpr int64_t kChunkPixels = 4096;    // pixels per shared-memory chunk (whole rows)
-constexpr int64_t kMinTilePixels = 2048;  // smaller tiles are not worth a halo launch
-constexpr int64_t kBlocksPerSm = 4;       // split planes into tiles until the grid has about this many
+constexpr int64_t kMinTilePixels = 1024;  // smaller tiles are not worth a halo launch
+constexpr int64_t kBlocksPerSm = 16;      // split planes into tiles until the grid has about this many
 constexpr int kPerChannelArrays = 5;      // δ, δ_next, mean, std (blend), std (gradient)
 
 struct Plan {

@@ -124,6 +124,9 @@ class CognitiveDistillation(Detector):
         early_stop: stop a sample once no mask value moved more than this over 10 steps (None: run all steps).
         compile: run the network under ``torch.compile`` (True: the default backend, or a backend name);
             pays a one-off compilation for faster steps on large jobs. Not with ``mode="features"``.
+        cuda_graphs: on CUDA devices, capture the whole step loop of a batch as one CUDA graph after the first
+            full batch and replay it for the rest (removes the launch overhead of small networks; not with
+            ``early_stop`` or ``compile``).
         seed: base of the per-sample noise streams.
         show_progress: progress bar over batches.
     """
@@ -133,7 +136,7 @@ class CognitiveDistillation(Detector):
                  mask_channels: int = 1, batch_size: int = 256, preprocess=None, backend: str = "auto",
                  precision: str = "auto", channels_last: bool = True, fuse_conv_bn: bool = True,
                  scale_alpha_by_resolution: bool = False, early_stop: float | None = None, seed: int = 0,
-                 compile: bool | str = False, show_progress: bool = True):
+                 compile: bool | str = False, cuda_graphs: bool = True, show_progress: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if mode not in MODES:
@@ -156,11 +159,11 @@ class CognitiveDistillation(Detector):
         self.scale_alpha_by_resolution, self.early_stop = scale_alpha_by_resolution, early_stop
         if compile and mode == "features":
             raise ValueError("compile: not supported with mode='features' (the layer capture stops the forward pass)")
-        self.seed, self.show_progress, self.compile = seed, show_progress, compile
+        self.seed, self.show_progress, self.compile, self.cuda_graphs = seed, show_progress, compile, cuda_graphs
 
     def __repr__(self) -> str:
         keys = ("mode", "layer", "steps", "lr", "alpha", "beta", "mask_channels", "batch_size", "backend",
-                "precision", "early_stop", "seed")
+                "precision", "early_stop", "cuda_graphs", "seed")
         return f"CognitiveDistillation({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     # ------------------------------------------------------------------------------------------ public API
@@ -191,8 +194,9 @@ class CognitiveDistillation(Detector):
                 target = torch.compile(target, backend=backend, dynamic=False)
             batches = progress(iter_image_batches(x, self.batch_size), desc="cognitive distillation",
                                enable=self.show_progress, total=_num_batches(x, self.batch_size))
+            graphs = {} if self.cuda_graphs and not self.compile and not self.early_stop else None
             for xb, start in batches:
-                yield start, self._distill_batch(target, xb.to(device, torch.float32), start, keep_masks)
+                yield start, self._distill_batch(target, xb.to(device, torch.float32), start, keep_masks, graphs)
         finally:
             restore()
 
@@ -228,7 +232,8 @@ class CognitiveDistillation(Detector):
             return MASK_COST / (h * w)
         return self.alpha / (h * w / REFERENCE_PIXELS) if self.scale_alpha_by_resolution else self.alpha
 
-    def _distill_batch(self, target, x: torch.Tensor, start: int, keep_masks: bool) -> DistillationResult:
+    def _distill_batch(self, target, x: torch.Tensor, start: int, keep_masks: bool,
+                       graphs: dict | None = None) -> DistillationResult:
         pixels, (n, c, h, w) = x, x.shape
         if self.mask_channels not in (1, c):
             raise DataError(f"mask_channels: expected 1 or the images' channel count {c}, got {self.mask_channels}")
@@ -238,58 +243,164 @@ class CognitiveDistillation(Detector):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         def network(z: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            # cache_enabled=False: each forward is its own autocast region (nothing to reuse), and cached weight
+            # casts must not outlive a CUDA graph capture.
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None, cache_enabled=False):
                 return target(self._network_input(z).contiguous(memory_format=memory_format)).float()
 
-        with torch.no_grad():
-            try:
-                reference = network(self._step_input(x))
-            except RuntimeError as exc:
-                raise DataError(f"x: the model cannot take images of shape {tuple(x.shape[1:])}: {exc}") from exc
         seeds = ((torch.arange(start, start + n, dtype=torch.int64) + self.seed * SEED_MIX) & 0x7FFFFFFF).to(device)
-        theta = torch.full((n, self.mask_channels, h, w), THETA_INIT, device=device)
-        exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta)
-        delta = uniform_noise(seeds, 1, c)
-        x_adv = blend_reference(x, mask_from_theta(theta), delta, mean, std)
-        alpha = self._alpha_per_pixel(h, w)
-        # Early stop drops converged samples from the batch; each one stops by its own criterion only.
-        masks = torch.empty_like(theta)  # final masks, filled as samples finish
+        problem = _Problem(network, mean, std, self._alpha_per_pixel(h, w))
         steps_run = torch.full((n,), self.steps, dtype=torch.int64)
-        distance_ema, distances = torch.zeros(n, device=device), torch.empty(n, device=device)
-        active = torch.arange(n, device=device)
-        previous = mask_from_theta(theta) if self.early_stop else None
-        for step in range(1, self.steps + 1):
-            x_adv.requires_grad_(True)
-            distance = (network(x_adv) - reference).abs().flatten(1).mean(1)
-            (grad,) = torch.autograd.grad(distance.sum(), x_adv)
-            distance_ema.mul_(DISTANCE_EMA).add_(distance.detach(), alpha=1 - DISTANCE_EMA)
-            params = MaskStepParams(self.lr, *ADAM_BETAS, ADAM_EPS, alpha, self.beta, step)
-            delta, x_adv = mask_step(theta, exp_avg, exp_avg_sq, x, delta, grad, seeds, params, mean, std,
-                                     torch.float32, backend=self.backend)
-            if self.early_stop and step % EARLY_STOP_EVERY == 0 and step < self.steps:
-                mask = mask_from_theta(theta)
-                done = (mask - previous).abs().flatten(1).amax(1) < self.early_stop
-                if done.any():
-                    masks[active[done]] = mask[done]
-                    distances[active[done]] = distance_ema[done] / (1 - DISTANCE_EMA**step)
-                    steps_run[active[done].cpu()] = step
-                    keep = ~done
-                    active, mask = active[keep], mask[keep]
-                    theta, exp_avg, exp_avg_sq = theta[keep], exp_avg[keep], exp_avg_sq[keep]
-                    x, delta, x_adv, seeds, reference = x[keep], delta[keep], x_adv[keep], seeds[keep], reference[keep]
-                    distance_ema = distance_ema[keep]
-                    if len(active) == 0:
-                        break
-                previous = mask
-        if len(active):
-            masks[active] = mask_from_theta(theta)
-            distances[active] = distance_ema / (1 - DISTANCE_EMA**self.steps)
+        if self.early_stop:
+            masks, distances = self._optimise_early_stop(problem, x, seeds, steps_run)
+        elif graphs is not None and _graphs_usable(device):
+            masks, distances = _graphed(graphs, self._optimise, problem, x, seeds, self.batch_size)
+        else:
+            masks, distances = self._optimise(problem, x, seeds)
         l1, tv = regularizer_reference(masks)
-        objective = (distances + alpha * l1 + self.beta * tv).cpu()
+        objective = (distances + problem.alpha * l1 + self.beta * tv).cpu()
         if keep_masks:
             return DistillationResult(masks.cpu(), (pixels * masks).cpu(), l1.cpu(), steps_run, objective)
         mean_mask = masks.flatten(1).mean(1).view(-1, 1, 1, 1)
         return DistillationResult(mean_mask.cpu(), torch.empty(0), l1.cpu(), steps_run, objective)
+
+    def _start(self, problem: _Problem, x: torch.Tensor, seeds: torch.Tensor) -> _State:
+        """Reference output of the clean inputs and the optimisation state before step 1."""
+        with torch.no_grad():
+            try:
+                reference = problem.network(self._step_input(x))
+            except RuntimeError as exc:
+                raise DataError(f"x: the model cannot take images of shape {tuple(x.shape[1:])}: {exc}") from exc
+        n, c, h, w = x.shape
+        theta = torch.full((n, self.mask_channels, h, w), THETA_INIT, device=x.device)
+        delta = uniform_noise(seeds, 1, c)
+        x_adv = blend_reference(x, mask_from_theta(theta), delta, problem.mean, problem.std)
+        return _State(x, seeds, reference, theta, torch.zeros_like(theta), torch.zeros_like(theta), delta, x_adv,
+                      torch.zeros(n, device=x.device))
+
+    def _step(self, problem: _Problem, state: _State, step: int) -> None:
+        """One optimisation step: forward + input gradient on the network, then the fused mask step."""
+        x_adv = state.x_adv.requires_grad_(True)
+        distance = (problem.network(x_adv) - state.reference).abs().flatten(1).mean(1)
+        (grad,) = torch.autograd.grad(distance.sum(), x_adv)
+        state.distance_ema.mul_(DISTANCE_EMA).add_(distance.detach(), alpha=1 - DISTANCE_EMA)
+        params = MaskStepParams(self.lr, *ADAM_BETAS, ADAM_EPS, problem.alpha, self.beta, step)
+        state.delta, state.x_adv = mask_step(state.theta, state.exp_avg, state.exp_avg_sq, state.x, state.delta, grad,
+                                             state.seeds, params, problem.mean, problem.std, torch.float32,
+                                             backend=self.backend)
+
+    def _optimise(self, problem: _Problem, x: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All steps for every sample: (masks, smoothed distances). Device work only, no host synchronisation,
+        so the whole loop can be captured as one CUDA graph."""
+        state = self._start(problem, x, seeds)
+        for step in range(1, self.steps + 1):
+            self._step(problem, state, step)
+        return mask_from_theta(state.theta), state.distance_ema / (1 - DISTANCE_EMA**self.steps)
+
+    def _optimise_early_stop(self, problem: _Problem, x: torch.Tensor, seeds: torch.Tensor,
+                             steps_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_optimise`, but a sample leaves the batch once its mask stops moving (``early_stop``);
+        each one stops by its own criterion only. Fills ``steps_run``."""
+        state = self._start(problem, x, seeds)
+        masks = torch.empty_like(state.theta)
+        distances = torch.empty(len(x), device=x.device)
+        active = torch.arange(len(x), device=x.device)
+        previous = mask_from_theta(state.theta)
+        for step in range(1, self.steps + 1):
+            self._step(problem, state, step)
+            if step % EARLY_STOP_EVERY or step == self.steps:
+                continue
+            mask = mask_from_theta(state.theta)
+            done = (mask - previous).abs().flatten(1).amax(1) < self.early_stop
+            if done.any():
+                masks[active[done]] = mask[done]
+                distances[active[done]] = state.distance_ema[done] / (1 - DISTANCE_EMA**step)
+                steps_run[active[done].cpu()] = step
+                keep = ~done
+                active, mask = active[keep], mask[keep]
+                state.select(keep)
+                if len(active) == 0:
+                    return masks, distances
+            previous = mask
+        masks[active] = mask_from_theta(state.theta)
+        distances[active] = state.distance_ema / (1 - DISTANCE_EMA**self.steps)
+        return masks, distances
+
+
+@dataclass
+class _Problem:
+    """What stays fixed while one batch is optimised."""
+
+    network: Callable[[torch.Tensor], torch.Tensor]
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    alpha: float
+
+
+@dataclass
+class _State:
+    """Per-sample optimisation state of one batch (all tensors share the batch dimension)."""
+
+    x: torch.Tensor
+    seeds: torch.Tensor
+    reference: torch.Tensor
+    theta: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    delta: torch.Tensor
+    x_adv: torch.Tensor
+    distance_ema: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the samples where ``keep`` is True."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name)[keep])
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+def _graphs_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+class _GraphedLoop:
+    """The whole step loop of one batch shape, captured once as a CUDA graph and replayed for every later batch:
+    a step is hundreds of small kernels (network forward, input gradient, fused step), so on a GPU the launches,
+    not the arithmetic, bound the eager loop. Inputs are copied into static buffers; outputs are cloned."""
+
+    def __init__(self, optimise: Callable, problem: _Problem, x: torch.Tensor, seeds: torch.Tensor):
+        self.x, self.seeds = x.clone(), seeds.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = optimise(problem, self.x, self.seeds)
+
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.x.copy_(x)
+        self.seeds.copy_(seeds)
+        self.graph.replay()
+        return tuple(out.clone() for out in self.outputs)
+
+
+def _graphed(graphs: dict, optimise: Callable, problem: _Problem, x: torch.Tensor, seeds: torch.Tensor,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run :meth:`CognitiveDistillation._optimise` through a CUDA graph of a full batch: the first full batch of a
+    shape runs eagerly (it warms up kernels and libraries) and is then captured; a smaller last batch is padded
+    (samples are independent, so padding changes nothing) once a graph exists."""
+    n = len(x)
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    loop = graphs.get(key)
+    if loop is None:
+        result = optimise(problem, x, seeds)
+        if n == batch_size:
+            torch.cuda.synchronize(x.device)
+            graphs[key] = _GraphedLoop(optimise, problem, x, seeds)
+        return result
+    if n < batch_size:
+        pad = batch_size - n
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+        seeds = torch.cat([seeds, seeds[-1:].expand(pad)])
+    masks, distances = loop(x, seeds)
+    return masks[:n], distances[:n]
 
 
 class PredictedDistribution(nn.Module):

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call (a lent GPU machine is billed by the minute): versions, the
+# just-in-time build of the CUDA extension, the GPU tests, the roofline, the op-level and end-to-end
+# benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
+# whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
+#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(realpath -m "${OUT:-gpu-out}")
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TROJANGUARD_PROGRESS=0
+export TROJANGUARD_CACHE=${TROJANGUARD_CACHE:-/tmp/trojanguard-gpu-cache}
+mkdir -p "$TROJANGUARD_CACHE"
+[ -d .devcache ] && cp -rn .devcache/. "$TROJANGUARD_CACHE"/  # trained zoo models carried from a CPU machine
+PY=${PYTHON:-python3}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(env build tests roofline ops cd auroc)
+
+run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
+  local name=$1 seconds=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc in $((SECONDS - start)) s"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    env) run env 60 bash -c "nvidia-smi; which nvcc; nvcc --version | tail -2; $PY -c 'import torch, triton, onnxruntime as ort;
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"ort\", ort.__version__,
+ort.get_available_providers()); print(torch.cuda.get_device_name(0))'" ;;
+    build) run build 300 $PY -c "import time; t=time.time(); from trojanguard import _native
+print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); print(f'{time.time()-t:.0f} s')" ;;
+    tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/test_native.py tests/test_kernels_triton.py \
+             tests/test_ops_mask_step.py tests/test_cognitive_distillation.py tests/test_guard.py ;;
+    roofline) run roofline 180 $PY benchmarks/roofline.py ;;
+    sweep) TAIL=90 run sweep 240 $PY benchmarks/roofline.py --sweep --shapes 64x3x224x224 1024x3x32x32 --repeats 20 ;;
+    ncu) run ncu 240 ncu --target-processes all -k regex:mask_step --launch-count 6 --metrics \
+           gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__block_size \
+           $PY benchmarks/roofline.py --shapes 64x3x224x224 --dtypes float32 --backends cuda triton --repeats 3 ;;
+    ops) TAIL=14 run ops 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_mask_step.py --benchmark-only ;;
+    cd) TAIL=24 run cd 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only ;;
+    auroc) (cd benchmarks && TAIL=40 run auroc 420 $PY cd_effectiveness.py --device cuda --clean 0) ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
