@@ -202,7 +202,10 @@ def head_inputs(feature: torch.Tensor, logits: torch.Tensor, probabilities: bool
     """What the head reads: pooled feature ``(N, D)``, with the predicted distribution ``(N, K)`` appended."""
     if not probabilities:
         return feature
-    return torch.cat([feature, torch.softmax(logits, dim=1).to(feature.dtype)], dim=1)
+    distribution = torch.softmax(logits, dim=1)
+    if distribution.dtype != feature.dtype:
+        distribution = distribution.to(feature.dtype)
+    return torch.cat([feature, distribution], dim=1)
 
 
 class AmortizedHead(nn.Module):
@@ -293,7 +296,8 @@ class AmortizedScorer(FeatureTap):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, feature = super().forward(x)
-        return logits, self.head(head_inputs(feature, logits, self.probabilities)).flatten()
+        # squeeze(1), not flatten(): one graph node instead of a dynamic Shape/Slice/Concat/Reshape chain
+        return logits, self.head(head_inputs(feature, logits, self.probabilities)).squeeze(1)
 
 
 def _collect(data, chosen: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
