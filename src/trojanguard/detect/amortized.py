@@ -2,24 +2,24 @@
 suspicion ranking, so that CD's judgement costs one forward pass instead of ~100 forward/backward passes.
 
 Fit (the expensive detector teaches the cheap one): Cognitive Distillation scores a screened set of images
-(at most ``max_teacher_images`` of the data, or scores you computed already); the head — an MLP on the
-standardised, globally average-pooled output of one layer of the frozen model (default: the last 4-D map
+(at most ``max_teacher_images`` of the data, or scores you computed already); the head — a linear map (or a
+small MLP) of the standardised, globally average-pooled output of one layer of the frozen model (default: the last 4-D map
 before global pooling, as :class:`~trojanguard.detect.FeatureMahalanobis` picks it) and the model's predicted
 class distribution — learns to order those images as CD does. The head is linear by default (``hidden=0``):
 measured on held-out data it detects better than a 32- or 8-unit MLP on every zoo attack (e.g. Blended 0.999
 vs 0.93–0.95, WaNet 0.99 vs 0.94–0.97); the MLP follows CD more closely (higher rank correlation), CD's
 per-image noise included. An extra image branch (a small CNN on the pixels) was measured too and gained
-nothing (BadNets, Blended), so there is none. Score = the head's output, higher = more
-suspicious; ``calibrate`` and ``predict`` as every detector.
+nothing (BadNets, Blended), so there is none. Score = the head's output, higher = more suspicious;
+``calibrate`` and ``predict`` as every detector.
 
 Why ranking, not regression. Only CD's *order* matters for detection (AUROC, a quantile threshold), and CD's
 scores are a noisy, bimodal quantity (1 − mean mask, redrawn noise every step): a least-squares fit spends its
 capacity on their scale and on the noise among clean images. The default objective is a pairwise logistic
 (RankNet) loss over every pair of teacher images, each pair weighted by its teacher-score gap, so the pairs
 CD separates clearly (poisoned vs clean) dominate and the near-ties among clean images barely count. Measured
-on the zoo (``benchmarks/RESULTS.md``, "Amortised CD"): held-out AUROC of the ranking head above the
-regression head's on every attack, and above CD's own AUROC on the dirty-label attacks, since one linear
-direction in feature space cannot follow CD's per-image noise. ``objective="regress"`` (MSE on standardised scores) is kept for
+on the zoo (``benchmarks/RESULTS.md``, "Amortised CD"): held-out AUROC of the ranking head 0.03–0.06 above
+the regression head's on every attack, and above CD's own AUROC, since one linear direction in feature space
+cannot follow CD's per-image noise. ``objective="regress"`` (MSE on standardised scores) is kept for
 comparison.
 
 The scorer (:meth:`AmortizedCD.as_module`) is pure tensor operations returning ``(logits, score)`` from one
@@ -41,7 +41,7 @@ from trojanguard.models.features import model_device, module_by_name
 from trojanguard.progress import progress
 
 OBJECTIVES = ("rank", "regress")
-DEFAULT_TEACHER_IMAGES = 1024  # CD cost: ~1 min on a 2-core CPU for 1 000 images at 32×32 with a small CNN
+DEFAULT_TEACHER_IMAGES = 1024  # CD cost: minutes on a 2-core CPU for 1 000 images at 32×32 with a small CNN
 DEFAULT_HIDDEN = 0  # linear head (module docstring)
 DEFAULT_EPOCHS = 300  # full-batch Adam steps; the head has a few thousand parameters
 DEFAULT_LR = 1e-2
@@ -51,8 +51,8 @@ MIN_TEACHER_IMAGES = 8
 
 
 class AmortizedCD(Detector):
-    """A one-pass student of Cognitive Distillation: an MLP on a layer's pooled features (and the predicted
-    class distribution) trained on CD's scores of a screened dataset.
+    """A one-pass student of Cognitive Distillation: a linear head (or small MLP) on a layer's pooled features
+    and the predicted class distribution, trained to rank as CD ranks a screened dataset.
 
     Args:
         model: any ``nn.Module`` classifier taking ``(N, C, H, W)`` in [0, 1] and returning ``(N, K)`` logits;
