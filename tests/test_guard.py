@@ -303,3 +303,23 @@ def _plain_onnx(model, path, example=None):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"])
     return path
+
+
+def test_serving_graph_stays_slim(tiny, tmp_path):
+    """The batch-1 overhead is ONNX Runtime's fixed cost per node (~1 µs each; benchmarks/RESULTS.md): the guard
+    adds at most 14 nodes to the model's (input check 6, detector 6, flag 2) and none of the slow ones — ReduceL1
+    (unvectorised in ORT), ReduceMean on the feature map (forces a reorder of the whole map out of NCHWc)."""
+    import onnx
+
+    model, x, _ = tiny
+    detector = FeatureMahalanobis(model, show_progress=False).fit(x, labels=torch.arange(len(x)) % 3)
+    guard = Guard(model, detector, threshold=1.0)
+    ops = [n.op_type for n in onnx.load(str(export_onnx(guard, tmp_path / "g.onnx", x[:2]))).graph.node
+           if n.op_type != "Constant"]
+    bare = [n.op_type for n in onnx.load(str(_plain_onnx(model, tmp_path / "bare.onnx", x[:2]))).graph.node
+            if n.op_type != "Constant"]
+    assert len(ops) - len(bare) <= 14, ops
+    assert not {"ReduceL1", "ReduceMean", "MatMul", "Cast"} & set(ops), ops
+    reference = guard.run(x)
+    out = GuardSession(tmp_path / "g.onnx", providers="cpu").run(x)
+    np.testing.assert_allclose(out.score, reference.score.numpy(), rtol=PARITY_RTOL)

@@ -119,3 +119,29 @@ def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = Fal
             "attack_success_rate": entry.attack_success_rate, "train_seconds": seconds}
     meta_file.write_text(json.dumps(meta, indent=2, default=str))
     return entry
+
+
+def cached_scores(detector, x: torch.Tensor, *, model: nn.Module | None = None) -> torch.Tensor:
+    """``detector.score(x)``, cached on disk (``$TROJANGUARD_CACHE/scores``) for slow detectors (CD) in tests and
+    experiments. Keyed by ``repr(detector)``, the weights of ``model`` (default: ``detector.model``) and the bytes
+    of ``x``, so any change in any of them recomputes. Stored as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    model = getattr(detector, "model", None) if model is None else model
+    digest = hashlib.sha256(repr(detector).encode())
+    if model is not None:
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    x = torch.as_tensor(x).detach().cpu().contiguous()
+    digest.update(str((tuple(x.shape), x.dtype)).encode())
+    digest.update(x.numpy().tobytes())
+    path = cache_dir() / "scores" / f"{digest.hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["scores"]
+    scores = detector.score(x).detach().cpu().float().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    save_file({"scores": scores}, str(temporary))
+    temporary.replace(path)  # atomic: a concurrent reader never sees half a file
+    return scores

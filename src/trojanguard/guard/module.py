@@ -103,13 +103,15 @@ class Guard(nn.Module):
         """Boolean ``(N,)``: every value of the input is finite and inside ``input_range``.
 
         ``x − clamp(x)`` is exactly 0 for a valid value and NaN, ±Inf or nonzero otherwise (NaN − anything is
-        NaN, whatever the runtime's clamp does with NaN), so one sum per input decides.
+        NaN, whatever the runtime's clamp does with NaN), so one sum of absolute values per input decides.
+        ``abs().sum()``, not an L1 norm: ONNX Runtime's ReduceL1 is a generic, unvectorised reduction (3.7 µs
+        at batch 1 and 190 µs at batch 64 on 3×32×32 inputs, against 1.2 µs and 27 µs for Abs + ReduceSum).
+        Max/min reductions would need fewer passes but ONNX Runtime's ReduceMax/ReduceMin drop NaN.
         """
+        dims = tuple(range(1, x.dim()))
         if self.input_range is None:
-            deviation = x - x  # 0 where finite, NaN where NaN or ±Inf
-        else:
-            deviation = x - x.clamp(*self.input_range)
-        return torch.linalg.vector_norm(deviation, ord=1, dim=tuple(range(1, x.dim()))) == 0
+            return (x - x).sum(dims) == 0  # x − x: 0 where finite, NaN where NaN or ±Inf
+        return (x - x.clamp(*self.input_range)).abs().sum(dims) == 0
 
     def run(self, x: torch.Tensor) -> GuardOutput:
         """``forward`` without gradients, as a named tuple."""
