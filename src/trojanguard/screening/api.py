@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
 
 from trojanguard.errors import DataError
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
 from trojanguard.screening.detectors import BatchScorer, build_detector
 from trojanguard.screening.records import FORMAT, ResultsFile, ResumeError, Rows, read_header, write_atomic
-from trojanguard.screening.sources import EMBEDDED, ZOO_PREFIX, ImageSource, open_source
+from trojanguard.screening.sources import EMBEDDED, ZOO_PREFIX, ImageSource, SourceImages, open_source
 from trojanguard.screening.thresholds import ROBUST_Z, quantile_threshold, robust_threshold
 
 RESULTS_FILE = "results.csv"
@@ -87,25 +86,6 @@ def _first_difference(old, new, path: str = "") -> str:
                 return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
     shown = [json.dumps(v)[:80] for v in (old, new)]
     return f"{path}: the file has {shown[0]}, this run {shown[1]}"
-
-
-class _ReferenceImages(IterableDataset):
-    """The screened images a detector is fitted on: all of them, or FIT_MAX_SAMPLES evenly spaced; unreadable
-    ones skipped. Yields ``(C, H, W)`` tensors."""
-
-    def __init__(self, source: ImageSource, batch_size: int, limit: int = FIT_MAX_SAMPLES):
-        self.source, self.batch_size, self.limit = source, batch_size, limit
-
-    def __iter__(self):
-        n = len(self.source)
-        if n <= self.limit:
-            for batch in self.source.batches(self.batch_size):
-                yield from (image for image, ok in zip(batch.x, batch.readable) if ok)
-            return
-        for i in np.linspace(0, n - 1, self.limit).round().astype(int):
-            batch = self.source.read(int(i), int(i) + 1)
-            if not batch.errors:
-                yield batch.x[0]
 
 
 def _score_source(scorer: BatchScorer, source: ImageSource, batch_size: int, desc: str, show_progress: bool
@@ -211,7 +191,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
             raise ResumeError(f"{results.path} has {done} rows but the data has {len(source)} samples")
 
     if scorer.needs_reference:  # e.g. features: fitted on (an evenly spaced subset of) the screened data itself
-        scorer.prepare(_ReferenceImages(source, batch_size))
+        scorer.prepare(SourceImages(source, batch_size, limit=FIT_MAX_SAMPLES))
     else:
         scorer.prepare(None)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.data.user import list_image_files, read_image
@@ -281,6 +282,26 @@ class NpzSource(ImageSource):
         labels = None if self.labels is None else hashlib.sha256(self.labels.tobytes()).hexdigest()
         return {"kind": "npz", "array": self.images_key, "shape": list(self.shape), "dtype": str(self.dtype),
                 "crc32": info.CRC, "labels_sha256": labels}
+
+
+class SourceImages(IterableDataset):
+    """A source as a PyTorch ``IterableDataset`` of ``(C, H, W)`` images (unreadable ones skipped), read a batch at
+    a time — for APIs that take a Dataset (a detector's ``fit`` or ``calibrate``). With ``limit``, at most that
+    many samples, evenly spaced over the source."""
+
+    def __init__(self, source: ImageSource, batch_size: int = 64, limit: int | None = None):
+        self.source, self.batch_size, self.limit = source, batch_size, limit
+
+    def __iter__(self):
+        n = len(self.source)
+        if self.limit is None or n <= self.limit:
+            for batch in self.source.batches(self.batch_size):
+                yield from (image for image, ok in zip(batch.x, batch.readable.tolist()) if ok)
+            return
+        for i in np.linspace(0, n - 1, self.limit).round().astype(int).tolist():
+            batch = self.source.read(i, i + 1)
+            if not batch.errors:
+                yield batch.x[0]
 
 
 def _label_text(label: int, class_names: list[str] | None) -> str:
