@@ -1,4 +1,5 @@
-"""Screening throughput (images/s) of ``trojanguard.screening.screen`` for each detector on CPU, and its overhead
+"""Screening throughput (images/s) of ``trojanguard.screening.screen`` for each detector (CPU, or CUDA where there
+is a GPU), and its overhead
 over the bare detector on the same images in memory (the yardstick, ``baseline``), one run.
 
 Entries per detector: ``baseline`` — the detector alone on an in-memory tensor (``features``: fit + score, as
@@ -19,15 +20,17 @@ from trojanguard.models import build_model
 from trojanguard.screening import available_detectors, screen
 from trojanguard.screening.detectors import build_detector
 
-IMAGES = {"cd": 64, "features": 2048, "amortized": 512}
-BATCH = 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMAGES = {"cd": 64, "features": 2048, "amortized": 512} if DEVICE == "cpu" else \
+    {"cd": 2048, "features": 16384, "amortized": 16384}
+BATCH = 64 if DEVICE == "cpu" else 512
 ENTRIES = ("baseline", "screen-npz", "screen-folder", "screen-npz-report")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model("small_cnn").eval()
+    model = build_model("small_cnn").to(DEVICE).eval()
     root = tmp_path_factory.mktemp("bench-screen")
     x = torch.rand(max(IMAGES.values()), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     pixels = (x * 255).round().to(torch.uint8)
@@ -55,7 +58,7 @@ def test_screening_throughput_cpu(benchmark, setup, detector, entry, tmp_path):
     model, data, _ = setup
     images = data[detector]
     count = len(images["tensor"])
-    benchmark.group = f"screening throughput, {detector}, small CNN, {count} images, cpu"
+    benchmark.group = f"screening throughput, {detector}, small CNN, {count} images, {DEVICE}"
     runs = iter(range(1_000))
 
     if entry == "baseline":
@@ -63,7 +66,10 @@ def test_screening_throughput_cpu(benchmark, setup, detector, entry, tmp_path):
             built, _ = build_detector(detector, model, {"batch_size": BATCH} if detector != "amortized" else None)
             if callable(getattr(built, "fit", None)):
                 built.fit(images["tensor"])
-            return built.score(images["tensor"])
+            scores = built.score(images["tensor"])
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            return scores
     else:
         source = images["folder"] if entry == "screen-folder" else images["npz"]
 
