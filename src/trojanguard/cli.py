@@ -1,4 +1,5 @@
-"""The ``trojanguard`` command: ``info`` (versions, devices, backends) and ``demo`` (the main job)."""
+"""The ``trojanguard`` command: ``info`` (versions, devices, backends), ``demo`` (the main job), ``screen`` (score a
+dataset for poisoned samples, with a report) and ``export`` (a guard as ONNX and as a Triton model repository)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,223 @@ def _demo_cd(entry) -> tuple[float, float]:  # noqa: ANN001
     scores = CognitiveDistillation(entry.model).score(entry.train.dataset.x[index])
     return auroc(poisoned[index], scores), len(index) / (time.perf_counter() - start)
 
+# ---------------------------------------------------------------------------------------------------------
+# screen
+
+
+def _load_cli_model(spec: str, args: argparse.Namespace):
+    """A model file (safe loading; ``--arch`` for state dicts) or ``zoo:<attack>`` (the zoo's backdoored model)."""
+    from trojanguard.models import load_model
+    from trojanguard.screening.sources import ZOO_PREFIX, zoo_entry
+
+    if spec.startswith(ZOO_PREFIX):
+        model = zoo_entry(spec[len(ZOO_PREFIX):]).model
+    else:
+        model = load_model(spec, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
+                           allow_pickle=args.allow_pickle)
+    return model.to(args.device).eval()
+
+
+def _option_value(text: str):
+    """``KEY=VALUE`` of --detector-option: VALUE as JSON (numbers, true/false, null), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """Screen a dataset with a detector; durable results.csv (resumable) and a report in --out."""
+    from trojanguard.errors import TrojanGuardError
+    from trojanguard.screening import screen
+
+    options = dict(args.detector_option or [])
+    if args.steps is not None:
+        if args.detector != "cd":
+            print("trojanguard screen: error: --steps: only for --detector cd", file=sys.stderr)
+            return 2
+        options["steps"] = args.steps
+    calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
+    try:
+        model = _load_cli_model(args.model, args)
+        result = screen(model, args.data, detector=args.detector, out_dir=args.out, fpr=args.fpr,
+                        threshold=args.threshold, calibration=calibration, batch_size=args.batch_size,
+                        detector_options=options, top_k=args.top_k, image_size=args.image_size,
+                        channels=args.in_channels, overwrite=args.restart, report=not args.no_report)
+    except (TrojanGuardError, ValueError, OSError) as exc:
+        print(f"trojanguard screen: error: {exc}", file=sys.stderr)
+        return 1
+    s = result.summary
+    print(f"screened {s['screened']} of {s['samples']} samples from {s['data']['description']}"
+          + (f" ({s['unreadable']} unreadable, listed in results.csv)" if s["unreadable"] else ""))
+    print(f"detector {args.detector}: {s['flagged']} flagged ({100 * s['flagged_fraction']:.2f} %) at threshold "
+          f"{result.threshold:.6g} — {s['threshold']['description']}")
+    run = s["run"]
+    if run["images_per_second"]:
+        print(f"throughput: {run['images_per_second']:.2f} images/s ({run['screened_now']} images in "
+              f"{run['seconds']:.1f} s" + (f", resumed at sample {run['resumed_from']})" if run["resumed_from"] else ")"))
+    elif run["resumed_from"]:
+        print("nothing left to screen: the run in --out was complete; report rewritten")
+    if s.get("truth"):
+        t = s["truth"]
+        auroc = "n/a" if t["auroc"] is None else f"{t['auroc']:.3f}"
+        print(f"truth known ({t['poisoned']} poisoned): AUROC {auroc}, precision {t['precision']:.3f}, "
+              f"recall {t['recall']:.3f}")
+    print(f"results: {result.results_path}")
+    if result.report_path is not None:
+        print(f"report:  {result.report_path}")
+    return 0
+
+
+def add_screen_parser(sub) -> None:
+    from trojanguard.screening import DETECTORS
+
+    p = sub.add_parser("screen", help="score every sample of a dataset for backdoor triggers; report in --out",
+                       description="Screen a dataset for backdoor-triggered samples, batch by batch. One row per "
+                                   "sample is appended durably to OUT/results.csv; run the same command again to "
+                                   "resume a stopped run. The report is OUT/index.html.")
+    p.add_argument("--model", required=True, help="model file (safetensors / weights-only .pt state dict, TorchScript, "
+                                                  ".pt2) or zoo:<attack> (the zoo's backdoored digits model)")
+    p.add_argument("--arch", help="architecture of a state-dict file: small_cnn, resnet18_cifar, torchvision:<name>")
+    p.add_argument("--data", required=True, help="image folder, .npz file (x: uint8 NHWC or float NCHW, optional y), "
+                                                 "digits (embedded) or zoo:<attack> (its poisoned training set)")
+    p.add_argument("--detector", default="cd", choices=sorted(DETECTORS),
+                   help="cd (Cognitive Distillation, default), features (feature-space Mahalanobis) or amortized")
+    p.add_argument("--out", required=True, help="output folder: results.csv, calibration.csv and the report")
+    p.add_argument("--calibration", default="auto",
+                   help="clean reference data for the threshold (folder, .npz, digits-test); 'auto' (default): "
+                        "digits-test for embedded data, else none; 'none': robust outlier rule on the scores")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on clean data (default 0.01)")
+    p.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch / per durable write (default 64)")
+    p.add_argument("--steps", type=int, help="CD optimisation steps (default 100)")
+    p.add_argument("--detector-option", type=_option_value, action="append", metavar="KEY=VALUE",
+                   help="a detector keyword argument, e.g. mode=logits or early_stop=0.01 (repeatable)")
+    p.add_argument("--top-k", type=int, default=16, help="samples in the report's grid (default 16)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
+    p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
+    p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
+    p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
+    p.set_defaults(func=cmd_screen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
+    from pathlib import Path
+
+    from trojanguard.errors import TrojanGuardError
+    from trojanguard.guard import write_triton_repository
+
+    if args.out is None and args.triton_repo is None:
+        print("trojanguard export: error: pass --out FILE.onnx and/or --triton-repo DIR", file=sys.stderr)
+        return 2
+    try:
+        if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
+            if args.triton_repo is None:
+                raise ValueError("--model is already an ONNX graph: pass --triton-repo DIR to serve it with Triton")
+            onnx_path = Path(args.model)
+        else:
+            onnx_path = _export_guard(args)
+        if args.triton_repo is not None:
+            model_dir = write_triton_repository(
+                onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
+                max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind)
+            print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
+            print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
+    except (TrojanGuardError, ValueError, OSError) as exc:
+        print(f"trojanguard export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_guard(args: argparse.Namespace):
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from trojanguard.detect import FeatureMahalanobis
+    from trojanguard.guard import Guard, export_onnx
+    from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
+
+    zoo = args.model if args.model.startswith(ZOO_PREFIX) else None
+    reference_spec = args.reference or zoo
+    if reference_spec is None:
+        raise ValueError("--reference: the data the guard's feature statistics are fitted on (folder, .npz, digits)")
+    calibration_spec = args.calibration or ("digits-test" if zoo and args.threshold is None else None)
+    if calibration_spec is None and args.threshold is None:
+        raise ValueError("--calibration: clean data to set the threshold on (folder, .npz, digits-test), or "
+                         "--threshold")
+    model = _load_cli_model(args.model, args)
+    reference = open_source(reference_spec, image_size=args.image_size, channels=args.in_channels)
+    detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
+    guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
+    if args.threshold is None:
+        calibration = open_source(calibration_spec, image_size=args.image_size, channels=args.in_channels)
+        guard.calibrate(SourceImages(calibration), fpr=args.fpr)
+    example = torch.stack(list(SourceImages(reference, limit=2)))
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "model.onnx"
+    path = export_onnx(guard.cpu(), out, example, opset=args.opset)
+    print(f"guard graph: {path} (threshold {guard.threshold:.6g}, policy {args.policy}, reference "
+          f"{reference.description})")
+    return path
+
+
+def add_export_parser(sub) -> None:
+    from trojanguard.guard.triton import (
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MODEL_NAME,
+        DEFAULT_QUEUE_DELAY_US,
+        INSTANCE_KINDS,
+    )
+
+    p = sub.add_parser("export", help="export a guard (model + feature-space detector) to ONNX and/or a Triton "
+                                      "model repository",
+                       description="Fit the feature-space detector on --reference data, calibrate its threshold on "
+                                   "--calibration data, and write one ONNX graph input -> (logits, score, flagged); "
+                                   "with --triton-repo also a Triton Inference Server model repository "
+                                   "(config.pbtxt with dynamic batching, 1/model.onnx). --model may also be an "
+                                   "exported .onnx guard graph (then only the repository is written).")
+    p.add_argument("--model", required=True, help="model file, zoo:<attack>, or an exported guard graph (.onnx)")
+    p.add_argument("--arch", help="architecture of a state-dict file: small_cnn, resnet18_cifar, torchvision:<name>")
+    p.add_argument("--out", help="the ONNX file to write")
+    p.add_argument("--reference", help="data the detector is fitted on (folder, .npz, digits; default for zoo models: "
+                                       "their poisoned training set — the robust fit tolerates the poison)")
+    p.add_argument("--calibration", help="clean data for the threshold (folder, .npz, digits-test; default for zoo "
+                                         "models: digits-test)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    p.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
+    p.add_argument("--policy", choices=("flag", "reject"), default="flag",
+                   help="flag: logits unchanged (default); reject: NaN logits for flagged inputs")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--triton-repo", help="also write a Triton model repository into this folder")
+    p.add_argument("--triton-name", default=DEFAULT_MODEL_NAME, help=f"model name (default {DEFAULT_MODEL_NAME})")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"Triton max_batch_size (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"dynamic batching max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
+    p.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="auto",
+                   help="auto (Triton's placement, default), cpu or gpu")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
+    p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
+    p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device for fitting (default cpu)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
+    p.set_defaults(func=cmd_export)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trojanguard", description=__doc__)
@@ -97,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--arch", default="small_cnn", help="model architecture (default: small_cnn)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    add_screen_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

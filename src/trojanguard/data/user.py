@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
+def read_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """One image file as ``(channels, size, size)`` float32 in [0, 1] (bilinear resize); raises on corrupt or
+    truncated files (the whole file is decoded here)."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -28,12 +30,10 @@ def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> ImageDataset:
-    """Load a folder of images. Sub-folders are classes (sorted names); a flat folder has no labels.
-
-    Unreadable or corrupt files are skipped and listed in ``dataset.skipped`` with the reason; the load
-    fails only if no image at all can be read.
-    """
+def list_image_files(path: str | Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
+    """The image files of a folder in a fixed order, without reading them: ``([(file, label), ...], class
+    names)``. Sub-folders are classes (sorted names, label = position); a flat folder has label -1 and no
+    class names."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"image folder {str(root)!r} does not exist")
@@ -49,12 +49,23 @@ def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Im
     entries = [(f, label) for f, label in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if not entries:
         raise DataError(f"image folder {str(root)!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return entries, names
+
+
+def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> ImageDataset:
+    """Load a folder of images. Sub-folders are classes (sorted names); a flat folder has no labels.
+
+    Unreadable or corrupt files are skipped and listed in ``dataset.skipped`` with the reason; the load
+    fails only if no image at all can be read.
+    """
+    root = Path(path)
+    entries, names = list_image_files(root)
     images, labels, skipped = [], [], []
     for f, label in entries:
         try:
-            images.append(_read_image(f, size, channels))
+            images.append(read_image(f, size, channels))
             labels.append(label)
-        except Exception as exc:  # corrupt, truncated or unsupported: skip, count, report
+        except Exception as exc:  # noqa: BLE001 — corrupt, truncated or unsupported: skip, count, report
             skipped.append((str(f), f"{type(exc).__name__}: {exc}"))
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), root, skipped[0][0])

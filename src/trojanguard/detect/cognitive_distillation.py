@@ -181,9 +181,26 @@ class CognitiveDistillation(Detector):
             raise DataError("x: no images to score")
         return torch.cat(parts)
 
-    def iter_distill(self, x, *, keep_masks: bool = True) -> Iterator[tuple[int, DistillationResult]]:
+    def iter_distill(self, x, *, keep_masks: bool = True, first_index: int = 0,
+                     sample_indices: torch.Tensor | None = None) -> Iterator[tuple[int, DistillationResult]]:
         """Stream ``(start index, result of one batch)``; with ``keep_masks=False`` masks hold only what
-        ``scores`` needs (the per-sample mean, as an (N, 1, 1, 1) tensor) and patterns are empty."""
+        ``scores`` needs (the per-sample mean, as an (N, 1, 1, 1) tensor) and patterns are empty.
+
+        Each sample draws its noise from the stream of its index in the whole dataset: ``first_index + i`` for
+        ``x[i]`` (``first_index`` = index of ``x[0]``), or ``sample_indices[i]`` (``(N,)`` int) for samples picked
+        from anywhere in it. So a dataset distilled in pieces (a resumed run, a few samples recomputed) gets the
+        masks of one uninterrupted call."""
+        if first_index < 0:
+            raise ValueError(f"first_index: expected an index >= 0, got {first_index}")
+        if sample_indices is not None:
+            sample_indices = torch.as_tensor(sample_indices, dtype=torch.int64).flatten()
+            if first_index:
+                raise ValueError("first_index, sample_indices: pass one of them")
+            if (sample_indices < 0).any():
+                raise ValueError("sample_indices: expected indices >= 0")
+            count = count_images(x)
+            if count is not None and count != len(sample_indices):
+                raise DataError(f"sample_indices: expected one index per image ({count}), got {len(sample_indices)}")
         device = model_device(self.model)
         net, restore = working_copy(self.model, channels_last=self.channels_last,
                                     fuse_conv_bn=self.fuse_conv_bn and self.mode != "features")
@@ -196,7 +213,12 @@ class CognitiveDistillation(Detector):
                                enable=self.show_progress, total=_num_batches(x, self.batch_size))
             graphs = {} if self.cuda_graphs and not self.compile and not self.early_stop else None
             for xb, start in batches:
-                yield start, self._distill_batch(target, xb.to(device, torch.float32), start, keep_masks, graphs)
+                if sample_indices is None:
+                    indices = torch.arange(first_index + start, first_index + start + len(xb))
+                else:
+                    indices = sample_indices[start : start + len(xb)]
+                yield first_index + start, self._distill_batch(target, xb.to(device, torch.float32), indices,
+                                                               keep_masks, graphs)
         finally:
             restore()
 
@@ -232,7 +254,7 @@ class CognitiveDistillation(Detector):
             return MASK_COST / (h * w)
         return self.alpha / (h * w / REFERENCE_PIXELS) if self.scale_alpha_by_resolution else self.alpha
 
-    def _distill_batch(self, target, x: torch.Tensor, start: int, keep_masks: bool,
+    def _distill_batch(self, target, x: torch.Tensor, indices: torch.Tensor, keep_masks: bool,
                        graphs: dict | None = None) -> DistillationResult:
         pixels, (n, c, h, w) = x, x.shape
         if self.mask_channels not in (1, c):
@@ -249,7 +271,7 @@ class CognitiveDistillation(Detector):
                                 enabled=autocast_dtype is not None, cache_enabled=False):
                 return target(self._network_input(z).contiguous(memory_format=memory_format)).float()
 
-        seeds = ((torch.arange(start, start + n, dtype=torch.int64) + self.seed * SEED_MIX) & 0x7FFFFFFF).to(device)
+        seeds = ((indices.to(torch.int64) + self.seed * SEED_MIX) & 0x7FFFFFFF).to(device)
         problem = _Problem(network, mean, std, self._alpha_per_pixel(h, w))
         steps_run = torch.full((n,), self.steps, dtype=torch.int64)
         if self.early_stop:

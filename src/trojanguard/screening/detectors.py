@@ -1,0 +1,175 @@
+"""The detectors ``screen`` can run, by name: how each is built and how it scores one batch.
+
+A detector joins with one call to :func:`register_detector` (name, a builder ``(model, **options) ->
+detector``, a one-line summary, and optionally a :class:`BatchScorer` subclass when the generic one —
+``detector.score(x)`` plus a forward pass for the predicted label — is not the best way to run it).
+``available_detectors()`` says which names can run in this installation and why not.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trojanguard.detect.base import Detector
+from trojanguard.errors import DataError, TrojanGuardError
+from trojanguard.models.features import model_device, working_copy
+
+
+class DetectorUnavailableError(TrojanGuardError, ValueError):
+    """A detector name that exists but cannot run in this installation (or does not exist)."""
+
+
+class BatchScorer:
+    """Runs a built detector batch by batch: ``scorer(x, first_index) -> (scores (B,), predicted (B,))`` for
+    ``x: (B, C, H, W)`` in [0, 1], the samples ``first_index … first_index + B − 1`` of the screened data.
+
+    Generic version: ``detector.score(x)`` and the argmax of a frozen eval-mode copy of the model. Detectors
+    with a ``fit(reference_data)`` method that are not yet fitted are fitted in :meth:`prepare`.
+    """
+
+    def __init__(self, detector: Detector, model: nn.Module):
+        self.detector, self.model = detector, model
+        self.device = model_device(model)
+        self.net, _ = working_copy(model)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when the detector must be fitted on reference data before it can score."""
+        return callable(getattr(self.detector, "fit", None)) and not getattr(self.detector, "fitted", False)
+
+    def prepare(self, reference) -> None:
+        """Fit the detector on ``reference`` (tensor, Dataset or DataLoader of images) when it needs it."""
+        if self.needs_reference:
+            self.detector.fit(reference)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted labels ``(B,)`` of the model (frozen eval-mode copy)."""
+        logits = self.net(x.to(self.device, torch.float32))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shown = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise DataError(f"model: expected (N, K) class logits, got {shown}")
+        return logits.argmax(1).cpu()
+
+    def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detector.score(x).float().cpu(), self.predict(x)
+
+    explain: Callable[[torch.Tensor, list[int]], dict[str, torch.Tensor]] | None = None
+
+
+class CognitiveDistillationScorer(BatchScorer):
+    """CD: every sample keyed by its index in the screened data (its noise stream), so a resumed run and a
+    single sample recomputed for the report get the masks of one uninterrupted run; :meth:`explain` returns
+    masks and cognitive patterns for the report's grid."""
+
+    def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [r.scores for _, r in self.detector.iter_distill(x, keep_masks=False, first_index=first_index)]
+        return torch.cat(parts).float(), self.predict(x)
+
+    def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
+        """``masks (K, M, H, W)`` and ``patterns`` = x·m ``(K, C, H, W)`` of samples ``indices`` (images ``x``)."""
+        parts = [r for _, r in self.detector.iter_distill(x, keep_masks=True, sample_indices=torch.tensor(indices))]
+        return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
+
+
+class FeatureDistanceScorer(BatchScorer):
+    """FeatureMahalanobis: logits and score from one forward pass of its exportable module."""
+
+    def prepare(self, reference) -> None:
+        super().prepare(reference)
+        self.module = self.detector.as_module(self.model).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, score = self.module(x.to(self.device, torch.float32))
+        return score.float().cpu(), logits.argmax(1).cpu()
+
+
+@dataclass(frozen=True)
+class ScreeningDetector:
+    """A detector ``screen`` can run: ``build(model, **options) -> Detector`` and the scorer class that runs it."""
+
+    name: str
+    summary: str
+    build: Callable[..., Detector]
+    scorer: type[BatchScorer] = BatchScorer
+
+
+DETECTORS: dict[str, ScreeningDetector] = {}
+
+
+def register_detector(name: str, build: Callable[..., Detector], summary: str,
+                      scorer: type[BatchScorer] = BatchScorer) -> None:
+    """Make ``name`` available to ``screen(..., detector=name)`` and the ``--detector`` option."""
+    DETECTORS[name] = ScreeningDetector(name, summary, build, scorer)
+
+
+def _build_cd(model: nn.Module, **options) -> Detector:
+    from trojanguard.detect import CognitiveDistillation
+
+    return CognitiveDistillation(model, **{"show_progress": False, **options})
+
+
+def _build_features(model: nn.Module, **options) -> Detector:
+    from trojanguard.detect import FeatureMahalanobis
+
+    return FeatureMahalanobis(model, **{"show_progress": False, **options})
+
+
+def _optional(module: str, attribute: str, name: str) -> Callable[..., Detector]:
+    """A builder for a detector class that may be missing from this version of trojanguard."""
+
+    def build(model: nn.Module, **options) -> Detector:
+        cls = _import_optional(module, attribute)
+        if cls is None:
+            raise DetectorUnavailableError(
+                f"detector: {name!r} is not available in this version of trojanguard ({module}.{attribute} is "
+                f"missing); available: {', '.join(n for n, why in available_detectors().items() if why is None)}")
+        return cls(model, **options)
+
+    return build
+
+
+def _import_optional(module: str, attribute: str):
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        return None
+
+
+register_detector("cd", _build_cd, "Cognitive Distillation: per-sample mask optimisation (slow, no fitting)",
+                  CognitiveDistillationScorer)
+register_detector("features", _build_features,
+                  "robust class-conditional Mahalanobis distance of features (one forward pass; fitted on the data)",
+                  FeatureDistanceScorer)
+register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
+                  "amortized Cognitive Distillation: a network predicts the CD mask in one pass")
+OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD")}
+
+
+def available_detectors() -> dict[str, str | None]:
+    """``{name: None}`` for detectors that can run here, ``{name: reason}`` for those that cannot."""
+    out: dict[str, str | None] = {}
+    for name in DETECTORS:
+        module, attribute = OPTIONAL_CLASSES.get(name, (None, None))
+        missing = module is not None and _import_optional(module, attribute) is None
+        out[name] = f"{module}.{attribute} is not in this version of trojanguard" if missing else None
+    return out
+
+
+def build_detector(name: str, model: nn.Module, options: dict | None = None) -> tuple[Detector, BatchScorer]:
+    """The detector ``name`` built on ``model`` with ``options``, and its batch scorer."""
+    if name not in DETECTORS:
+        raise DetectorUnavailableError(f"detector: unknown name {name!r}; expected one of {sorted(DETECTORS)}")
+    entry = DETECTORS[name]
+    try:
+        detector = entry.build(model, **(options or {}))
+    except TypeError as exc:
+        raise DetectorUnavailableError(f"detector_options: {name!r} does not take these options "
+                                       f"({sorted(options or {})}): {exc}") from exc
+    return detector, entry.scorer(detector, model)

@@ -1,0 +1,171 @@
+"""``trojanguard screen`` and ``trojanguard export`` on the command line: a screening subprocess really killed
+(SIGKILL) mid-run resumes to exactly the result of an uninterrupted run; bad inputs give clear errors; the
+export writes a Triton model repository. Tiny data, an untrained small CNN and CD with a few steps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trojanguard.cli import main
+from trojanguard.models import build_model, save_model
+from trojanguard.screening.api import KILL_AFTER_ENV
+from trojanguard.screening.records import ResultsFile
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+BATCH = 6
+IMAGES = 36  # 6 batches
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-screen")
+    torch.manual_seed(0)
+    save_model(build_model("small_cnn", num_classes=4).eval(), root / "model.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.rand(IMAGES, 16, 16, 3, generator=generator) * 255).round().to(torch.uint8)
+    np.savez(root / "data.npz", x=x.numpy(), y=(torch.arange(IMAGES) % 4).numpy())
+    np.savez(root / "clean.npz", x=torch.rand(12, 3, 16, 16, generator=generator).numpy())
+    return root
+
+
+def screen_command(files, out, *extra):
+    return [sys.executable, "-m", "trojanguard", "screen", "--model", str(files / "model.safetensors"),
+            "--arch", "small_cnn", "--num-classes", "4", "--data", str(files / "data.npz"), "--detector", "cd",
+            "--steps", "3", "--batch-size", str(BATCH), "--calibration", str(files / "clean.npz"), "--fpr", "0.1",
+            "--top-k", "4", "--out", str(out), *extra]
+
+
+def run(command, env=None, **kwargs):
+    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   "TROJANGUARD_PROGRESS": "0", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False, **kwargs)
+
+
+def data_rows(path):
+    return len(ResultsFile(path).read()[1])
+
+
+def same_results(a: Path, b: Path) -> None:
+    """Every row (ids, labels, predictions, scores to the last bit, flags) and the threshold are equal."""
+    meta_a, rows_a = ResultsFile(a).read()
+    meta_b, rows_b = ResultsFile(b).read()
+    assert meta_a["threshold"] == meta_b["threshold"] and meta_a["run"] == meta_b["run"]
+    assert rows_a.ids == rows_b.ids and rows_a.labels == rows_b.labels
+    np.testing.assert_array_equal(rows_a.scores, rows_b.scores)
+    np.testing.assert_array_equal(rows_a.predicted, rows_b.predicted)
+    np.testing.assert_array_equal(rows_a.flagged, rows_b.flagged)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files):
+    out = files / "uninterrupted"
+    done = run(screen_command(files, out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_killed_after_two_batches_resumes_to_the_uninterrupted_result(files, uninterrupted):
+    """The run SIGKILLs itself right after its 2nd batch is durable (KILL_AFTER_ENV): no cleanup runs."""
+    out = files / "killed-hook"
+    killed = run(screen_command(files, out), env={KILL_AFTER_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert data_rows(out / "results.csv") == 2 * BATCH
+    assert not (out / "index.html").exists()
+    resumed = run(screen_command(files, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at sample {2 * BATCH}" in resumed.stdout
+    same_results(out / "results.csv", uninterrupted / "results.csv")
+    assert (out / "index.html").stat().st_size > 0
+
+
+def test_killed_from_outside_mid_run_resumes_to_the_uninterrupted_result(files, uninterrupted):
+    """SIGKILL sent by the test as soon as the results file has rows, wherever the run is."""
+    out = files / "killed-outside"
+    environment = {**os.environ, "PYTHONPATH": SRC, "TROJANGUARD_PROGRESS": "0"}
+    process = subprocess.Popen(screen_command(files, out), env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.csv"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if results.exists() and data_rows(results) >= BATCH:
+                break
+            time.sleep(0.02)
+        if process.poll() is not None:
+            pytest.skip("the run finished before it could be killed (machine much faster than planned)")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    left = data_rows(results)
+    assert BATCH <= left < IMAGES
+    resumed = run(screen_command(files, out))
+    assert resumed.returncode == 0, resumed.stderr
+    same_results(results, uninterrupted / "results.csv")
+
+
+def test_screen_cli_reports_and_refuses_mixing_runs(files, uninterrupted, capsys):
+    done = run(screen_command(files, uninterrupted))  # complete already: reads back, rewrites the report
+    assert done.returncode == 0 and "nothing left to screen" in done.stdout
+    assert "report:" in done.stdout and (uninterrupted / "index.html").is_file()
+    assert main(screen_command(files, uninterrupted, "--steps", "4")[3:]) == 1
+    err = capsys.readouterr().err
+    assert "different run" in err and "detector" in err and "--restart" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--data": "missing.npz"}, "neither an existing file or folder"),
+    ({"--data": "gray.npz"}, "model: cannot take the data's images of shape (1, 16, 16)"),
+    ({"--arch": "resnet18_cifar"}, "does not fit architecture 'resnet18_cifar'"),
+    ({"--model": "missing.safetensors"}, "does not exist"),
+    ({"--calibration": "corrupt.npz"}, "cannot be read"),
+    ({"--detector": "amortized"}, "'amortized' is not available in this version"),
+], ids=["missing-data", "model-does-not-fit-data", "wrong-arch", "missing-model", "corrupt-npz", "amortized"])
+def test_screen_cli_bad_inputs(files, tmp_path, capsys, change, message):
+    from trojanguard.screening import available_detectors
+
+    if change.get("--detector") == "amortized" and available_detectors()["amortized"] is None:
+        pytest.skip("this version has AmortizedCD")
+    np.savez(files / "gray.npz", x=torch.rand(4, 1, 16, 16).numpy())
+    (files / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated")
+    argv = screen_command(files, tmp_path / "out")[3:]
+    if "--detector" in change:  # --steps is CD's
+        del argv[argv.index("--steps") : argv.index("--steps") + 2]
+    for key, value in change.items():
+        is_file = key in ("--data", "--model", "--calibration")
+        argv[argv.index(key) + 1] = str(files / value) if is_file else value
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trojanguard screen: error:") and message in err, err
+
+
+def test_export_cli_writes_a_valid_triton_repository(files, tmp_path, capsys):
+    from trojanguard.guard import check_triton_repository, read_metadata
+
+    np.savez(files / "reference.npz", x=torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(4)).numpy())
+    argv = ["export", "--model", str(files / "model.safetensors"), "--arch", "small_cnn", "--num-classes", "4",
+            "--reference", str(files / "reference.npz"), "--calibration", str(files / "clean.npz"), "--fpr", "0.1",
+            "--out", str(tmp_path / "guard.onnx"), "--triton-repo", str(tmp_path / "repo"), "--max-batch-size", "16"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "tritonserver --model-repository" in out
+    config = check_triton_repository(tmp_path / "repo")
+    assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
+    assert (tmp_path / "repo" / "trojanguard_guard" / "1" / "model.onnx").read_bytes() == \
+        (tmp_path / "guard.onnx").read_bytes()
+    assert read_metadata(tmp_path / "guard.onnx")["input_shape"] == [3, 16, 16]
+    # an exported graph alone: only the repository is written
+    assert main(["export", "--model", str(tmp_path / "guard.onnx"), "--triton-repo", str(tmp_path / "repo2"),
+                 "--triton-name", "guard2", "--instance-kind", "cpu"]) == 0
+    assert check_triton_repository(tmp_path / "repo2", "guard2").instance_group[0].kind == 2  # KIND_CPU
+    assert main(["export", "--model", str(files / "model.safetensors"), "--arch", "small_cnn"]) == 2
+    assert main(["export", "--model", str(files / "model.safetensors"), "--arch", "small_cnn", "--num-classes", "4",
+                 "--out", str(tmp_path / "g.onnx")]) == 1
+    assert "--reference" in capsys.readouterr().err

@@ -1,0 +1,331 @@
+"""Batch screening (``trojanguard.screening``): streamed sources, durable resumable results, thresholds (FPR on
+held-out clean data, the robust rule), the detector registry, bad inputs, and the report files.
+
+Fast tests use an untrained small CNN on tiny random data and CD with a few steps; the FPR test uses the zoo's
+BadNets model (trained once, cached) and its held-out clean digits.
+"""
+
+import json
+import math
+import re
+import zipfile
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trojanguard.data import load_image_folder, load_npz
+from trojanguard.detect import CognitiveDistillation
+from trojanguard.detect.base import Detector
+from trojanguard.errors import DataError
+from trojanguard.models import build_model
+from trojanguard.screening import (
+    DETECTORS,
+    DetectorUnavailableError,
+    FolderSource,
+    NpzSource,
+    ResumeError,
+    TensorSource,
+    available_detectors,
+    register_detector,
+    screen,
+)
+from trojanguard.screening.records import ResultsFile
+from trojanguard.screening.thresholds import robust_threshold
+
+CD_FAST = {"steps": 3}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("small_cnn", num_classes=4).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def save_npz(path, x, y=None, compressed=False):
+    arrays = {"x": x.numpy()} if y is None else {"x": x.numpy(), "y": y.numpy()}
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+def save_folder(root, x, classes=("a", "b")):
+    for i, image in enumerate(x):
+        folder = root / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ CD pieces
+def test_cd_pieces_of_a_dataset_get_the_masks_of_one_call(model, images):
+    """first_index / sample_indices key each sample's noise stream by its index in the whole dataset."""
+    cd = CognitiveDistillation(model, steps=4, show_progress=False)
+    whole = cd.distill(images)
+    (_, tail), = cd.iter_distill(images[12:], first_index=12)
+    torch.testing.assert_close(tail.masks, whole.masks[12:], atol=1e-5, rtol=0)
+    picked = [17, 3, 9]
+    parts = [r for _, r in cd.iter_distill(images[picked], sample_indices=torch.tensor(picked))]
+    torch.testing.assert_close(torch.cat([r.masks for r in parts]), whole.masks[picked], atol=1e-5, rtol=0)
+    with pytest.raises(DataError, match="sample_indices"):
+        next(cd.iter_distill(images[:3], sample_indices=torch.tensor([0, 1])))
+
+
+# ------------------------------------------------------------------------------------------------ sources
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_npz_source_streams_what_load_npz_loads(tmp_path, images, compressed):
+    uint8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    for x in (images, uint8):
+        path = save_npz(tmp_path / "d.npz", x, torch.arange(20) % 3, compressed=compressed)
+        source, loaded = NpzSource(path), load_npz(path)
+        batches = list(source.batches(6))
+        assert [len(b) for b in batches] == [6, 6, 6, 2]
+        torch.testing.assert_close(torch.cat([b.x for b in batches]), loaded.x, atol=0, rtol=0)
+        assert batches[1].labels == [str(v) for v in (torch.arange(6, 12) % 3).tolist()]
+        torch.testing.assert_close(source.take([15, 2, 7]), loaded.x[[15, 2, 7]], atol=0, rtol=0)  # back and forth
+        assert source.fingerprint()["crc32"] == zipfile.ZipFile(path).getinfo("x.npy").CRC
+
+
+def test_folder_source_reads_per_batch_and_records_unreadable_files(tmp_path, images):
+    root = save_folder(tmp_path / "imgs", images[:6])
+    (root / "b" / "999_corrupt.png").write_bytes(b"not a png at all")
+    source = FolderSource(root, size=16)
+    loaded = load_image_folder(root, size=16)
+    assert len(source) == 7 and source.class_names == ["a", "b"]
+    batches = list(source.batches(4))
+    errors = {b.start + k: v for b in batches for k, v in b.errors.items()}
+    assert list(errors) == [6] and "unreadable image" in errors[6]
+    x = torch.cat([b.x for b in batches])
+    torch.testing.assert_close(x[:6], loaded.x, atol=0, rtol=0)
+    assert batches[0].ids[:2] == ["a/000.png", "a/002.png"] and batches[0].labels[:1] == ["a"]
+
+
+# ------------------------------------------------------------------------------------------------ screening
+def test_features_screening_of_a_folder_with_a_corrupt_file(tmp_path, model, images):
+    root = save_folder(tmp_path / "imgs", images)
+    (root / "a" / "zz_truncated.png").write_bytes((root / "a" / "000.png").read_bytes()[:40])
+    result = screen(model, root, detector="features", out_dir=tmp_path / "out", calibration=None, image_size=16,
+                    batch_size=8, show_progress=False)
+    assert len(result.ids) == 21 and result.readable.sum() == 20
+    bad = result.ids.index("a/zz_truncated.png")
+    assert math.isnan(result.scores[bad]) and not result.flagged[bad] and result.predicted[bad] == -1
+    assert result.summary["unreadable"] == 1 and result.summary["unreadable_samples"][0]["id"] == "a/zz_truncated.png"
+    assert "zz_truncated.png" in (tmp_path / "out" / "index.html").read_text()
+    _, rows = ResultsFile(result.results_path).read()
+    assert rows.errors[bad].startswith("unreadable image") and rows.flagged[bad] == -1
+
+
+def test_results_do_not_depend_on_batch_size(tmp_path, model, images):
+    a = screen(model, images, out_dir=tmp_path / "a", detector_options=CD_FAST, batch_size=20, calibration=None,
+               report=False, show_progress=False)
+    b = screen(model, images, out_dir=tmp_path / "b", detector_options=CD_FAST, batch_size=7, calibration=None,
+               report=False, show_progress=False)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a.predicted, b.predicted)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingSource(TensorSource):
+    """Fails after ``after`` batches, like a process killed mid-run (the rows of earlier batches are durable)."""
+
+    def __init__(self, x, after):
+        super().__init__(x)
+        self.after, self.reads = after, 0
+
+    def read(self, start, stop):
+        self.reads += 1
+        if self.reads > self.after:
+            raise _Crash
+        return super().read(start, stop)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result_torn_line_included(tmp_path, model, images):
+    """In-process: a run stops after 2 batches, a torn half row is appended (a kill during a write); the resumed
+    run equals an uninterrupted one exactly. (tests/test_cli_screen.py really SIGKILLs a subprocess.)"""
+    options = {"detector_options": CD_FAST, "batch_size": 6, "calibration": None, "show_progress": False}
+    whole = screen(model, images, out_dir=tmp_path / "whole", **options)
+    with pytest.raises(_Crash):
+        screen(model, _CrashingSource(images, after=3), out_dir=tmp_path / "cut", **options)  # 1 check + 2 batches
+    path = tmp_path / "cut" / "results.csv"
+    assert len(ResultsFile(path).read()[1]) == 12
+    with open(path, "a") as f:
+        f.write("12,12,,3,0.12")  # torn: no newline
+    resumed = screen(model, images, out_dir=tmp_path / "cut", **options)
+    assert resumed.resumed_from == 12 and resumed.summary["run"]["screened_now"] == 8
+    np.testing.assert_array_equal(resumed.scores, whole.scores)
+    np.testing.assert_array_equal(resumed.flagged, whole.flagged)
+    assert resumed.threshold == whole.threshold
+    assert (tmp_path / "cut" / "results.csv").read_text().splitlines()[1:] == \
+        (tmp_path / "whole" / "results.csv").read_text().splitlines()[1:]
+
+
+def test_resume_refuses_results_of_a_different_run(tmp_path, model, images):
+    options = {"detector_options": CD_FAST, "batch_size": 10, "calibration": None, "report": False,
+               "show_progress": False}
+    screen(model, images, out_dir=tmp_path, **options)
+    with pytest.raises(ResumeError, match=r"data\..*different run|different run.*data"):
+        screen(model, images.flip(0), out_dir=tmp_path, **options)
+    with pytest.raises(ResumeError, match="detector"):
+        screen(model, images, out_dir=tmp_path, **{**options, "detector_options": {"steps": 4}})
+    torch.manual_seed(5)
+    other = build_model("small_cnn", num_classes=4).eval()
+    with pytest.raises(ResumeError, match="model_sha256"):
+        screen(other, images, out_dir=tmp_path, **options)
+    again = screen(other, images, out_dir=tmp_path, overwrite=True, **options)
+    assert again.resumed_from == 0
+    (tmp_path / "results.csv").write_text("id,score\n1,2\n")
+    with pytest.raises(ResumeError, match="not a trojanguard screening results file"):
+        screen(other, images, out_dir=tmp_path, **options)
+
+
+def test_robust_rule_flags_outliers_and_fills_flags_at_the_end(tmp_path, model, images):
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0, 1, 2000)
+    threshold = robust_threshold(np.concatenate([clean, np.full(100, 9.0)]))  # 5 % far outliers
+    assert 3.3 < threshold < 3.9  # median + 3.5 σ, barely moved by the outliers
+    assert (clean > threshold).mean() < 0.002
+    assert robust_threshold(np.array([1.0] * 10 + [2.0, 3.0])) > 1.0  # MAD = 0: mean absolute deviation
+    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=None, report=False,
+                    show_progress=False)
+    assert result.rule == "robust_z" and result.threshold == pytest.approx(robust_threshold(result.scores))
+    meta, rows = ResultsFile(result.results_path).read()
+    assert meta["complete"] and meta["threshold"] == result.threshold
+    np.testing.assert_array_equal(rows.flagged, result.flagged.astype(np.int8))
+
+
+def test_a_new_detector_plugs_in_with_one_line(tmp_path, model, images):
+    class Brightness(Detector):  # toy: mean pixel value
+        def __init__(self, model, scale=1.0):
+            self.scale = scale
+
+        def score(self, x):
+            return x.flatten(1).mean(1) * self.scale
+
+    register_detector("brightness", Brightness, "mean pixel value (test)")
+    try:
+        result = screen(model, images, detector="brightness", detector_options={"scale": 2.0}, out_dir=tmp_path,
+                        threshold=1.0, calibration=None, show_progress=False)
+        np.testing.assert_allclose(result.scores, images.flatten(1).mean(1).double().numpy() * 2, rtol=1e-6)
+        assert result.rule == "fixed" and result.flagged.sum() == (result.scores > 1.0).sum()
+        assert available_detectors()["brightness"] is None
+    finally:
+        del DETECTORS["brightness"]
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_give_clear_errors(tmp_path, model, images):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="neither an existing file or folder"):
+        screen(model, tmp_path / "missing", out_dir=out)
+    with pytest.raises(DataError, match="no array named 'x'"):
+        screen(model, _npz(tmp_path / "k.npz", images=images.numpy()), out_dir=out)
+    with pytest.raises(DataError, match="expected 4 dimensions"):
+        screen(model, _npz(tmp_path / "d3.npz", x=images[:, 0].numpy()), out_dir=out)
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        screen(model, _npz(tmp_path / "r.npz", x=(images * 3).numpy()), out_dir=out, calibration=None,
+               show_progress=False)
+    with pytest.raises(DataError, match="NaN"):
+        bad = images.clone()
+        bad[3, 0, 0, 0] = math.nan
+        screen(model, _npz(tmp_path / "n.npz", x=bad.numpy()), out_dir=out, calibration=None, overwrite=True)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="not an .npz"):
+        screen(model, tmp_path / "notes.txt", out_dir=out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no image files"):
+        screen(model, empty, out_dir=out)
+    gray = build_model("small_cnn", num_classes=4, in_channels=1).eval()
+    with pytest.raises(DataError, match=r"model: cannot take the data's images of shape \(3, 16, 16\)"):
+        screen(gray, images, out_dir=out)
+    with pytest.raises(DetectorUnavailableError, match="unknown name 'nope'"):
+        screen(model, images, detector="nope", out_dir=out)
+    with pytest.raises(DetectorUnavailableError, match="does not take these options"):
+        screen(model, images, detector_options={"stepz": 3}, out_dir=out)
+    with pytest.raises(ValueError, match="pass one of them"):
+        screen(model, images, threshold=0.5, calibration=images, out_dir=out)
+    with pytest.raises(ValueError, match="at least 2"):
+        screen(model, images, calibration=images[:1], detector_options=CD_FAST, out_dir=out, overwrite=True,
+               show_progress=False)
+    with pytest.raises(ValueError, match="fpr"):
+        screen(model, images, fpr=1.5, out_dir=out)
+
+
+@pytest.mark.skipif(available_detectors().get("amortized") is None, reason="this version has AmortizedCD")
+def test_amortized_detector_missing_is_a_clear_error(tmp_path, model, images):
+    with pytest.raises(DetectorUnavailableError, match="'amortized' is not available in this version"):
+        screen(model, images, detector="amortized", out_dir=tmp_path)
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("src", "href")]
+
+
+def test_report_files_exist_are_non_empty_and_the_page_links_resolve(tmp_path, model, images):
+    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
+                    top_k=5, show_progress=False)
+    for name in ("results.csv", "calibration.csv", "summary.json", "histogram.png", "suspicious.png", "index.html"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("histogram.png", "suspicious.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.size[0] > 300 and picture.size[1] > 200
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["samples"] == 20 and summary["threshold"]["rule"] == "quantile"
+    assert summary["flagged"] == int(result.flagged.sum()) and len(summary["top"]) == 20
+    assert [t["score"] for t in summary["top"]] == sorted((t["score"] for t in summary["top"]), reverse=True)
+    page = (tmp_path / "index.html").read_text()
+    parser = _Links()
+    parser.feed(page)
+    assert {"histogram.png", "suspicious.png", "results.csv", "summary.json"} <= set(parser.links)
+    for link in parser.links:
+        assert not re.match(r"^[a-z]+:|^/", link), link  # relative links only: the folder can be moved
+        assert (tmp_path / link).is_file(), link
+    assert "most suspicious" in page and f"{summary['flagged']} of 20" in page
+
+
+# ------------------------------------------------------------------------------------------------ FPR
+@pytest.fixture(scope="module")
+def zoo_badnets():
+    from trojanguard.zoo import ZooConfig, get_backdoored_model
+
+    return get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
+
+
+CALIBRATION = 180  # clean test digits for the threshold; the other 179 are held out
+FPR = 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector, options", [("features", {}), ("cd", {"steps": 5})], ids=["features", "cd"])
+def test_calibration_hits_the_requested_fpr_on_held_out_clean_data(tmp_path, zoo_badnets, detector, options):
+    """Threshold from 180 clean images at fpr 0.05; the other 179 clean images are flagged at 0.05 give or take
+    3 standard deviations of the difference of two binomial proportions. ``features`` is fitted on the screened
+    (clean) data itself."""
+    clean = zoo_badnets.test.x
+    result = screen(zoo_badnets.model, clean[CALIBRATION:], detector=detector, detector_options=options,
+                    calibration=clean[:CALIBRATION], fpr=FPR, out_dir=tmp_path, batch_size=128, report=False,
+                    show_progress=False)
+    rate = float(result.flagged.mean())
+    sd = math.sqrt(FPR * (1 - FPR) * (1 / CALIBRATION + 1 / (len(clean) - CALIBRATION)))
+    assert abs(rate - FPR) <= 3 * sd, rate
+    assert result.rule == "quantile" and result.summary["threshold"]["fpr"] == FPR
