@@ -3,7 +3,7 @@
 # just-in-time build of the CUDA extension, the GPU tests, the roofline, the op-level and end-to-end
 # benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
 # whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
-#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc cpu (default: all)
+#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc screen cpu (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-out}")
@@ -43,6 +43,7 @@ print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); pri
     ops) TAIL=14 run ops 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_mask_step.py --benchmark-only ;;
     cd) TAIL=24 run cd 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only ;;
     auroc) (cd benchmarks && TAIL=40 run auroc 420 $PY cd_effectiveness.py --device cuda --clean 0) ;;
+    screen) TAIL=20 run screen 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_screen.py --benchmark-only ;;
     cpu) CUDA_VISIBLE_DEVICES= TAIL=22 run cpu 420 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; lscpu | grep -o -E 'amx_bf16|avx512_bf16' | sort -u
       $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only -k 'baseline or sdk-fp32 or sdk]'" ;;
     *) echo "unknown part $part" ;;
