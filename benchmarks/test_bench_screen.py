@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
         data[name] = {"tensor": x[:count], "npz": root / f"{name}.npz", "folder": folder}
     for name, why in available_detectors().items():  # one-off costs (imports, first kernels) out of the timings
         if why is None and name in IMAGES:
-            screen(model, x[:8], detector=name, out_dir=root / f"warm-{name}", calibration=None, batch_size=4,
+            screen(model, x[:8], detector=name, out_dir=root / f"warm-{name}", calibration=None, threshold=0.5, batch_size=4,
                    detector_options={"steps": 2} if name == "cd" else None, top_k=2, show_progress=False)
     return model, data, root
 
