@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -63,8 +64,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'attack':10s} {'defence':12s} {'CA':>6s} {'ASR':>6s} {'AUROC':>6s}")
     for name, defence, ca, asr, auroc in rows:
         print(f"{name:10s} {defence:12s} {ca:6.3f} {asr:6.3f} {auroc:>6s}")
+    first = get_backdoored_model(ZooConfig(attack=attacks[0], arch=args.arch, seed=args.seed))
+    _demo_guard(first, Path(args.out))
     print(f"\nfinished in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+DEMO_GUARD_FPR = 0.05
+
+
+def _demo_guard(entry, out_dir: Path) -> None:  # noqa: ANN001
+    """The serving guard for ``entry``'s model: robust feature-space detector fitted on its (poisoned) training
+    set, threshold for DEMO_GUARD_FPR on half the clean test set, one ONNX graph run by ONNX Runtime on the
+    other half, clean and triggered."""
+    import numpy as np
+
+    from trojanguard.detect import FeatureMahalanobis
+    from trojanguard.guard import Guard, GuardSession, export_onnx
+
+    half = len(entry.test.x) // 2
+    calibration, clean = entry.test.x[:half], entry.test.x[half:]
+    triggered = entry.triggered_test()[half:][entry.test.y[half:] != entry.config.target]
+    detector = FeatureMahalanobis(entry.model, show_progress=False).fit(entry.train.dataset.x)
+    guard = Guard(entry.model, detector).eval()
+    guard.calibrate(calibration, fpr=DEMO_GUARD_FPR)
+    path = export_onnx(guard, out_dir / f"guard-{entry.config.attack}.onnx", clean[:2])
+    session = GuardSession(path, providers="auto")
+    on_clean, on_triggered = session.run(clean.numpy()), session.run(triggered.numpy())
+    reference = guard.run(clean)
+    gap = float(np.abs(on_clean.logits - reference.logits.numpy()).max())
+    print(f"\nguard ({entry.config.attack} model): {path} in ONNX Runtime ({', '.join(session.providers)}); "
+          f"threshold for {DEMO_GUARD_FPR:.0%} FPR on clean test images")
+    print(f"flagged: clean {on_clean.flagged.mean():.3f}, triggered {on_triggered.flagged.mean():.3f}; "
+          f"max |logit| gap vs PyTorch {gap:.1e}")
 
 
 DEMO_CD_CLEAN = 100  # clean training images screened next to every poisoned one (keeps the demo short)
@@ -314,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attacks", nargs="+", choices=DEMO_ATTACKS, help="attacks to run (default: all)")
     demo.add_argument("--arch", default="small_cnn", help="model architecture (default: small_cnn)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="trojanguard-out", help="where the demo writes the guard's ONNX graph")
     demo.set_defaults(func=cmd_demo)
     add_screen_parser(sub)
     add_export_parser(sub)
