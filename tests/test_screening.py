@@ -77,6 +77,22 @@ def test_cd_pieces_of_a_dataset_get_the_masks_of_one_call(model, images):
         next(cd.iter_distill(images[:3], sample_indices=torch.tensor([0, 1])))
 
 
+def test_cd_scorer_keeps_the_top_masks_and_recomputes_only_the_missing(model, images):
+    from trojanguard.screening.detectors import build_detector
+
+    _, scorer = build_detector("cd", model, {"steps": 4})
+    scorer.keep_top = 3
+    scores = torch.cat([scorer(images[i : i + 7], i)[0] for i in range(0, 20, 7)])
+    top = scores.argsort(descending=True)[:3].tolist()
+    assert sorted(scorer._kept) == sorted(top)
+    picked = top + [0]  # index 0 is not kept: recomputed
+    kept = scorer.explain(images[picked], picked)
+    _, fresh = build_detector("cd", model, {"steps": 4})
+    recomputed = fresh.explain(images[picked], picked)
+    torch.testing.assert_close(kept["masks"], recomputed["masks"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(kept["patterns"], recomputed["patterns"], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ sources
 @pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
 def test_npz_source_streams_what_load_npz_loads(tmp_path, images, compressed):

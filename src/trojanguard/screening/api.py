@@ -212,7 +212,9 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     threshold_value = meta["threshold"]
     resumed_from = done
     started = time.perf_counter()
+    scorer.keep_top = top_k if report else 0
     _stream(scorer, source, results, done, batch_size, threshold_value, detector_name, show_progress)
+    scorer.keep_top = 0
     seconds = time.perf_counter() - started
     screened_now = len(source) - resumed_from
 

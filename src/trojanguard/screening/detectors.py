@@ -59,22 +59,48 @@ class BatchScorer:
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.detector.score(x).float().cpu(), self.predict(x)
 
+    # explain(images, indices) -> {"masks": ..., "patterns": ...}: pictures for the report's grid (None: none)
     explain: Callable[[torch.Tensor, list[int]], dict[str, torch.Tensor]] | None = None
+    # while screening, ``screen`` sets this to the report's grid size: a scorer that makes pictures may keep those
+    # of the keep_top highest-scoring samples it has seen, so explain() need not recompute them
+    keep_top: int = 0
 
 
 class CognitiveDistillationScorer(BatchScorer):
     """CD: every sample keyed by its index in the screened data (its noise stream), so a resumed run and a
-    single sample recomputed for the report get the masks of one uninterrupted run; :meth:`explain` returns
-    masks and cognitive patterns for the report's grid."""
+    sample recomputed for the report get the masks of one uninterrupted run. While screening it keeps the masks
+    and cognitive patterns of the ``keep_top`` highest-scoring samples seen (never more), and :meth:`explain`
+    recomputes only those it does not hold (samples scored before a resume)."""
+
+    def __init__(self, detector, model):
+        super().__init__(detector, model)
+        self._kept: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # index -> (score, mask, pattern)
 
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [r.scores for _, r in self.detector.iter_distill(x, keep_masks=False, first_index=first_index)]
-        return torch.cat(parts).float(), self.predict(x)
+        keep = self.keep_top > 0
+        parts = list(self.detector.iter_distill(x, keep_masks=keep, first_index=first_index))
+        scores = torch.cat([r.scores for _, r in parts]).float()
+        if keep:
+            for start, result in parts:
+                for offset, (score, mask, pattern) in enumerate(zip(result.scores.tolist(), result.masks,
+                                                                    result.patterns)):
+                    self._kept[start + offset] = (score, mask, pattern)
+            if len(self._kept) > self.keep_top:  # highest scores first, ties by index, as the report ranks them
+                ranked = sorted(self._kept.items(), key=lambda item: (-item[1][0], item[0]))
+                self._kept = dict(ranked[: self.keep_top])
+        return scores, self.predict(x)
 
     def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
         """``masks (K, M, H, W)`` and ``patterns`` = x·m ``(K, C, H, W)`` of samples ``indices`` (images ``x``)."""
-        parts = [r for _, r in self.detector.iter_distill(x, keep_masks=True, sample_indices=torch.tensor(indices))]
-        return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
+        missing = [k for k, index in enumerate(indices) if index not in self._kept]
+        computed = {}
+        if missing:
+            sample_indices = torch.tensor([indices[k] for k in missing])
+            parts = [r for _, r in self.detector.iter_distill(x[missing], keep_masks=True, sample_indices=sample_indices)]
+            masks, patterns = torch.cat([r.masks for r in parts]), torch.cat([r.patterns for r in parts])
+            computed = {indices[k]: (masks[j], patterns[j]) for j, k in enumerate(missing)}
+        pairs = [computed[i] if i in computed else self._kept[i][1:] for i in indices]
+        return {"masks": torch.stack([m for m, _ in pairs]), "patterns": torch.stack([p for _, p in pairs])}
 
 
 class FeatureDistanceScorer(BatchScorer):

@@ -200,7 +200,7 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     truth = s.get("truth")
     if truth:
         facts.append(["known poisoned samples", truth["poisoned"]])
-        facts.append(["AUROC vs truth", truth["auroc"]])
+        facts.append(["AUROC vs truth", "n/a (one class only)" if truth["auroc"] is None else f"{truth['auroc']:.3f}"])
         facts.append(["precision / recall of the flags", f"{truth['precision']:.3f} / {truth['recall']:.3f}"])
         facts.append(["clean samples flagged", f"{truth['false_positive_rate']:.4f}"])
     parts = [
@@ -229,12 +229,12 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
                   f'<p class="note">{html.escape(note)} Caption: rank, score, predicted label.</p>']
     per_label = s["flags_by_predicted_label"]
     if per_label:
-        rows = [[label, v["screened"], v["flagged"], f"{100 * v['flagged'] / v['screened']:.1f} %" if v["screened"] else "–"]
+        rows = [[label, v["screened"], v["flagged"], f"{100 * v['flagged'] / v['screened']:.1f}" if v["screened"] else "–"]
                 for label, v in per_label.items()]
         parts += ["<h2>Flags by predicted label</h2>",
                   ('<p class="note">A backdoor sends its poison to one target class: flags concentrated on one '
                    "predicted label point at it.</p>"),
-                  _table(["predicted label", "screened", "flagged", "flagged"], rows)]
+                  _table(["predicted label", "screened", "flagged", "flagged (%)"], rows)]
     top = s["top"][:TOP_TABLE_ROWS]
     rows = [[t["rank"], t["index"], t["id"], t["label"], t["predicted"], t["score"], "yes" if t["flagged"] else "no"]
             + ([("yes" if t["poisoned"] else "no")] if truth else []) for t in top]
