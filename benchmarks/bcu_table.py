@@ -6,7 +6,7 @@
 For every (architecture, attack, data source, rule) BCU runs with its defaults and reports CA / ASR before
 and after, DER (METHODS.md §6) and seconds. In-distribution data = the clean half of the zoo model's training
 set, labels withheld (:func:`trojanguard.cleanse.sources.clean_half`); out-of-distribution data = 1 000 crops
-of natural photos (:func:`trojanguard.cleanse.sources.ood_images`). Results are kept in a JSON file next to the
+of natural photos adapted to the model (:func:`trojanguard.cleanse.sources.ood_images` with ``model=``). Results are kept in a JSON file next to the
 zoo cache, so an interrupted run resumes; the markdown tables go to stdout (and to ``--markdown``).
 """
 
@@ -55,8 +55,10 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
     config = ZooConfig(attack=attack, arch=arch, seed=seed, image_size=image_size)
     entry = get_backdoored_model(config, show_progress=False)
     channels = entry.test.x.shape[1]
+    ood_info: dict = {}
     data = clean_half(entry, seed=seed) if source == "in" else ood_images(size=entry.test.x.shape[-1],
-                                                                          channels=channels, seed=seed)
+                                                                          channels=channels, seed=seed,
+                                                                          model=entry.model, info=ood_info)
     kwargs = {} if epochs is None else {"epochs": epochs}
     bcu = BCU(reinit=reinit_rule(rule), seed=seed, show_progress=False,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels), **kwargs)
@@ -71,7 +73,9 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
             "der": defense_effectiveness_rating(asr0, asr1, ca0, ca1), "seconds": bcu.report.seconds,
             "cpu_seconds": bcu.report.details["cpu_seconds"],
             "ratios": [round(layer["ratio"], 4) for layer in bcu.report.details["layers"]],
-            "reinitialised_fraction": bcu.report.details["reinitialised_fraction"]}
+            "reinitialised_fraction": bcu.report.details["reinitialised_fraction"],
+            "normalisation_gap": bcu.report.details["normalisation_gap"], "domain": bcu.report.details["domain"],
+            "ood_view": ood_info.get("view")}
 
 
 def key(arch: str, attack: str, source: str, rule: str, epochs: int | None, seed: int, image_size: int) -> str:

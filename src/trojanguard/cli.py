@@ -116,15 +116,17 @@ def _demo_bcu(entry, args: argparse.Namespace) -> tuple[float, float, float]:
 CLEANSE_OUT_SUFFIXES = (".safetensors", ".pt")
 
 
-def _load_cleanse_data(spec: str, args: argparse.Namespace):
-    """``ood`` (natural-photo crops), ``digits`` (half of the embedded training split), a folder or an .npz."""
+def _load_cleanse_data(spec: str, args: argparse.Namespace, model, info: dict):
+    """``ood`` (natural-photo crops adapted to ``model``, see :func:`trojanguard.cleanse.sources.ood_images`;
+    ``info`` receives the chosen view), ``digits`` (half of the embedded training split), a folder or an .npz."""
     from pathlib import Path
 
     from trojanguard.cleanse.sources import ood_images
     from trojanguard.data import load_digits, load_image_folder, load_npz
 
     if spec == "ood":
-        return ood_images(args.ood_images, size=args.image_size, channels=args.in_channels, seed=args.seed)
+        return ood_images(args.ood_images, size=args.image_size, channels=args.in_channels, seed=args.seed,
+                          model=model, info=info)
     if spec == "digits":
         train, _ = load_digits(size=args.image_size, channels=args.in_channels, seed=args.seed)
         import torch
@@ -153,7 +155,8 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                            allow_pickle=args.allow_pickle)
-        data = _load_cleanse_data(args.data, args)
+        ood_info: dict = {}
+        data = _load_cleanse_data(args.data, args, model, ood_info)
         evaluation = None
         if args.eval is not None:
             evaluation = _cleanse_evaluation(args)
@@ -161,7 +164,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
               file=sys.stderr)
         bcu = BCU(reinit=args.reinit,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                  augment=args.augment, norm_stats=args.norm_stats,
+                  augment=args.augment, norm_stats=args.norm_stats, loss=args.loss,
                   init=lambda: build_model(args.arch, num_classes=args.num_classes, in_channels=args.in_channels))
         cleansed = bcu.cleanse(model, data, evaluation=evaluation)
     except (TrojanGuardError, ValueError, OSError) as exc:
@@ -171,6 +174,8 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     report_path = out.with_name(out.stem + ".report.json")
     bcu.report.details["model"] = str(args.model)
     bcu.report.details["data"] = str(args.data)
+    if ood_info:
+        bcu.report.details["ood"] = ood_info
     bcu.report.to_json(report_path)
     print(bcu.report.format())
     print(f"cleansed model: {out}\nreport:         {report_path}")
@@ -215,6 +220,7 @@ def _reinit_arg(text: str) -> str | float:
 
 def add_cleanse_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
+    from trojanguard.cleanse.sources import DEFAULT_OOD_IMAGES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model with BCU on unlabeled images",
                        description="Cleanse a suspicious classifier with BCU (re-initialise part of its weights by "
@@ -223,12 +229,14 @@ def add_cleanse_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model file (safetensors / weights-only .pt state dict, ...)")
     p.add_argument("--arch", required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>")
     p.add_argument("--data", required=True,
-                   help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops) or 'digits'")
+                   help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops adapted to the "
+                        "model) or 'digits'")
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--image-size", type=int, default=32, help="side the data is resized to (default 32)")
-    p.add_argument("--ood-images", type=int, default=1000, help="crops to draw with --data ood (default 1000)")
+    p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
+                   help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
     p.add_argument("--reinit", default="adaptive", type=_reinit_arg,
                    help="re-initialisation rule: adaptive (default), authors, uniform, none, or one ratio in [0, 1]")
     p.add_argument("--epochs", type=int, default=BCU_DEFAULTS["epochs"])
@@ -236,8 +244,11 @@ def add_cleanse_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=BCU_DEFAULTS["batch_size"])
     p.add_argument("--augment", default=BCU_DEFAULTS["augment"], choices=("crop", "crop_flip", "none"),
                    help="crop (default), crop_flip (natural images only: flipping changes digits, text, signs), none")
-    p.add_argument("--norm-stats", default="update", choices=("update", "keep"),
-                   help="batch-norm statistics: re-estimate on the data (default) or keep the model's")
+    p.add_argument("--norm-stats", default="auto", choices=("auto", "update", "keep"),
+                   help="batch-norm statistics: auto (default: keep the model's when the data is far from its "
+                        "training distribution, else re-estimate), update or keep")
+    p.add_argument("--loss", default="auto", choices=("auto", "kl", "mse"),
+                   help="distillation loss: auto (default: logit MSE on far data, else KL), kl or mse")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")

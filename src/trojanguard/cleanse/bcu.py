@@ -53,6 +53,9 @@ from torch import nn
 
 from trojanguard.cleanse.base import (
     AUGMENTATIONS,
+    KEEP_MAX_GRAD_NORM,
+    LOSSES,
+    NORM_GAP_KEEP,
     NORM_STATS,
     CleanseError,
     Cleanser,
@@ -65,6 +68,7 @@ from trojanguard.cleanse.base import (
     is_normalisation,
     make_augment,
     model_device,
+    normalisation_gap,
     preflight,
 )
 
@@ -73,6 +77,7 @@ AUTHORS_CLASSIFIER_RATIO = 0.10  # [code]
 AUTHORS_REFERENCE_LAYERS = 21  # conv/linear layers of the CIFAR ResNet-18 the ratios were set for
 RULES = ("adaptive", "authors", "uniform", "none")
 CLASSIFIER_STAGE = len(AUTHORS_STAGE_RATIOS)  # stage index of the last layer
+GAP_SAMPLE = 256  # images of the data on which the normalisation gap is measured
 FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a model built under torch.manual_seed(s)
 # must not get its own weights back as "fresh" ones
 
@@ -262,18 +267,25 @@ class BCU(Cleanser):
     ``report`` holds the per-layer ratios and the per-epoch distillation loss (and CA / ASR per epoch with
     ``evaluation=Evaluation(x, y, trigger, target)``).
 
-    Defaults: the authors' SGD (momentum 0.9, wd 5e-4, cosine), KL with τ ramped 1 → 4, student in train
-    mode (batch norm re-estimates its statistics on the data, ``norm_stats="update"``), scaled to a CPU
-    (METHODS.md §3: 10–20 epochs, 500–2000 images, batch 64–128). Augmentation is random crop only:
+    Defaults: the authors' SGD (momentum 0.9, wd 5e-4, cosine), τ ramped 1 → 4, scaled to a CPU (METHODS.md §3:
+    10–20 epochs, 500–2000 images, batch 64–128). Before training BCU measures how far the data lies from the
+    model's training distribution (:func:`~trojanguard.cleanse.base.normalisation_gap`: the data's feature
+    statistics against the model's batch-norm running statistics). Near (≤ ``NORM_GAP_KEEP``): the authors'
+    recipe — KL on softened outputs, student in train mode so batch norm re-estimates its statistics on the
+    data. Far (out-of-distribution data): batch norm keeps the teacher's statistics (data that far away would
+    overwrite them and wreck clean accuracy: 0.997 → 0.471 on Blended with photo crops and no re-initialisation
+    at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss matches logits (MSE) instead of
+    softened outputs. ``norm_stats``, ``loss`` and ``max_grad_norm`` override each choice ("auto" by default).
+    Augmentation is random crop only:
     the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
     meaning of digits, text and traffic signs, and on the digits zoo it left WaNet's backdoor at 23 % ASR
-    (crop only: 1.6 %). ``norm_stats="keep"`` keeps the teacher's running statistics (normalisation layers
-    in eval mode); ``max_grad_norm`` clips the gradient norm (both for far out-of-distribution data).
+    (crop only: 1.6 %).
     """
 
     def __init__(self, *, reinit="adaptive", epochs: int = 20, lr: float = 0.01, batch_size: int = 64,
                  temperature: tuple[float, float] = (1.0, 4.0), augment="crop", momentum: float = 0.9,
-                 weight_decay: float = 5e-4, norm_stats: str = "update", max_grad_norm: float | None = None,
+                 weight_decay: float = 5e-4, norm_stats: str = "auto", loss: str = "auto",
+                 max_grad_norm: float | str | None = "auto",
                  init: Callable[[], nn.Module] | None = None, seed: int = 0, show_progress: bool = True):
         if isinstance(reinit, str) and reinit not in RULES:
             raise ValueError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, "
@@ -296,14 +308,17 @@ class BCU(Cleanser):
             raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
         if norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {norm_stats!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm: expected a positive gradient-norm bound or None, got {max_grad_norm}")
+        if loss != "auto" and loss not in LOSSES:
+            raise ValueError(f"loss: expected 'auto' or one of {tuple(LOSSES)}, got {loss!r}")
+        if max_grad_norm not in (None, "auto") and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm: expected a positive gradient-norm bound, 'auto' or None, "
+                             f"got {max_grad_norm!r}")
         if init is not None and not callable(init):
             raise ValueError(f"init: expected a zero-argument callable building the architecture, got {init!r}")
         self.reinit, self.epochs, self.lr, self.batch_size = reinit, epochs, lr, batch_size
         self.temperature = (float(temperature[0]), float(temperature[1]))
         self.augment, self.momentum, self.weight_decay, self.norm_stats = augment, momentum, weight_decay, norm_stats
-        self.max_grad_norm = max_grad_norm
+        self.loss, self.max_grad_norm = loss, max_grad_norm
         self.init, self.seed, self.show_progress = init, seed, show_progress
         self.report: CleanseReport | None = None
 
@@ -330,13 +345,20 @@ class BCU(Cleanser):
         sample = images.sample()
         preflight(teacher, sample, device)
         layers, unused = layer_ratios(teacher, sample.to(device), self.reinit)
+        gap = normalisation_gap(teacher, images.sample(GAP_SAMPLE).to(device))
+        far = gap is not None and gap > NORM_GAP_KEEP
+        norm_stats = self.norm_stats if self.norm_stats != "auto" else ("keep" if far else "update")
+        loss = self.loss if self.loss != "auto" else ("mse" if far else "kl")
+        max_grad_norm = self.max_grad_norm
+        if max_grad_norm == "auto":
+            max_grad_norm = KEEP_MAX_GRAD_NORM if norm_stats == "keep" else None
         student = copy.deepcopy(teacher)
         skipped = reinitialize(student, layers, seed=self.seed, init=self.init)
         report = CleanseReport("BCU", self._config())
         if evaluation is not None:
             report.before = evaluation(teacher)
         settings = DistillSettings(self.epochs, self.lr, self.momentum, self.weight_decay, self.temperature,
-                                   self.norm_stats, self.max_grad_norm)
+                                   norm_stats, max_grad_norm, loss)
         fork = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
             torch.manual_seed(self.seed)
@@ -348,6 +370,9 @@ class BCU(Cleanser):
         report.images, report.epochs = seen, rows
         report.details = {
             "rule": self.reinit if isinstance(self.reinit, str) else "custom",
+            "normalisation_gap": gap,
+            "domain": "unknown" if gap is None else ("out-of-distribution" if far else "in-distribution"),
+            "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
             "adaptive_scale": adaptive_scale(len(layers)),
             "reference_hazard": REFERENCE_HAZARD,
             "hazard": hazard([layer.ratio for layer in layers]),
