@@ -56,9 +56,11 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
     entry = get_backdoored_model(config, show_progress=False)
     channels = entry.test.x.shape[1]
     ood_info: dict = {}
+    data_start = time.perf_counter()
     data = clean_half(entry, seed=seed) if source == "in" else ood_images(size=entry.test.x.shape[-1],
                                                                           channels=channels, seed=seed,
                                                                           model=entry.model, info=ood_info)
+    data_seconds = time.perf_counter() - data_start
     kwargs = {} if epochs is None else {"epochs": epochs}
     bcu = BCU(reinit=reinit_rule(rule), seed=seed, show_progress=False,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels), **kwargs)
@@ -75,7 +77,7 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
             "ratios": [round(layer["ratio"], 4) for layer in bcu.report.details["layers"]],
             "reinitialised_fraction": bcu.report.details["reinitialised_fraction"],
             "normalisation_gap": bcu.report.details["normalisation_gap"], "domain": bcu.report.details["domain"],
-            "ood_view": ood_info.get("view")}
+            "ood_view": ood_info.get("view"), "data_seconds": data_seconds}
 
 
 def key(arch: str, attack: str, source: str, rule: str, epochs: int | None, seed: int, image_size: int) -> str:
@@ -84,12 +86,13 @@ def key(arch: str, attack: str, source: str, rule: str, epochs: int | None, seed
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| attack | data | CA before | CA after | ΔCA (pts) | ASR before | ASR after | DER | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | data | CA before | CA after | ΔCA (pts) | ASR before | ASR after | DER | wall s | CPU s | data s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['attack']} | {SOURCE_NAMES[r['source']]} | {r['ca_before']:.3f} | {r['ca_after']:.3f} | "
                      f"{100 * (r['ca_after'] - r['ca_before']):+.1f} | {r['asr_before']:.3f} | {r['asr_after']:.3f} | "
-                     f"{r['der']:.3f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+                     f"{r['der']:.3f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | "
+                     + (f"{r['data_seconds']:.0f} |" if "data_seconds" in r else "— |"))
     return "\n".join(lines)
 
 

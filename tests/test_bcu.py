@@ -44,11 +44,6 @@ def _quick(**kw) -> BCU:
 # ------------------------------------------------------------------------------------------------- bars
 
 
-BLENDED_OOD_GAP = ("measured (benchmarks/RESULTS.md, BCU): with photo crops adapted to the model (edge maps, "
-                   "class-balanced), kept batch-norm statistics and logit matching, Blended keeps about half its ASR "
-                   "(CA 0.93, ASR 0.50); BadNets meets the bar")
-
-
 def _run_bar(attack: str, source: str) -> tuple[dict, float, BCU]:
     entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
     data = clean_half(entry) if source == "in" else ood_images(model=entry.model)
@@ -70,8 +65,7 @@ def test_in_distribution_bar(attack):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", [
-    "badnets", pytest.param("blended", marks=pytest.mark.xfail(strict=True, reason="bar not met: " + BLENDED_OOD_GAP))])
+@pytest.mark.parametrize("attack", ["badnets", "blended"])
 def test_out_of_distribution_bar(attack):
     after, ca_before, bcu = _run_bar(attack, "ood")
     max_asr, max_drop = BARS["ood"]
