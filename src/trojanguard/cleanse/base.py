@@ -376,7 +376,7 @@ class DistillSettings:
 
 NORM_STATS = ("auto", "keep", "update")
 NORM_GAP_KEEP = 0.2  # norm_stats="auto" keeps the teacher's statistics above this gap (measured on the digits
-# zoo: 0.06–0.11 for held-out in-distribution images, 0.29–0.55 for natural-photo crops; benchmarks/RESULTS.md)
+# zoo: 0.06–0.12 for held-out in-distribution images, 0.33–0.50 for adapted photo crops; benchmarks/RESULTS.md)
 KEEP_MAX_GRAD_NORM = 5.0  # max_grad_norm="auto" with kept statistics: eval-mode batch norm amplifies far
 # out-of-distribution inputs (running variance ~1e-3 in some channels) and unclipped SGD diverged once (KL, grey
 # photos: CA 0.106); a bound of 1.0 held learning back (Blended on edge maps: ASR 0.50 left; 5.0: ASR 0.02)
