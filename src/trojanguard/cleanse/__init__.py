@@ -12,6 +12,8 @@ from trojanguard.cleanse.base import (
     Evaluation,
     distill,
     distillation_loss,
+    logit_matching_loss,
+    normalisation_gap,
     temperature_at,
 )
 from trojanguard.cleanse.bcu import BCU, LayerRatio, layer_ratios, parametrised_layers, reinitialize
@@ -28,6 +30,8 @@ __all__ = [
     "distill",
     "distillation_loss",
     "layer_ratios",
+    "logit_matching_loss",
+    "normalisation_gap",
     "parametrised_layers",
     "reinitialize",
     "temperature_at",
