@@ -16,6 +16,7 @@ def test_info_lists_backends(capsys):
 def test_native_extension_and_kernels_package_import():
     """The extension loads (installed, or built just in time from a source tree) and the kernels package imports."""
     import trojanguard._kernels  # noqa: F401
+
     from trojanguard import _native
 
     assert "cuda" in _native.build_info()
@@ -35,9 +36,81 @@ def test_demo_prints_table_for_requested_attack(capsys, tmp_path):
     numbers = [float(word.strip(",;")) for word in flagged.split() if word[0].isdigit()]
     clean_rate, triggered_rate, gap = numbers
     assert clean_rate <= 0.15 and triggered_rate >= 0.8 and gap < 1e-3
+    bcu = next(line for line in out.splitlines() if line.startswith("badnets") and line.split()[1] == "bcu")
+    ca_bcu, asr_bcu = map(float, bcu.split()[2:4])
+    assert ca - ca_bcu <= 0.03 and asr_bcu <= 0.05  # issue 5's in-distribution bar
 
 
 def test_module_entry_point_and_bad_arguments():
     done = subprocess.run([sys.executable, "-m", "trojanguard", "demo", "--attacks", "nope"],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ cleanse
+
+
+def _save_small_cnn(tmp_path):
+    import torch
+
+    from trojanguard.models import SmallCNN, save_model
+
+    torch.manual_seed(0)
+    return save_model(SmallCNN(), tmp_path / "suspicious.safetensors")
+
+
+def test_cleanse_command_end_to_end(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from trojanguard.models import load_model
+
+    model_path, out = _save_small_cnn(tmp_path), tmp_path / "out" / "cleansed.safetensors"
+    rc = main(["cleanse", "--model", str(model_path), "--arch", "small_cnn", "--data", "ood", "--ood-images", "128",
+               "--epochs", "2", "--batch-size", "32", "--out", str(out), "--eval", "digits", "--attack", "badnets"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    report = json.loads((tmp_path / "out" / "cleansed.report.json").read_text())
+    assert report["method"] == "BCU" and report["images"] == 128 and len(report["epochs"]) == 2
+    assert set(report["epochs"][-1]["metrics"]) == {"clean_accuracy", "attack_success_rate"}
+    assert report["details"]["rule"] == "adaptive" and report["details"]["data"] == "ood"
+    assert report["details"]["ood"]["view"] and report["details"]["domain"] in ("in-distribution", "out-of-distribution")
+    assert "epoch" in printed.out and "after:" in printed.out and "cleansed.report.json" in printed.out
+    assert "128 unlabeled images" in printed.err
+    assert set(load_file(str(out))) == set(load_model(model_path, "small_cnn").state_dict())  # plain tensors
+    cleansed = load_model(out, "small_cnn")
+    assert cleansed(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
+    import numpy as np
+
+    model_path = _save_small_cnn(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x=rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "gray.npz", x=rng.integers(0, 256, (120, 32, 32, 1), dtype=np.uint8))
+    out = tmp_path / "c.safetensors"
+    args = ["cleanse", "--model", str(model_path), "--arch", "small_cnn", "--epochs", "1", "--out", str(out)]
+    assert main([*args, "--data", str(tmp_path / "rgb.npz")]) == 0 and out.is_file()
+    capsys.readouterr()
+    assert main([*args, "--data", str(tmp_path / "gray.npz")]) == 1
+    assert "3 input channels" in capsys.readouterr().err
+    assert main([*args, "--data", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    bad_out = ["cleanse", "--model", str(model_path), "--arch", "small_cnn", "--data", "ood",
+               "--out", str(tmp_path / "m.pkl")]
+    assert main(bad_out) == 2 and ".safetensors" in capsys.readouterr().err
+    wrong_arch = ["cleanse", "--model", str(model_path), "--arch", "resnet18_cifar", "--data", "ood", "--out", str(out)]
+    assert main(wrong_arch) == 1 and "does not fit architecture" in capsys.readouterr().err
+
+
+def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
+    from trojanguard.cleanse import BCU
+    from trojanguard.cli import BCU_DEFAULTS
+
+    bcu = BCU()
+    assert {k: getattr(bcu, k) for k in BCU_DEFAULTS} == BCU_DEFAULTS
+    done = subprocess.run([sys.executable, "-m", "trojanguard", "cleanse", "--model", "m.safetensors", "--arch",
+                           "small_cnn", "--data", "ood", "--out", str(tmp_path / "c.safetensors"), "--reinit", "lots"],
+                          check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and "--reinit" in done.stderr and "ratio" in done.stderr
