@@ -101,6 +101,36 @@ def test_onnx_runtime_matches_pytorch_on_clean_and_triggered(guard, session, par
     assert ort_flagged[~triggered.numpy()].mean() <= 0.15  # …and few clean ones (fpr 0.05)
 
 
+HAS_ORT_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not HAS_ORT_CUDA, reason="ONNX Runtime's CUDA provider is not installed here (onnxruntime-gpu "
+                                             "and a GPU are needed)")
+def test_cuda_provider_matches_pytorch(guard, onnx_path, parity_inputs):
+    """``providers="auto"`` picks CUDA where onnxruntime-gpu runs; same parity bars as on the CPU."""
+    cuda = GuardSession(onnx_path, providers="auto")
+    assert cuda.providers[0] == "CUDAExecutionProvider"
+    x, _ = parity_inputs
+    logits, score, flagged = guard.run(x)
+    ort_logits, ort_score, ort_flagged = cuda.run(x)
+    scale = logits.abs().amax(1, keepdim=True).numpy()
+    assert np.all(np.abs(ort_logits - logits.numpy()) <= PARITY_RTOL * scale)
+    np.testing.assert_allclose(ort_score, score.numpy(), rtol=PARITY_RTOL, atol=0)
+    np.testing.assert_array_equal(ort_flagged, flagged.numpy())
+
+
+def test_provider_choice_prefers_cuda_and_names_what_is_missing(monkeypatch):
+    from trojanguard.guard import resolve_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("cuda") == ["CUDAExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert resolve_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"CUDAExecutionProvider.*not available.*CPUExecutionProvider.*onnxruntime-gpu"):
+        resolve_providers("cuda")
+
+
 @pytest.mark.slow
 def test_graph_passes_checker_and_records_metadata(onnx_path, guard, session):
     model = onnx.load(str(onnx_path))

@@ -276,10 +276,52 @@ def test_bad_inputs_give_clear_errors(tmp_path, model, images):
         screen(model, images, fpr=1.5, out_dir=out)
 
 
-@pytest.mark.skipif(available_detectors().get("amortized") is None, reason="this version has AmortizedCD")
-def test_amortized_detector_missing_is_a_clear_error(tmp_path, model, images):
-    with pytest.raises(DetectorUnavailableError, match="'amortized' is not available in this version"):
-        screen(model, images, detector="amortized", out_dir=tmp_path)
+def test_non_finite_scores_are_never_written_as_scores(tmp_path, model, images):
+    """A detector that returns NaN / inf for some images: those rows say so and are left out of the threshold and
+    the statistics (the summary stays valid JSON); a detector that scores nothing stops the run with a clear error."""
+    class Holes(Detector):  # toy: brightness, with holes where the test puts them
+        def __init__(self, model, holes=()):
+            self.holes, self.seen = holes, 0  # (index in the screened data, "nan" / "inf"); scored in order
+
+        def score(self, x):
+            scores = x.flatten(1).mean(1)
+            for i, value in self.holes:
+                if self.seen <= i < self.seen + len(x):
+                    scores[i - self.seen] = float(value)
+            self.seen += len(x)
+            return scores
+
+    register_detector("holes", Holes, "brightness with NaN / inf (test)")
+    try:
+        result = screen(model, images, detector="holes", detector_options={"holes": [(3, "nan"), (5, "inf")]},
+                        out_dir=tmp_path / "some", calibration=None, batch_size=8, show_progress=False)
+        errors = {i: e for i, e in enumerate(result.summary["unreadable_samples"])}
+        assert result.summary["unscored"] == 2 and result.summary["unreadable"] == 0
+        assert [e["index"] for e in errors.values()] == [3, 5]
+        assert "not scored: holes returned nan" in errors[0]["error"] and "inf" in errors[1]["error"]
+        assert not result.readable[[3, 5]].any() and result.readable.sum() == len(images) - 2
+        assert np.isfinite(result.summary["scores"]["max"]) and not result.flagged[[3, 5]].any()
+        json.loads((tmp_path / "some" / "summary.json").read_text())  # allow_nan=False: would have raised
+        with pytest.raises(DataError, match="none of the 20 samples could be screened.*not scored"):
+            screen(model, images, detector="holes", out_dir=tmp_path / "none", calibration=None, batch_size=8,
+                   detector_options={"holes": [(i, "nan") for i in range(20)]}, show_progress=False)
+    finally:
+        del DETECTORS["holes"]
+
+
+@pytest.mark.slow
+def test_amortized_screening_ranks_the_poison_first(tmp_path, zoo_badnets):
+    """``amortized``: CD scores a 32-image subset of the screened data, the head learns its ranking and scores all
+    240 (25 poisoned BadNets images) in one pass each; the threshold comes from clean test images."""
+    from trojanguard.metrics import auroc
+
+    x, truth = zoo_badnets.train.dataset.x[:240], zoo_badnets.train.is_poisoned[:240]
+    result = screen(zoo_badnets.model, x, detector="amortized", calibration=zoo_badnets.test.x[:CALIBRATION],
+                    fpr=FPR, detector_options={"max_teacher_images": 32, "show_progress": False},
+                    out_dir=tmp_path, batch_size=64, show_progress=False)
+    assert np.isfinite(result.scores).all() and result.summary["unscored"] == 0
+    assert auroc(truth, torch.from_numpy(result.scores)) >= 0.95
+    assert result.flagged[truth.numpy()].mean() >= 0.8 and result.flagged[~truth.numpy()].mean() <= 0.15
 
 
 def _npz(path, **arrays):

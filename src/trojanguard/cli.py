@@ -179,7 +179,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         return 1
     s = result.summary
     print(f"screened {s['screened']} of {s['samples']} samples from {s['data']['description']}"
-          + (f" ({s['unreadable']} unreadable, listed in results.csv)" if s["unreadable"] else ""))
+          + (f" ({s['unreadable']} unreadable, listed in results.csv)" if s["unreadable"] else "")
+          + (f" ({s['unscored']} not scored: non-finite detector score, listed in results.csv)" if s["unscored"] else ""))
     print(f"detector {args.detector}: {s['flagged']} flagged ({100 * s['flagged_fraction']:.2f} %) at threshold "
           f"{result.threshold:.6g} — {s['threshold']['description']}")
     run = s["run"]

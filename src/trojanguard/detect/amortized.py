@@ -48,6 +48,7 @@ DEFAULT_LR = 1e-2
 DEFAULT_WEIGHT_DECAY = 1e-3
 RANK_PAIR_CHUNK = 2048  # rows of the (n, n) pair matrix per chunk, so memory stays O(chunk·n)
 MIN_TEACHER_IMAGES = 8
+CONSTANT_SCORES_RTOL = 1e-6  # teacher scores spread below this (relative): float rounding, not a ranking
 
 
 class AmortizedCD(Detector):
@@ -152,8 +153,11 @@ class AmortizedCD(Detector):
             raise DataError(f"data: need at least {MIN_TEACHER_IMAGES} images to fit, got {len(x)}")
         if not torch.isfinite(scores).all():
             raise DataError("teacher: scores must be finite; got NaN or ±Inf")
-        if float(scores.std()) == 0:
-            raise DataError("teacher: every image has the same score; nothing to learn")
+        low, high = float(scores.min()), float(scores.max())
+        if high - low <= CONSTANT_SCORES_RTOL * max(1.0, abs(low), abs(high)):
+            raise DataError(f"teacher: its scores of the {len(scores)} images are all equal (within float rounding: "
+                            f"{low:.7g} … {high:.7g}), so there is no ranking to learn; an untrained or degenerate "
+                            "model gives this under CD — fit on the model under suspicion and more varied data")
         tap = FeatureTap(self.model, self.layer)
         inputs = self._inputs(tap, x)
         self.layer = tap.layer_name

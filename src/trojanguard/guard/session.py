@@ -27,7 +27,9 @@ def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:
     resolved = [PROVIDER_ALIASES.get(name, name) for name in names]
     missing = [name for name in resolved if name not in available]
     if missing:
-        raise ValueError(f"providers: {missing} not available in this onnxruntime; available: {available}")
+        hint = (" (the CUDA provider comes with onnxruntime-gpu: pip install 'trojanguard[gpu]', and needs a GPU)"
+                if "CUDAExecutionProvider" in missing else "")
+        raise ValueError(f"providers: {missing} not available in this onnxruntime; available: {available}{hint}")
     return resolved
 
 

@@ -31,6 +31,7 @@ FIT_MAX_SAMPLES = 20_000  # detectors that fit on the screened data (features) u
 KILL_AFTER_ENV = "TROJANGUARD_SCREEN_KILL_AFTER"  # test hook: SIGKILL this process after that many batches
 DEFAULT_FPR = 0.01
 TOP_IN_SUMMARY = 100
+NOT_SCORED = "not scored"  # error-column prefix: the image was read but the detector gave no finite score
 
 
 @dataclass
@@ -222,6 +223,9 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     if len(rows) != len(source):
         raise ResumeError(f"{results.path}: {len(rows)} rows after the run, expected {len(source)}")
     readable = rows.readable
+    if not readable.any():
+        raise DataError(f"data: none of the {len(rows)} samples could be screened (first: {rows.errors[0]}); "
+                        f"every row with its reason is in {results.path}")
     if threshold_value is None:
         threshold_value = robust_threshold(rows.scores[readable])
     flagged = readable & (rows.scores > threshold_value)
@@ -294,8 +298,10 @@ def _stream(scorer, source, results, done, batch_size, threshold, detector_name,
                 batch_scores, batch_predicted = scorer(batch.x, batch.start)
                 scores[ok] = batch_scores[ok].double()
                 predicted[ok] = batch_predicted[ok]
-            flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores.tolist()]
             errors = [batch.errors.get(i, "") for i in range(len(batch))]
+            for i in (ok & ~torch.isfinite(scores)).nonzero().flatten().tolist():  # never a silent NaN among scores
+                errors[i] = f"{NOT_SCORED}: {detector_name} returned {scores[i].item()} for this image"
+            flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores.tolist()]
             results.append(batch.start, batch.ids, batch.labels, predicted.tolist(), scores.tolist(), flags, errors)
             bar.update(len(batch))
             batches += 1
@@ -309,6 +315,7 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
     import trojanguard
 
     readable = rows.readable
+    unscored = sum(error.startswith(NOT_SCORED) for error in rows.errors)
     scores = rows.scores[readable]
     order = [int(i) for i in np.lexsort((np.arange(len(rows)), -np.nan_to_num(rows.scores, nan=-np.inf)))
              if readable[i]]
@@ -338,7 +345,8 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "data": {"description": source.description, "fingerprint": run["data"]},
         "samples": len(rows),
         "screened": int(readable.sum()),
-        "unreadable": int((~readable).sum()),
+        "unreadable": int((~readable).sum()) - unscored,
+        "unscored": unscored,
         "flagged": int(flagged.sum()),
         "flagged_fraction": float(flagged.sum() / max(1, readable.sum())),
         "threshold": {"value": float(threshold), "rule": rule, "description": descriptions[rule],

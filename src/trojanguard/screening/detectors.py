@@ -174,7 +174,8 @@ register_detector("features", _build_features,
                   "robust class-conditional Mahalanobis distance of features (one forward pass; fitted on the data)",
                   FeatureDistanceScorer)
 register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
-                  "amortized Cognitive Distillation: a network predicts the CD mask in one pass")
+                  "amortised Cognitive Distillation: a head on the model's features, trained on CD's scores of a "
+                  "subset of the screened data, scores in one pass")
 OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD")}
 
 

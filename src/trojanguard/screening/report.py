@@ -179,7 +179,8 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     facts = [
         ["data", s["data"]["description"]],
         ["samples", s["samples"]],
-        ["unreadable (not scored)", s["unreadable"]],
+        ["unreadable images", s["unreadable"]],
+        ["read but not scored (non-finite detector score)", s.get("unscored", 0)],
         ["detector", s["detector"]["repr"]],
         ["model (sha256 of the weights)", s["model"]["sha256"]],
         ["threshold rule", threshold["description"]],
@@ -242,7 +243,7 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     parts += [f"<h2>Top {len(top)} by score</h2>", _table(header, rows, ["flagged" if t["flagged"] else "" for t in top])]
     if s["unreadable_samples"]:
         listed = s["unreadable_samples"][:UNREADABLE_LISTED]
-        parts += [f"<h2>Unreadable samples ({s['unreadable']})</h2>",
+        parts += [f"<h2>Samples not screened ({len(s['unreadable_samples'])}: unreadable or not scored)</h2>",
                   _table(["index", "id", "error"], [[u["index"], u["id"], u["error"]] for u in listed])]
     parts.append("</body></html>\n")
     path.write_text("\n".join(parts), encoding="utf-8")
