@@ -378,7 +378,6 @@ NORM_STATS = ("auto", "keep", "update")
 RELATIVE_GAP_KEEP = 0.05  # norm_stats="auto" keeps the teacher's statistics above this *relative* gap (see
 # relative_normalisation_gap; measured, benchmarks/RESULTS.md: held-out in-distribution images 0.015–0.040 on the
 # small CNN and 0.028 on a CIFAR ResNet-18, adapted photo crops 0.090–0.302 and 0.063, raw crops 0.27–0.59)
-NORM_GAP_KEEP = RELATIVE_GAP_KEEP  # deprecated name (it was an absolute gap of 0.2, which misfired on ResNet-18)
 SHUFFLE_SEED = 0x5A1F  # seed of the per-image pixel permutation of relative_normalisation_gap
 KEEP_MAX_GRAD_NORM = 5.0  # max_grad_norm="auto" with kept statistics: eval-mode batch norm amplifies far
 # out-of-distribution inputs (running variance ~1e-3 in some channels) and unclipped SGD diverged once (KL, grey
