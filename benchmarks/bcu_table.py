@@ -5,7 +5,7 @@
 
 For every (architecture, attack, data source, rule) BCU runs with its defaults and reports CA / ASR before
 and after, DER (METHODS.md §6) and seconds. In-distribution data = the clean half of the zoo model's training
-set, labels withheld (:func:`trojanguard.cleanse.sources.clean_half`); out-of-distribution data = 1 000 crops
+set, labels withheld (:func:`trojanguard.cleanse.sources.clean_half`); out-of-distribution data = 2 000 crops
 of natural photos adapted to the model (:func:`trojanguard.cleanse.sources.ood_images` with ``model=``). Results are kept in a JSON file next to the
 zoo cache, so an interrupted run resumes; the markdown tables go to stdout (and to ``--markdown``).
 """
@@ -76,7 +76,8 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
             "cpu_seconds": bcu.report.details["cpu_seconds"],
             "ratios": [round(layer["ratio"], 4) for layer in bcu.report.details["layers"]],
             "reinitialised_fraction": bcu.report.details["reinitialised_fraction"],
-            "normalisation_gap": bcu.report.details["normalisation_gap"], "domain": bcu.report.details["domain"],
+            "normalisation_gap": bcu.report.details["normalisation_gap"],
+            "relative_gap": bcu.report.details.get("relative_gap"), "domain": bcu.report.details["domain"],
             "ood_view": ood_info.get("view"), "data_seconds": data_seconds}
 
 

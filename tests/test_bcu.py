@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trojanguard.cleanse import BCU, CleanseError, Evaluation, distillation_loss, layer_ratios, temperature_at
-from trojanguard.cleanse.base import KEEP_MAX_GRAD_NORM, NORM_GAP_KEEP, logit_matching_loss, normalisation_gap
+from trojanguard.cleanse.base import (
+    KEEP_MAX_GRAD_NORM,
+    RELATIVE_GAP_KEEP,
+    logit_matching_loss,
+    normalisation_gap,
+    relative_normalisation_gap,
+    shuffled_pixels,
+)
 from trojanguard.cleanse.bcu import (
     AUTHORS_CLASSIFIER_RATIO,
     AUTHORS_STAGE_RATIOS,
@@ -21,10 +28,11 @@ from trojanguard.cleanse.bcu import (
     is_normalisation,
     reinitialize,
 )
-from trojanguard.cleanse.sources import VIEWS, balanced_subset, clean_half, ood_images
+from trojanguard.cleanse.sources import VIEWS, View, balanced_subset, clean_half, ood_images
+from trojanguard.data import load_ood_crops
 from trojanguard.errors import DataError
 from trojanguard.models import ResNet18, SmallCNN, build_model
-from trojanguard.zoo import ZooConfig, get_backdoored_model
+from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 
 # Bars of issue 5 (digits, small CNN, 10 % poison): in-distribution ASR ≤ 5 %, CA drop ≤ 3 points;
 # out-of-distribution ASR ≤ 10 %, CA drop ≤ 5 points; under 3 minutes per model on 2 CPU cores.
@@ -249,21 +257,65 @@ def _calibrated_cnn(x: torch.Tensor) -> SmallCNN:
     return model.eval()
 
 
+def _smooth(n: int, seed: int, size: int = 32, grid: int = 4) -> torch.Tensor:
+    """Structured images: bilinear upsampling of ``grid``×``grid`` noise (shuffling their pixels destroys it)."""
+    low = torch.rand(n, 3, grid, grid, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_shuffled_pixels_keeps_each_images_pixels():
+    x = _images(4, size=8)
+    y = shuffled_pixels(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert torch.equal(x.flatten(2).sort(2).values, y.flatten(2).sort(2).values)  # same values per channel
+    assert torch.equal(y, shuffled_pixels(x))  # seeded
+
+
 def test_normalisation_gap_separates_near_and_far_data_and_picks_the_recipe():
-    near = _images(256, seed=1) * 0.5  # dark images, like the training data below
-    model = _calibrated_cnn(_images(256, seed=2) * 0.5)
-    far = 1 - _images(256, seed=3) * 0.2  # bright images: another distribution
-    assert normalisation_gap(model, near) < 0.05 < NORM_GAP_KEEP < normalisation_gap(model, far)
+    near = _smooth(256, seed=1) * 0.5  # dark smooth images, like the training data below
+    model = _calibrated_cnn(_smooth(256, seed=2) * 0.5)
+    far = 1 - _smooth(256, seed=3) * 0.2  # bright images: another distribution
+    assert normalisation_gap(model, near) < 0.05 < normalisation_gap(model, far)
+    assert relative_normalisation_gap(model, near)[2] < RELATIVE_GAP_KEEP < relative_normalisation_gap(model, far)[2]
     assert normalisation_gap(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), near) is None
+    assert relative_normalisation_gap(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), near) is None
     for data, recipe in [(near, ("in-distribution", "update", "kl", None)),
                          (far, ("out-of-distribution", "keep", "mse", KEEP_MAX_GRAD_NORM))]:
         bcu = _quick()
         bcu.cleanse(model, data)
         d = bcu.report.details
         assert (d["domain"], d["norm_stats"], d["loss"], d["max_grad_norm"]) == recipe
+        assert d["relative_gap"] == pytest.approx(d["normalisation_gap"] / d["shuffled_gap"])
     bcu = _quick(norm_stats="update", loss="kl", max_grad_norm=None)  # explicit choices win
     bcu.cleanse(model, far)
     assert (bcu.report.details["norm_stats"], bcu.report.details["loss"]) == ("update", "kl")
+
+
+@pytest.mark.slow
+def test_relative_gap_separates_the_zoo_data_sources():
+    """Forward passes only: held-out training images are near, adapted and raw photo crops far (small CNN)."""
+    entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
+    near = relative_normalisation_gap(entry.model, clean_half(entry)[:256])[2]
+    adapted = relative_normalisation_gap(entry.model, ood_images(256, model=entry.model, pool_factor=2))[2]
+    raw = relative_normalisation_gap(entry.model, load_ood_crops(n=256, size=32, channels=3, seed=0).x)[2]
+    assert near < RELATIVE_GAP_KEEP < adapted < raw, (near, adapted, raw)
+
+
+RESNET18_16PX = ZooConfig(attack="badnets", arch="resnet18_cifar", image_size=16)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (cache_dir() / RESNET18_16PX.key()).exists(),
+                    reason="needs the cached ResNet-18 zoo model (16 px digits; ~7 min to train on 2 CPU cores)")
+def test_relative_gap_does_not_misfire_on_resnet18():
+    """The absolute gap of held-out training images is 0.2 on this ResNet-18 (it picked the far-data recipe);
+    the relative gap puts them with the small CNN's in-distribution data."""
+    entry = get_backdoored_model(RESNET18_16PX, show_progress=False)
+    gap, _, relative = relative_normalisation_gap(entry.model, clean_half(entry)[:256])
+    assert gap > 0.15 and relative < RELATIVE_GAP_KEEP
+    edges = View("edges", blur=2)(load_ood_crops(n=256, size=16, channels=3, seed=0).x)  # the view ood_images picks
+    far = relative_normalisation_gap(entry.model, edges)[2]
+    assert far > RELATIVE_GAP_KEEP
 
 
 def test_kept_statistics_are_unchanged_after_cleansing():

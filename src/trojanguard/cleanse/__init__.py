@@ -14,6 +14,8 @@ from trojanguard.cleanse.base import (
     distillation_loss,
     logit_matching_loss,
     normalisation_gap,
+    relative_normalisation_gap,
+    shuffled_pixels,
     temperature_at,
 )
 from trojanguard.cleanse.bcu import BCU, LayerRatio, layer_ratios, parametrised_layers, reinitialize
@@ -34,5 +36,7 @@ __all__ = [
     "normalisation_gap",
     "parametrised_layers",
     "reinitialize",
+    "relative_normalisation_gap",
+    "shuffled_pixels",
     "temperature_at",
 ]

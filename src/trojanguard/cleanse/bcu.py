@@ -56,8 +56,8 @@ from trojanguard.cleanse.base import (
     AUGMENTATIONS,
     KEEP_MAX_GRAD_NORM,
     LOSSES,
-    NORM_GAP_KEEP,
     NORM_STATS,
+    RELATIVE_GAP_KEEP,
     CleanseError,
     Cleanser,
     CleanseReport,
@@ -69,8 +69,8 @@ from trojanguard.cleanse.base import (
     is_normalisation,
     make_augment,
     model_device,
-    normalisation_gap,
     preflight,
+    relative_normalisation_gap,
 )
 
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
@@ -270,12 +270,14 @@ class BCU(Cleanser):
 
     Defaults: the authors' SGD (momentum 0.9, wd 5e-4, cosine), τ ramped 1 → 4, scaled to a CPU (METHODS.md §3:
     10–20 epochs, 500–2000 images, batch 64–128). Before training BCU measures how far the data lies from the
-    model's training distribution (:func:`~trojanguard.cleanse.base.normalisation_gap`: the data's feature
-    statistics against the model's batch-norm running statistics). Near (≤ ``NORM_GAP_KEEP``): the authors'
-    recipe — KL on softened outputs, student in train mode so batch norm re-estimates its statistics on the
-    data. Far (out-of-distribution data): batch norm keeps the teacher's statistics (data that far away would
-    overwrite them and wreck clean accuracy: 0.997 → 0.471 on Blended with photo crops and no re-initialisation
-    at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss matches logits (MSE) instead of
+    model's training distribution (:func:`~trojanguard.cleanse.base.relative_normalisation_gap`: the data's
+    feature statistics against the model's batch-norm running statistics, divided by the same measure on the
+    images with shuffled pixels, so that the rule does not depend on the model's depth). Near
+    (≤ ``RELATIVE_GAP_KEEP``): the authors' recipe — KL on softened outputs, student in train mode so batch norm
+    re-estimates its statistics on the data. Far (out-of-distribution data): batch norm keeps the teacher's
+    statistics (data that far away would overwrite them and wreck clean accuracy: 0.997 → 0.471 on Blended with
+    photo crops and no re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
+    matches logits (MSE) instead of
     softened outputs. ``norm_stats``, ``loss`` and ``max_grad_norm`` override each choice ("auto" by default).
     Augmentation is random crop only:
     the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
@@ -346,8 +348,9 @@ class BCU(Cleanser):
         sample = images.sample()
         preflight(teacher, sample, device)
         layers, unused = layer_ratios(teacher, sample.to(device), self.reinit)
-        gap = normalisation_gap(teacher, images.sample(GAP_SAMPLE).to(device))
-        far = gap is not None and gap > NORM_GAP_KEEP
+        measured = relative_normalisation_gap(teacher, images.sample(GAP_SAMPLE).to(device))
+        gap, reference, relative = measured if measured is not None else (None, None, None)
+        far = relative is not None and relative > RELATIVE_GAP_KEEP
         norm_stats = self.norm_stats if self.norm_stats != "auto" else ("keep" if far else "update")
         loss = self.loss if self.loss != "auto" else ("mse" if far else "kl")
         max_grad_norm = self.max_grad_norm
@@ -371,7 +374,7 @@ class BCU(Cleanser):
         report.images, report.epochs = seen, rows
         report.details = {
             "rule": self.reinit if isinstance(self.reinit, str) else "custom",
-            "normalisation_gap": gap,
+            "normalisation_gap": gap, "shuffled_gap": reference, "relative_gap": relative,
             "domain": "unknown" if gap is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
             "adaptive_scale": adaptive_scale(len(layers)),
