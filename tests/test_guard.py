@@ -87,16 +87,23 @@ def test_triggered_inputs_score_above_clean(entry, detector, parity_inputs):
 
 # ------------------------------------------------------------------------------------------ ONNX parity and graph
 @pytest.mark.slow
-def test_onnx_runtime_matches_pytorch_on_clean_and_triggered(guard, session, parity_inputs):
-    """256 inputs: logits within 1e-4 of each row's largest logit magnitude, scores within 1e-4 relative, flags
-    identical (measured: 7e-7 and 1e-6)."""
-    x, triggered = parity_inputs
+def _assert_parity(guard, session, x):
+    """ONNX Runtime vs PyTorch on ``x``: logits within PARITY_RTOL of each row's largest logit magnitude, scores
+    within PARITY_RTOL relative, flags identical. Returns the session's flags."""
     logits, score, flagged = guard.run(x)
     ort_logits, ort_score, ort_flagged = session.run(x)
     scale = logits.abs().amax(1, keepdim=True).numpy()
     assert np.all(np.abs(ort_logits - logits.numpy()) <= PARITY_RTOL * scale)
     np.testing.assert_allclose(ort_score, score.numpy(), rtol=PARITY_RTOL, atol=0)
     np.testing.assert_array_equal(ort_flagged, flagged.numpy())
+    return ort_flagged
+
+
+def test_onnx_runtime_matches_pytorch_on_clean_and_triggered(guard, session, parity_inputs):
+    """256 inputs: logits within 1e-4 of each row's largest logit magnitude, scores within 1e-4 relative, flags
+    identical (measured: 7e-7 and 1e-6)."""
+    x, triggered = parity_inputs
+    ort_flagged = _assert_parity(guard, session, x)
     assert ort_flagged[triggered.numpy()].all()  # every triggered input flagged…
     assert ort_flagged[~triggered.numpy()].mean() <= 0.15  # …and few clean ones (fpr 0.05)
 
@@ -110,13 +117,7 @@ def test_cuda_provider_matches_pytorch(guard, onnx_path, parity_inputs):
     """``providers="auto"`` picks CUDA where onnxruntime-gpu runs; same parity bars as on the CPU."""
     cuda = GuardSession(onnx_path, providers="auto")
     assert cuda.providers[0] == "CUDAExecutionProvider"
-    x, _ = parity_inputs
-    logits, score, flagged = guard.run(x)
-    ort_logits, ort_score, ort_flagged = cuda.run(x)
-    scale = logits.abs().amax(1, keepdim=True).numpy()
-    assert np.all(np.abs(ort_logits - logits.numpy()) <= PARITY_RTOL * scale)
-    np.testing.assert_allclose(ort_score, score.numpy(), rtol=PARITY_RTOL, atol=0)
-    np.testing.assert_array_equal(ort_flagged, flagged.numpy())
+    _assert_parity(guard, cuda, parity_inputs[0])
 
 
 def test_provider_choice_prefers_cuda_and_names_what_is_missing(monkeypatch):

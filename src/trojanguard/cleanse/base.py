@@ -412,8 +412,14 @@ def normalisation_gap(model: nn.Module, x: torch.Tensor) -> float | None:
 
     layers = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None]
+    hooked_eval_pass(model, x, [m.register_forward_hook(hook) for m in layers])
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+def hooked_eval_pass(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One eval-mode forward pass of ``model`` on ``x`` for the ``hooks`` (handles) registered on it; the hooks
+    are removed and every module's train/eval mode is restored afterwards, whatever happens."""
     was_training = {m: m.training for m in model.modules()}
-    hooks = [m.register_forward_hook(hook) for m in layers]
     try:
         model.eval()(x)
     finally:
@@ -421,7 +427,6 @@ def normalisation_gap(model: nn.Module, x: torch.Tensor) -> float | None:
             h.remove()
         for m, flag in was_training.items():
             m.training = flag
-    return sum(gaps) / len(gaps) if gaps else None
 
 
 def shuffled_pixels(x: torch.Tensor, seed: int = SHUFFLE_SEED) -> torch.Tensor:

@@ -66,6 +66,7 @@ from trojanguard.cleanse.base import (
     UnlabeledImages,
     distill,
     dominant_class_warning,
+    hooked_eval_pass,
     is_normalisation,
     make_augment,
     model_device,
@@ -109,16 +110,9 @@ def parametrised_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[t
     owners = {name: m for name, m in model.named_modules()
               if not is_normalisation(m) and next(m.parameters(recurse=False), None) is not None}
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None)
-             for name, m in owners.items()]
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, flag in was_training.items():
-            m.training = flag
+    hooked_eval_pass(model, example, [
+        m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None)
+        for name, m in owners.items()])
     unused = [n for n in owners if n not in order]
     return [(n, owners[n]) for n in order], unused
 
