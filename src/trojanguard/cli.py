@@ -52,15 +52,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     attacks = args.attacks or list(DEMO_ATTACKS)
     rows = []
     start = time.perf_counter()
+    entries = []
     for name in attacks:
         entry = get_backdoored_model(ZooConfig(attack=name, arch=args.arch, seed=args.seed))
+        entries.append(entry)
         rows.append((name, "none", entry.clean_accuracy, entry.attack_success_rate, "-"))
+        print(f"[{time.perf_counter() - start:6.1f}s] {name}: model ready (trained in {entry.train_seconds:.1f}s)",
+              file=sys.stderr)
         auroc, throughput = _demo_cd(entry)
         rows.append((name, "cd", entry.clean_accuracy, entry.attack_success_rate, f"{auroc:.3f}"))
         print(f"[{time.perf_counter() - start:6.1f}s] {name}: CD screened the training set sample at "
               f"{throughput:.1f} images/s", file=sys.stderr)
-        print(f"[{time.perf_counter() - start:6.1f}s] {name}: model ready (trained in {entry.train_seconds:.1f}s)",
-              file=sys.stderr)
         if not args.no_bcu:
             ca, asr, seconds = _demo_bcu(entry, args)
             rows.append((name, "bcu", ca, asr, "-"))
@@ -74,8 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'attack':10s} {'defence':12s} {'CA':>6s} {'ASR':>6s} {'AUROC':>6s}")
     for name, defence, ca, asr, auroc in rows:
         print(f"{name:10s} {defence:12s} {ca:6.3f} {asr:6.3f} {auroc:>6s}")
-    first = get_backdoored_model(ZooConfig(attack=attacks[0], arch=args.arch, seed=args.seed))
-    _demo_guard(first, Path(args.out))
+    _demo_guard(entries[0], Path(args.out))
     print(f"\nfinished in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -83,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DEMO_GUARD_FPR = 0.05
 
 
-def _demo_guard(entry, out_dir: Path) -> None:  # noqa: ANN001
+def _demo_guard(entry, out_dir: Path) -> None:
     """The serving guard for ``entry``'s model: robust feature-space detector fitted on its (poisoned) training
     set, threshold for DEMO_GUARD_FPR on half the clean test set, one ONNX graph run by ONNX Runtime on the
     other half, clean and triggered."""
@@ -241,8 +242,6 @@ def add_screen_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
-    from pathlib import Path
-
     from trojanguard.errors import TrojanGuardError
     from trojanguard.guard import write_triton_repository
 
@@ -270,7 +269,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_guard(args: argparse.Namespace):
     import tempfile
-    from pathlib import Path
 
     import torch
 
@@ -371,8 +369,6 @@ CLEANSE_OUT_SUFFIXES = (".safetensors", ".pt")
 def _load_cleanse_data(spec: str, args: argparse.Namespace, model, info: dict):
     """``ood`` (natural-photo crops adapted to ``model``, see :func:`trojanguard.cleanse.sources.ood_images`;
     ``info`` receives the chosen view), ``digits`` (half of the embedded training split), a folder or an .npz."""
-    from pathlib import Path
-
     from trojanguard.cleanse.sources import ood_images
     from trojanguard.data import load_digits, load_image_folder, load_npz
 
@@ -393,8 +389,6 @@ def _load_cleanse_data(spec: str, args: argparse.Namespace, model, info: dict):
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
     """Cleanse a model file with BCU on unlabeled images; save the model (safetensors) and the JSON report."""
-    from pathlib import Path
-
     from trojanguard.cleanse import BCU
     from trojanguard.errors import TrojanGuardError
     from trojanguard.models import build_model, load_model, save_model
@@ -435,8 +429,6 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
 
 
 def _cleanse_evaluation(args: argparse.Namespace):
-    from pathlib import Path
-
     from trojanguard.attacks import make_attack
     from trojanguard.cleanse import Evaluation
     from trojanguard.data import load_digits, load_image_folder, load_npz
