@@ -165,7 +165,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
 
     detector_name = detector
-    detector, scorer = build_detector(detector_name, model, detector_options)
+    detector, scorer = build_detector(detector_name, model, detector_options, show_progress=show_progress)
     _check_model_fits(scorer, source, "data")
     if reference is not None:
         _check_model_fits(scorer, reference, "calibration")

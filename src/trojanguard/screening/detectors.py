@@ -9,6 +9,7 @@ detector``, a one-line summary, and optionally a :class:`BatchScorer` subclass w
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,8 +132,14 @@ DETECTORS: dict[str, ScreeningDetector] = {}
 
 def register_detector(name: str, build: Callable[..., Detector], summary: str,
                       scorer: type[BatchScorer] = BatchScorer) -> None:
-    """Make ``name`` available to ``screen(..., detector=name)`` and the ``--detector`` option."""
+    """Make ``name`` available to ``screen(..., detector=name)`` and the ``--detector`` option.
+    ``build(model, **options)``; if it names a ``show_progress`` parameter, it receives screen's setting."""
     DETECTORS[name] = ScreeningDetector(name, summary, build, scorer)
+
+
+# CD and the feature detector score one batch per call and screen's images/s bar already covers that, so their own
+# bars stay off. A builder that names a ``show_progress`` parameter gets screen's setting (``amortized``: the bars of
+# its long fit show only when screen shows bars).
 
 
 def _build_cd(model: nn.Module, **options) -> Detector:
@@ -150,12 +157,14 @@ def _build_features(model: nn.Module, **options) -> Detector:
 def _optional(module: str, attribute: str, name: str) -> Callable[..., Detector]:
     """A builder for a detector class that may be missing from this version of trojanguard."""
 
-    def build(model: nn.Module, **options) -> Detector:
+    def build(model: nn.Module, show_progress: bool = True, **options) -> Detector:
         cls = _import_optional(module, attribute)
         if cls is None:
             raise DetectorUnavailableError(
                 f"detector: {name!r} is not available in this version of trojanguard ({module}.{attribute} is "
                 f"missing); available: {', '.join(n for n, why in available_detectors().items() if why is None)}")
+        if "show_progress" in inspect.signature(cls).parameters:
+            options = {"show_progress": show_progress, **options}
         return cls(model, **options)
 
     return build
@@ -189,12 +198,16 @@ def available_detectors() -> dict[str, str | None]:
     return out
 
 
-def build_detector(name: str, model: nn.Module, options: dict | None = None) -> tuple[Detector, BatchScorer]:
-    """The detector ``name`` built on ``model`` with ``options``, and its batch scorer."""
+def build_detector(name: str, model: nn.Module, options: dict | None = None, *, show_progress: bool = True
+                   ) -> tuple[Detector, BatchScorer]:
+    """The detector ``name`` built on ``model`` with ``options``, and its batch scorer. ``show_progress``: whether
+    the detector's own long steps (a fit) may show bars; ``options`` may still set it explicitly."""
     if name not in DETECTORS:
         raise DetectorUnavailableError(f"detector: unknown name {name!r}; expected one of {sorted(DETECTORS)}")
     entry = DETECTORS[name]
     try:
+        if "show_progress" in inspect.signature(entry.build).parameters:  # a user's builder may not take it
+            options = {"show_progress": show_progress, **(options or {})}
         detector = entry.build(model, **(options or {}))
     except TypeError as exc:
         raise DetectorUnavailableError(f"detector_options: {name!r} does not take these options "
