@@ -77,7 +77,7 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
             "ratios": [round(layer["ratio"], 4) for layer in bcu.report.details["layers"]],
             "reinitialised_fraction": bcu.report.details["reinitialised_fraction"],
             "normalisation_gap": bcu.report.details["normalisation_gap"],
-            "relative_gap": bcu.report.details.get("relative_gap"), "domain": bcu.report.details["domain"],
+            "batch_stat_agreement": bcu.report.details.get("batch_stat_agreement"), "domain": bcu.report.details["domain"],
             "ood_view": ood_info.get("view"), "data_seconds": data_seconds}
 
 

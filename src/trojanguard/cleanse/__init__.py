@@ -10,12 +10,11 @@ from trojanguard.cleanse.base import (
     DistillSettings,
     EpochRow,
     Evaluation,
+    batch_statistics_agreement,
     distill,
     distillation_loss,
     logit_matching_loss,
     normalisation_gap,
-    relative_normalisation_gap,
-    shuffled_pixels,
     temperature_at,
 )
 from trojanguard.cleanse.bcu import BCU, LayerRatio, layer_ratios, parametrised_layers, reinitialize
@@ -29,6 +28,7 @@ __all__ = [
     "EpochRow",
     "Evaluation",
     "LayerRatio",
+    "batch_statistics_agreement",
     "distill",
     "distillation_loss",
     "layer_ratios",
@@ -36,7 +36,5 @@ __all__ = [
     "normalisation_gap",
     "parametrised_layers",
     "reinitialize",
-    "relative_normalisation_gap",
-    "shuffled_pixels",
     "temperature_at",
 ]

@@ -53,25 +53,26 @@ import torch
 from torch import nn
 
 from trojanguard.cleanse.base import (
+    AGREEMENT_KEEP,
     AUGMENTATIONS,
     KEEP_MAX_GRAD_NORM,
     LOSSES,
     NORM_STATS,
-    RELATIVE_GAP_KEEP,
     CleanseError,
     Cleanser,
     CleanseReport,
     DistillSettings,
     Evaluation,
     UnlabeledImages,
+    batch_statistics_agreement,
     distill,
     dominant_class_warning,
     hooked_eval_pass,
     is_normalisation,
     make_augment,
     model_device,
+    normalisation_gap,
     preflight,
-    relative_normalisation_gap,
 )
 
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
@@ -79,7 +80,7 @@ AUTHORS_CLASSIFIER_RATIO = 0.10  # [code]
 AUTHORS_REFERENCE_LAYERS = 21  # conv/linear layers of the CIFAR ResNet-18 the ratios were set for
 RULES = ("adaptive", "authors", "uniform", "none")
 CLASSIFIER_STAGE = len(AUTHORS_STAGE_RATIOS)  # stage index of the last layer
-GAP_SAMPLE = 256  # images of the data on which the normalisation gap is measured
+GAP_SAMPLE = 256  # images of the data on which the batch-statistics agreement and the normalisation gap are measured
 FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a model built under torch.manual_seed(s)
 # must not get its own weights back as "fresh" ones
 
@@ -263,12 +264,12 @@ class BCU(Cleanser):
     ``evaluation=Evaluation(x, y, trigger, target)``).
 
     Defaults: the authors' SGD (momentum 0.9, wd 5e-4, cosine), τ ramped 1 → 4, scaled to a CPU (METHODS.md §3:
-    10–20 epochs, 500–2000 images, batch 64–128). Before training BCU measures how far the data lies from the
-    model's training distribution (:func:`~trojanguard.cleanse.base.relative_normalisation_gap`: the data's
-    feature statistics against the model's batch-norm running statistics, divided by the same measure on the
-    images with shuffled pixels, so that the rule does not depend on the model's depth). Near
-    (≤ ``RELATIVE_GAP_KEEP``): the authors' recipe — KL on softened outputs, student in train mode so batch norm
-    re-estimates its statistics on the data. Far (out-of-distribution data): batch norm keeps the teacher's
+    10–20 epochs, 500–2000 images, batch 64–128). Before training BCU checks whether the data lies near the
+    model's training distribution (:func:`~trojanguard.cleanse.base.batch_statistics_agreement`: the share of
+    the data's predicted classes that stay the same when batch norm uses the data's own batch statistics instead
+    of its running statistics). Near (≥ ``AGREEMENT_KEEP``): the authors' recipe — KL on softened outputs,
+    student in train mode so batch norm re-estimates its statistics on the data. Far (out-of-distribution data):
+    batch norm keeps the teacher's
     statistics (data that far away would overwrite them and wreck clean accuracy: 0.997 → 0.471 on Blended with
     photo crops and no re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
     matches logits (MSE) instead of
@@ -342,9 +343,10 @@ class BCU(Cleanser):
         sample = images.sample()
         preflight(teacher, sample, device)
         layers, unused = layer_ratios(teacher, sample.to(device), self.reinit)
-        measured = relative_normalisation_gap(teacher, images.sample(GAP_SAMPLE).to(device))
-        gap, reference, relative = measured if measured is not None else (None, None, None)
-        far = relative is not None and relative > RELATIVE_GAP_KEEP
+        probe = images.sample(GAP_SAMPLE).to(device)
+        agreement = batch_statistics_agreement(teacher, probe)
+        gap = normalisation_gap(teacher, probe)  # reported: how far, not the switch
+        far = agreement is not None and agreement < AGREEMENT_KEEP
         norm_stats = self.norm_stats if self.norm_stats != "auto" else ("keep" if far else "update")
         loss = self.loss if self.loss != "auto" else ("mse" if far else "kl")
         max_grad_norm = self.max_grad_norm
@@ -368,8 +370,8 @@ class BCU(Cleanser):
         report.images, report.epochs = seen, rows
         report.details = {
             "rule": self.reinit if isinstance(self.reinit, str) else "custom",
-            "normalisation_gap": gap, "shuffled_gap": reference, "relative_gap": relative,
-            "domain": "unknown" if gap is None else ("out-of-distribution" if far else "in-distribution"),
+            "batch_stat_agreement": agreement, "normalisation_gap": gap,
+            "domain": "unknown" if agreement is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
             "adaptive_scale": adaptive_scale(len(layers)),
             "reference_hazard": REFERENCE_HAZARD,
