@@ -23,8 +23,10 @@ from trojanguard.cleanse.bcu import (
     AUTHORS_STAGE_RATIOS,
     REFERENCE_HAZARD,
     TARGET_HAZARD,
+    adaptive_scale,
     hazard,
     is_normalisation,
+    least_path_hazard,
     reinitialize,
 )
 from trojanguard.cleanse.sources import VIEWS, View, balanced_subset, clean_half, ood_images
@@ -117,19 +119,58 @@ def test_authors_ratios_are_reproduced_on_resnet18():
     assert hazard([layer.ratio for layer in layers]) == pytest.approx(REFERENCE_HAZARD)
 
 
+def _path_hazard(model: nn.Module, layers) -> float | None:
+    return least_path_hazard(model, {layer.name: hazard([layer.ratio]) for layer in layers})
+
+
 @pytest.mark.parametrize("model", [SmallCNN(), ResNet18()], ids=["small_cnn", "resnet18"])
 def test_adaptive_reaches_the_target_hazard_with_the_authors_shape(model):
     authors, _ = layer_ratios(model, _images(2), "authors")
     adaptive, _ = layer_ratios(model, _images(2), "adaptive")
     uniform, _ = layer_ratios(model, _images(2), "uniform")
     assert all(a.ratio > b.ratio for a, b in zip(adaptive, authors, strict=True))
-    assert hazard([layer.ratio for layer in adaptive]) == pytest.approx(TARGET_HAZARD)  # 1 % of paths intact
-    assert hazard([layer.ratio for layer in uniform]) == pytest.approx(TARGET_HAZARD)
+    # 1 % of the least-perturbed route intact
+    assert _path_hazard(model, adaptive) == pytest.approx(TARGET_HAZARD)
+    assert hazard([layer.ratio for layer in uniform]) == pytest.approx(hazard([layer.ratio for layer in adaptive]))
     assert len({layer.ratio for layer in uniform}) == 1
     # same shape: every layer's hazard is the authors' times one factor k
     k = [math.log1p(-a.ratio) / math.log1p(-b.ratio) for a, b in zip(adaptive, authors, strict=True)]
     assert k == pytest.approx([k[0]] * len(k))
     assert all(layer.ratio == 0 for layer in layer_ratios(model, _images(2), "none")[0])
+
+
+def test_least_path_hazard_follows_the_shortcuts():
+    """A chain's least path crosses every layer; a ResNet-18's crosses the stem, the three projection shortcuts
+    and the classifier (the identity shortcuts skip every other convolution)."""
+    chain = SmallCNN()
+    layers, _ = layer_ratios(chain, _images(2), "authors")
+    assert _path_hazard(chain, layers) == pytest.approx(hazard([layer.ratio for layer in layers]))
+    resnet = ResNet18()
+    layers, _ = layer_ratios(resnet, _images(2), "authors")
+    route = {"conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0", "layer4.0.shortcut.0", "linear"}
+    expected = hazard([layer.ratio for layer in layers if layer.name in route])
+    assert _path_hazard(resnet, layers) == pytest.approx(expected)
+    assert expected < 0.3 * hazard([layer.ratio for layer in layers])
+    adaptive, _ = layer_ratios(resnet, _images(2), "adaptive")
+    assert adaptive_scale(adaptive, resnet) == pytest.approx(TARGET_HAZARD / expected)
+
+
+def test_adaptive_falls_back_to_the_chain_when_the_model_cannot_be_traced():
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            y = self.a(x)
+            if y.mean() > 1e9:
+                y = -y
+            return self.b(y.mean((2, 3)))
+
+    model = Branchy()
+    layers, _ = layer_ratios(model, _images(2), "adaptive")
+    assert least_path_hazard(model, {layer.name: 1.0 for layer in layers}) is None
+    assert hazard([layer.ratio for layer in layers]) == pytest.approx(TARGET_HAZARD)
 
 
 def test_adaptive_keeps_the_authors_ratios_on_deep_models():

@@ -17,22 +17,26 @@ Re-initialisation rules (``reinit=``):
   the classifier, the first the stem, and the others fall into four stages of equal normalised depth;
   on a ResNet-18 this reproduces the authors' assignment exactly.
 * ``"adaptive"`` (default) — the authors' depth profile, scaled so that the perturbation *compounded
-  through depth* reaches the same level on every architecture. A signal crossing layers ``1..L`` reaches
-  the output along an untouched path with probability ``∏(1 − p_l)`` (every scalar on the path must
-  survive); call ``H = Σ_l −ln(1 − p_l)`` the total *hazard*, so ``e^−H`` of the paths stay intact. A
-  fixed ratio table therefore acts very differently with depth: the authors' ratios give ``H = 2.35``
-  (9.5 % of paths intact) on the 21 layers of a ResNet-18 but only ``H = 0.46`` (63 % intact) on a
-  4-layer CNN, where they leave the backdoor in place (measured: ASR 1.00 after BCU). The rule scales
-  every layer's hazard by one factor ``k = max(1, H* / H_authors(model))`` with ``H* = ln 100`` (at most
-  1 % of paths intact): ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
-  shallow networks get much larger ratios (4-layer CNN: k = 10, deepest conv 0.96), a ResNet-18 gets
-  k = 1.96 (stage 4: 0.46), networks of ≳ 50 layers keep the authors' ratios (k = 1). The one constant
-  ``H*`` is a property of the perturbation, not of a data set. It is conservative: on the small CNN the
-  authors' own level (9.5 % intact) also removed BadNets and Blended in-distribution, with ~0.7 points more
-  CA; it was not measured on the other attacks, so 1 % stays (benchmarks/RESULTS.md, BCU).
-* ``"uniform"`` — the same total hazard as ``"adaptive"``, spread evenly over the layers (ablation: is
-  the depth profile needed?). ``"none"`` — plain distillation from a copy of the teacher. A float — that
-  ratio for every layer. A sequence — one ratio per layer in forward order. A callable
+  along the least-perturbed route* through the network reaches the same level on every architecture. A
+  signal reaches the output along an untouched path with probability ``∏(1 − p_l)`` over the layers it
+  crosses (every scalar on the path must survive); call ``H = Σ −ln(1 − p_l)`` the path's *hazard*, so
+  ``e^−H`` of such paths stay intact. On a plain chain every path crosses every layer; in a residual network
+  the identity shortcuts let a signal skip most layers (a ResNet-18's least-perturbed route crosses the stem,
+  three projection shortcuts and the classifier), so the rule takes the smallest ``H`` over the input →
+  output routes of the traced graph (:func:`least_path_hazard`; the sum over all layers when the model cannot
+  be traced). A fixed ratio table acts very differently across architectures: the authors' ratios give
+  ``H = 0.56`` on that ResNet-18 route (57 % intact) and ``H = 0.46`` on a 4-layer CNN (63 % intact), where
+  they leave the backdoor in place (measured: ASR 1.00 after BCU). The rule scales every layer's hazard by one
+  factor ``k = max(1, H* / H_authors(model))`` with ``H* = ln 100`` (at most 1 % of the least-perturbed
+  route's paths intact): ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
+  4-layer CNN: k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
+  stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). The one constant ``H*``
+  is a property of the perturbation, not of a data set (chosen on the small CNN; on a ResNet-18 the former
+  sum-over-all-layers version, k = 1.96, left Trojan's backdoor at ASR 0.975, the route version removed it:
+  0.003; benchmarks/RESULTS.md, BCU).
+* ``"uniform"`` — the same total hazard (sum over the layers) as ``"adaptive"``, spread evenly over
+  them (ablation: is the depth profile needed?). ``"none"`` — plain distillation from a copy of the
+  teacher. A float — that ratio for every layer. A sequence — one ratio per layer in forward order. A callable
   ``(list[LayerRatio]) -> list[float]`` — your own rule.
 
 Fresh values come from the architecture's own initialisation: ``init=`` (a zero-argument factory of
@@ -143,18 +147,50 @@ def authors_ratios(count: int) -> list[float]:
     return [authors_ratio(authors_stage(i, count)) for i in range(count)]
 
 
-REFERENCE_HAZARD = hazard(authors_ratios(AUTHORS_REFERENCE_LAYERS))  # ≈ 2.35 (≈ 9.5 % of paths intact)
-TARGET_INTACT_PATHS = 0.01  # adaptive rule: at most 1 % of input → output paths left untouched
+REFERENCE_HAZARD = hazard(authors_ratios(AUTHORS_REFERENCE_LAYERS))  # ≈ 2.35: summed over a ResNet-18's 21 layers
+# (its least-perturbed route through the shortcuts: ≈ 0.56)
+TARGET_INTACT_PATHS = 0.01  # adaptive rule: at most 1 % of the least-perturbed route's paths left untouched
 TARGET_HAZARD = -math.log(TARGET_INTACT_PATHS)  # ≈ 4.61
 
 
-def adaptive_scale(count: int) -> float:
-    """k = max(1, H* / H_authors(count)): how much the authors' per-layer hazards are scaled."""
-    return max(1.0, TARGET_HAZARD / hazard(authors_ratios(count)))
+def least_path_hazard(model: nn.Module, hazards: dict[str, float]) -> float | None:
+    """The smallest total hazard along any input → output path of ``model``'s traced graph (``torch.fx``), where
+    calling module ``name`` costs ``hazards[name]`` and every other operation (add, ReLU, pooling …) costs 0. On a
+    plain chain it is the sum over all layers; a residual network's identity shortcuts give routes that cross far
+    fewer re-initialised layers. None when the model cannot be traced or a path crosses no hazard at all."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 — data-dependent control flow etc.: the caller falls back to the chain
+        return None
+    cost: dict[torch.fx.Node, float] = {}
+    result = None
+    for node in graph.nodes:  # topological order
+        if node.op == "placeholder":
+            cost[node] = 0.0
+            continue
+        reached = [cost[a] for a in node.all_input_nodes if a in cost]
+        if not reached:
+            continue  # constants and parameters: not on a path from the input
+        cost[node] = min(reached) + (hazards.get(str(node.target), 0.0) if node.op == "call_module" else 0.0)
+        if node.op == "output":
+            result = cost[node]
+    return result if result is not None and result > 0 else None
 
 
-def rule_ratios(rule, layers: list[LayerRatio]) -> list[float]:
-    """Per-layer ratios of ``rule`` (see the module docstring) for ``layers`` in forward order."""
+def adaptive_scale(layers: list[LayerRatio], model: nn.Module | None = None) -> float:
+    """k = max(1, H* / H_authors): how much the authors' per-layer hazards are scaled, where H_authors is the
+    least total hazard of the authors' ratios along any input → output path of ``model`` (the sum over the layers
+    when the model is not given or cannot be traced)."""
+    base = authors_ratios(len(layers))
+    reference = None
+    if model is not None:
+        reference = least_path_hazard(model, {layer.name: hazard([p]) for layer, p in zip(layers, base, strict=True)})
+    return max(1.0, TARGET_HAZARD / (reference if reference is not None else hazard(base)))
+
+
+def rule_ratios(rule, layers: list[LayerRatio], scale: float | None = None) -> list[float]:
+    """Per-layer ratios of ``rule`` (see the module docstring) for ``layers`` in forward order; ``scale``: the
+    adaptive factor k (default: from the layer count alone, as for a plain chain)."""
     n = len(layers)
     if isinstance(rule, str):
         if rule == "none":
@@ -162,7 +198,7 @@ def rule_ratios(rule, layers: list[LayerRatio]) -> list[float]:
         base = authors_ratios(n)
         if rule == "authors":
             return base
-        k = adaptive_scale(n)
+        k = scale if scale is not None else adaptive_scale(layers)
         if rule == "adaptive":
             return [1 - (1 - p) ** k for p in base]
         if rule == "uniform":
@@ -196,7 +232,8 @@ def layer_ratios(model: nn.Module, example: torch.Tensor, rule="adaptive"
     layers = [LayerRatio(name or "<root>", type(m).__name__, i, i / (n - 1) if n > 1 else 1.0,
                          authors_stage(i, n), 0.0, sum(p.numel() for p in m.parameters(recurse=False)))
               for i, (name, m) in enumerate(found)]
-    for layer, p in zip(layers, rule_ratios(rule, layers), strict=True):
+    scale = adaptive_scale(layers, model) if isinstance(rule, str) and rule in ("adaptive", "uniform") else None
+    for layer, p in zip(layers, rule_ratios(rule, layers, scale), strict=True):
         layer.ratio = p
     return layers, unused
 
@@ -373,7 +410,8 @@ class BCU(Cleanser):
             "batch_stat_agreement": agreement, "normalisation_gap": gap,
             "domain": "unknown" if agreement is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
-            "adaptive_scale": adaptive_scale(len(layers)),
+            "adaptive_scale": adaptive_scale(layers, teacher),
+            "least_path_hazard": least_path_hazard(teacher, {layer.name: hazard([layer.ratio]) for layer in layers}),
             "reference_hazard": REFERENCE_HAZARD,
             "hazard": hazard([layer.ratio for layer in layers]),
             "reinitialised_fraction": sum(layer.reinitialised for layer in layers) / max(1, total),
