@@ -110,8 +110,14 @@ def ablation(rows: list[dict], rules: list[str]) -> str:
     ratios = {rule: next((r["ratios"] for r in rows if r["rule"] == rule), None) for rule in rules}
     lines.append("")
     lines.append("Per-layer ratios (forward order): " + "; ".join(
-        f"{rule} {ratios[rule]}" for rule in rules if ratios[rule] is not None and len(ratios[rule]) <= 8))
+        f"{rule} {runs(ratios[rule])}" for rule in rules if ratios[rule] is not None))
     return "\n".join(lines)
+
+
+def runs(ratios: list[float]) -> str:
+    """Ratios with repeats folded, e.g. ``0.08 ×5, 0.22 ×5, 0.58`` for a ResNet-18's 21 layers."""
+    groups = [(value, len(list(group))) for value, group in itertools.groupby(round(r, 3) for r in ratios)]
+    return ", ".join(f"{value:g}" + (f" ×{count}" if count > 1 else "") for value, count in groups)
 
 
 def cpu_name() -> str:
