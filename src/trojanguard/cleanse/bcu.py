@@ -157,7 +157,9 @@ def least_path_hazard(model: nn.Module, hazards: dict[str, float]) -> float | No
     """The smallest total hazard along any input → output path of ``model``'s traced graph (``torch.fx``), where
     calling module ``name`` costs ``hazards[name]`` and every other operation (add, ReLU, pooling …) costs 0. On a
     plain chain it is the sum over all layers; a residual network's identity shortcuts give routes that cross far
-    fewer re-initialised layers. None when the model cannot be traced or a path crosses no hazard at all."""
+    fewer re-initialised layers. None when the model cannot be traced or a path crosses no hazard at all. A custom
+    layer that uses its own parameters functionally is inlined by the tracer and costs 0 here, which can only make
+    the route look weaker and the adaptive rule stronger."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 — data-dependent control flow etc.: the caller falls back to the chain
