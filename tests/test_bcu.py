@@ -4,6 +4,7 @@ teacher, the report, determinism and bad input."""
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -333,9 +334,15 @@ def test_batch_statistics_agreement_separates_near_and_far_data_and_picks_the_re
     for data, recipe in [(near, ("in-distribution", "update", "kl", None)),
                          (far, ("out-of-distribution", "keep", "mse", KEEP_MAX_GRAD_NORM))]:
         bcu = _quick()
-        bcu.cleanse(model, data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bcu.cleanse(model, data)
         d = bcu.report.details
         assert (d["domain"], d["norm_stats"], d["loss"], d["max_grad_norm"]) == recipe
+        far_warned = [w for w in d["warnings"] if "out-of-distribution for this model" in w]
+        assert len(far_warned) == (data is far)  # the user is told that far data cleanses less reliably
+        assert any(str(c.message) == w for c in caught for w in far_warned) == (data is far)
+        assert all(f"warning: {w}" in bcu.report.format() for w in d["warnings"])
     bcu = _quick(norm_stats="update", loss="kl", max_grad_norm=None)  # explicit choices win
     bcu.cleanse(model, far)
     assert (bcu.report.details["norm_stats"], bcu.report.details["loss"]) == ("update", "kl")
@@ -490,4 +497,5 @@ def test_warns_when_the_teacher_sends_most_data_to_one_class():
     bcu = _quick()
     with pytest.warns(UserWarning, match="class 3"):
         bcu.cleanse(biased, _images(128))
-    assert bcu.report.details["teacher_class_share"][3] == 1.0 and "warning" in bcu.report.details
+    assert bcu.report.details["teacher_class_share"][3] == 1.0
+    assert any("class 3" in w for w in bcu.report.details["warnings"])

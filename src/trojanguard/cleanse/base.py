@@ -90,6 +90,7 @@ class CleanseReport:
             keys = sorted(set(self.before) | set(self.after))
             lines.append("before: " + ", ".join(f"{k}={self.before.get(k, float('nan')):.4f}" for k in keys))
             lines.append("after:  " + ", ".join(f"{k}={self.after.get(k, float('nan')):.4f}" for k in keys))
+        lines += [f"warning: {w}" for w in self.details.get("warnings", [])]
         return "\n".join(lines)
 
 
@@ -537,6 +538,20 @@ def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, setti
             raise CleanseError("the cleansed model holds NaN or infinite weights; training diverged — lower lr")
     shares = [] if class_counts is None else (class_counts.double() / class_counts.sum()).tolist()
     return rows, seen, shares
+
+
+def far_data_warning(agreement: float | None, recipe_forced: bool = False) -> str | None:
+    """A warning when the unlabeled data lies far from the model's training distribution (batch-statistics
+    agreement below ``AGREEMENT_KEEP``). Distillation carries over whatever the teacher does on the data, and on far
+    data a teacher can respond to trigger-like features everywhere: measured on the digits zoo, natural-photo crops
+    removed BadNets and Blended but left WaNet and Trojan (benchmarks/RESULTS.md), while a student distilled on the
+    same crops from a clean teacher has no backdoor."""
+    if agreement is None or agreement >= AGREEMENT_KEEP:
+        return None
+    recipe = "" if recipe_forced else "; BCU switched to its out-of-distribution recipe"
+    return (f"data: it looks out-of-distribution for this model (batch-statistics agreement {agreement:.2f} < "
+            f"{AGREEMENT_KEEP}){recipe}. On such data BCU removes some backdoors but not others (digits zoo: WaNet and "
+            "Trojan stayed): prefer in-distribution images, and test the cleansed model against any trigger you suspect")
 
 
 DOMINANT_CLASS_SHARE = 0.5  # warn when the teacher puts more of the unlabeled data than this into one class

@@ -71,6 +71,7 @@ from trojanguard.cleanse.base import (
     batch_statistics_agreement,
     distill,
     dominant_class_warning,
+    far_data_warning,
     hooked_eval_pass,
     is_normalisation,
     make_augment,
@@ -423,9 +424,10 @@ class BCU(Cleanser):
             "layers_without_initialiser": skipped,
             "teacher_class_share": [round(x, 4) for x in shares],
         }
-        warning = dominant_class_warning(shares)
-        if warning is not None:
-            report.details["warning"] = warning
+        forced = self.norm_stats != "auto" or self.loss != "auto"
+        found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares)) if w is not None]
+        report.details["warnings"] = found
+        for warning in found:
             warnings.warn(warning, stacklevel=2)
         if evaluation is not None:
             report.after = rows[-1].metrics if rows and rows[-1].metrics else evaluation(student)
