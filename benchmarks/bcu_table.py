@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.cleanse import BCU, Evaluation
-from trojanguard.cleanse.bcu import authors_ratios, hazard
+from trojanguard.cleanse.bcu import authors_ratios, hazard, least_path_hazard
 from trojanguard.cleanse.sources import clean_half, ood_images
 from trojanguard.metrics import defense_effectiveness_rating
 from trojanguard.models import build_model
@@ -37,15 +37,17 @@ RULES = ("none", "uniform", "authors", "adaptive")
 SOURCE_NAMES = {"in": "in-distribution", "ood": "out-of-distribution"}
 
 
-def reinit_rule(rule: str):
-    """A rule name of BCU, or ``adaptive@F``: the adaptive shape scaled so a fraction F of paths stays intact."""
+def reinit_rule(rule: str, model: torch.nn.Module):
+    """A rule name of BCU, or ``adaptive@F``: the adaptive shape scaled so that a fraction F of the paths along
+    ``model``'s least-perturbed route stays intact (the default rule is ``adaptive@0.01``)."""
     if "@" not in rule:
         return rule
     intact = float(rule.split("@", 1)[1])
 
     def ratios(layers: list) -> list[float]:
         base = authors_ratios(len(layers))
-        k = max(1.0, -math.log(intact) / hazard(base))
+        route = least_path_hazard(model, {layer.name: hazard([p]) for layer, p in zip(layers, base, strict=True)})
+        k = max(1.0, -math.log(intact) / (route if route is not None else hazard(base)))
         return [1 - (1 - p) ** k for p in base]
 
     return ratios
@@ -62,7 +64,7 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
                                                                           model=entry.model, info=ood_info)
     data_seconds = time.perf_counter() - data_start
     kwargs = {} if epochs is None else {"epochs": epochs}
-    bcu = BCU(reinit=reinit_rule(rule), seed=seed, show_progress=False,
+    bcu = BCU(reinit=reinit_rule(rule, entry.model), seed=seed, show_progress=False,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels), **kwargs)
     evaluation = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)
     cleansed = bcu.cleanse(entry.model, data)
