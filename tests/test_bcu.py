@@ -242,6 +242,30 @@ def test_plan_on_model_with_unused_and_custom_layers():
     assert unused == ["unused"]
 
 
+def test_plan_covers_weights_used_functionally_by_their_parent():
+    """nn.MultiheadAttention uses its ``out_proj`` without calling it: it is planned right after the attention,
+    and both get fresh values without an ``init`` factory (the attention has only ``_reset_parameters``)."""
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            tokens = self.embed(x.flatten(2).transpose(1, 2))
+            return self.head(self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+    model = Attend().eval()
+    layers, unused = layer_ratios(model, _images(2), 0.5)
+    assert [layer.name for layer in layers] == ["embed", "attention", "attention.out_proj", "head"] and not unused
+    student = copy.deepcopy(model)
+    assert reinitialize(student, layers, seed=0) == []
+    for name in ("in_proj_weight", "out_proj.weight"):
+        share = (student.get_parameter(f"attention.{name}") != model.get_parameter(f"attention.{name}")).double().mean()
+        assert 0.4 < share < 0.6, (name, share)
+
+
 # ------------------------------------------------------------------------------- teacher, report, seeds
 
 

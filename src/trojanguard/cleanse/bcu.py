@@ -112,14 +112,32 @@ class LayerRatio:
 @torch.no_grad()
 def parametrised_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """The modules owning parameters (normalisation excluded), in the order ``model(example)`` first calls
-    them; and the names of such modules the forward pass never calls (they are left as they are)."""
+    them; and the names of such modules the forward pass never calls (they are left as they are).
+
+    A module whose parent uses its weights without calling it (``nn.MultiheadAttention``'s ``out_proj``) counts
+    as called right after that parent; one whose nearest called ancestor is the model itself is unused."""
     owners = {name: m for name, m in model.named_modules()
               if not is_normalisation(m) and next(m.parameters(recurse=False), None) is not None}
-    order: list[str] = []
-    hooked_eval_pass(model, example, [
-        m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None)
-        for name, m in owners.items()])
-    unused = [n for n in owners if n not in order]
+    first_call: dict[str, int] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module, _args) -> None:  # must return None: a pre-hook's return value replaces the inputs
+            first_call.setdefault(name, len(first_call))
+        return hook
+
+    hooked_eval_pass(model, example, [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()])
+    keys: dict[str, tuple[int, int]] = {}
+    for name in owners:
+        if name in first_call:
+            keys[name] = (first_call[name], 0)
+            continue
+        parent = name.rpartition(".")[0]
+        while parent and parent not in first_call:
+            parent = parent.rpartition(".")[0]
+        if parent:  # used functionally by a called module other than the root
+            keys[name] = (first_call[parent], 1)
+    order = sorted(keys, key=keys.__getitem__)
+    unused = [n for n in owners if n not in keys]
     return [(n, owners[n]) for n in order], unused
 
 
@@ -248,10 +266,11 @@ def layer_ratios(model: nn.Module, example: torch.Tensor, rule="adaptive"
 def _fresh_layer(name: str, module: nn.Module, fresh_model: nn.Module | None) -> nn.Module | None:
     if fresh_model is not None:
         return dict(fresh_model.named_modules()).get("" if name == "<root>" else name)
-    if not hasattr(module, "reset_parameters"):
+    reset = "reset_parameters" if hasattr(module, "reset_parameters") else "_reset_parameters"  # MultiheadAttention
+    if not hasattr(module, reset):
         return None
     fresh = copy.deepcopy(module)
-    fresh.reset_parameters()
+    getattr(fresh, reset)()
     return fresh
 
 
