@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.cleanse import BCU, Evaluation
-from trojanguard.cleanse.bcu import authors_ratios, hazard, least_path_hazard
+from trojanguard.cleanse.bcu import adaptive_scale, rule_ratios
 from trojanguard.cleanse.sources import clean_half, ood_images
 from trojanguard.metrics import defense_effectiveness_rating
 from trojanguard.models import build_model
@@ -43,14 +43,7 @@ def reinit_rule(rule: str, model: torch.nn.Module):
     if "@" not in rule:
         return rule
     intact = float(rule.split("@", 1)[1])
-
-    def ratios(layers: list) -> list[float]:
-        base = authors_ratios(len(layers))
-        route = least_path_hazard(model, {layer.name: hazard([p]) for layer, p in zip(layers, base, strict=True)})
-        k = max(1.0, -math.log(intact) / (route if route is not None else hazard(base)))
-        return [1 - (1 - p) ** k for p in base]
-
-    return ratios
+    return lambda layers: rule_ratios("adaptive", layers, adaptive_scale(layers, model, -math.log(intact)))
 
 
 def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, seed: int, image_size: int) -> dict:

@@ -198,15 +198,16 @@ def least_path_hazard(model: nn.Module, hazards: dict[str, float]) -> float | No
     return result if result is not None and result > 0 else None
 
 
-def adaptive_scale(layers: list[LayerRatio], model: nn.Module | None = None) -> float:
+def adaptive_scale(layers: list[LayerRatio], model: nn.Module | None = None,
+                   target_hazard: float = TARGET_HAZARD) -> float:
     """k = max(1, H* / H_authors): how much the authors' per-layer hazards are scaled, where H_authors is the
     least total hazard of the authors' ratios along any input → output path of ``model`` (the sum over the layers
-    when the model is not given or cannot be traced)."""
+    when the model is not given or cannot be traced) and H* = ``target_hazard`` (default: 1 % of paths intact)."""
     base = authors_ratios(len(layers))
     reference = None
     if model is not None:
         reference = least_path_hazard(model, {layer.name: hazard([p]) for layer, p in zip(layers, base, strict=True)})
-    return max(1.0, TARGET_HAZARD / (reference if reference is not None else hazard(base)))
+    return max(1.0, target_hazard / (reference if reference is not None else hazard(base)))
 
 
 def rule_ratios(rule, layers: list[LayerRatio], scale: float | None = None) -> list[float]:
