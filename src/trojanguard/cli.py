@@ -290,6 +290,7 @@ def _export_guard(args: argparse.Namespace):
     import torch
 
     from trojanguard.detect import FeatureMahalanobis
+    from trojanguard.detect.base import check_calibration_size
     from trojanguard.guard import Guard, export_onnx
     from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
 
@@ -307,6 +308,7 @@ def _export_guard(args: argparse.Namespace):
     guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
     if args.threshold is None:
         calibration = open_source(calibration_spec, image_size=args.image_size, channels=args.in_channels)
+        check_calibration_size(len(calibration), args.fpr, "--calibration")
         guard.calibrate(SourceImages(calibration), fpr=args.fpr)
     example = torch.stack(list(SourceImages(reference, limit=2)))
     if args.out is not None:
