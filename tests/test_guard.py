@@ -186,8 +186,8 @@ def test_session_rejects_wrong_shape_dtype_and_empty_batches(session, parity_inp
         session.run(x[0])
     with pytest.raises(DataError, match="empty"):
         session.run(x[:0])
-    with pytest.raises(TypeError, match="NumPy array or torch tensor"):
-        session.run(x.tolist())
+    with pytest.raises(DataError, match="NumPy, torch or nested lists"):
+        session.run("x")
 
 
 @pytest.mark.slow

@@ -296,11 +296,12 @@ def test_non_finite_scores_are_never_written_as_scores(tmp_path, model, images):
         result = screen(model, images, detector="holes", detector_options={"holes": [(3, "nan"), (5, "inf")]},
                         out_dir=tmp_path / "some", calibration=None, batch_size=8, show_progress=False)
         errors = {i: e for i, e in enumerate(result.summary["unreadable_samples"])}
-        assert result.summary["unscored"] == 2 and result.summary["unreadable"] == 0
-        assert [e["index"] for e in errors.values()] == [3, 5]
-        assert "not scored: holes returned nan" in errors[0]["error"] and "inf" in errors[1]["error"]
-        assert not result.readable[[3, 5]].any() and result.readable.sum() == len(images) - 2
-        assert np.isfinite(result.summary["scores"]["max"]) and not result.flagged[[3, 5]].any()
+        assert result.summary["unscored"] == 1 and result.summary["unreadable"] == 0
+        assert [e["index"] for e in errors.values()] == [3]
+        assert "not scored: holes returned nan" in errors[0]["error"]
+        assert not result.readable[3] and result.readable.sum() == len(images) - 1
+        assert np.isfinite(result.summary["scores"]["max"]) and not result.flagged[3]
+        assert result.flagged[5] and result.summary["top"][0]["index"] == 5  # inf: the most suspicious
         json.loads((tmp_path / "some" / "summary.json").read_text())  # allow_nan=False: would have raised
         with pytest.raises(DataError, match="none of the 20 samples could be screened.*not scored"):
             screen(model, images, detector="holes", out_dir=tmp_path / "none", calibration=None, batch_size=8,

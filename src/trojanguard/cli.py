@@ -168,13 +168,21 @@ def cmd_screen(args: argparse.Namespace) -> int:
             print("trojanguard screen: error: --steps: only for --detector cd", file=sys.stderr)
             return 2
         options["steps"] = args.steps
+    if args.detector_file is not None and args.detector != "features":
+        print("trojanguard screen: error: --detector-file: only for --detector features", file=sys.stderr)
+        return 2
+    if args.reference is not None and args.detector == "cd":
+        print("trojanguard screen: error: --reference: cd is not fitted on data (only features, amortized)",
+              file=sys.stderr)
+        return 2
     calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
     try:
         model = _load_cli_model(args.model, args)
         result = screen(model, args.data, detector=args.detector, out_dir=args.out, fpr=args.fpr,
                         threshold=args.threshold, calibration=calibration, batch_size=args.batch_size,
                         detector_options=options, top_k=args.top_k, image_size=args.image_size,
-                        channels=args.in_channels, overwrite=args.restart, report=not args.no_report)
+                        channels=args.in_channels, overwrite=args.restart, report=not args.no_report,
+                        reference=args.reference, detector_file=args.detector_file)
     except (TrojanGuardError, ValueError, OSError) as exc:
         print(f"trojanguard screen: error: {exc}", file=sys.stderr)
         return 1
@@ -184,6 +192,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
           + (f" ({s['unscored']} not scored: non-finite detector score, listed in results.csv)" if s["unscored"] else ""))
     print(f"detector {args.detector}: {s['flagged']} flagged ({100 * s['flagged_fraction']:.2f} %) at threshold "
           f"{result.threshold:.6g} — {s['threshold']['description']}")
+    fit = s.get("fit")
+    if fit and fit["warnings"]:
+        advice = (" — the screened data cannot support a self-fit; pass --reference DIR|.npz|digits (trusted data) "
+                  "or --detector-file PATH" if fit["on"] == "screened data" else "")
+        print(f"warning: detector fitted on {fit['on']} ({fit['description']}){advice}: " + "; ".join(fit["warnings"]))
     run = s["run"]
     if run["images_per_second"]:
         print(f"throughput: {run['images_per_second']:.2f} images/s ({run['screened_now']} images in "
@@ -216,6 +229,10 @@ def add_screen_parser(sub) -> None:
     p.add_argument("--detector", default="cd", choices=sorted(DETECTORS),
                    help="cd (Cognitive Distillation, default), features (feature-space Mahalanobis) or amortized")
     p.add_argument("--out", required=True, help="output folder: results.csv, calibration.csv and the report")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--reference", help="trusted data to fit a fitted detector (features, amortized) on instead of "
+                                         "the screened data: folder, .npz, digits")
+    fit.add_argument("--detector-file", help="a fitted features detector (FeatureMahalanobis.save, .safetensors)")
     p.add_argument("--calibration", default="auto",
                    help="clean reference data for the threshold (folder, .npz, digits-test); 'auto' (default): "
                         "digits-test for embedded data, else none; 'none': robust outlier rule on the scores")
@@ -273,6 +290,7 @@ def _export_guard(args: argparse.Namespace):
     import torch
 
     from trojanguard.detect import FeatureMahalanobis
+    from trojanguard.detect.base import check_calibration_size
     from trojanguard.guard import Guard, export_onnx
     from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
 
@@ -290,6 +308,7 @@ def _export_guard(args: argparse.Namespace):
     guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
     if args.threshold is None:
         calibration = open_source(calibration_spec, image_size=args.image_size, channels=args.in_channels)
+        check_calibration_size(len(calibration), args.fpr, "--calibration")
         guard.calibrate(SourceImages(calibration), fpr=args.fpr)
     example = torch.stack(list(SourceImages(reference, limit=2)))
     if args.out is not None:

@@ -19,6 +19,26 @@ refits on them. ``support_fraction=0.5`` is MCD's maximal-breakdown default; it 
 A class whose majority is poison (clean-label attacks poisoning most of the target class) is beyond any
 estimator's breakdown point; the fit then describes the poison and the detector misses it in screening.
 
+How much reference data the fit needs (checked by :meth:`FeatureMahalanobis.fit`):
+
+- *per class*: a class location must be the mean of at least two samples, or the class has no spread and
+  its members' residuals are exactly zero — the shared covariance then collapses and scores reach 1e14 or
+  ``inf``. The robust location averages ``⌈support_fraction · m⌉`` of a class's ``m`` members, so a class
+  needs ``m ≥ 3`` at the default fraction (2 for the plain fit). Classes with fewer members get no centre
+  (inputs predicted as them are scored against the nearest fitted centre) and a :class:`SampleSizeWarning`;
+  no class with enough members, or no variation within any class (identical images), is a DataError.
+- *covariance*: ``D`` features need more than ``D`` residual degrees of freedom (``n − K`` for ``n`` samples
+  in ``K`` classes; the robust scatter uses ``support_fraction · n`` of them) for the sample covariance to
+  be invertible. Below that the estimate is Ledoit-Wolf shrinkage toward a scaled identity in the
+  directions the data do not span: defined, but the metric there is the shrinkage target's — a warning
+  recommends ``⌈(D + K + 1) / support_fraction⌉`` images.
+- *rare classes*: a class with under a quarter of the average class count rests on few samples, and a
+  poisoned minority of the data can be most of it — beyond the robust fit's 50 % breakdown point. Warned
+  about; fit on trusted reference data instead (``screen --reference``).
+
+``fit_warnings`` keeps these messages; ``save(path)`` / ``FeatureMahalanobis.load(path, model)`` store a fit
+as safetensors (tensors + JSON metadata, never pickle), bound to the model's weights by their SHA-256.
+
 The score is pure tensor operations inside :class:`FeatureScorer`, an ``nn.Module`` returning
 ``(logits, score)`` from one forward pass (a forward hook keeps the layer's output while the forward
 pass runs on), so it exports to ONNX and runs inside :class:`trojanguard.guard.Guard`.
@@ -28,15 +48,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
-from trojanguard.detect.base import Detector
-from trojanguard.errors import DataError
+from trojanguard.detect.base import Detector, SampleSizeWarning
+from trojanguard.errors import DataError, ModelLoadError
 from trojanguard.models.features import default_feature_layer, model_device, module_by_name
 from trojanguard.progress import progress
 
@@ -46,6 +69,8 @@ REWEIGHT_QUANTILE = 0.975  # MCD's reweighting step: keep samples under the χ²
 RANDOM_STARTS = 8  # random members of each class used as starts of the concentration steps (+ mean, median)
 CONCENTRATION_STEPS = 20  # C-steps per start (they converge in a few; each never increases the objective)
 ALTERNATIONS = 3  # location ↔ scatter rounds before reweighting
+RARE_CLASS_FRACTION = 0.25  # a class under this fraction of the average class count is "rare" (module docstring)
+FILE_FORMAT = "trojanguard-feature-mahalanobis/1"
 
 
 class FeatureMahalanobis(Detector):
@@ -65,8 +90,9 @@ class FeatureMahalanobis(Detector):
         show_progress: progress bar over batches.
 
     After :meth:`fit`: ``class_means`` ``(K, D)``, ``covariance`` ``(D, D)``, ``support`` (bool per reference
-    sample: used by the final fit — False marks the reference samples the fit treated as outliers),
-    ``input_shape`` ``(C, H, W)``.
+    sample: used by the final fit — False marks the reference samples the fit treated as outliers or that belong
+    to a class too small to fit), ``present`` (bool per class: has a centre), ``class_counts`` (reference samples
+    per class), ``fit_warnings`` (sample-size warnings of the fit, module docstring), ``input_shape`` ``(C, H, W)``.
     """
 
     def __init__(self, model: nn.Module, *, layer: str | None = None, rule: str = "predicted",
@@ -89,6 +115,8 @@ class FeatureMahalanobis(Detector):
         self.covariance: torch.Tensor | None = None
         self.present: torch.Tensor | None = None
         self.support: torch.Tensor | None = None
+        self.class_counts: torch.Tensor | None = None
+        self.fit_warnings: list[str] = []
         self.input_shape: tuple[int, ...] | None = None
         self._scorer: FeatureScorer | None = None
 
@@ -118,16 +146,101 @@ class FeatureMahalanobis(Detector):
             if classes.min() < 0 or classes.max() >= num_classes:
                 raise DataError(f"labels: expected classes in [0, {num_classes}), got "
                                 f"[{int(classes.min())}, {int(classes.max())}]")
-        if len(features) < 2:
-            raise DataError(f"reference_data: need at least 2 images to fit, got {len(features)}")
+        counts = torch.bincount(classes, minlength=num_classes)
+        fitted = counts >= self.min_class_samples
+        if not fitted.any():
+            raise DataError(f"reference_data: expected at least {self.min_class_samples} images of one class "
+                            f"({'labelled' if labels is not None else 'predicted'}) to fit class statistics, got "
+                            f"{len(features)} images with class counts {counts.tolist()}")
+        keep = fitted[classes]
         fit = robust_tied_fit if self.robust else plain_tied_fit
-        means, covariance, support = fit(features, classes, num_classes, support_fraction=self.support_fraction,
-                                         seed=self.seed)
-        self.class_means, self.covariance, self.support = means.float(), covariance.float(), support
-        self.present = torch.bincount(classes, minlength=num_classes) > 0
+        means, covariance, support = fit(features[keep], classes[keep], num_classes,
+                                         support_fraction=self.support_fraction, seed=self.seed)
+        if float(covariance.diagonal().mean()) <= 1e-30:  # only the invertibility floor: zero residuals
+            raise DataError(f"reference_data: the features of the {int(keep.sum())} images do not vary within any "
+                            "class (identical images?), so no covariance can be estimated; fit on varied images")
+        self.class_means, self.covariance = means.float(), covariance.float()
+        self.support = torch.zeros(len(features), dtype=torch.bool)
+        self.support[keep] = support
+        self.present, self.class_counts = fitted, counts
         self.input_shape = shape
         self._scorer = None
+        self.fit_warnings = sample_size_warnings(counts, features.shape[1], self.min_class_samples,
+                                                 self.support_fraction if self.robust else 1.0)
+        for message in self.fit_warnings:
+            warnings.warn(message, SampleSizeWarning, stacklevel=2)
         return self
+
+    @property
+    def min_class_samples(self) -> int:
+        """Fewest members of a class whose location is a mean of at least two of them (module docstring)."""
+        if not self.robust:
+            return 2
+        count = 2
+        while math.ceil(self.support_fraction * count) < 2:
+            count += 1
+        return count
+
+    def save(self, path) -> Path:
+        """Write the fit to ``path`` (``.safetensors``: tensors and JSON metadata, no pickle) and return it."""
+        from safetensors.torch import save_file
+
+        from trojanguard.screening.api import model_sha256
+
+        if not self.fitted:
+            raise RuntimeError("FeatureMahalanobis.save: call fit(reference_data) first")
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"path: expected a file name ending in .safetensors, got {str(path)!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": FILE_FORMAT, "model_sha256": model_sha256(self.model), "layer": self.layer,
+                    "rule": self.rule, "robust": self.robust, "support_fraction": self.support_fraction,
+                    "input_shape": list(self.input_shape), "fit_warnings": self.fit_warnings}
+        tensors = {"class_means": self.class_means, "covariance": self.covariance, "present": self.present,
+                   "class_counts": self.class_counts}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"trojanguard": json.dumps(metadata)})
+        return path
+
+    @classmethod
+    def load(cls, path, model: nn.Module, *, batch_size: int = 256, show_progress: bool = True
+             ) -> FeatureMahalanobis:
+        """A fitted detector from a file written by :meth:`save`, for ``model`` (the same weights it was fitted
+        on: checked by SHA-256). Never unpickles; a file of another kind is a ModelLoadError naming it."""
+        from safetensors import safe_open
+
+        from trojanguard.screening.api import model_sha256
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"detector_file: no file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("trojanguard", "null") or "null")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no items()
+        except Exception as exc:  # noqa: BLE001 — any parse failure of a foreign or truncated file
+            raise ModelLoadError(f"detector_file: {path}: expected a FeatureMahalanobis fit written by "
+                                 f"FeatureMahalanobis.save (.safetensors), got an unreadable file ({exc})") from None
+        needed = ("class_means", "covariance", "present", "class_counts")
+        if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT or any(k not in tensors for k in needed):
+            raise ModelLoadError(f"detector_file: {path}: expected a FeatureMahalanobis fit ({FILE_FORMAT}), got a "
+                                 "safetensors file without its metadata or tensors")
+        means, covariance = tensors["class_means"].float(), tensors["covariance"].float()
+        present, counts = tensors["present"].bool(), tensors["class_counts"].long()
+        k, d = means.shape if means.dim() == 2 else (-1, -1)
+        if covariance.shape != (d, d) or present.shape != (k,) or counts.shape != (k,) or not present.any():
+            raise ModelLoadError(f"detector_file: {path}: inconsistent shapes (class_means {tuple(means.shape)}, "
+                                 f"covariance {tuple(covariance.shape)}, present {tuple(present.shape)})")
+        if meta.get("model_sha256") != model_sha256(model):
+            raise ModelLoadError(f"detector_file: {path}: expected a fit of this model (weights sha256 "
+                                 f"{model_sha256(model)[:12]}…), got one of another model "
+                                 f"({str(meta.get('model_sha256'))[:12]}…); fit the detector on this model")
+        detector = cls(model, layer=meta["layer"], rule=meta["rule"], robust=meta["robust"],
+                       support_fraction=meta["support_fraction"], batch_size=batch_size, show_progress=show_progress)
+        detector.class_means, detector.covariance, detector.present = means, covariance, present
+        detector.class_counts, detector.input_shape = counts, tuple(meta["input_shape"])
+        detector.fit_warnings = list(meta.get("fit_warnings") or [])
+        return detector
 
     def as_module(self, model: nn.Module | None = None) -> FeatureScorer:
         """A new :class:`FeatureScorer` (``x -> (logits, score)``, one forward pass) on a private copy of
@@ -263,6 +376,34 @@ class FeatureScorer(FeatureTap):
         if not self.all_present:
             distance = torch.where(self.present[predicted], distance, nearest)
         return logits, distance
+
+
+def sample_size_warnings(counts: torch.Tensor, dim: int, min_class_samples: int, support_fraction: float
+                         ) -> list[str]:
+    """Messages for a fit whose data is too small for its estimates (module docstring): classes without a centre,
+    rare classes, a covariance with fewer residual degrees of freedom than features. Empty when none applies."""
+    messages = []
+    counts = counts.long()
+    total, fitted = int(counts.sum()), counts >= min_class_samples
+    few = [(k, int(c)) for k, c in enumerate(counts.tolist()) if 0 < c < min_class_samples]
+    if few:
+        messages.append(f"reference_data: classes {[k for k, _ in few]} have fewer than {min_class_samples} images "
+                        f"({[c for _, c in few]}): they get no centre of their own and inputs predicted as them are "
+                        "scored against the nearest fitted class")
+    average = total / len(counts)
+    rare = [(k, int(c)) for k, c in enumerate(counts.tolist())
+            if c >= min_class_samples and c < RARE_CLASS_FRACTION * average]
+    if rare:
+        messages.append(f"reference_data: classes {[k for k, _ in rare]} are rare ({[c for _, c in rare]} images, "
+                        f"average {average:.1f} per class): a few poisoned images can be most of such a class, where "
+                        "the robust fit cannot tell them apart; fit on trusted reference data")
+    used = int(counts[fitted].sum())
+    recommended = math.ceil((dim + int(fitted.sum()) + 1) / support_fraction)
+    if used < recommended:
+        messages.append(f"reference_data: {used} images for {dim} features: the covariance has fewer residual "
+                        f"degrees of freedom than features, so Ledoit-Wolf shrinkage sets the metric where the data "
+                        f"do not reach and scores are less reliable; fit on at least {recommended} images")
+    return messages
 
 
 # ---------------------------------------------------------------------------------------------- estimation

@@ -36,10 +36,11 @@ def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:
 class GuardSession:
     """ONNX Runtime session of a graph written by :func:`~trojanguard.guard.export_onnx`.
 
-    ``run(x)`` takes ``(N, C, H, W)`` float32 images (NumPy or torch) and returns a :class:`GuardOutput` of
-    NumPy arrays. A wrong shape, dtype or an empty batch raises :class:`~trojanguard.errors.DataError`
-    naming what was expected; NaN, ±Inf and out-of-range values are not errors — the graph flags those
-    inputs (``score = inf``), so one bad image does not fail a whole batch.
+    ``run(x)`` takes ``(N, C, H, W)`` float32 images (NumPy, torch, or nested lists of numbers) and returns a
+    :class:`GuardOutput` of NumPy arrays. A wrong shape or dtype, a ragged list, strings, an empty batch or
+    0–255 pixels raise :class:`~trojanguard.errors.DataError` naming what was expected (:meth:`validate`);
+    single NaN, ±Inf and out-of-range values are not errors — the graph flags those inputs
+    (``score = inf``), so one bad image does not fail a whole batch.
 
     Args:
         path: the ``.onnx`` file.
@@ -103,21 +104,61 @@ class GuardSession:
     __call__ = run
 
     def validate(self, x) -> np.ndarray:
-        """The batch as a contiguous float32 NumPy array, or a DataError saying what is wrong with it."""
+        """The batch as a contiguous float32 NumPy array, or a DataError saying what is wrong with it.
+
+        Accepts a float32 NumPy array, a torch tensor or a nested list of numbers (converted to float32). Refused:
+        other array dtypes, ragged lists, strings and other objects, a wrong shape, an empty batch, and a batch
+        with finite values above ``2 × high`` of the input range — 0–255 pixels, which would otherwise all be
+        flagged (score ``inf``) with no hint. Single NaN, ±Inf or out-of-range values are not errors: the graph
+        flags those inputs, so one bad image does not fail the batch."""
+        shape = f"(N, {', '.join(map(str, self.input_shape))})"
         if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
             x = x.detach().cpu().numpy()
+        elif isinstance(x, (list, tuple)):
+            x = _array_of_numbers(x, shape)
         if not isinstance(x, np.ndarray):
-            raise TypeError(f"x: expected a NumPy array or torch tensor of shape (N, {', '.join(map(str, self.input_shape))})"
-                            f", got {type(x).__name__}")
+            raise DataError(f"x: expected a float32 array {shape} (NumPy, torch or nested lists of numbers), got "
+                            f"{type(x).__name__}")
         if x.dtype != np.float32:
             hint = " (scale integer pixels to [0, 1]: x.astype(np.float32) / 255)" if x.dtype.kind in "ui" else \
                 " (convert with x.astype(np.float32))" if x.dtype.kind == "f" else ""
             raise DataError(f"x: expected float32 pixels, got {x.dtype}{hint}")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             hint = " (a single image? add the batch axis: x[None])" if tuple(x.shape) == self.input_shape else ""
-            raise DataError(f"x: expected shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}")
+            raise DataError(f"x: expected shape {shape}, got {tuple(x.shape)}{hint}")
         if len(x) == 0:
             raise DataError("x: empty batch (N = 0)")
         if self.fixed_batch is not None and len(x) % self.fixed_batch:
             raise DataError(f"x: this graph was exported with a fixed batch of {self.fixed_batch}; got {len(x)} images")
+        self._check_pixel_scale(x)
         return np.ascontiguousarray(x)
+
+    def _check_pixel_scale(self, x: np.ndarray) -> None:
+        """DataError for 0–255 pixels: a finite value above ``2 × high`` of the input range (only for a range
+        starting at 0; values just above ``high`` are flagged per input by the graph)."""
+        bounds = self.metadata.get("input_range")
+        if not bounds or bounds[0] != 0 or bounds[1] <= 0:
+            return
+        cutoff = 2 * float(bounds[1])
+        largest = float(np.max(x))  # one pass; NaN or inf only send us to the slower finite-only maximum
+        if not np.isfinite(largest):
+            finite = x[np.isfinite(x)]
+            largest = float(finite.max()) if finite.size else -np.inf
+        if largest > cutoff:
+            raise DataError(f"x: expected float32 pixels in [{bounds[0]:g}, {bounds[1]:g}], got values up to "
+                            f"{largest:.4g} (0–255 pixels? divide by 255)")
+
+
+def _array_of_numbers(values, shape: str) -> np.ndarray:
+    """A nested list of numbers as a float32 array; DataError for ragged lists, strings and other objects."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError) as exc:  # NumPy refuses ragged nesting
+        raise DataError(f"x: expected a rectangular nested list of numbers {shape}, got a ragged one "
+                        f"({str(exc).splitlines()[0][:120]})") from None
+    if array.dtype.kind not in "biuf":
+        kind = "a ragged or mixed nested list" if array.dtype.kind == "O" else f"{array.dtype.kind!r}-kind values " \
+            f"({array.dtype}, e.g. strings)"
+        raise DataError(f"x: expected a nested list of numbers {shape}, got {kind}")
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32)

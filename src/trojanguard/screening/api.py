@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
 from trojanguard.errors import DataError
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
@@ -31,14 +33,15 @@ FIT_MAX_SAMPLES = 20_000  # detectors that fit on the screened data (features) u
 KILL_AFTER_ENV = "TROJANGUARD_SCREEN_KILL_AFTER"  # test hook: SIGKILL this process after that many batches
 DEFAULT_FPR = 0.01
 TOP_IN_SUMMARY = 100
-NOT_SCORED = "not scored"  # error-column prefix: the image was read but the detector gave no finite score
+NOT_SCORED = "not scored"  # error-column prefix: the image was read but the detector returned NaN (inf is a score)
 
 
 @dataclass
 class ScreenResult:
     """What :func:`screen` returns (every array has one entry per sample, in the data's order).
 
-    ``scores`` are NaN and ``predicted`` −1 for unreadable samples (``readable`` False), which are never flagged.
+    ``scores`` are NaN and ``predicted`` −1 for unreadable samples (``readable`` False), which are never flagged;
+    a score of +inf is the highest suspicion (flagged, ranked first).
     """
 
     out_dir: Path
@@ -119,7 +122,8 @@ def _resolve_calibration(calibration, data, threshold):
 def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path, fpr: float = DEFAULT_FPR,
            threshold: float | None = None, calibration="auto", batch_size: int = 64,
            detector_options: dict | None = None, top_k: int = 16, image_size: int = 32, channels: int = 3,
-           overwrite: bool = False, report: bool = True, show_progress: bool = True) -> ScreenResult:
+           overwrite: bool = False, report: bool = True, show_progress: bool = True, reference=None,
+           detector_file: str | Path | None = None) -> ScreenResult:
     """Screen ``data`` for backdoor-triggered samples with ``model`` and the detector ``detector``.
 
     Args:
@@ -145,6 +149,11 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
             results of the same run are resumed).
         report: write the report (``summary.json``, ``histogram.png``, ``suspicious.png``, ``index.html``).
         show_progress: progress bars (images/s) on a terminal.
+        reference: trusted data (same kinds as ``data``) to fit a detector that needs fitting (``features``,
+            ``amortized``) instead of the screened data itself — needed when the screened data cannot support a
+            self-fit (a predicted class rare or mostly poison; ``summary["fit"]`` says so).
+        detector_file: a fitted ``features`` detector written by ``FeatureMahalanobis.save`` (safetensors), for
+            the same model; replaces the fit.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -160,15 +169,35 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     source = open_source(data, image_size=image_size, channels=channels)
     if len(source) == 0:
         raise DataError("data: no samples to screen")
+    if reference is not None and detector_file is not None:
+        raise ValueError("reference, detector_file: pass one of them (a detector file is already fitted)")
+    if detector_file is not None and (detector != "features" or detector_options):
+        raise ValueError(f"detector_file: expected detector 'features' without detector_options (the file holds its "
+                         f"fit and options), got detector {detector!r}, options {detector_options or {}}")
+    fit_source = None if reference is None else open_source(reference, image_size=image_size, channels=channels)
     reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels)
+    if reference is not None and threshold is None:
+        check_calibration_size(len(reference), fpr, "calibration")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     detector_name = detector
     detector, scorer = build_detector(detector_name, model, detector_options, show_progress=show_progress)
+    if detector_file is not None:
+        from trojanguard.detect import FeatureMahalanobis
+
+        detector = scorer.detector = FeatureMahalanobis.load(detector_file, model, show_progress=False)
+        if tuple(source.read(0, 1).x.shape[1:]) != tuple(detector.input_shape):
+            raise DataError(f"data: expected images of shape {tuple(detector.input_shape)} (the detector file's fit),"
+                            f" got {tuple(source.read(0, 1).x.shape[1:])}")
+    if fit_source is not None and not scorer.needs_reference:
+        raise ValueError(f"reference: detector {detector_name!r} is not fitted on data; reference data is for "
+                         "detectors that are (features, amortized)")
     _check_model_fits(scorer, source, "data")
     if reference is not None:
         _check_model_fits(scorer, reference, "calibration")
+    if fit_source is not None:
+        _check_model_fits(scorer, fit_source, "reference")
     rule = "fixed" if threshold is not None else "quantile" if reference is not None else "robust_z"
     run = _json_safe({
         "format": FORMAT,
@@ -180,6 +209,10 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
                  "threshold": None if threshold is None else float(threshold),
                  "z": ROBUST_Z if rule == "robust_z" else None},
     })
+    if fit_source is not None:  # only when set, so results of earlier runs without it still resume
+        run["fit"] = _json_safe({"reference": fit_source.fingerprint()})
+    elif detector_file is not None:
+        run["fit"] = {"detector_file": hashlib.sha256(Path(detector_file).read_bytes()).hexdigest()}
     results = ResultsFile(out_dir / RESULTS_FILE)
     meta, done = None, 0
     if results.path.exists() and not overwrite:
@@ -191,10 +224,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         if done > len(source):
             raise ResumeError(f"{results.path} has {done} rows but the data has {len(source)} samples")
 
-    if scorer.needs_reference:  # e.g. features: fitted on (an evenly spaced subset of) the screened data itself
-        scorer.prepare(SourceImages(source, batch_size, limit=FIT_MAX_SAMPLES))
-    else:
-        scorer.prepare(None)
+    fit_info = _prepare(scorer, source, fit_source, detector_file, batch_size)
 
     calibration_scores = None
     if meta is None:
@@ -240,6 +270,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     run_info = {"resumed_from": resumed_from, "screened_now": screened_now, "seconds": seconds,
                 "images_per_second": rate, "batch_size": batch_size}
     summary = _summary(rows, flagged, source, meta, run, rule, fpr, threshold_value, run_info, top_k, detector)
+    summary["fit"] = fit_info
     files = {"results": results.path}
     report_path = None
     if report:
@@ -251,6 +282,34 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
 
 
 # ------------------------------------------------------------------------------------------------ internals
+def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource | None, detector_file,
+             batch_size: int) -> dict | None:
+    """Fit the detector when it needs it — on ``fit_source`` (trusted reference data) or else on (an evenly spaced
+    subset of) the screened data itself — and describe the fit for the summary: what it was fitted on, samples per
+    class, the fit's sample-size warnings and, for a self-fit, whether the screened data can support one."""
+    if not scorer.needs_reference:
+        scorer.prepare(None)
+        if detector_file is None:
+            return None
+        on, description = "detector file", str(detector_file)
+        caught: list[str] = []
+    else:
+        fit_data = source if fit_source is None else fit_source
+        on = "screened data" if fit_source is None else "reference"
+        description = fit_data.description
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always", SampleSizeWarning)
+            scorer.prepare(SourceImages(fit_data, batch_size, limit=FIT_MAX_SAMPLES))
+        caught = [str(r.message) for r in records if issubclass(r.category, SampleSizeWarning)]
+    detector = scorer.detector
+    messages = list(dict.fromkeys(caught + list(getattr(detector, "fit_warnings", []) or [])))
+    counts = getattr(detector, "class_counts", None)
+    return {"on": on, "description": description,
+            "class_counts": None if counts is None else [int(c) for c in counts],
+            "warnings": messages,
+            "self_fit_supported": (not messages) if on == "screened data" else None}
+
+
 def _check_model_fits(scorer: BatchScorer, source: ImageSource, what: str) -> None:
     """One forward pass on the first sample: a model that cannot take the data fails here, with both named."""
     batch = source.read(0, 1)
@@ -299,7 +358,7 @@ def _stream(scorer, source, results, done, batch_size, threshold, detector_name,
                 scores[ok] = batch_scores[ok].double()
                 predicted[ok] = batch_predicted[ok]
             errors = [batch.errors.get(i, "") for i in range(len(batch))]
-            for i in (ok & ~torch.isfinite(scores)).nonzero().flatten().tolist():  # never a silent NaN among scores
+            for i in (ok & torch.isnan(scores)).nonzero().flatten().tolist():  # never a silent NaN; inf is a score
                 errors[i] = f"{NOT_SCORED}: {detector_name} returned {scores[i].item()} for this image"
             flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores.tolist()]
             results.append(batch.start, batch.ids, batch.labels, predicted.tolist(), scores.tolist(), flags, errors)
@@ -317,6 +376,7 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
     readable = rows.readable
     unscored = sum(error.startswith(NOT_SCORED) for error in rows.errors)
     scores = rows.scores[readable]
+    finite = scores[np.isfinite(scores)]
     order = [int(i) for i in np.lexsort((np.arange(len(rows)), -np.nan_to_num(rows.scores, nan=-np.inf)))
              if readable[i]]
     truth = None if source.truth is None else source.truth.numpy().astype(bool)
@@ -352,8 +412,10 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "threshold": {"value": float(threshold), "rule": rule, "description": descriptions[rule],
                       "fpr": fpr if rule == "quantile" else None,
                       "calibration": meta.get("calibration_description")},
-        "scores": {k: float(f(scores)) if len(scores) else None for k, f in
-                   (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))},
+        # statistics of the finite scores; infinite ones (most suspicious, flagged) are counted apart
+        "scores": {**{k: float(f(finite)) if len(finite) else None for k, f in
+                      (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))},
+                   "infinite": int(np.isinf(scores).sum())},
         "flags_by_predicted_label": per_label,
         "run": run_info,
         "grid_size": min(top_k, len(order)),

@@ -197,7 +197,9 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     elif run.get("resumed_from"):
         facts.append(["resumed", "the run was already complete: every row was read back from results.csv"])
     scores = s["scores"]
-    facts.append(["scores (min / median / max)", f"{scores['min']:.4g} / {scores['median']:.4g} / {scores['max']:.4g}"])
+    shown = " / ".join("–" if scores[k] is None else f"{scores[k]:.4g}" for k in ("min", "median", "max"))
+    facts.append(["scores (min / median / max of the finite ones)", shown
+                  + (f"; {scores['infinite']} infinite (most suspicious)" if scores.get("infinite") else "")])
     truth = s.get("truth")
     if truth:
         facts.append(["known poisoned samples", truth["poisoned"]])
@@ -251,5 +253,17 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
 
 
 def write_summary(path: Path, summary: dict) -> Path:
-    path.write_text(json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8")
+    """Strict JSON: an infinite score (the highest suspicion) is written as the string "inf" / "-inf"."""
+    path.write_text(json.dumps(_finite_json(summary), indent=2, allow_nan=False, default=str) + "\n",
+                    encoding="utf-8")
     return path
+
+
+def _finite_json(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
