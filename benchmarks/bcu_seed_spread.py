@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bcu_table import cpu_name  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.sources import clean_half, ood_images
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(two processes on two cores)")
     parser.add_argument("--results", type=Path, default=None, help="JSON file of finished runs (resume)")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    parser.add_argument("--report-only", action="store_true", help="only tabulate finished runs, start none")
     args = parser.parse_args(argv)
     shard, shards = (int(part) for part in args.shard.split("/"))
     results_path = args.results or cache_dir() / "bcu_seed_spread.json"
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for attack, zoo_seed, bcu_seed in configs[shard::shards]:
         key = f"{args.tag}/{args.arch}/{args.source}/{attack}/zoo{zoo_seed}/bcu{bcu_seed}"
         done = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other shards write too
-        if key in done:
+        if key in done or args.report_only:
             continue
         start = time.perf_counter()
         row = {"tag": args.tag, **run_one(attack, zoo_seed, bcu_seed, args.source, args.arch)}
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = [r for r in done.values() if r["source"] == args.source and r["arch"] == args.arch]
-    machine = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
                f"{torch.get_num_threads()} torch threads, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'auto')}, "
                f"torch {torch.__version__}, python {platform.python_version()}")
     text = "\n".join([machine, f"Command: benchmarks/bcu_seed_spread.py {' '.join(argv or sys.argv[1:])}", "",

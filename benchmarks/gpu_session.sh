@@ -3,7 +3,7 @@
 # just-in-time build of the CUDA extension, the GPU tests, the roofline, the op-level and end-to-end
 # benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
 # whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
-#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc screen cpu (default: all)
+#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc screen cpu spread (default: env build tests roofline ops cd auroc)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-out}")
@@ -46,6 +46,11 @@ print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); pri
     screen) TAIL=20 run screen 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_screen.py --benchmark-only ;;
     cpu) CUDA_VISIBLE_DEVICES= TAIL=22 run cpu 420 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; lscpu | grep -o -E 'amx_bf16|avx512_bf16' | sort -u
       $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only -k 'baseline or sdk-fp32 or sdk]'" ;;
+    spread) SHARDS=${SHARDS:-$(( $(nproc) - 2 ))}; SPREAD_SECONDS=${SPREAD_SECONDS:-420}; TAIL=40 run spread $((SPREAD_SECONDS + 30)) bash -c "
+      for k in \$(seq 0 $((SHARDS - 1))); do CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 timeout $SPREAD_SECONDS $PY benchmarks/bcu_seed_spread.py \
+        --results $OUT/spread.json --shard \$k/$SHARDS --tag 'GPU host CPU, 1 thread' >$OUT/spread-\$k.log 2>&1 & done; wait"
+      $PY benchmarks/bcu_seed_spread.py --results "$OUT/spread.json" --tag 'GPU host CPU, 1 thread' --report-only \
+        > "$OUT/spread-table.md" 2>&1; cat "$OUT/spread-table.md" ;;  # BCU OOD seed spread on the host's CPU cores
     *) echo "unknown part $part" ;;
   esac
 done
