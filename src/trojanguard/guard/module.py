@@ -6,7 +6,9 @@ Serving contract (the same in PyTorch, in the exported ONNX graph and in :class:
   so a NaN score is flagged too.
 - Inputs that are not valid pixels — any NaN or ±Inf value, or a value outside ``input_range`` (default
   [0, 1]) — get ``score = +inf`` and ``flagged = True`` whatever the model says; the check is part of the
-  graph, so a server running the raw ONNX file is as safe as one using :class:`GuardSession`. Shape and
+  graph, so a server running the raw ONNX file is as safe as one using :class:`GuardSession`.
+- A row whose logits are not all finite (a model with NaN / infinite weights, or one that overflows on the
+  input) gets ``score = +inf`` and ``flagged = True`` too: a NaN prediction is never served unflagged. Shape and
   dtype errors cannot be flagged per input: PyTorch and the session raise on them.
 - ``policy="flag"`` returns the model's logits untouched; ``policy="reject"`` replaces the logits of
   flagged inputs by NaN (the prediction is withheld: softmax and any arithmetic on them stay NaN, so a
@@ -93,7 +95,8 @@ class Guard(nn.Module):
         if not torch.jit.is_tracing() and self.threshold is None:
             raise RuntimeError("Guard: no threshold; call guard.calibrate(clean_x, fpr=...) or pass threshold=")
         logits, score = self.scorer(x)
-        score = torch.where(self.valid_inputs(x), score, torch.tensor(math.inf, dtype=score.dtype, device=score.device))
+        trusted = self.valid_inputs(x) & finite_rows(logits)
+        score = torch.where(trusted, score, torch.tensor(math.inf, dtype=score.dtype, device=score.device))
         flagged = ~(score <= self._threshold)
         if self.policy == "reject":
             logits = torch.where(flagged[:, None], torch.full_like(logits, math.nan), logits)
@@ -123,6 +126,11 @@ class Guard(nn.Module):
         scores) and return it."""
         self.threshold = self.detector.calibrate(clean_x, fpr=fpr, rule=rule)
         return self.threshold
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(N,)``: every logit of the row is finite (``l − l`` is 0 where finite, NaN where NaN or ±Inf)."""
+    return (logits - logits).sum(1) == 0
 
 
 def _check_same_weights(model: nn.Module, detector) -> None:
