@@ -137,7 +137,9 @@ def load_model(path: str | Path, arch: str | None = None, *, num_classes: int = 
             raise _not_a_model(path, head, f"not a valid safetensors file: {exc}") from None
     elif _is_torchscript(path):
         try:
-            script = torch.jit.load(str(path), map_location=map_location)
+            with warnings.catch_warnings():  # torch ≥ 2.9 deprecates TorchScript; loading it is still supported
+                warnings.simplefilter("ignore", FutureWarning)
+                script = torch.jit.load(str(path), map_location=map_location)
         except Exception as exc:  # noqa: BLE001 — any failure: a damaged archive
             raise _not_a_model(path, head, f"a TorchScript archive torch.jit.load cannot read: "
                                            f"{_first_line(exc)}") from None
