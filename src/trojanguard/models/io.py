@@ -146,7 +146,7 @@ def load_model(path: str | Path, arch: str | None = None, *, num_classes: int = 
         model = CompiledModel(script.eval(), "torchscript", source=source)
         check_finite_weights(model.state_dict(), source)
         return model
-    elif not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+    elif not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         raise _not_a_model(path, head)
     else:
         try:
