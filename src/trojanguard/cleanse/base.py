@@ -533,9 +533,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, setti
         rows.append(EpochRow(epoch + 1, total / seen, tau, lr, time.perf_counter() - start, metrics))
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(loss=f"{total / seen:.4f}", **{k[:3]: f"{v:.3f}" for k, v in metrics.items()})
-    for p in student.parameters():
-        if not torch.isfinite(p).all():
-            raise CleanseError("the cleansed model holds NaN or infinite weights; training diverged — lower lr")
+    for name, tensor in student.state_dict().items():  # buffers too: batch-norm statistics can overflow alone
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CleanseError(f"the cleansed model holds NaN or infinite values in {name!r} after training "
+                               f"(lr {settings.lr:g}); training diverged — lower lr. No model is returned.")
     shares = [] if class_counts is None else (class_counts.double() / class_counts.sum()).tolist()
     return rows, seen, shares
 

@@ -79,6 +79,7 @@ from trojanguard.cleanse.base import (
     normalisation_gap,
     preflight,
 )
+from trojanguard.models.compiled import is_compiled
 
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
 AUTHORS_CLASSIFIER_RATIO = 0.10  # [code]
@@ -390,6 +391,10 @@ class BCU(Cleanser):
         that did not train (data that does not fit the model, too few images, NaN losses)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if is_compiled(model):
+            raise CleanseError("model: expected a trainable model, got a compiled TorchScript / torch.export program "
+                               "(its weights cannot be re-initialised or trained); BCU needs the weights as a state "
+                               "dict (safetensors / .pt) and the architecture (CLI: --arch)")
         start, cpu_start = time.perf_counter(), time.process_time()
         self.report = None
         device = model_device(model)

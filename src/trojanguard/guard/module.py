@@ -6,7 +6,9 @@ Serving contract (the same in PyTorch, in the exported ONNX graph and in :class:
   so a NaN score is flagged too.
 - Inputs that are not valid pixels — any NaN or ±Inf value, or a value outside ``input_range`` (default
   [0, 1]) — get ``score = +inf`` and ``flagged = True`` whatever the model says; the check is part of the
-  graph, so a server running the raw ONNX file is as safe as one using :class:`GuardSession`. Shape and
+  graph, so a server running the raw ONNX file is as safe as one using :class:`GuardSession`.
+- A row whose logits are not all finite (a model with NaN / infinite weights, or one that overflows on the
+  input) gets ``score = +inf`` and ``flagged = True`` too: a NaN prediction is never served unflagged. Shape and
   dtype errors cannot be flagged per input: PyTorch and the session raise on them.
 - ``policy="flag"`` returns the model's logits untouched; ``policy="reject"`` replaces the logits of
   flagged inputs by NaN (the prediction is withheld: softmax and any arithmetic on them stay NaN, so a
@@ -93,7 +95,9 @@ class Guard(nn.Module):
         if not torch.jit.is_tracing() and self.threshold is None:
             raise RuntimeError("Guard: no threshold; call guard.calibrate(clean_x, fpr=...) or pass threshold=")
         logits, score = self.scorer(x)
-        score = torch.where(self.valid_inputs(x), score, torch.tensor(math.inf, dtype=score.dtype, device=score.device))
+        # one test for both: the input's deviation plus the logits' l − l (0 where finite, NaN where NaN or ±Inf)
+        trusted = self._input_deviation(x) + (logits - logits).sum(1) == 0
+        score = torch.where(trusted, score, torch.tensor(math.inf, dtype=score.dtype, device=score.device))
         flagged = ~(score <= self._threshold)
         if self.policy == "reject":
             logits = torch.where(flagged[:, None], torch.full_like(logits, math.nan), logits)
@@ -108,10 +112,14 @@ class Guard(nn.Module):
         at batch 1 and 190 µs at batch 64 on 3×32×32 inputs, against 1.2 µs and 27 µs for Abs + ReduceSum).
         Max/min reductions would need fewer passes but ONNX Runtime's ReduceMax/ReduceMin drop NaN.
         """
+        return self._input_deviation(x) == 0
+
+    def _input_deviation(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)``: 0 for a valid input, positive, NaN or ±Inf otherwise (see :meth:`valid_inputs`)."""
         dims = tuple(range(1, x.dim()))
         if self.input_range is None:
-            return (x - x).sum(dims) == 0  # x − x: 0 where finite, NaN where NaN or ±Inf
-        return (x - x.clamp(*self.input_range)).abs().sum(dims) == 0
+            return (x - x).sum(dims)  # x − x: 0 where finite, NaN where NaN or ±Inf
+        return (x - x.clamp(*self.input_range)).abs().sum(dims)
 
     def run(self, x: torch.Tensor) -> GuardOutput:
         """``forward`` without gradients, as a named tuple."""

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from trojanguard.data.core import check_images
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, ModelLoadError
 from trojanguard.guard.module import Guard
-from trojanguard.models import Normalize
+from trojanguard.models import CompiledModel, Normalize
 
 DEFAULT_OPSET = 17  # ONNX Runtime ≥ 1.12 and every supported torch's TorchScript exporter
 INPUT_NAME = "input"
@@ -69,6 +69,7 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
     if guard.input_shape is not None and tuple(example.shape[1:]) != tuple(guard.input_shape):
         raise DataError(f"example: expected images of shape {tuple(guard.input_shape)} (the detector's reference "
                         f"data), got {tuple(example.shape[1:])}")
+    example = _example_for_compiled(guard, example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(iter(guard.buffers())).device
@@ -137,6 +138,23 @@ def _normalization(guard: Guard) -> dict[str, object]:
     if not found:
         return {"in_graph": False, "note": "no trojanguard Normalize in the model: the graph takes the pixels as they are"}
     return {"in_graph": True, "mean": found[0].mean.flatten().tolist(), "std": found[0].std.flatten().tolist()}
+
+
+def _example_for_compiled(guard: Guard, example: torch.Tensor) -> torch.Tensor:
+    """Refuse a TorchScript model (the ONNX tracer cannot enter a loaded ScriptModule); give a torch.export
+    program with a fixed batch size an example of exactly that size, so the trace calls it directly."""
+    model = guard.scorer.model
+    if not isinstance(model, CompiledModel):
+        return example
+    if model.kind == "torchscript":
+        raise ModelLoadError(f"{model.source}: expected a PyTorch module or a torch.export (.pt2) program, got a "
+                             "TorchScript model, which the ONNX exporter cannot trace inside the guard; load its "
+                             "weights as a state dict with an architecture (CLI: --arch), or save it with "
+                             "torch.export")
+    batch = model.input_shape[0] if model.input_shape else None
+    if batch is None or len(example) == batch:
+        return example
+    return example[torch.arange(batch) % len(example)]
 
 
 def _has_torchscript_exporter() -> bool:

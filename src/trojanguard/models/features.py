@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from trojanguard.models.compiled import is_compiled
+
 log = logging.getLogger(__name__)
 
 POOLING_TYPES = (
@@ -23,6 +25,9 @@ class _StopForward(Exception):
 
 
 def module_by_name(model: nn.Module, name: str) -> nn.Module:
+    if is_compiled(model) and name != "":
+        raise ValueError(f"layer: the model is compiled (TorchScript / torch.export), so its layers cannot be hooked; "
+                         f"expected layer='' (its output) or none, got {name!r}")
     modules = dict(model.named_modules())
     if name not in modules:
         shown = ", ".join(n for n in list(modules)[1:40] if n)
@@ -33,7 +38,10 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
 @torch.no_grad()
 def default_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
     """Name of the last module (in order of completion) whose output is a 4-D map and that is not a pooling
-    layer: the last convolutional stage before global pooling (the layer CD-F and feature detectors use)."""
+    layer: the last convolutional stage before global pooling (the layer CD-F and feature detectors use).
+    A compiled model (TorchScript / torch.export) cannot be hooked inside: ``""``, its output, is the feature."""
+    if is_compiled(model):
+        return ""
     order: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = [
         m.register_forward_hook(lambda mod, inp, out, n=n: order.append((n, mod, out)))

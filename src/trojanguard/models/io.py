@@ -1,12 +1,15 @@
 """Safe model loading: never runs code from the file unless the user opts in.
 
 Accepted: safetensors state dicts and ``torch.load(weights_only=True)`` state dicts (both with an
-architecture name), TorchScript archives and ``torch.export`` programs. Plain pickled modules only with
-``allow_pickle=True``, which warns.
+architecture name), TorchScript archives and ``torch.export`` programs (wrapped in
+:class:`~trojanguard.models.compiled.CompiledModel`). Plain pickled modules only with ``allow_pickle=True``,
+which warns. Every model is checked for NaN / infinite weights before it is returned.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from trojanguard.errors import ModelLoadError
+from trojanguard.models.compiled import CompiledModel, exported_input_shape
 from trojanguard.models.nets import build_model
 
 
@@ -32,6 +36,14 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+FOREIGN_FORMATS = (  # (leading bytes, what the file is) of files people hand in by mistake
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a NumPy .npy array"),
+)
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"  # pickle protocol ≥ 2: torch.save's legacy (non-zip) format
+
+
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -40,40 +52,124 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _not_a_model(path: Path, head: bytes, detail: str = "") -> ModelLoadError:
+    """The error for a file that is not a model file of any accepted kind (named by its leading bytes)."""
+    name = str(path)
+    if path.suffix == ".onnx":
+        return ModelLoadError(f"model file {name!r}: expected a PyTorch model (safetensors / .pt state dict, "
+                              "TorchScript, .pt2), got an ONNX graph; an exported guard graph is served with "
+                              "trojanguard.guard.GuardSession or `trojanguard export --model FILE.onnx --triton-repo "
+                              "DIR`, and cannot be screened or cleansed as a PyTorch model")
+    kind = next((what for magic, what in FOREIGN_FORMATS if head.startswith(magic)), None)
+    if not head:
+        got = "an empty file"
+    elif kind is not None:
+        got = kind
+    else:
+        got = "a corrupt or truncated file, or another format" + (f" ({detail})" if detail else "")
+    return ModelLoadError(f"model file {name!r}: expected a PyTorch model (safetensors / .pt state dict, "
+                          f"TorchScript, .pt2), got {got}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].split('. ')[0][:160]}" if text else type(exc).__name__
+
+
+def check_finite_weights(state: dict, source: str) -> None:
+    """Raise :class:`ModelLoadError` naming ``source`` and the first tensor holding NaN or ±Inf."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"{source}: expected finite weights, got NaN or infinite values in tensor "
+                                 f"{name!r} ({bad} of {tensor.numel()} values); the model cannot give meaningful "
+                                 "predictions")
+
+
+def _load_exported(path: Path, map_location: str) -> nn.Module:
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise _not_a_model(path, head, "a .pt2 file is a zip archive written by torch.export.save")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # torch logs the failure with a traceback before raising it
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001 — any failure: the archive is not a loadable program
+        raise ModelLoadError(f"model file {str(path)!r}: expected a torch.export program (.pt2), got an archive "
+                             f"torch.export.load cannot read ({_first_line(exc)})") from None
+    finally:
+        export_log.setLevel(level)
+    module = program.module().to(map_location)
+    return CompiledModel(module, "torch.export", input_shape=exported_input_shape(program),
+                         source=f"model file {str(path)!r}")
+
+
 def load_model(path: str | Path, arch: str | None = None, *, num_classes: int = 10, in_channels: int = 3,
                normalize=None, allow_pickle: bool = False, map_location: str = "cpu") -> nn.Module:
-    """Load a model file safely; ``arch`` is required for state dicts (see :func:`build_model`)."""
+    """Load a model file safely; ``arch`` is required for state dicts (see :func:`build_model`).
+
+    TorchScript archives and ``torch.export`` programs come back wrapped in a
+    :class:`~trojanguard.models.compiled.CompiledModel` (eval mode, not trainable). Raises
+    :class:`ModelLoadError` naming the file for a missing, empty, corrupt or foreign file, and for weights
+    holding NaN or infinite values.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
+    source = f"model file {str(path)!r}"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head or any(head.startswith(magic) for magic, _ in FOREIGN_FORMATS) or path.suffix == ".onnx":
+        raise _not_a_model(path, head)
     if path.suffix == ".pt2":
-        program = torch.export.load(str(path))
-        return program.module()
+        model = _load_exported(path, map_location)
+        check_finite_weights(model.state_dict(), source)
+        return model
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device=map_location)
+        try:
+            state = load_file(str(path), device=map_location)
+        except SafetensorError as exc:
+            raise _not_a_model(path, head, f"not a valid safetensors file: {exc}") from None
     elif _is_torchscript(path):
-        return torch.jit.load(str(path), map_location=map_location)
+        try:
+            with warnings.catch_warnings():  # torch ≥ 2.9 deprecates TorchScript; loading it is still supported
+                warnings.simplefilter("ignore", FutureWarning)
+                script = torch.jit.load(str(path), map_location=map_location)
+        except Exception as exc:  # noqa: BLE001 — any failure: a damaged archive
+            raise _not_a_model(path, head, f"a TorchScript archive torch.jit.load cannot read: "
+                                           f"{_first_line(exc)}") from None
+        model = CompiledModel(script.eval(), "torchscript", source=source)
+        check_finite_weights(model.state_dict(), source)
+        return model
+    elif not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise _not_a_model(path, head)
     else:
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc) and "Unsupported operand" not in str(exc):
+                raise _not_a_model(path, head, _first_line(exc)) from None
             if not allow_pickle:
                 raise ModelLoadError(
-                    f"model file {str(path)!r} is not a plain state dict ({type(exc).__name__}); loading it "
+                    f"model file {str(path)!r} is not a plain state dict (it holds pickled objects); loading it "
                     "would unpickle arbitrary code. Re-save it as safetensors, or pass allow_pickle=True "
                     "(CLI: --allow-pickle) only if you trust its source."
                 ) from None
             warnings.warn(f"unpickling {path}: this can run arbitrary code from the file", stacklevel=2)
-            obj = torch.load(path, map_location=map_location, weights_only=False)
-            if isinstance(obj, nn.Module):
-                return obj
-            state = obj
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 — truncated zip, bad pickle stream, ...
+            raise _not_a_model(path, head, _first_line(exc)) from None
     if isinstance(state, nn.Module):
+        check_finite_weights(state.state_dict(), source)
         return state
     if not isinstance(state, dict):
         raise ModelLoadError(f"model file {str(path)!r}: expected a state dict, got {type(state).__name__}")
+    check_finite_weights(state, source)
     if arch is None:
         raise ModelLoadError(f"model file {str(path)!r} holds a state dict: pass arch= to say which architecture")
     model = build_model(arch, num_classes=num_classes, in_channels=in_channels, normalize=normalize)
