@@ -318,9 +318,9 @@ def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> Path:
     if not entries or _holds_screening_run(path):
         return path
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-    raise ResumeError(f"{name}: expected an empty folder or one of an earlier 'trojanguard screen' run, got "
-                      f"{str(path)!r} holding {len(entries)} file(s) that are not a screening run's ({shown}); choose "
-                      "a new or empty folder")
+    raise ResumeError(f"{name}: expected a new or empty folder, or the folder of an earlier 'trojanguard screen' "
+                      f"run (its results.csv), got {str(path)!r} holding {len(entries)} file(s) and no screening "
+                      f"results ({shown}); choose a new or empty folder")
 
 
 def _holds_screening_run(path: Path) -> bool:
