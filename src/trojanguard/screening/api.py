@@ -308,6 +308,10 @@ def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> Path:
     else is refused (:class:`ResumeError`, naming ``name``) so a run never overwrites files it did not write."""
     path = Path(out_dir)
     if not path.exists():
+        existing = next((parent for parent in path.parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ResumeError(f"{name}: expected a folder that can be created, got {str(path)!r} inside "
+                              f"{str(existing)!r}, a file")
         return path
     if not path.is_dir():
         raise ResumeError(f"{name}: expected a folder for the screening results, got a file ({str(path)!r})")
