@@ -316,7 +316,7 @@ def timing_text(run: dict) -> str:
     """The run's time split (fit, calibration, scoring, report) and its throughput, scoring only and end to end."""
     parts = [f"{name} {run[key]:.1f} s" for name, key in (("fit", "fit_seconds"), ("calibration", "calibration_seconds"),
                                                          ("scoring", "seconds"), ("report", "report_seconds"))
-             if run.get(key, 0) >= 0.05]
+             if key == "seconds" or run.get(key, 0) >= 0.05]  # scoring always; the others when they took time
     text = f"{run['total_seconds']:.1f} s in all" + (f" ({', '.join(parts)})" if parts else "")
     if run.get("images_per_second"):
         text += (f"; {run['screened_now']} images: {run['images_per_second']:.2f} images/s scoring only, "
