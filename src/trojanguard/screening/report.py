@@ -219,16 +219,18 @@ def write_grid(path: Path, images: torch.Tensor, captions: list[str], *, flagged
 
 def write_mask_means(path: Path, flagged: torch.Tensor, unflagged: torch.Tensor) -> Path:
     """Where the masks fall: the mean mask (``(K, M, H, W)`` masks averaged over samples and mask channels) of
-    flagged and of unflagged samples on the grid's scale (0 black … 1 white = kept), and their difference. A
-    trigger shows as a bright spot in the flagged mean that the unflagged mean lacks."""
+    flagged and of unflagged samples on one scale (0 black … the larger maximum white: CD's masks are small,
+    so the grid's 0…1 scale would show them nearly black), and their difference. A trigger shows as a bright spot
+    in the flagged mean that the unflagged mean lacks."""
     means = [m.detach().float().mean((0, 1)).cpu().numpy() for m in (flagged, unflagged)]
+    top = max(float(max(m.max() for m in means)), 1e-6)
     difference = means[0] - means[1]
     spread = max(float(np.abs(difference).max()), 1e-6)
     figure = _figure(7.5, 2.8)
     figure.set_layout_engine("constrained")
     axes = figure.subplots(1, 3)
-    panels = [(f"flagged (mean of {len(flagged)})", means[0], "gray", 0, 1),
-              (f"not flagged (mean of {len(unflagged)})", means[1], "gray", 0, 1),
+    panels = [(f"flagged (mean of {len(flagged)})", means[0], "gray", 0, top),
+              (f"not flagged (mean of {len(unflagged)})", means[1], "gray", 0, top),
               ("flagged − not flagged", difference, "coolwarm", -spread, spread)]
     for ax, (title, picture, cmap, low, high) in zip(axes, panels):
         shown = ax.imshow(picture, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
