@@ -14,6 +14,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from trojanguard.data import load_image_folder, load_npz
@@ -33,7 +35,8 @@ from trojanguard.screening import (
     screen,
 )
 from trojanguard.screening.records import ResultsFile
-from trojanguard.screening.thresholds import robust_threshold
+from trojanguard.screening.report import clean_flag_expectation, target_label_test
+from trojanguard.screening.thresholds import quantile_threshold, robust_threshold
 
 CD_FAST = {"steps": 3}
 
@@ -133,6 +136,10 @@ def test_features_screening_of_a_folder_with_a_corrupt_file(tmp_path, model, ima
     assert math.isnan(result.scores[bad]) and not result.flagged[bad] and result.predicted[bad] == -1
     assert result.summary["unreadable"] == 1 and result.summary["unreadable_samples"][0]["id"] == "a/zz_truncated.png"
     assert "zz_truncated.png" in (tmp_path / "out" / "index.html").read_text()
+    listed = {name: (tmp_path / "out" / name).read_text().splitlines() for name in ("flagged.txt", "kept.txt")}
+    assert listed["flagged.txt"] == result.flagged_ids  # the next step's input: one id per line, data order
+    assert listed["kept.txt"] == [i for k, i in enumerate(result.ids) if result.readable[k] and not result.flagged[k]]
+    assert "a/zz_truncated.png" not in listed["flagged.txt"] + listed["kept.txt"]  # unreadable: in neither
     _, rows = ResultsFile(result.results_path).read()
     assert rows.errors[bad].startswith("unreadable image") and rows.flagged[bad] == -1
 
@@ -198,9 +205,10 @@ def test_resume_refuses_results_of_a_different_run(tmp_path, model, images):
         screen(other, images, out_dir=tmp_path, **options)
     again = screen(other, images, out_dir=tmp_path, overwrite=True, **options)
     assert again.resumed_from == 0
-    (tmp_path / "results.csv").write_text("id,score\n1,2\n")
-    with pytest.raises(ResumeError, match="not a trojanguard screening results file"):
-        screen(other, images, out_dir=tmp_path, **options)
+    (tmp_path / "results.csv").write_text("id,score\n1,2\n")  # no longer a screening run's folder: never overwritten
+    with pytest.raises(ResumeError, match="out_dir: expected a new or empty folder.*results.csv"):
+        screen(other, images, out_dir=tmp_path, overwrite=True, **options)
+    assert (tmp_path / "results.csv").read_text() == "id,score\n1,2\n"
 
 
 def test_robust_rule_flags_outliers_and_fills_flags_at_the_end(tmp_path, model, images):
@@ -345,24 +353,200 @@ class _Links(HTMLParser):
 
 def test_report_files_exist_are_non_empty_and_the_page_links_resolve(tmp_path, model, images):
     result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
-                    top_k=5, show_progress=False)
-    for name in ("results.csv", "calibration.csv", "summary.json", "histogram.png", "suspicious.png", "index.html"):
+                    top_k=5, show_progress=False, command="trojanguard screen --data 'my data.npz'")
+    for name in ("results.csv", "calibration.csv", "summary.json", "histogram.png", "suspicious.png", "masks.png",
+                 "index.html", "kept.txt"):
         assert (tmp_path / name).stat().st_size > 0, name
-    for name in ("histogram.png", "suspicious.png"):
+    for name in ("histogram.png", "suspicious.png", "masks.png"):
         with Image.open(tmp_path / name) as picture:
             assert picture.size[0] > 300 and picture.size[1] > 200
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["samples"] == 20 and summary["threshold"]["rule"] == "quantile"
     assert summary["flagged"] == int(result.flagged.sum()) and len(summary["top"]) == 20
     assert [t["score"] for t in summary["top"]] == sorted((t["score"] for t in summary["top"]), reverse=True)
+    assert summary["mask_means"]["flagged"] == summary["flagged"] > 0
+    assert summary["mask_means"]["unflagged"] == 20 - summary["flagged"]
     page = (tmp_path / "index.html").read_text()
     parser = _Links()
     parser.feed(page)
-    assert {"histogram.png", "suspicious.png", "results.csv", "summary.json"} <= set(parser.links)
+    assert {"histogram.png", "suspicious.png", "masks.png", "results.csv", "summary.json", "flagged.txt",
+            "kept.txt"} <= set(parser.links)
     for link in parser.links:
         assert not re.match(r"^[a-z]+:|^/", link), link  # relative links only: the folder can be moved
         assert (tmp_path / link).is_file(), link
     assert "most suspicious" in page and f"{summary['flagged']} of 20" in page
+    assert "trojanguard screen --data &#x27;my data.npz&#x27;" in page and summary["data"]["digest"] in page
+    assert "expected from clean samples alone" in page and "Threshold without clean data" not in page
+
+
+def test_run_times_are_split_and_end_to_end_throughput_includes_them(tmp_path, model, images):
+    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
+                    top_k=3, show_progress=False)
+    run = result.summary["run"]
+    assert run["calibration_seconds"] > 0 and run["report_seconds"] > 0 and run["fit_seconds"] >= 0
+    assert run["total_seconds"] >= run["seconds"] + run["calibration_seconds"] + run["report_seconds"]
+    assert run["end_to_end_images_per_second"] == pytest.approx(20 / run["total_seconds"])
+    assert run["end_to_end_images_per_second"] < run["images_per_second"]
+    assert json.loads((tmp_path / "summary.json").read_text())["run"]["report_seconds"] == run["report_seconds"]
+
+
+class _BrightModel(torch.nn.Module):
+    """Toy classifier: bright images (mean > 0.6) are class 3; others the channel with the largest mean (0–2)."""
+
+    def forward(self, x):
+        means = x.flatten(2).mean(2)
+        return torch.cat([means, 10 * (x.flatten(1).mean(1, keepdim=True) - 0.6)], 1)
+
+
+class _Brightness(Detector):
+    def __init__(self, model):
+        pass
+
+    def score(self, x):
+        return x.flatten(1).mean(1)
+
+
+@pytest.fixture
+def brightness():
+    register_detector("brightness-test", _Brightness, "mean pixel value (test)")
+    yield "brightness-test"
+    del DETECTORS["brightness-test"]
+
+
+def test_report_separates_the_excess_over_chance_and_names_the_target(tmp_path, brightness):
+    """100 dark images and 20 bright ones (predicted 3, the 'target'), threshold at 2 % on 200 dark images: about
+    3 clean flags are expected, the 20 bright ones are beyond chance and the flags point at label 3."""
+    generator = torch.Generator().manual_seed(0)
+    dark = torch.rand(300, 3, 8, 8, generator=generator) * 0.5
+    bright = 0.8 + 0.2 * torch.rand(20, 3, 8, 8, generator=generator)
+    result = screen(_BrightModel(), torch.cat([dark[:100], bright]), detector=brightness, calibration=dark[100:],
+                    fpr=0.02, out_dir=tmp_path, show_progress=False)
+    chance, target = result.summary["clean_flags"], result.summary["target"]
+    assert result.flagged[100:].all() and 0 < chance["expected"] < 6
+    assert chance["beyond_chance"] >= 15 and chance["p_value"] < 1e-6
+    assert target["label"] == "3" and target["likely"] and target["p_value"] < 1e-6
+    page = (tmp_path / "index.html").read_text()
+    assert "Likely target class: 3" in page and "more than chance explains" in page and "beta-binomial" in page
+    assert not (tmp_path / "masks.png").exists()  # a detector without masks: no mask figure
+
+
+def test_robust_rule_report_carries_a_banner(tmp_path, images, brightness):
+    result = screen(_BrightModel(), images, detector=brightness, calibration=None, out_dir=tmp_path,
+                    show_progress=False)
+    page = (tmp_path / "index.html").read_text()
+    assert result.rule == "robust_z" and "Threshold without clean data" in page and "does not control" in page
+    assert result.summary["clean_flags"]["p_value"] is None  # no chance comparison the rule cannot back
+
+
+def test_beta_binomial_null_holds_its_level_where_the_binomial_does_not():
+    """Clean data only, threshold from 40 clean scores at fpr 0.05: the reported p-value falls under 0.05 at most
+    about 5 % of the time; a plain binomial(N, fpr), blind to the calibration set's size, about twice as often."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    p_values, plain, counts, expected = [], [], [], []
+    for _ in range(400):
+        calibration = rng.normal(size=40)
+        threshold = quantile_threshold(calibration, 0.05)
+        flags = int((rng.normal(size=100) > threshold).sum())
+        chance = clean_flag_expectation(flags, 100, "quantile", fpr=0.05, calibration=calibration, threshold=threshold)
+        p_values.append(chance["p_value"])
+        plain.append(stats.binom.sf(flags - 1, 100, 0.05))
+        counts.append(flags)
+        expected.append(chance["expected"])
+    assert abs(np.mean(counts) - np.mean(expected)) < 0.5
+    assert np.mean(np.array(p_values) < 0.05) <= 0.07 < np.mean(np.array(plain) < 0.05)
+    ten = clean_flag_expectation(10, 100, "quantile", fpr=0.05)  # the issue's example, reference scores unknown
+    assert ten["expected"] == 5 and ten["chance_upper"] == 9 and ten["beyond_chance"] == 1
+    assert ten["p_value"] == pytest.approx(stats.binom.sf(9, 100, 0.05))
+    assert clean_flag_expectation(3, 100, "fixed")["expected"] is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 4), min_size=1, max_size=60), data=st.data())
+def test_target_test_is_a_p_value_of_a_present_label(labels, data):
+    predicted = np.array(labels)
+    flagged = np.array(data.draw(st.lists(st.booleans(), min_size=len(labels), max_size=len(labels))))
+    result = target_label_test(predicted, flagged)
+    if not flagged.any():
+        assert result is None
+        return
+    assert 0 <= result["p_value"] <= 1 and int(result["label"]) in set(labels)
+    assert result["likely"] == (result["p_value"] < 0.01)
+    assert result["flagged"] == int((predicted[flagged] == int(result["label"])).sum())
+
+
+def test_flags_spread_like_the_labels_point_at_no_target():
+    predicted = np.arange(200) % 10
+    spread = (np.arange(200) // 10) % 5 == 0  # 40 flags, 4 per label
+    assert not target_label_test(predicted, spread)["likely"]
+    piled = spread.copy()
+    piled[predicted == 7] = True  # every sample of label 7 flagged
+    result = target_label_test(predicted, piled)
+    assert result["label"] == "7" and result["likely"]
+
+
+def test_grid_captions_carry_the_sample_ids(tmp_path, model, images, monkeypatch):
+    from trojanguard.screening import report as reporting
+
+    captions = []
+    original = reporting.write_grid
+    monkeypatch.setattr(reporting, "write_grid", lambda path, x, text, **kw: captions.extend(text) or original(
+        path, x, text, **kw))
+    root = save_folder(tmp_path / "imgs", images[:8], classes=("a-rather-long-class-name", "b"))
+    result = screen(model, root, detector="features", out_dir=tmp_path / "out", calibration=None, image_size=16,
+                    top_k=4, show_progress=False)
+    top = result.summary["top"][:4]
+    assert len(captions) == 4
+    for caption, item in zip(captions, top):
+        assert caption.startswith(f"#{item['rank']} {reporting.short_id(item['id'])}\n")
+    assert reporting.short_id("a-rather-long-class-name/003.png") == "…lass-name/003.png"
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_off_a_terminal_prints_plain_lines_every_tenth_but_not_too_often(monkeypatch, capsys):
+    from trojanguard import progress as progress_module
+
+    clock = _Clock()
+    monkeypatch.setattr(progress_module.time, "monotonic", clock)
+    monkeypatch.delenv("TROJANGUARD_PROGRESS", raising=False)
+    bar = progress_module.progress_bar(1000, desc="screening (cd)", unit="img")
+    assert isinstance(bar, progress_module.PlainProgress)  # capsys: stderr is not a terminal
+    for _ in range(100):  # 10 img per second: 100 s in all
+        clock.now += 1.0
+        bar.update(10)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert 3 <= len(lines) <= 5  # one per 30 s at most (10 % steps come every 10 s here), and the last one
+    assert lines[0].startswith("screening (cd): 300/1000 img (30 %), 10 img/s") and "left" in lines[0]
+    assert lines[-1].startswith("screening (cd): done, 1000/1000 img (100 %)")
+    quick = progress_module.progress_bar(10, desc="quick")
+    quick.update(10)
+    quick.close()
+    assert capsys.readouterr().err == ""  # a task shorter than 30 s leaves the log alone
+    monkeypatch.setenv("TROJANGUARD_PROGRESS", "0")
+    silent = progress_module.progress(range(5), desc="silent")
+    assert list(silent) == list(range(5)) and isinstance(silent, range)
+
+
+def test_progress_of_a_slow_task_keeps_a_heartbeat(monkeypatch, capsys):
+    from trojanguard import progress as progress_module
+
+    clock = _Clock()
+    monkeypatch.setattr(progress_module.time, "monotonic", clock)
+    monkeypatch.delenv("TROJANGUARD_PROGRESS", raising=False)
+    for _ in progress_module.progress(iter(range(4)), desc="epochs"):  # unknown size, 10 minutes per item
+        clock.now += 600
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "epochs: 1 it, 0.00167 it/s, 10m00s elapsed" and len(lines) == 5
 
 
 # ------------------------------------------------------------------------------------------------ FPR

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -133,6 +134,30 @@ def _demo_cd(entry) -> tuple[float, float]:
 # screen
 
 
+DEVICE_HELP = ("torch device: auto (default: cuda when torch.cuda.is_available(), else cpu), cpu, cuda or "
+               "cuda:<index>")
+
+
+def _device_arg(text: str) -> str:
+    """--device: ``auto`` resolved to ``cuda`` when a GPU is usable, else ``cpu``; other names checked now."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<index>, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"expected an available device (this machine has {count} CUDA "
+                                             f"device(s); auto picks for you), got {text!r}")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<index>, got {text!r}")
+    return str(device)
+
+
 def _load_cli_model(spec: str, args: argparse.Namespace):
     """A model file (safe loading; ``--arch`` for state dicts) or ``zoo:<attack>`` (the zoo's backdoored model)."""
     from trojanguard.models import load_model
@@ -160,7 +185,9 @@ def _option_value(text: str):
 def cmd_screen(args: argparse.Namespace) -> int:
     """Screen a dataset with a detector; durable results.csv (resumable) and a report in --out."""
     from trojanguard.errors import TrojanGuardError
+    from trojanguard.screening import report as reporting
     from trojanguard.screening import screen
+    from trojanguard.screening.api import check_out_dir
 
     options = dict(args.detector_option or [])
     if args.steps is not None:
@@ -177,12 +204,14 @@ def cmd_screen(args: argparse.Namespace) -> int:
         return 2
     calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
     try:
+        check_out_dir(args.out, "--out")  # before the model is loaded: a wrong folder fails at once
         model = _load_cli_model(args.model, args)
         result = screen(model, args.data, detector=args.detector, out_dir=args.out, fpr=args.fpr,
                         threshold=args.threshold, calibration=calibration, batch_size=args.batch_size,
                         detector_options=options, top_k=args.top_k, image_size=args.image_size,
                         channels=args.in_channels, overwrite=args.restart, report=not args.no_report,
-                        reference=args.reference, detector_file=args.detector_file)
+                        reference=args.reference, detector_file=args.detector_file,
+                        command=shlex.join(["trojanguard", *args.argv]))
     except (TrojanGuardError, ValueError, OSError) as exc:
         print(f"trojanguard screen: error: {exc}", file=sys.stderr)
         return 1
@@ -197,18 +226,22 @@ def cmd_screen(args: argparse.Namespace) -> int:
         advice = (" — the screened data cannot support a self-fit; pass --reference DIR|.npz|digits (trusted data) "
                   "or --detector-file PATH" if fit["on"] == "screened data" else "")
         print(f"warning: detector fitted on {fit['on']} ({fit['description']}){advice}: " + "; ".join(fit["warnings"]))
+    print(reporting.chance_sentence(s["clean_flags"]))
+    print(reporting.target_sentence(s["target"]))
+    if result.rule == "robust_z":
+        print(f"note: {reporting.ROBUST_BANNER}")
     run = s["run"]
-    if run["images_per_second"]:
-        print(f"throughput: {run['images_per_second']:.2f} images/s ({run['screened_now']} images in "
-              f"{run['seconds']:.1f} s" + (f", resumed at sample {run['resumed_from']})" if run["resumed_from"] else ")"))
-    elif run["resumed_from"]:
+    if run["resumed_from"] and not run["screened_now"]:
         print("nothing left to screen: the run in --out was complete; report rewritten")
+    print(f"time: {reporting.timing_text(run)}"
+          + (f" (resumed at sample {run['resumed_from']})" if run["resumed_from"] and run["screened_now"] else ""))
     if s.get("truth"):
         t = s["truth"]
         auroc = "n/a" if t["auroc"] is None else f"{t['auroc']:.3f}"
         print(f"truth known ({t['poisoned']} poisoned): AUROC {auroc}, precision {t['precision']:.3f}, "
               f"recall {t['recall']:.3f}")
     print(f"results: {result.results_path}")
+    print(f"lists:   {result.files['flagged_list']} (flagged), {result.files['kept_list']} (kept)")
     if result.report_path is not None:
         print(f"report:  {result.report_path}")
     return 0
@@ -228,7 +261,8 @@ def add_screen_parser(sub) -> None:
                                                  "digits (embedded) or zoo:<attack> (its poisoned training set)")
     p.add_argument("--detector", default="cd", choices=sorted(DETECTORS),
                    help="cd (Cognitive Distillation, default), features (feature-space Mahalanobis) or amortized")
-    p.add_argument("--out", required=True, help="output folder: results.csv, calibration.csv and the report")
+    p.add_argument("--out", required=True, help="output folder: results.csv, calibration.csv, flagged.txt, kept.txt "
+                                                "and the report; new, empty, or an earlier screen run's (to resume)")
     fit = p.add_mutually_exclusive_group()
     fit.add_argument("--reference", help="trusted data to fit a fitted detector (features, amortized) on instead of "
                                          "the screened data: folder, .npz, digits")
@@ -246,7 +280,7 @@ def add_screen_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
     p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
     p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
-    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
     p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
     p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
@@ -359,7 +393,7 @@ def add_export_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
     p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
     p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
-    p.add_argument("--device", default="cpu", help="torch device for fitting (default cpu)")
+    p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP + " for fitting")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
     p.set_defaults(func=cmd_export)
 
@@ -419,7 +453,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle).to(args.device)
         ood_info: dict = {}
         data = _load_cleanse_data(args.data, args, model, ood_info)
         evaluation = None
@@ -516,6 +550,7 @@ def add_cleanse_parser(sub) -> None:
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
     p.add_argument("--target", type=int, default=0, help="with --attack: the attack's target class (default 0)")
+    p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP + " for the distillation")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
     p.set_defaults(func=cmd_cleanse)
 
@@ -540,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for reports
     return args.func(args)
 
 

@@ -23,12 +23,29 @@ from trojanguard.errors import DataError
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
 from trojanguard.screening.detectors import BatchScorer, build_detector
-from trojanguard.screening.records import FORMAT, ResultsFile, ResumeError, Rows, read_header, write_atomic
-from trojanguard.screening.sources import EMBEDDED, ZOO_PREFIX, ImageSource, SourceImages, open_source
+from trojanguard.screening.records import (
+    FORMAT,
+    MAGIC,
+    ResultsFile,
+    ResumeError,
+    Rows,
+    read_header,
+    write_atomic,
+)
+from trojanguard.screening.sources import (
+    EMBEDDED,
+    ZOO_PREFIX,
+    ImageSource,
+    SourceImages,
+    fingerprint_text,
+    open_source,
+)
 from trojanguard.screening.thresholds import ROBUST_Z, quantile_threshold, robust_threshold
 
 RESULTS_FILE = "results.csv"
 CALIBRATION_FILE = "calibration.csv"
+CALIBRATION_MAGIC = "# trojanguard-calibration "
+MASK_MEAN_SAMPLES = 32  # the report's mean masks average at most this many flagged and as many unflagged samples
 FIT_MAX_SAMPLES = 20_000  # detectors that fit on the screened data (features) use at most this many, evenly spaced
 KILL_AFTER_ENV = "TROJANGUARD_SCREEN_KILL_AFTER"  # test hook: SIGKILL this process after that many batches
 DEFAULT_FPR = 0.01
@@ -123,7 +140,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
            threshold: float | None = None, calibration="auto", batch_size: int = 64,
            detector_options: dict | None = None, top_k: int = 16, image_size: int = 32, channels: int = 3,
            overwrite: bool = False, report: bool = True, show_progress: bool = True, reference=None,
-           detector_file: str | Path | None = None) -> ScreenResult:
+           detector_file: str | Path | None = None, command: str | None = None) -> ScreenResult:
     """Screen ``data`` for backdoor-triggered samples with ``model`` and the detector ``detector``.
 
     Args:
@@ -147,14 +164,19 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         image_size, channels: what folder images are resized / converted to.
         overwrite: start over even if ``out_dir`` holds results of a different run (else that is an error, and
             results of the same run are resumed).
-        report: write the report (``summary.json``, ``histogram.png``, ``suspicious.png``, ``index.html``).
-        show_progress: progress bars (images/s) on a terminal.
+        report: write the report (``summary.json``, ``histogram.png``, ``suspicious.png``, ``masks.png`` for
+            detectors with masks, ``index.html``). ``flagged.txt`` and ``kept.txt`` (one sample id per line) are
+            written either way.
+        show_progress: progress (images/s): a bar on a terminal, plain lines in a log (see
+            :mod:`trojanguard.progress`).
+        command: the command line that started the run, for the report (the CLI passes its own).
         reference: trusted data (same kinds as ``data``) to fit a detector that needs fitting (``features``,
             ``amortized``) instead of the screened data itself — needed when the screened data cannot support a
             self-fit (a predicted class rare or mostly poison; ``summary["fit"]`` says so).
         detector_file: a fitted ``features`` detector written by ``FeatureMahalanobis.save`` (safetensors), for
             the same model; replaces the fit.
     """
+    started_total = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     if top_k < 0:
@@ -165,6 +187,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         raise ValueError(f"threshold: expected a finite number, got {threshold}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    out_dir = check_out_dir(out_dir)
     calibration = _resolve_calibration(calibration, data, threshold)
     source = open_source(data, image_size=image_size, channels=channels)
     if len(source) == 0:
@@ -178,7 +201,6 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels)
     if reference is not None and threshold is None:
         check_calibration_size(len(reference), fpr, "calibration")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     detector_name = detector
@@ -224,13 +246,17 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         if done > len(source):
             raise ResumeError(f"{results.path} has {done} rows but the data has {len(source)} samples")
 
+    fit_started = time.perf_counter()
     fit_info = _prepare(scorer, source, fit_source, detector_file, batch_size)
+    fit_seconds = time.perf_counter() - fit_started
 
-    calibration_scores = None
+    calibration_scores, calibration_seconds = None, 0.0
     if meta is None:
         threshold_value = None if threshold is None else float(threshold)
         if rule == "quantile":
+            calibration_started = time.perf_counter()
             calibration_scores = _calibrate(scorer, reference, run, out_dir, batch_size, detector_name, show_progress)
+            calibration_seconds = time.perf_counter() - calibration_started
             threshold_value = quantile_threshold(calibration_scores, fpr)
         meta = {"run": run, "threshold": threshold_value, "samples": len(source),
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -268,17 +294,41 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
 
     rate = screened_now / seconds if screened_now and seconds > 0 else None
     run_info = {"resumed_from": resumed_from, "screened_now": screened_now, "seconds": seconds,
-                "images_per_second": rate, "batch_size": batch_size}
-    summary = _summary(rows, flagged, source, meta, run, rule, fpr, threshold_value, run_info, top_k, detector)
+                "images_per_second": rate, "batch_size": batch_size, "fit_seconds": fit_seconds,
+                "calibration_seconds": calibration_seconds}
+    summary = _summary(rows, flagged, source, meta, run, rule, fpr, threshold_value, run_info, top_k, detector,
+                       calibration_scores, command)
     summary["fit"] = fit_info
-    files = {"results": results.path}
+    files = {"results": results.path, **_write_lists(out_dir, rows, flagged)}
     report_path = None
+    report_started = time.perf_counter()
+    figures = {}
     if report:
-        files.update(_write_report(out_dir, summary, rows, flagged, source, scorer, calibration_scores,
-                                   threshold_value, rule, detector_name, top_k))
+        figures = _write_figures(out_dir, summary, rows, flagged, source, scorer, calibration_scores,
+                                 threshold_value, rule, detector_name, top_k)
+        files.update(figures)
+    finished = time.perf_counter()
+    total = finished - started_total
+    run_info.update(report_seconds=finished - report_started, total_seconds=total,
+                    end_to_end_images_per_second=screened_now / total if screened_now and total > 0 else None)
+    if report:
+        files["summary"] = reporting.write_summary(out_dir / "summary.json", summary)
+        files["html"] = reporting.write_html(out_dir / "index.html", summary, histogram=figures["histogram"].name,
+                                             grid=figures["grid"].name if "grid" in figures else None,
+                                             masks=figures["masks"].name if "masks" in figures else None)
         report_path = files["html"]
     return ScreenResult(out_dir, results.path, report_path, summary, threshold_value, rule, rows.ids, rows.scores,
                         flagged, rows.predicted, readable, resumed_from, rate, files)
+
+
+def _write_lists(out_dir: Path, rows: Rows, flagged: np.ndarray) -> dict[str, Path]:
+    """``flagged.txt`` (flagged samples) and ``kept.txt`` (screened, not flagged): one sample id per line, in the
+    data's order, for the next step of a pipeline. Unreadable samples are in neither (see results.csv)."""
+    kept = rows.readable & ~flagged
+    files = {"flagged_list": out_dir / reporting.FLAGGED_NAME, "kept_list": out_dir / reporting.KEPT_NAME}
+    for path, mask in ((files["flagged_list"], flagged), (files["kept_list"], kept)):
+        write_atomic(path, "".join(f"{rows.ids[i]}\n" for i in np.flatnonzero(mask)))
+    return files
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -310,6 +360,43 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
             "self_fit_supported": (not messages) if on == "screened data" else None}
 
 
+def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> Path:
+    """``out_dir`` as a Path when a screening run may write into it: it does not exist yet, is an empty folder,
+    or holds an earlier screening run (``results.csv`` or ``calibration.csv`` that trojanguard wrote). Anything
+    else is refused (:class:`ResumeError`, naming ``name``) so a run never overwrites files it did not write."""
+    path = Path(out_dir)
+    if not path.exists():
+        existing = next((parent for parent in path.parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ResumeError(f"{name}: expected a folder that can be created, got {str(path)!r} inside "
+                              f"{str(existing)!r}, a file")
+        return path
+    if not path.is_dir():
+        raise ResumeError(f"{name}: expected a folder for the screening results, got a file ({str(path)!r})")
+    try:
+        entries = sorted(entry.name for entry in path.iterdir())
+    except OSError as exc:
+        raise ResumeError(f"{name}: expected a readable folder, got {str(path)!r} ({exc.strerror})") from None
+    if not entries or _holds_screening_run(path):
+        return path
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise ResumeError(f"{name}: expected a new or empty folder, or the folder of an earlier 'trojanguard screen' "
+                      f"run (its results.csv), got {str(path)!r} holding {len(entries)} file(s) and no screening "
+                      f"results ({shown}); choose a new or empty folder")
+
+
+def _holds_screening_run(path: Path) -> bool:
+    """True when ``path`` has a results or calibration file whose first line is trojanguard's."""
+    for name, magic in ((RESULTS_FILE, MAGIC), (CALIBRATION_FILE, CALIBRATION_MAGIC)):
+        try:
+            with open(path / name, encoding="utf-8", errors="replace") as f:
+                if f.readline(200).startswith(magic):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _check_model_fits(scorer: BatchScorer, source: ImageSource, what: str) -> None:
     """One forward pass on the first sample: a model that cannot take the data fails here, with both named."""
     batch = source.read(0, 1)
@@ -324,7 +411,7 @@ def _check_model_fits(scorer: BatchScorer, source: ImageSource, what: str) -> No
 
 def _calibrate(scorer, reference, run, out_dir, batch_size, detector_name, show_progress) -> np.ndarray:
     scores, ids = _score_source(scorer, reference, batch_size, f"calibrating ({detector_name})", show_progress)
-    lines = ["# trojanguard-calibration " + json.dumps({"run": run}, sort_keys=True), "index,id,score"]
+    lines = [CALIBRATION_MAGIC + json.dumps({"run": run}, sort_keys=True), "index,id,score"]
     lines += [f"{i},{json.dumps(sample_id)},{float(s)!r}" for i, (sample_id, s) in enumerate(zip(ids, scores))]
     write_atomic(out_dir / CALIBRATION_FILE, "\n".join(lines) + "\n")
     return scores
@@ -370,7 +457,8 @@ def _stream(scorer, source, results, done, batch_size, threshold, detector_name,
         bar.close()
 
 
-def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_info, top_k, detector) -> dict:
+def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_info, top_k, detector,
+             calibration_scores, command) -> dict:
     import trojanguard
 
     readable = rows.readable
@@ -402,7 +490,9 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": {"sha256": run["model_sha256"]},
         "detector": {"name": run["detector"]["name"], "options": run["detector"]["options"], "repr": repr(detector)},
-        "data": {"description": source.description, "fingerprint": run["data"]},
+        "command": command,
+        "working_directory": os.getcwd(),
+        "data": {"description": source.description, "fingerprint": run["data"], "digest": fingerprint_text(run["data"])},
         "samples": len(rows),
         "screened": int(readable.sum()),
         "unreadable": int((~readable).sum()) - unscored,
@@ -416,7 +506,11 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "scores": {**{k: float(f(finite)) if len(finite) else None for k, f in
                       (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))},
                    "infinite": int(np.isinf(scores).sum())},
+        "clean_flags": reporting.clean_flag_expectation(int(flagged.sum()), int(readable.sum()), rule, fpr=fpr,
+                                                        calibration=calibration_scores, threshold=threshold),
         "flags_by_predicted_label": per_label,
+        "target": reporting.target_label_test(rows.predicted[readable], flagged[readable]),
+        "lists": {"flagged": reporting.FLAGGED_NAME, "kept": reporting.KEPT_NAME},
         "run": run_info,
         "grid_size": min(top_k, len(order)),
         "top": top,
@@ -437,24 +531,47 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
     return summary
 
 
-def _write_report(out_dir, summary, rows, flagged, source, scorer, calibration_scores, threshold, rule,
-                  detector_name, top_k) -> dict[str, Path]:
-    files = {"summary": out_dir / "summary.json", "histogram": out_dir / "histogram.png",
-             "html": out_dir / "index.html"}
+def _write_figures(out_dir, summary, rows, flagged, source, scorer, calibration_scores, threshold, rule,
+                   detector_name, top_k) -> dict[str, Path]:
+    """The report's figures: histogram, grid of the most suspicious samples and, for a detector with masks, the
+    mean masks of flagged vs unflagged samples (``summary["mask_means"]`` is filled in then)."""
+    files = {"histogram": out_dir / "histogram.png"}
     readable = rows.readable
     truth = None if source.truth is None else source.truth.numpy().astype(bool)[readable]
     reporting.write_histogram(files["histogram"], rows.scores[readable], threshold, rule,
                               calibration=calibration_scores, truth=truth, detector=detector_name)
-    top = [t["index"] for t in summary["top"][:top_k]]
-    grid = None
+    shown = summary["top"][:top_k]
+    top = [t["index"] for t in shown]
+    groups = {"flagged": _evenly_spaced(np.flatnonzero(flagged)),
+              "unflagged": _evenly_spaced(np.flatnonzero(readable & ~flagged))}
+    with_masks = scorer.explain is not None and all(len(g) for g in groups.values())
+    wanted = list(dict.fromkeys(top + (groups["flagged"] + groups["unflagged"] if with_masks else [])))
+    if not wanted:
+        return files
+    images = source.take(wanted)
+    explanation = scorer.explain(images, wanted) if scorer.explain is not None else {}
+    position = {index: k for k, index in enumerate(wanted)}
+
+    def pick(name, indices):
+        value = explanation.get(name)
+        return None if value is None else value[[position[i] for i in indices]]
+
     if top:
-        images = source.take(top)
-        explanation = scorer.explain(images, top) if scorer.explain is not None else {}
-        captions = [f"#{t['rank']} {t['score']:.3g} → {t['predicted']}" for t in summary["top"][:top_k]]
-        files["grid"] = out_dir / "suspicious.png"
-        reporting.write_grid(files["grid"], images, captions, flagged=[t["flagged"] for t in summary["top"][:top_k]],
-                             masks=explanation.get("masks"), patterns=explanation.get("patterns"))
-        grid = files["grid"].name
-    reporting.write_summary(files["summary"], summary)
-    reporting.write_html(files["html"], summary, histogram=files["histogram"].name, grid=grid)
+        captions = [f"#{t['rank']} {reporting.short_id(t['id'])}\n{t['score']:.3g} → {t['predicted']}" for t in shown]
+        files["grid"] = reporting.write_grid(out_dir / "suspicious.png", images[[position[i] for i in top]], captions,
+                                             flagged=[t["flagged"] for t in shown], masks=pick("masks", top),
+                                             patterns=pick("patterns", top))
+    if with_masks and explanation.get("masks") is not None:
+        flagged_masks, unflagged_masks = pick("masks", groups["flagged"]), pick("masks", groups["unflagged"])
+        files["masks"] = reporting.write_mask_means(out_dir / "masks.png", flagged_masks, unflagged_masks)
+        summary["mask_means"] = {"flagged": len(flagged_masks), "unflagged": len(unflagged_masks),
+                                 "per_group": MASK_MEAN_SAMPLES, "flagged_mean": float(flagged_masks.float().mean()),
+                                 "unflagged_mean": float(unflagged_masks.float().mean())}
     return files
+
+
+def _evenly_spaced(indices: np.ndarray, count: int = MASK_MEAN_SAMPLES) -> list[int]:
+    """At most ``count`` of ``indices``, evenly spaced over them (all when there are fewer)."""
+    if len(indices) <= count:
+        return [int(i) for i in indices]
+    return [int(indices[k]) for k in np.linspace(0, len(indices) - 1, count).round().astype(int)]

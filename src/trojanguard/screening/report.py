@@ -1,12 +1,18 @@
 """The report of a screening run, written into its output folder:
 
-- ``summary.json``: counts, threshold and rule, detector, model hash, data, throughput, score statistics, flags
-  per predicted label, the most suspicious samples, and detection metrics when the truth is known;
+- ``summary.json``: counts, threshold and rule, detector, model hash, data and its fingerprint, the command
+  line, timings, score statistics, the clean flags expected at the rule (:func:`clean_flag_expectation`),
+  flags per predicted label and the likely target class (:func:`target_label_test`), the most suspicious
+  samples, and detection metrics when the truth is known;
 - ``histogram.png``: the score distribution of the screened data (and of the clean reference data, scaled to
   the same total) with the threshold;
-- ``suspicious.png``: the most suspicious samples — for Cognitive Distillation each with its mask and its
-  cognitive pattern (image × mask: what the model needs to keep its decision);
+- ``suspicious.png``: the most suspicious samples with their ids — for Cognitive Distillation each with its mask
+  and its cognitive pattern (image × mask: what the model needs to keep its decision);
+- ``masks.png`` (detectors with masks): the mean mask of flagged and of unflagged samples, side by side;
 - ``index.html``: one self-contained page tying them together (relative links only).
+
+Why the statistics: "10 flagged" at a 5 % false-positive rate on 100 images is what clean data gives, and a
+backdoor's poison is predicted as its target class, so flags piling up on one predicted label point at it.
 
 Figures use matplotlib's object API with the Agg canvas (no pyplot, no display, the caller's backend is left
 alone).
@@ -22,6 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+TARGET_ALPHA = 0.01  # a predicted label is reported as the likely target below this (corrected) p-value
+CHANCE_LEVEL = 0.95  # the clean-flag count chance reaches with this probability is reported
+CAPTION_CHARACTERS = 18
+FLAGGED_NAME, KEPT_NAME = "flagged.txt", "kept.txt"  # the id lists the screening run writes  # sample ids in the grid captions are shortened from the left to this
 HISTOGRAM_BINS = 60  # at most; 2·√N for small N
 LOG_SCALE_FROM = 50  # the count axis turns logarithmic once a bin holds this many samples
 GRID_COLUMNS = 8
@@ -30,6 +40,87 @@ UNREADABLE_LISTED = 50
 CELL_INCHES = 1.25
 
 
+# ------------------------------------------------------------------------------------------------ statistics
+def clean_flag_expectation(flagged: int, screened: int, rule: str, *, fpr: float | None = None,
+                           calibration: np.ndarray | None = None, threshold: float | None = None) -> dict:
+    """How many of ``screened`` samples the rule flags when all of them are clean, and whether ``flagged`` is more.
+
+    ``quantile`` with the clean reference scores: a threshold set so that c of n clean scores lie above it flags
+    a fresh clean sample with probability Beta(c + 1, n − c), so the clean flags among N samples follow a
+    beta-binomial distribution (the calibration set's size is part of the chance). Without the reference scores:
+    binomial(N, fpr). ``robust_z``: the rate for normally distributed clean scores only (the rule does not control
+    it: no p-value). ``fixed``: unknown. Returns ``expected``, ``chance_upper`` (the count chance stays at or
+    under with probability CHANCE_LEVEL), ``excess`` (flagged − expected), ``beyond_chance`` (flagged −
+    chance_upper, at least 0), ``p_value`` (one-sided, P(at least ``flagged`` clean flags)) and ``model``."""
+    from scipy import stats
+
+    out = {"flagged": int(flagged), "screened": int(screened), "expected": None, "chance_upper": None,
+           "excess": None, "beyond_chance": None, "p_value": None, "chance_level": CHANCE_LEVEL}
+    scores = None if calibration is None else np.asarray(calibration, dtype=np.float64)
+    scores = None if scores is None else scores[np.isfinite(scores)]
+    if rule == "quantile" and scores is not None and len(scores) and threshold is not None:
+        n, above = len(scores), int((scores > threshold).sum())
+        null = stats.betabinom(screened, above + 1, n - above)
+        out["model"] = (f"beta-binomial: the threshold leaves {above} of {n} clean reference scores above it, so a "
+                        f"clean sample is flagged with probability Beta({above + 1}, {n - above})")
+    elif rule == "quantile" and fpr is not None:
+        null = stats.binom(screened, fpr)
+        out["model"] = f"binomial({screened}, {fpr:g}) (the clean reference scores were not at hand)"
+    elif rule == "robust_z":
+        from trojanguard.screening.thresholds import ROBUST_Z
+
+        rate = float(stats.norm.sf(ROBUST_Z))
+        out["expected"] = screened * rate
+        out["model"] = (f"{100 * rate:.3g} % of normally distributed clean scores; not controlled (heavier tails "
+                        "give more clean flags), so no p-value")
+        return out
+    else:
+        out["model"] = "unknown: a fixed threshold without clean reference scores"
+        return out
+    out["expected"] = float(null.mean())
+    out["chance_upper"] = int(null.ppf(CHANCE_LEVEL))
+    out["excess"] = flagged - out["expected"]
+    out["beyond_chance"] = max(0, flagged - out["chance_upper"])
+    out["p_value"] = float(null.sf(flagged - 1)) if flagged > 0 else 1.0
+    return out
+
+
+def target_label_test(predicted: np.ndarray, flagged: np.ndarray) -> dict | None:
+    """Do the flags concentrate on one predicted label (a backdoor's target)? For every label L, a one-sided
+    binomial test: of the K flagged samples, k_L are predicted L, against p_L, L's share among the unflagged
+    samples (add-½ smoothed). The label with the smallest p-value is reported, its p-value Bonferroni-corrected
+    over the M labels; ``likely`` when that is below TARGET_ALPHA. None without flags. ``predicted`` and
+    ``flagged`` hold the screened (readable) samples only."""
+    from scipy import stats
+
+    predicted, flagged = np.asarray(predicted), np.asarray(flagged, dtype=bool)
+    total = int(flagged.sum())
+    if total == 0:
+        return None
+    labels = sorted(set(predicted.tolist()))
+    unflagged = predicted[~flagged]
+    best = None
+    for label in labels:
+        k = int((predicted[flagged] == label).sum())
+        share = (float((unflagged == label).sum()) + 0.5) / (len(unflagged) + 0.5 * len(labels))
+        p = float(stats.binom.sf(k - 1, total, share)) if k > 0 else 1.0
+        if best is None or p < best[1]:
+            best = (label, p, k, share)
+    label, p, k, share = best
+    corrected = min(1.0, p * len(labels)) if len(labels) > 1 else 1.0
+    return {"label": str(label), "flagged": k, "flagged_total": total, "share_of_flagged": k / total,
+            "share_of_unflagged": float((unflagged == label).mean()) if len(unflagged) else 0.0,
+            "labels": len(labels), "p_value": corrected, "likely": corrected < TARGET_ALPHA,
+            "test": (f"one-sided binomial test of the flagged samples' predicted labels against the unflagged "
+                     f"samples' label shares, Bonferroni-corrected over {len(labels)} predicted label(s)")}
+
+
+def short_id(sample_id: str, width: int = CAPTION_CHARACTERS) -> str:
+    """``sample_id`` shortened from the left (the file name end is what tells samples apart)."""
+    return sample_id if len(sample_id) <= width else "…" + sample_id[-(width - 1):]
+
+
+# ------------------------------------------------------------------------------------------------ figures
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -126,6 +217,31 @@ def write_grid(path: Path, images: torch.Tensor, captions: list[str], *, flagged
     return path
 
 
+def write_mask_means(path: Path, flagged: torch.Tensor, unflagged: torch.Tensor) -> Path:
+    """Where the masks fall: the mean mask (``(K, M, H, W)`` masks averaged over samples and mask channels) of
+    flagged and of unflagged samples on one scale (0 black … the larger maximum white: CD's masks are small,
+    so the grid's 0…1 scale would show them nearly black), and their difference. A trigger shows as a bright spot
+    in the flagged mean that the unflagged mean lacks."""
+    means = [m.detach().float().mean((0, 1)).cpu().numpy() for m in (flagged, unflagged)]
+    top = max(float(max(m.max() for m in means)), 1e-6)
+    difference = means[0] - means[1]
+    spread = max(float(np.abs(difference).max()), 1e-6)
+    figure = _figure(7.5, 2.8)
+    figure.set_layout_engine("constrained")
+    axes = figure.subplots(1, 3)
+    panels = [(f"flagged (mean of {len(flagged)})", means[0], "gray", 0, top),
+              (f"not flagged (mean of {len(unflagged)})", means[1], "gray", 0, top),
+              ("flagged − not flagged", difference, "coolwarm", -spread, spread)]
+    for ax, (title, picture, cmap, low, high) in zip(axes, panels):
+        shown = ax.imshow(picture, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        figure.colorbar(shown, ax=ax, shrink=0.8)
+    figure.savefig(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ HTML
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -138,6 +254,8 @@ th { background: #f0f0f0; } table.facts th { font-weight: 600; white-space: nowr
 tr.flagged td { background: #fdecea; }
 img { max-width: 100%; border: 1px solid #eee; }
 .note { color: #666; font-size: 0.85rem; }
+.banner { background: #fff4e5; border: 1px solid #f0b429; padding: 0.6rem 0.9rem; }
+pre { background: #f3f3f3; padding: 0.4rem 0.6rem; white-space: pre-wrap; word-break: break-all; }
 code { background: #f3f3f3; padding: 0 0.2rem; }
 """
 
@@ -169,15 +287,66 @@ def _text(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | None) -> Path:
-    """The report page: verdict, summary table, histogram, grid, flags per predicted label, top samples."""
+def chance_sentence(clean_flags: dict) -> str:
+    """One sentence: how many clean flags the rule gives by chance and whether the flags exceed that."""
+    c = clean_flags
+    if c["expected"] is None:
+        return "The number of clean samples this threshold flags is unknown (a fixed threshold, no clean reference)."
+    if c["p_value"] is None:
+        return (f"About {c['expected']:.2g} clean flags would be expected if clean scores were normally distributed; "
+                "the robust rule does not control this, so the flags cannot be compared with chance.")
+    head = (f"About {c['expected']:.1f} of them are expected from clean samples alone at this rule (up to "
+            f"{c['chance_upper']} by chance, {100 * c['chance_level']:.0f} %)")
+    if c["beyond_chance"]:
+        return (f"{head}: at least {c['beyond_chance']} flag(s) are more than chance explains "
+                f"(one-sided p = {c['p_value']:.2g}).")
+    return f"{head}: the flags are not more than chance explains (one-sided p = {c['p_value']:.2g})."
+
+
+def target_sentence(target: dict | None) -> str:
+    """One sentence on the flags' predicted labels: the likely target class, or that none stands out."""
+    if target is None:
+        return "No flags: no target class to point at."
+    t = target
+    shares = (f"{t['flagged']} of the {t['flagged_total']} flags ({100 * t['share_of_flagged']:.0f} %) are predicted "
+              f"{t['label']}, against {100 * t['share_of_unflagged']:.0f} % of the unflagged samples")
+    verdict = f"Likely target class: {t['label']}" if t["likely"] else "No predicted label stands out among the flags"
+    return f"{verdict} — {shares} (p = {t['p_value']:.2g}; {t['test']})."
+
+
+def timing_text(run: dict) -> str:
+    """The run's time split (fit, calibration, scoring, report) and its throughput, scoring only and end to end."""
+    parts = [f"{name} {run[key]:.1f} s" for name, key in (("fit", "fit_seconds"), ("calibration", "calibration_seconds"),
+                                                         ("scoring", "seconds"), ("report", "report_seconds"))
+             if key == "seconds" or run.get(key, 0) >= 0.05]  # scoring always; the others when they took time
+    text = f"{run['total_seconds']:.1f} s in all" + (f" ({', '.join(parts)})" if parts else "")
+    if run.get("images_per_second"):
+        text += (f"; {run['screened_now']} images: {run['images_per_second']:.2f} images/s scoring only, "
+                 f"{run['end_to_end_images_per_second']:.2f} images/s end to end")
+    return text
+
+
+ROBUST_BANNER = ("No clean calibration data: the threshold comes from the robust outlier rule on the screened "
+                 "scores themselves, which does not control the false-positive rate — some flags may be clean "
+                 "samples with unusual scores, and poison that is not an outlier of the whole set is missed. "
+                 "Pass clean reference images (--calibration / calibration=) for a threshold at a known rate.")
+
+
+def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | None, masks: str | None = None
+               ) -> Path:
+    """The report page: verdict, chance and target lines, summary table, histogram, grid, mask means, flags per
+    predicted label, top samples."""
     s = summary
     threshold = s["threshold"]
     verdict = (f"{s['flagged']} of {s['screened']} readable samples flagged ({100 * s['flagged_fraction']:.2f} %) "
                f"by <b>{html.escape(s['detector']['name'])}</b> at threshold {threshold['value']:.6g} "
-               f"({html.escape(threshold['rule'])}).")
+               f"({html.escape(threshold['rule'])}). {html.escape(chance_sentence(s['clean_flags']))}")
     facts = [
+        ["command", s.get("command") or "screen() called from Python"],
+        ["working directory", s.get("working_directory", "")],
         ["data", s["data"]["description"]],
+        ["data fingerprint", (f"{s['data']['fingerprint'].get('kind', '')} {s['data']['digest']} "
+                             f"({_fingerprint_basis(s['data']['fingerprint'])})")],
         ["samples", s["samples"]],
         ["unreadable images", s["unreadable"]],
         ["read but not scored (non-finite detector score)", s.get("unscored", 0)],
@@ -185,13 +354,12 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
         ["model (sha256 of the weights)", s["model"]["sha256"]],
         ["threshold rule", threshold["description"]],
         ["threshold", threshold["value"]],
+        ["clean flags expected", s["clean_flags"]["model"]],
     ]
     if threshold.get("calibration"):
         facts.append(["clean reference data", threshold["calibration"]])
     run = s["run"]
-    if run.get("images_per_second"):
-        facts.append(["throughput (this invocation)", (f"{run['images_per_second']:.2f} images/s "
-                                                        f"({run['screened_now']} images in {run['seconds']:.1f} s)")])
+    facts.append(["time (this invocation)", timing_text(run)])
     if run.get("resumed_from") and run.get("screened_now"):
         facts.append(["resumed", f"from sample {run['resumed_from']} (earlier samples were read back from results.csv)"])
     elif run.get("resumed_from"):
@@ -213,11 +381,18 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
         f"<style>{STYLE}</style></head><body>",
         "<h1>trojanguard screening report</h1>",
         f'<p class="note">{html.escape(s["created"])} · trojanguard {html.escape(s["trojanguard"])}</p>',
+    ]
+    if threshold["rule"] == "robust_z":
+        parts.append(f'<p class="banner"><b>Threshold without clean data.</b> {html.escape(ROBUST_BANNER)}</p>')
+    parts += [
         f'<p class="verdict">{verdict}</p>',
+        f"<p>{html.escape(target_sentence(s.get('target')))}</p>",
         "<h2>Summary</h2>",
         _facts(facts),
         ('<p class="note">Files: <a href="results.csv">results.csv</a> (one row per sample: id, given label, '
-         'predicted label, score, flag, read error) · <a href="summary.json">summary.json</a></p>'),
+         'predicted label, score, flag, read error) · <a href="summary.json">summary.json</a> · '
+         f'<a href="{FLAGGED_NAME}">{FLAGGED_NAME}</a> and <a href="{KEPT_NAME}">{KEPT_NAME}</a> (one sample id per '
+         "line: flagged / screened and not flagged)</p>"),
     ]
     if histogram:
         parts += ["<h2>Score distribution</h2>",
@@ -229,15 +404,27 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
                 "compact mask.") if s["detector"]["name"] == "cd" else "The most suspicious samples, highest first."
         parts += [f"<h2>The {len(s['top'][:s['grid_size']])} most suspicious samples</h2>",
                   f'<img src="{html.escape(grid)}" alt="grid of the most suspicious samples">',
-                  f'<p class="note">{html.escape(note)} Caption: rank, score, predicted label.</p>']
+                  (f'<p class="note">{html.escape(note)} Caption: rank and sample id, score → predicted label; '
+                  "flagged samples in red.</p>")]
+    if masks and s.get("mask_means"):
+        m = s["mask_means"]
+        parts += ["<h2>Where the masks fall</h2>",
+                  f'<img src="{html.escape(masks)}" alt="mean mask of flagged and of unflagged samples">',
+                  (f'<p class="note">Mean mask of {m["flagged"]} flagged and {m["unflagged"]} unflagged samples '
+                   f"(evenly spaced, at most {m['per_group']} of each; mean mask value {m['flagged_mean']:.3g} "
+                   f"vs {m['unflagged_mean']:.3g}). A trigger at a fixed place shows as a bright spot in the "
+                   "flagged mean and in the difference.</p>")]
     per_label = s["flags_by_predicted_label"]
     if per_label:
         rows = [[label, v["screened"], v["flagged"], f"{100 * v['flagged'] / v['screened']:.1f}" if v["screened"] else "–"]
                 for label, v in per_label.items()]
+        target = s.get("target")
+        row_classes = ["flagged" if target and target["likely"] and label == target["label"] else ""
+                       for label in per_label]
         parts += ["<h2>Flags by predicted label</h2>",
                   ('<p class="note">A backdoor sends its poison to one target class: flags concentrated on one '
-                   "predicted label point at it.</p>"),
-                  _table(["predicted label", "screened", "flagged", "flagged (%)"], rows)]
+                   "predicted label point at it; the test is under the verdict above.</p>"),
+                  _table(["predicted label", "screened", "flagged", "flagged (%)"], rows, row_classes)]
     top = s["top"][:TOP_TABLE_ROWS]
     rows = [[t["rank"], t["index"], t["id"], t["label"], t["predicted"], t["score"], "yes" if t["flagged"] else "no"]
             + ([("yes" if t["poisoned"] else "no")] if truth else []) for t in top]
@@ -250,6 +437,12 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     parts.append("</body></html>\n")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _fingerprint_basis(fingerprint: dict) -> str:
+    """What the data fingerprint hashes, in words."""
+    return {"folder": "each file's path, size and modification time", "npz": "the array's CRC-32 from the zip",
+            "tensor": "the tensor's bytes"}.get(fingerprint.get("kind"), "the source's own fingerprint")
 
 
 def write_summary(path: Path, summary: dict) -> Path:
