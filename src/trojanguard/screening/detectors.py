@@ -240,12 +240,13 @@ def check_detector_options(name: str, target: Callable, options: dict) -> None:
     parameters = {p.name: p for p in list(inspect.signature(target).parameters.values())[1:]  # [0]: the model
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    unknown = sorted(set(options) - set(parameters))
+    if unknown and not takes_any:
+        raise DetectorOptionError(f"detector_options: {name!r} does not take these options: {unknown}; it takes "
+                                  f"{', '.join(sorted(parameters))}")
     for key, value in options.items():
         if key not in parameters:
-            if takes_any:
-                continue
-            raise DetectorOptionError(f"detector_options: {name!r} does not take {key!r}; it takes "
-                                      f"{', '.join(sorted(parameters))}")
+            continue
         annotation = parameters[key].annotation
         text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
         kinds = [part.strip() for part in text.split("|")]
