@@ -121,7 +121,8 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     """Write a Triton model repository serving the guard graph at ``onnx_path``; return the model's folder.
 
     Args:
-        onnx_path: a graph written by :func:`~trojanguard.guard.export_onnx` with ``dynamic_batch=True``.
+        onnx_path: a graph written by :func:`~trojanguard.guard.export_onnx` with ``dynamic_batch=True``
+            (anything else, an ordinary classifier included, raises a DataError before anything is written).
         repository: the repository folder (created if needed; other models in it are left alone).
         model_name: the model's folder and ``name`` in its configuration.
         version: the version folder the graph is copied to (``<version>/model.onnx``).
@@ -131,14 +132,15 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
         instance_kind: ``"auto"`` (Triton's default placement: one instance per GPU, or CPU), ``"cpu"``, ``"gpu"``.
         instance_count: instances per device when ``instance_kind`` is set.
     """
-    from trojanguard.guard.onnx_export import read_metadata
+    from trojanguard.guard.onnx_export import load_guard_graph, read_metadata
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {onnx_path}")
     if version < 1:
         raise ValueError(f"version: expected a positive integer, got {version}")
-    text = triton_config(onnx_path, model_name=model_name, max_batch_size=max_batch_size,
+    graph = load_guard_graph(onnx_path, "onnx_path")  # an ordinary classifier or a broken file stops here
+    text = triton_config(graph, model_name=model_name, max_batch_size=max_batch_size,
                          max_queue_delay_microseconds=max_queue_delay_microseconds,
                          preferred_batch_sizes=preferred_batch_sizes, instance_kind=instance_kind,
                          instance_count=instance_count)
@@ -148,7 +150,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     if onnx_path.resolve() != target.resolve():
         shutil.copyfile(onnx_path, target)
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
-    metadata = read_metadata(target)
+    metadata = read_metadata(graph)
     (model_dir / "trojanguard.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     check_triton_repository(repository, model_name, version=version)
     return model_dir
