@@ -160,7 +160,8 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     source = open_source(data, image_size=image_size, channels=channels)
     if len(source) == 0:
         raise DataError("data: no samples to screen")
-    reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels)
+    reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels,
+                                                             name="calibration")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
