@@ -248,6 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out is None and args.triton_repo is None:
         raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
+    if args.triton_repo is not None:
+        _check_triton_arguments(args)
     if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
         if args.triton_repo is None:
             raise UsageError("--triton-repo: --model is an .onnx file (an exported guard graph), so only a Triton "
@@ -266,6 +268,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
         print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
     return 0
+
+
+TRITON_ARGUMENTS = {"model_name": "--triton-name", "max_batch_size": "--max-batch-size",
+                    "max_queue_delay_microseconds": "--queue-delay-us"}
+
+
+def _check_triton_arguments(args: argparse.Namespace) -> None:
+    """The Triton repository options, checked before any fitting (usage errors naming the CLI option)."""
+    from trojanguard.guard.triton import check_triton_options
+
+    try:
+        check_triton_options(args.triton_name, args.max_batch_size, args.queue_delay_us,
+                             instance_kind=args.instance_kind)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(": ")
+        raise UsageError(f"{TRITON_ARGUMENTS.get(name, name)}: {rest}") from None
 
 
 def _export_guard(args: argparse.Namespace):

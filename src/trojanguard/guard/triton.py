@@ -89,8 +89,8 @@ def triton_config(onnx_model, *, model_name: str = DEFAULT_MODEL_NAME, max_batch
                   preferred_batch_sizes: list[int] | None = None, instance_kind: str = "auto",
                   instance_count: int = 1) -> str:
     """The ``config.pbtxt`` text for an ONNX guard graph (see the module docstring)."""
-    _check_options(model_name, max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, instance_kind,
-                   instance_count)
+    check_triton_options(model_name, max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes,
+                         instance_kind, instance_count)
     inputs, outputs = graph_tensors(onnx_model)
     lines = [
         "# Written by trojanguard (trojanguard.guard.write_triton_repository) from the guard's ONNX graph.",
@@ -208,7 +208,9 @@ def check_triton_repository(repository: str | Path, model_name: str = DEFAULT_MO
     return config
 
 
-def _check_options(model_name, max_batch_size, delay, preferred, instance_kind, instance_count) -> None:
+def check_triton_options(model_name, max_batch_size, delay=DEFAULT_QUEUE_DELAY_US, preferred=None,
+                         instance_kind="auto", instance_count=1) -> None:
+    """A ValueError naming the first repository option Triton would refuse (callers check before any work)."""
     if not NAME_PATTERN.match(model_name):
         raise ValueError(f"model_name: expected letters, digits, '_', '.' or '-', got {model_name!r}")
     if max_batch_size < 1:
