@@ -5,12 +5,18 @@ dataset for poisoned samples, with a report), ``export`` (a guard as ONNX and as
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before any work starts: one error line, exit code 2."""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -139,7 +145,8 @@ DEVICE_HELP = ("torch device: auto (default: cuda when torch.cuda.is_available()
 
 
 def _device_arg(text: str) -> str:
-    """--device: ``auto`` resolved to ``cuda`` when a GPU is usable, else ``cpu``; other names checked now."""
+    """--device: ``auto`` resolved to ``cuda`` when a GPU is usable, else ``cpu``; other names checked now (a usage
+    error before any work, not a CUDA traceback later)."""
     import torch
 
     if text == "auto":
@@ -147,16 +154,18 @@ def _device_arg(text: str) -> str:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<index>, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"expected an available device (this machine has {count} CUDA "
-                                             f"device(s); auto picks for you), got {text!r}")
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("CUDA is not available here (no GPU / torch built without CUDA); use "
+                                             "--device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"expected one of this machine's {count} CUDA device(s) (cuda:0 … "
+                                             f"cuda:{count - 1}), got {text!r}")
     elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<index>, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return str(device)
-
 
 def _load_cli_model(spec: str, args: argparse.Namespace):
     """A model file (safe loading; ``--arch`` for state dicts) or ``zoo:<attack>`` (the zoo's backdoored model)."""
@@ -184,7 +193,6 @@ def _option_value(text: str):
 
 def cmd_screen(args: argparse.Namespace) -> int:
     """Screen a dataset with a detector; durable results.csv (resumable) and a report in --out."""
-    from trojanguard.errors import TrojanGuardError
     from trojanguard.screening import report as reporting
     from trojanguard.screening import screen
     from trojanguard.screening.api import check_out_dir
@@ -203,18 +211,14 @@ def cmd_screen(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
-    try:
-        check_out_dir(args.out, "--out")  # before the model is loaded: a wrong folder fails at once
-        model = _load_cli_model(args.model, args)
-        result = screen(model, args.data, detector=args.detector, out_dir=args.out, fpr=args.fpr,
-                        threshold=args.threshold, calibration=calibration, batch_size=args.batch_size,
-                        detector_options=options, top_k=args.top_k, image_size=args.image_size,
-                        channels=args.in_channels, overwrite=args.restart, report=not args.no_report,
-                        reference=args.reference, detector_file=args.detector_file,
-                        command=shlex.join(["trojanguard", *args.argv]))
-    except (TrojanGuardError, ValueError, OSError) as exc:
-        print(f"trojanguard screen: error: {exc}", file=sys.stderr)
-        return 1
+    check_out_dir(args.out, "--out")  # before the model is loaded: a wrong folder fails at once
+    model = _load_cli_model(args.model, args)
+    result = screen(model, args.data, detector=args.detector, out_dir=args.out, fpr=args.fpr,
+                    threshold=args.threshold, calibration=calibration, batch_size=args.batch_size,
+                    detector_options=options, top_k=args.top_k, image_size=args.image_size,
+                    channels=args.in_channels, overwrite=args.restart, report=not args.no_report,
+                    reference=args.reference, detector_file=args.detector_file,
+                    command=shlex.join(["trojanguard", *args.argv]))
     s = result.summary
     print(f"screened {s['screened']} of {s['samples']} samples from {s['data']['description']}"
           + (f" ({s['unreadable']} unreadable, listed in results.csv)" if s["unreadable"] else "")
@@ -293,29 +297,47 @@ def add_screen_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
-    from trojanguard.errors import TrojanGuardError
     from trojanguard.guard import write_triton_repository
+    from trojanguard.guard.onnx_export import load_guard_graph
 
     if args.out is None and args.triton_repo is None:
-        print("trojanguard export: error: pass --out FILE.onnx and/or --triton-repo DIR", file=sys.stderr)
-        return 2
-    try:
-        if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
-            if args.triton_repo is None:
-                raise ValueError("--model is already an ONNX graph: pass --triton-repo DIR to serve it with Triton")
-            onnx_path = Path(args.model)
-        else:
-            onnx_path = _export_guard(args)
-        if args.triton_repo is not None:
-            model_dir = write_triton_repository(
-                onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
-                max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind)
-            print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
-            print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
-    except (TrojanGuardError, ValueError, OSError) as exc:
-        print(f"trojanguard export: error: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
+    if args.triton_repo is not None:
+        _check_triton_arguments(args)
+    if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
+        if args.triton_repo is None:
+            raise UsageError("--triton-repo: --model is an .onnx file (an exported guard graph), so only a Triton "
+                             "repository can be written from it; expected --triton-repo DIR, got none")
+        if args.out is not None:
+            raise UsageError("--out: --model is already an exported guard graph (.onnx), there is no graph to "
+                             f"write; expected only --triton-repo DIR, got --out {args.out!r}")
+        load_guard_graph(args.model, "--model")  # an ordinary classifier or a broken file: refused, nothing written
+        onnx_path = Path(args.model)
+    else:
+        onnx_path = _export_guard(args)
+    if args.triton_repo is not None:
+        model_dir = write_triton_repository(
+            onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
+            max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind)
+        print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
+        print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
     return 0
+
+
+TRITON_ARGUMENTS = {"model_name": "--triton-name", "max_batch_size": "--max-batch-size",
+                    "max_queue_delay_microseconds": "--queue-delay-us"}
+
+
+def _check_triton_arguments(args: argparse.Namespace) -> None:
+    """The Triton repository options, checked before any fitting (usage errors naming the CLI option)."""
+    from trojanguard.guard.triton import check_triton_options
+
+    try:
+        check_triton_options(args.triton_name, args.max_batch_size, args.queue_delay_us,
+                             instance_kind=args.instance_kind)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(": ")
+        raise UsageError(f"{TRITON_ARGUMENTS.get(name, name)}: {rest}") from None
 
 
 def _export_guard(args: argparse.Namespace):
@@ -331,18 +353,21 @@ def _export_guard(args: argparse.Namespace):
     zoo = args.model if args.model.startswith(ZOO_PREFIX) else None
     reference_spec = args.reference or zoo
     if reference_spec is None:
-        raise ValueError("--reference: the data the guard's feature statistics are fitted on (folder, .npz, digits)")
+        raise UsageError("--reference: expected the data the guard's feature statistics are fitted on (folder, "
+                         ".npz, digits), got none")
     calibration_spec = args.calibration or ("digits-test" if zoo and args.threshold is None else None)
     if calibration_spec is None and args.threshold is None:
-        raise ValueError("--calibration: clean data to set the threshold on (folder, .npz, digits-test), or "
-                         "--threshold")
+        raise UsageError("--calibration: expected clean data to set the threshold on (folder, .npz, digits-test), "
+                         "or --threshold; got neither")
     model = _load_cli_model(args.model, args)
-    reference = open_source(reference_spec, image_size=args.image_size, channels=args.in_channels)
+    reference = open_source(reference_spec, image_size=args.image_size, channels=args.in_channels, name="--reference")
+    calibration = None if args.threshold is not None else open_source(
+        calibration_spec, image_size=args.image_size, channels=args.in_channels, name="--calibration")
+    if calibration is not None:  # before the fit: too few clean images cannot give the asked false-positive rate
+        check_calibration_size(len(calibration), args.fpr, "--calibration")
     detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
     guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
-    if args.threshold is None:
-        calibration = open_source(calibration_spec, image_size=args.image_size, channels=args.in_channels)
-        check_calibration_size(len(calibration), args.fpr, "--calibration")
+    if calibration is not None:
         guard.calibrate(SourceImages(calibration), fpr=args.fpr)
     example = torch.stack(list(SourceImages(reference, limit=2)))
     if args.out is not None:
@@ -355,7 +380,19 @@ def _export_guard(args: argparse.Namespace):
     return path
 
 
+def _opset_arg(text: str) -> int:
+    """--opset: an integer in the range export_onnx can write (checked before any fitting)."""
+    from trojanguard.guard.onnx_export import check_opset
+
+    try:
+        return check_opset(int(text), "--opset")
+    except ValueError as exc:
+        message = str(exc) if "--opset" in str(exc) else f"expected an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message.removeprefix("--opset: ")) from None
+
+
 def add_export_parser(sub) -> None:
+    from trojanguard.guard.onnx_export import DEFAULT_OPSET
     from trojanguard.guard.triton import (
         DEFAULT_MAX_BATCH_SIZE,
         DEFAULT_MODEL_NAME,
@@ -381,7 +418,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
     p.add_argument("--policy", choices=("flag", "reject"), default="flag",
                    help="flag: logits unchanged (default); reject: NaN logits for flagged inputs")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_opset_arg, default=DEFAULT_OPSET,
+                   help=f"ONNX opset of the graph (default {DEFAULT_OPSET})")
     p.add_argument("--triton-repo", help="also write a Triton model repository into this folder")
     p.add_argument("--triton-name", default=DEFAULT_MODEL_NAME, help=f"model name (default {DEFAULT_MODEL_NAME})")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
@@ -443,32 +481,30 @@ def _load_cleanse_data(spec: str, args: argparse.Namespace, model, info: dict):
 def cmd_cleanse(args: argparse.Namespace) -> int:
     """Cleanse a model file with BCU on unlabeled images; save the model (safetensors) and the JSON report."""
     from trojanguard.cleanse import BCU
-    from trojanguard.errors import TrojanGuardError
     from trojanguard.models import build_model, load_model, save_model
 
     out = Path(args.out)
     if out.suffix not in CLEANSE_OUT_SUFFIXES:
-        print(f"trojanguard cleanse: error: --out: expected a path ending in {' or '.join(CLEANSE_OUT_SUFFIXES)} "
-              f"(weights only, never a pickled module), got {str(out)!r}", file=sys.stderr)
-        return 2
-    try:
-        model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
-                           allow_pickle=args.allow_pickle).to(args.device)
-        ood_info: dict = {}
-        data = _load_cleanse_data(args.data, args, model, ood_info)
-        evaluation = None
-        if args.eval is not None:
-            evaluation = _cleanse_evaluation(args)
-        print(f"cleansing {args.model} ({args.arch}) with BCU on {len(data)} unlabeled images from {args.data!r}",
-              file=sys.stderr)
-        bcu = BCU(reinit=args.reinit,
-                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                  augment=args.augment, norm_stats=args.norm_stats, loss=args.loss,
-                  init=lambda: build_model(args.arch, num_classes=args.num_classes, in_channels=args.in_channels))
-        cleansed = bcu.cleanse(model, data, evaluation=evaluation)
-    except (TrojanGuardError, ValueError, OSError) as exc:
-        print(f"trojanguard cleanse: error: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError(f"--out: expected a path ending in {' or '.join(CLEANSE_OUT_SUFFIXES)} (weights only, never "
+                         f"a pickled module), got {str(out)!r}")
+    if args.attack is not None and args.eval is None:
+        raise UsageError(f"--attack: reports ASR on --eval data; expected --eval with it, got --attack {args.attack} "
+                         "alone")
+    if args.target is not None and args.attack is None:
+        raise UsageError(f"--target: the target class of --attack; expected --attack with it, got --target "
+                         f"{args.target} alone")
+    model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
+                       allow_pickle=args.allow_pickle).to(args.device)
+    evaluation = None if args.eval is None else _cleanse_evaluation(args, model)
+    ood_info: dict = {}
+    data = _load_cleanse_data(args.data, args, model, ood_info)
+    print(f"cleansing {args.model} ({args.arch}) with BCU on {len(data)} unlabeled images from {args.data!r}",
+          file=sys.stderr)
+    bcu = BCU(reinit=args.reinit,
+              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+              augment=args.augment, norm_stats=args.norm_stats, loss=args.loss,
+              init=lambda: build_model(args.arch, num_classes=args.num_classes, in_channels=args.in_channels))
+    cleansed = bcu.cleanse(model, data, evaluation=evaluation)
     save_model(cleansed, out)
     report_path = out.with_name(out.stem + ".report.json")
     bcu.report.details["model"] = str(args.model)
@@ -481,13 +517,19 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cleanse_evaluation(args: argparse.Namespace):
+def _cleanse_evaluation(args: argparse.Namespace, model):
+    """The labelled --eval data (with the --attack trigger) as an Evaluation, checked against ``model``'s
+    classes: labels and --target outside them are refused before any cleansing."""
+    import torch
+
     from trojanguard.attacks import make_attack
     from trojanguard.cleanse import Evaluation
+    from trojanguard.cleanse.base import model_device, preflight
     from trojanguard.data import load_digits, load_image_folder, load_npz
     from trojanguard.errors import DataError
     from trojanguard.zoo import ZOO_ATTACK_DEFAULTS
 
+    where = f"--eval {args.eval!r}"
     if args.eval == "digits":
         labelled = load_digits(size=args.image_size, channels=args.in_channels, seed=args.seed)[1]
     elif Path(args.eval).suffix == ".npz":
@@ -495,11 +537,27 @@ def _cleanse_evaluation(args: argparse.Namespace):
     else:
         labelled = load_image_folder(args.eval, size=args.image_size, channels=args.in_channels)
     if labelled.y is None:
-        raise DataError(f"--eval {args.eval!r}: evaluation data needs labels (class sub-folders or an npz 'y')")
-    trigger = None
+        raise DataError(f"{where}: evaluation data needs labels (class sub-folders or an npz 'y')")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            classes = preflight(model.eval(), labelled.x[:2], model_device(model))
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    finally:
+        model.train(was_training)
+    outside = sorted({int(label) for label in labelled.y.unique() if not 0 <= int(label) < classes})
+    if outside:
+        shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+        raise DataError(f"{where}: expected labels of the model's {classes} classes (0 … {classes - 1}), got "
+                        f"labels {shown}")
+    trigger, target = None, None
     if args.attack is not None:
+        target = 0 if args.target is None else args.target
+        if not 0 <= target < classes:
+            raise UsageError(f"--target: expected a class of the model (0 … {classes - 1}), got {target}")
         trigger = make_attack(args.attack, **ZOO_ATTACK_DEFAULTS.get(args.attack, {}))
-    return Evaluation(labelled.x, labelled.y, trigger, args.target if trigger is not None else None)
+    return Evaluation(labelled.x, labelled.y, trigger, target)
 
 
 def _reinit_arg(text: str) -> str | float:
@@ -549,7 +607,7 @@ def add_cleanse_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
-    p.add_argument("--target", type=int, default=0, help="with --attack: the attack's target class (default 0)")
+    p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
     p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP + " for the distillation")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
     p.set_defaults(func=cmd_cleanse)
@@ -574,11 +632,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the outputs each command writes, checked before any work: (argument's dest, "file" or "folder")
+COMMAND_OUTPUTS = {"demo": (("out", "folder"),), "screen": (("out", "folder"),),
+                   "export": (("out", "file"), ("triton_repo", "folder")), "cleanse": (("out", "file"),)}
+DEBUG_ENV = "TROJANGUARD_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends in one line on standard error: ``trojanguard <command>: error: ...``
+    (exit 2 for a command line that cannot work, 1 for bad data, model or file) or, for a bug,
+    ``... internal error: ...`` (exit 1; TROJANGUARD_DEBUG=1 re-raises it with its traceback)."""
+    from trojanguard.errors import TrojanGuardError
+
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv  # the exact command line, for reports
-    return args.func(args)
+    command = f"trojanguard {args.command}"
+    try:
+        for dest, kind in COMMAND_OUTPUTS.get(args.command, ()):
+            if getattr(args, dest, None) is not None:
+                _check_output(getattr(args, dest), "--" + dest.replace("_", "-"), kind)
+        return args.func(args)
+    except UsageError as exc:
+        return _print_error(command, str(exc), 2)
+    except (TrojanGuardError, ValueError) as exc:  # ValueError: argument checks of the library (names the argument)
+        return _print_error(command, str(exc) or type(exc).__name__, 1)
+    except OSError as exc:
+        return _print_error(command, _os_error_text(exc, args), 1)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted (finished work is kept; run the same command again to resume where it "
+              "can)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"{command}: internal error: {type(exc).__name__}: {_one_line(str(exc))} (set {DEBUG_ENV}=1 for "
+              "the traceback; please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _print_error(command: str, message: str, code: int) -> int:
+    print(f"{command}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _os_error_text(exc: OSError, args: argparse.Namespace) -> str:
+    """``<argument> <file>: <reason>`` of an OSError (never a bare ``[Errno N]``); the argument when one of the
+    command's path arguments is the file or a folder above it."""
+    if exc.filename is None:
+        return exc.strerror or str(exc) or type(exc).__name__
+    path = Path(os.fsdecode(exc.filename))
+    argument = next((f"--{dest.replace('_', '-')} " for dest, value in sorted(vars(args).items())
+                     if isinstance(value, str) and value and (path == Path(value) or Path(value) in path.parents)),
+                    "")
+    where = f"{argument}{str(path)!r}" + (f" -> {os.fsdecode(exc.filename2)!r}" if exc.filename2 else "")
+    return f"{where}: {exc.strerror or exc}"
+
+
+def _check_output(text: str, argument: str, kind: str) -> None:
+    """An output path the command can write (checked before any work): a ``kind`` ("file" or "folder") that is
+    not the other kind, inside a folder this process may write to."""
+    path = Path(text)
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            raise UsageError(f"{argument}: expected a folder (existing or new), got the file {text!r}")
+        if kind == "file" and path.is_dir():
+            raise UsageError(f"{argument}: expected a file to write, got the folder {text!r}")
+        folder = path if kind == "folder" else path.absolute().parent
+    else:
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise UsageError(f"{argument}: expected a path that can be created, got {text!r} ({str(folder)!r} is a "
+                             "file)")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.is_file() and not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), text)
 
 
 if __name__ == "__main__":

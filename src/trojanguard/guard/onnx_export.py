@@ -32,6 +32,27 @@ INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "score", "flagged")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 METADATA_PREFIX = "trojanguard."
+REQUIRED_METADATA = ("threshold", "input_shape", "input_range", "policy")  # what a server needs to feed the graph
+MIN_OPSET = 11  # the guard's Where / Equal on floats need opset 11
+
+
+def supported_opsets() -> range:
+    """Opsets :func:`export_onnx` can write: MIN_OPSET up to the newest the installed torch exporter and onnx know."""
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # private module moved: trust onnx alone
+        torch_max = onnx.defs.onnx_opset_version()
+    return range(MIN_OPSET, min(torch_max, onnx.defs.onnx_opset_version()) + 1)
+
+
+def check_opset(opset, name: str = "opset") -> int:
+    """``opset`` when :func:`export_onnx` can write it, else a ValueError naming the supported range."""
+    opsets = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in opsets:
+        raise ValueError(f"{name}: expected an ONNX opset from {opsets.start} to {opsets.stop - 1}, got {opset!r}")
+    return opset
 
 
 def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_batch: bool = True,
@@ -61,6 +82,7 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
         raise RuntimeError("guard: no threshold to bake into the graph; call guard.calibrate(clean_x, fpr=...) first")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter: expected one of {EXPORTERS}, got {exporter!r}")
+    check_opset(opset)
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.dtype != torch.float32:
         shown = f"{example.dtype} {tuple(example.shape)}" if isinstance(example, torch.Tensor) else type(example).__name__
         raise DataError(f"example: expected a float32 tensor (N, C, H, W), got {shown}")
@@ -117,6 +139,40 @@ def read_metadata(model_or_path) -> dict[str, object]:
     model = onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, Path)) \
         else model_or_path
     return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def load_guard_graph(path: str | Path, name: str = "path"):
+    """The ``onnx.ModelProto`` at ``path`` when it is a guard graph written by :func:`export_onnx`; a missing,
+    empty, truncated or corrupt file, or an ordinary (unguarded) ONNX model, raises a DataError naming ``name``."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{name}: expected an ONNX guard graph file, got {str(path)!r} ("
+                        f"{'a folder' if path.is_dir() else 'no such file'})")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 — protobuf / checker errors of every kind mean an unreadable graph
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{name}: expected an ONNX guard graph, got {str(path)!r}, which ONNX cannot read "
+                        f"(empty, truncated or not ONNX: {reason})") from None
+    try:
+        metadata = read_metadata(model)
+    except ValueError as exc:  # a JSON value that does not decode
+        raise DataError(f"{name}: {str(path)!r} has unreadable trojanguard metadata ({exc})") from None
+    check_guard_graph(f"{name}: {str(path)!r}", [o.name for o in model.graph.output], metadata)
+    return model
+
+
+def check_guard_graph(where: str, outputs: list[str], metadata: dict[str, object]) -> None:
+    """A DataError unless ``outputs`` and ``metadata`` are those of a graph written by :func:`export_onnx`."""
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing or list(outputs) != list(OUTPUT_NAMES):
+        raise DataError(f"{where}: expected a trojanguard guard graph (outputs {', '.join(OUTPUT_NAMES)} and "
+                        f"trojanguard.* metadata, written by trojanguard export / export_onnx), got outputs "
+                        f"{list(outputs)} and missing metadata {missing} — an ordinary classifier? Export the guard "
+                        "from the model's weights first")
 
 
 def decode_metadata(props: dict[str, str]) -> dict[str, object]:

@@ -9,10 +9,9 @@ import numpy as np
 
 from trojanguard.errors import DataError
 from trojanguard.guard.module import GuardOutput
-from trojanguard.guard.onnx_export import INPUT_NAME, OUTPUT_NAMES, decode_metadata
+from trojanguard.guard.onnx_export import INPUT_NAME, OUTPUT_NAMES, check_guard_graph, decode_metadata
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-REQUIRED_METADATA = ("threshold", "input_shape", "input_range", "policy")
 
 
 def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:
@@ -63,11 +62,7 @@ class GuardSession:
         self.session = ort.InferenceSession(str(path), sess_options=session_options,
                                             providers=resolve_providers(providers))
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        missing = [key for key in REQUIRED_METADATA if key not in self.metadata]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if missing or outputs != list(OUTPUT_NAMES):
-            raise DataError(f"path: {path} is not a trojanguard guard graph (missing metadata {missing}, outputs "
-                            f"{outputs}); write it with trojanguard.guard.export_onnx")
+        check_guard_graph(f"path: {str(path)!r}", [o.name for o in self.session.get_outputs()], self.metadata)
         self.input_shape = tuple(self.metadata["input_shape"])
         self._outputs = list(OUTPUT_NAMES)
         fixed_batch = self.session.get_inputs()[0].shape[0]

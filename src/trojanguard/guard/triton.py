@@ -89,8 +89,8 @@ def triton_config(onnx_model, *, model_name: str = DEFAULT_MODEL_NAME, max_batch
                   preferred_batch_sizes: list[int] | None = None, instance_kind: str = "auto",
                   instance_count: int = 1) -> str:
     """The ``config.pbtxt`` text for an ONNX guard graph (see the module docstring)."""
-    _check_options(model_name, max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, instance_kind,
-                   instance_count)
+    check_triton_options(model_name, max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes,
+                         instance_kind, instance_count)
     inputs, outputs = graph_tensors(onnx_model)
     lines = [
         "# Written by trojanguard (trojanguard.guard.write_triton_repository) from the guard's ONNX graph.",
@@ -121,7 +121,8 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     """Write a Triton model repository serving the guard graph at ``onnx_path``; return the model's folder.
 
     Args:
-        onnx_path: a graph written by :func:`~trojanguard.guard.export_onnx` with ``dynamic_batch=True``.
+        onnx_path: a graph written by :func:`~trojanguard.guard.export_onnx` with ``dynamic_batch=True``
+            (anything else, an ordinary classifier included, raises a DataError before anything is written).
         repository: the repository folder (created if needed; other models in it are left alone).
         model_name: the model's folder and ``name`` in its configuration.
         version: the version folder the graph is copied to (``<version>/model.onnx``).
@@ -131,14 +132,15 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
         instance_kind: ``"auto"`` (Triton's default placement: one instance per GPU, or CPU), ``"cpu"``, ``"gpu"``.
         instance_count: instances per device when ``instance_kind`` is set.
     """
-    from trojanguard.guard.onnx_export import read_metadata
+    from trojanguard.guard.onnx_export import load_guard_graph, read_metadata
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {onnx_path}")
     if version < 1:
         raise ValueError(f"version: expected a positive integer, got {version}")
-    text = triton_config(onnx_path, model_name=model_name, max_batch_size=max_batch_size,
+    graph = load_guard_graph(onnx_path, "onnx_path")  # an ordinary classifier or a broken file stops here
+    text = triton_config(graph, model_name=model_name, max_batch_size=max_batch_size,
                          max_queue_delay_microseconds=max_queue_delay_microseconds,
                          preferred_batch_sizes=preferred_batch_sizes, instance_kind=instance_kind,
                          instance_count=instance_count)
@@ -148,7 +150,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     if onnx_path.resolve() != target.resolve():
         shutil.copyfile(onnx_path, target)
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
-    metadata = read_metadata(target)
+    metadata = read_metadata(graph)
     (model_dir / "trojanguard.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     check_triton_repository(repository, model_name, version=version)
     return model_dir
@@ -206,7 +208,9 @@ def check_triton_repository(repository: str | Path, model_name: str = DEFAULT_MO
     return config
 
 
-def _check_options(model_name, max_batch_size, delay, preferred, instance_kind, instance_count) -> None:
+def check_triton_options(model_name, max_batch_size, delay=DEFAULT_QUEUE_DELAY_US, preferred=None,
+                         instance_kind="auto", instance_count=1) -> None:
+    """A ValueError naming the first repository option Triton would refuse (callers check before any work)."""
     if not NAME_PATTERN.match(model_name):
         raise ValueError(f"model_name: expected letters, digits, '_', '.' or '-', got {model_name!r}")
     if max_batch_size < 1:

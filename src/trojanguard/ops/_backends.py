@@ -20,13 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from trojanguard.errors import TrojanGuardError
+
 BACKEND_NAMES = ("cuda", "triton", "cpp", "reference")
 AUTO_ORDER = ("triton", "cuda", "cpp", "reference")
 _state = threading.local()
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run these inputs."""
+class BackendUnavailableError(TrojanGuardError, RuntimeError):
+    """An explicitly requested backend cannot run these inputs (a RuntimeError too, as it always was)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class Op:
             reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(*args, **kwargs)
             if reasons:
                 table = "; ".join(f"{n}: {', '.join(r) or 'available'}" for n, r in self.reasons(*args, **kwargs).items())
-                raise BackendUnavailableError(f"{self.name}: backend {requested!r} cannot run here ({table})")
+                where = "backend" if backend not in (None, "auto") else (
+                    "use_backend" if getattr(_state, "backend", None) else "TROJANGUARD_BACKEND")
+                raise BackendUnavailableError(f"{where}: {requested!r} cannot run op {self.name} here ({table})")
             return impl
         for name in AUTO_ORDER:
             if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -198,7 +198,8 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         raise ValueError(f"detector_file: expected detector 'features' without detector_options (the file holds its "
                          f"fit and options), got detector {detector!r}, options {detector_options or {}}")
     fit_source = None if reference is None else open_source(reference, image_size=image_size, channels=channels)
-    reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels)
+    reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels,
+                                                             name="calibration")
     if reference is not None and threshold is None:
         check_calibration_size(len(reference), fpr, "calibration")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,10 @@ class DetectorUnavailableError(TrojanGuardError, ValueError):
     """A detector name that exists but cannot run in this installation (or does not exist)."""
 
 
+class DetectorOptionError(DetectorUnavailableError):
+    """A detector option the detector does not take, or a value of the wrong type for it."""
+
+
 class BatchScorer:
     """Runs a built detector batch by batch: ``scorer(x, first_index) -> (scores (B,), predicted (B,))`` for
     ``x: (B, C, H, W)`` in [0, 1], the samples ``first_index … first_index + B − 1`` of the screened data.
@@ -125,16 +129,20 @@ class ScreeningDetector:
     summary: str
     build: Callable[..., Detector]
     scorer: type[BatchScorer] = BatchScorer
+    options_of: Callable[[], Callable | None] | None = None
 
 
 DETECTORS: dict[str, ScreeningDetector] = {}
 
 
 def register_detector(name: str, build: Callable[..., Detector], summary: str,
-                      scorer: type[BatchScorer] = BatchScorer) -> None:
+                      scorer: type[BatchScorer] = BatchScorer, *,
+                      options_of: Callable[[], Callable | None] | None = None) -> None:
     """Make ``name`` available to ``screen(..., detector=name)`` and the ``--detector`` option.
-    ``build(model, **options)``; if it names a ``show_progress`` parameter, it receives screen's setting."""
-    DETECTORS[name] = ScreeningDetector(name, summary, build, scorer)
+    ``build(model, **options)``; if it names a ``show_progress`` parameter, it receives screen's setting.
+    ``options_of()``: the class (or function) whose keyword parameters are the options, when ``build`` only
+    passes ``**options`` on; its signature is used to refuse unknown options and values of the wrong type."""
+    DETECTORS[name] = ScreeningDetector(name, summary, build, scorer, options_of)
 
 
 # CD and the feature detector score one batch per call and screen's images/s bar already covers that, so their own
@@ -178,13 +186,15 @@ def _import_optional(module: str, attribute: str):
 
 
 register_detector("cd", _build_cd, "Cognitive Distillation: per-sample mask optimisation (slow, no fitting)",
-                  CognitiveDistillationScorer)
+                  CognitiveDistillationScorer,
+                  options_of=lambda: _import_optional("trojanguard.detect", "CognitiveDistillation"))
 register_detector("features", _build_features,
                   "robust class-conditional Mahalanobis distance of features (one forward pass; fitted on the data)",
-                  FeatureDistanceScorer)
+                  FeatureDistanceScorer, options_of=lambda: _import_optional("trojanguard.detect", "FeatureMahalanobis"))
 register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
                   "amortised Cognitive Distillation: a head on the model's features, trained on CD's scores of a "
-                  "subset of the screened data, scores in one pass")
+                  "subset of the screened data, scores in one pass",
+                  options_of=lambda: _import_optional("trojanguard.detect", "AmortizedCD"))
 OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD")}
 
 
@@ -205,11 +215,43 @@ def build_detector(name: str, model: nn.Module, options: dict | None = None, *, 
     if name not in DETECTORS:
         raise DetectorUnavailableError(f"detector: unknown name {name!r}; expected one of {sorted(DETECTORS)}")
     entry = DETECTORS[name]
-    try:
-        if "show_progress" in inspect.signature(entry.build).parameters:  # a user's builder may not take it
-            options = {"show_progress": show_progress, **(options or {})}
-        detector = entry.build(model, **(options or {}))
-    except TypeError as exc:
-        raise DetectorUnavailableError(f"detector_options: {name!r} does not take these options "
-                                       f"({sorted(options or {})}): {exc}") from exc
+    options = dict(options or {})
+    check_detector_options(name, (entry.options_of() if entry.options_of else None) or entry.build, options)
+    if "show_progress" in inspect.signature(entry.build).parameters:  # a user's builder may not take it
+        options = {"show_progress": show_progress, **options}
+    detector = entry.build(model, **options)
     return detector, entry.scorer(detector, model)
+
+
+# an annotation's names -> (accepts the value, what the message calls it); other annotations are not checked
+OPTION_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "None": (lambda v: v is None, "null"),
+}
+
+
+def check_detector_options(name: str, target: Callable, options: dict) -> None:
+    """Refuse an option ``target`` (the detector's class or builder) does not take, or a value whose type does
+    not match the parameter's annotation (``int``, ``float``, ``bool``, ``str``, ``None`` and unions of them),
+    with a :class:`DetectorOptionError` naming the option, what it expects and what came."""
+    parameters = {p.name: p for p in list(inspect.signature(target).parameters.values())[1:]  # [0]: the model
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    unknown = sorted(set(options) - set(parameters))
+    if unknown and not takes_any:
+        raise DetectorOptionError(f"detector_options: {name!r} does not take these options: {unknown}; it takes "
+                                  f"{', '.join(sorted(parameters))}")
+    for key, value in options.items():
+        if key not in parameters:
+            continue
+        annotation = parameters[key].annotation
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        kinds = [part.strip() for part in text.split("|")]
+        if not text or any(kind not in OPTION_TYPES for kind in kinds):
+            continue
+        if not any(OPTION_TYPES[kind][0](value) for kind in kinds):
+            expected = " or ".join(OPTION_TYPES[kind][1] for kind in kinds)
+            raise DetectorOptionError(f"detector_options: {key} expects {expected}, got {value!r}")

@@ -320,17 +320,17 @@ EMBEDDED = ("digits", "digits-test")
 ZOO_PREFIX = "zoo:"
 
 
-def open_source(data, *, image_size: int = 32, channels: int = 3) -> ImageSource:
+def open_source(data, *, image_size: int = 32, channels: int = 3, name: str = "data") -> ImageSource:
     """An :class:`ImageSource` for ``data``: a source as is; a tensor or ``ImageDataset`` (in memory); a path to
     an image folder or an ``.npz`` file (streamed); ``"digits"`` / ``"digits-test"`` (the embedded digits'
     training / held-out test split); ``"zoo:<attack>"`` (the poisoned training set of that zoo model, with the
-    true poison indices, so the report can score the screening)."""
+    true poison indices, so the report can score the screening). ``name``: the argument errors name."""
     if isinstance(data, ImageSource):
         return data
     if isinstance(data, (torch.Tensor, ImageDataset)):
         return TensorSource(data)
     if not isinstance(data, (str, Path)):
-        raise TypeError(f"data: expected a path, 'digits', 'digits-test', 'zoo:<attack>', a tensor, an ImageDataset "
+        raise TypeError(f"{name}: expected a path, 'digits', 'digits-test', 'zoo:<attack>', a tensor, an ImageDataset "
                         f"or an ImageSource, got {type(data).__name__}")
     spec = str(data)
     if spec in EMBEDDED:
@@ -348,12 +348,12 @@ def open_source(data, *, image_size: int = 32, channels: int = 3) -> ImageSource
                                         f"{int(poisoned.is_poisoned.sum())} poisoned)")
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data: {spec!r} is neither an existing file or folder nor one of {EMBEDDED} or 'zoo:<attack>'")
+        raise DataError(f"{name}: {spec!r} is neither an existing file or folder nor one of {EMBEDDED} or 'zoo:<attack>'")
     if path.is_dir():
         return FolderSource(path, size=image_size, channels=channels)
     if path.suffix.lower() == ".npz":
         return NpzSource(path)
-    raise DataError(f"data: {spec!r} is a file but not an .npz; expected an image folder or an .npz file")
+    raise DataError(f"{name}: {spec!r} is a file but not an .npz; expected an image folder or an .npz file")
 
 
 @functools.lru_cache(maxsize=4)
