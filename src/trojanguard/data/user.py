@@ -81,8 +81,8 @@ def list_image_files(path: str | Path) -> tuple[list[tuple[Path, int]], list[str
     entries = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not entries:
         found = "an empty folder" if not files else f"{len(files)} files, none with an image suffix"
-        raise DataError(f"image folder {str(root)!r}: expected image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                        f"directly inside or in class sub-folders, got {found}")
+        raise DataError(f"image folder {str(root)!r} holds no image files: expected {', '.join(sorted(IMAGE_SUFFIXES))} "
+                        f"files directly inside or in class sub-folders, got {found}")
     return entries, names
 
 
@@ -90,8 +90,8 @@ def unreadable_folder_message(root: Path, total: int, skipped: list[tuple[str, s
     """The one-line error for a folder none of whose ``total`` image files could be read, with a few reasons."""
     reasons = "; ".join(f"{Path(file).name}: {reason}" for file, reason in skipped[:examples])
     more = f"; … {len(skipped) - examples} more" if len(skipped) > examples else ""
-    return (f"image folder {str(root)!r}: expected readable images, got {total} image files and none could be "
-            f"read ({reasons}{more})")
+    return (f"image folder {str(root)!r}: expected readable images, but none of {total} image files could be read "
+            f"({reasons}{more})")
 
 
 def load_image_folder(path: str | Path, size: int | None = DEFAULT_IMAGE_SIZE, channels: int = 3) -> ImageDataset:
@@ -169,7 +169,7 @@ def npz_images_to_tensor(x: np.ndarray, where: str) -> torch.Tensor:
         return torch.from_numpy(np.divide(array, np.float32(255), out=array))
     if not np.isfinite(x).all():
         raise DataError(f"{where}: expected finite values in [0, 1], got NaN or infinite values")
-    return check_images(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), where)
+    return check_images(torch.from_numpy(x.astype(np.float32, order="C")), where)
 
 
 def load_npz(path: str | Path, images_key: str = "x", labels_key: str = "y", size: int | None = None) -> ImageDataset:
@@ -185,7 +185,8 @@ def load_npz(path: str | Path, images_key: str = "x", labels_key: str = "y", siz
         raise DataError(f"npz file {str(p)!r}: expected an .npz archive of named arrays, got a single .npy array")
     with arrays:
         if images_key not in arrays:
-            raise DataError(f"npz file {str(p)!r}: expected an array named {images_key!r}, got {list(arrays.keys())}")
+            raise DataError(f"npz file {str(p)!r}: no array named {images_key!r}; expected one, got arrays "
+                            f"{list(arrays.keys())}")
         try:
             x = arrays[images_key]
             y = arrays.get(labels_key)

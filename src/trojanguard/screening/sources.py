@@ -207,7 +207,8 @@ class NpzSource(ImageSource):
                             f"read ({type(exc).__name__}: {exc})") from None
         members = {name.removesuffix(".npy"): name for name in self._zip.namelist()}
         if images_key not in members:
-            raise DataError(f"npz file {str(self.path)!r}: expected an array named {images_key!r}, got {list(members)}")
+            raise DataError(f"npz file {str(self.path)!r}: no array named {images_key!r}; expected one, got arrays "
+                            f"{list(members)}")
         self.images_key, self._member, self.size = images_key, members[images_key], size
         self._where = f"npz file {str(self.path)!r} array {images_key!r}"
         self._stream = None
@@ -372,7 +373,7 @@ def open_source(data, *, image_size: int | None = None, channels: int = 3) -> Im
     path = Path(spec)
     if not path.exists():
         raise DataError(f"data: expected an image folder, an .npz file, one of {EMBEDDED} or 'zoo:<attack>', got "
-                        f"{spec!r}, which does not exist")
+                        f"{spec!r}, which is neither an existing file or folder")
     if path.suffix.lower() == ".npz":
         return NpzSource(path, size=image_size)
     if path.is_dir():
