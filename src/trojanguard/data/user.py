@@ -88,10 +88,15 @@ def list_image_files(path: str | Path) -> tuple[list[tuple[Path, int]], list[str
 
 def unreadable_folder_message(root: Path, total: int, skipped: list[tuple[str, str]], examples: int = 3) -> str:
     """The one-line error for a folder none of whose ``total`` image files could be read, with a few reasons."""
-    reasons = "; ".join(f"{Path(file).name}: {reason}" for file, reason in skipped[:examples])
+    reasons = "; ".join(f"{Path(file).name}: {_short_reason(root / file, reason)}" for file, reason in skipped[:examples])
     more = f"; … {len(skipped) - examples} more" if len(skipped) > examples else ""
     return (f"image folder {str(root)!r}: expected readable images, but none of {total} image files could be read "
             f"({reasons}{more})")
+
+
+def _short_reason(file: Path, reason: str) -> str:
+    """A read error without the file's path (already named) nor the per-row prefix."""
+    return reason.removeprefix("unreadable image: ").replace(f" {str(file)!r}", "").replace(str(file), file.name)
 
 
 def load_image_folder(path: str | Path, size: int | None = DEFAULT_IMAGE_SIZE, channels: int = 3) -> ImageDataset:
@@ -172,6 +177,14 @@ def npz_images_to_tensor(x: np.ndarray, where: str) -> torch.Tensor:
     return check_images(torch.from_numpy(x.astype(np.float32, order="C")), where)
 
 
+def _read_npz_array(arrays, key: str, path: Path) -> np.ndarray:
+    try:
+        return arrays[key]
+    except READ_ERRORS as exc:
+        raise DataError(f"npz file {str(path)!r} array {key!r}: expected a readable array, got {type(exc).__name__}: "
+                        f"{exc} (truncated or corrupt file, or an object array that needs unpickling)") from None
+
+
 def load_npz(path: str | Path, images_key: str = "x", labels_key: str = "y", size: int | None = None) -> ImageDataset:
     """Load ``.npz`` arrays: images uint8 ``(N, H, W, C)`` (0..255) or float ``(N, C, H, W)`` in [0, 1], optional
     integer labels. ``size``: resize the images to ``size`` × ``size`` (None: keep the arrays' own size)."""
@@ -187,12 +200,8 @@ def load_npz(path: str | Path, images_key: str = "x", labels_key: str = "y", siz
         if images_key not in arrays:
             raise DataError(f"npz file {str(p)!r}: no array named {images_key!r}; expected one, got arrays "
                             f"{list(arrays.keys())}")
-        try:
-            x = arrays[images_key]
-            y = arrays.get(labels_key)
-        except READ_ERRORS as exc:
-            raise DataError(f"npz file {str(p)!r}: expected readable arrays, got {type(exc).__name__}: {exc} "
-                            "(truncated or corrupt file, or an object array that needs unpickling)") from None
+        x = _read_npz_array(arrays, images_key, p)
+        y = _read_npz_array(arrays, labels_key, p) if labels_key in arrays else None
     where = f"npz file {str(p)!r} array {images_key!r}"
     check_npz_layout(x.shape, x.dtype, where)
     images = resize_images(npz_images_to_tensor(x, where), size)

@@ -56,6 +56,13 @@ def unescape_cell(text: str) -> str:
     return text.removeprefix(ESCAPE)
 
 
+def write_row(buffer: io.StringIO, row: list) -> None:
+    """One CSV row ending in ``\n``. A row with a carriage return in a cell is quoted whole (the csv module
+    quotes only the line terminator's characters, and an unquoted ``\r`` cannot be read back)."""
+    quoting = csv.QUOTE_ALL if any("\r" in str(cell) for cell in row) else csv.QUOTE_MINIMAL
+    csv.writer(buffer, lineterminator="\n", quoting=quoting).writerow(row)
+
+
 class ResumeError(TrojanGuardError, ValueError):
     """An existing results file that belongs to a different run, or cannot be read back."""
 
@@ -135,10 +142,9 @@ class ResultsFile:
         """Append one batch of rows (samples ``start …``) and make them durable (flush + fsync). Text cells are
         escaped: the file must have been written by :meth:`create`, or upgraded by ``read(repair=True)``."""
         buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
         for offset, (sample_id, label, prediction, score, flag, error) in enumerate(
                 zip(ids, labels, predicted, scores, flagged, errors)):
-            writer.writerow([start + offset, escape_cell(sample_id), escape_cell(label), "" if error else prediction,
+            write_row(buffer, [start + offset, escape_cell(sample_id), escape_cell(label), "" if error else prediction,
                              "" if error else repr(float(score)), "" if flag is None or error else int(flag),
                              escape_cell(error)])
         with open(self.path, "a", encoding="utf-8", newline="") as f:
@@ -149,12 +155,10 @@ class ResultsFile:
     def rewrite(self, meta: dict, rows: Rows) -> None:
         """Replace the whole file (header ``meta`` and ``rows``) atomically: used to write final flags."""
         buffer = io.StringIO()
-        buffer.write(header_line({**meta, CELLS_KEY: FORMULA_SAFE}))
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        buffer.write(header_line({**meta, CELLS_KEY: FORMULA_SAFE}) + ",".join(COLUMNS) + "\n")
         for i in range(len(rows)):
             error = rows.errors[i]
-            writer.writerow([i, escape_cell(rows.ids[i]), escape_cell(rows.labels[i]),
+            write_row(buffer, [i, escape_cell(rows.ids[i]), escape_cell(rows.labels[i]),
                              "" if error else int(rows.predicted[i]), "" if error else repr(float(rows.scores[i])),
                              "" if error or rows.flagged[i] < 0 else int(rows.flagged[i]), escape_cell(error)])
         write_atomic(self.path, buffer.getvalue())
