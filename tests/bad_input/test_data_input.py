@@ -332,23 +332,29 @@ DTYPES = [np.uint8, np.uint16, np.int16, np.int64, np.float16, np.float32, np.fl
 
 @st.composite
 def user_arrays(draw):
+    """(array, cut, compressed, valid): ``valid`` arrays are a documented layout with values in range and must
+    load; the others are random shapes, dtypes and values (NaN, inf, out of range), maybe truncated at ``cut``."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    n, c, h, w = (draw(st.integers(1, 4)), draw(st.sampled_from([1, 3])), draw(st.integers(1, 5)),
+                  draw(st.integers(1, 5)))
+    compressed = draw(st.booleans())
+    if draw(st.booleans()):
+        dtype = np.dtype(draw(st.sampled_from([np.uint8, np.float16, np.float32, np.float64])))
+        if dtype == np.uint8:
+            return rng.integers(0, 256, (n, h, w, c), dtype=np.uint8), None, compressed, True
+        return rng.random((n, c, h, w)).astype(dtype), None, compressed, True
     ndim = draw(st.integers(1, 5))
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
-    if draw(st.booleans()) and ndim == 4:  # often a plausible layout, so the valid path is exercised too
-        shape = (shape[0] or 1, draw(st.sampled_from([1, 3])), shape[2] or 1, shape[3] or 1)
-        if draw(st.booleans()):
-            shape = (shape[0], shape[2], shape[3], shape[1])
+    if ndim == 4 and draw(st.booleans()):
+        shape = draw(st.sampled_from([(n, c, h, w), (n, h, w, c)]))
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     special = draw(st.sampled_from([None, np.nan, np.inf, -np.inf, -0.5, 1.5, 255.0]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     values = rng.random(shape) * draw(st.sampled_from([1.0, 255.0, 1000.0]))
     if special is not None and values.size:
         values.flat[rng.integers(values.size)] = special
     with np.errstate(invalid="ignore", over="ignore"):
         array = values.astype(dtype)
-    cut = draw(st.one_of(st.none(), st.floats(0.0, 0.999)))
-    compressed = draw(st.booleans())
-    return array, cut, compressed
+    return array, draw(st.one_of(st.none(), st.floats(0.0, 0.999))), compressed, False
 
 
 def check_loaded(data, array):
@@ -360,7 +366,7 @@ def check_loaded(data, array):
 @HYPOTHESIS
 @given(case=user_arrays())
 def test_npz_loaders_give_images_in_range_or_a_data_error(tmp_path, case):
-    array, cut, compressed = case
+    array, cut, compressed, valid = case
     path = tmp_path / "random.npz"
     (np.savez_compressed if compressed else np.savez)(path, x=array)
     if cut is not None:
@@ -368,6 +374,7 @@ def test_npz_loaders_give_images_in_range_or_a_data_error(tmp_path, case):
     try:
         data = load_npz(path)
     except DataError:
+        assert not valid, "a documented layout with values in range was refused"
         data = None
     else:
         check_loaded(data, array)
@@ -415,6 +422,7 @@ def test_image_folders_give_images_in_range_or_a_data_error(tmp_path_factory, mo
         data = load_image_folder(root, size=6, channels=channels)
     except DataError as exc:
         assert "\n" not in str(exc) and str(root) in str(exc)
+        assert cut is not None or mode in ("I", "F"), f"an intact {mode} {suffix} file was refused: {exc}"
         return
     assert data.x.shape == (1, channels, 6, 6)
     check_loaded(data, data.x)
