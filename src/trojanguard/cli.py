@@ -180,6 +180,21 @@ def _load_cli_model(spec: str, args: argparse.Namespace):
     return model.to(args.device).eval()
 
 
+IMAGE_SIZE_HELP = ("side every image is resized to, for every kind of data; default: the data's own size for .npz "
+                   "arrays and zoo data, 32 for image folders, digits and ood")
+
+
+def _image_size(text: str) -> int:
+    """``--image-size``: a positive integer."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {size}")
+    return size
+
+
 def _option_value(text: str):
     """``KEY=VALUE`` of --detector-option: VALUE as JSON (numbers, true/false, null), else as a string."""
     key, sep, value = text.partition("=")
@@ -283,7 +298,7 @@ def add_screen_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=16, help="samples in the report's grid (default 16)")
     p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
     p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
-    p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
+    p.add_argument("--image-size", type=_image_size, help=IMAGE_SIZE_HELP)
     p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
     p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
     p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")
@@ -430,7 +445,7 @@ def add_export_parser(sub) -> None:
                    help="auto (Triton's placement, default), cpu or gpu")
     p.add_argument("--num-classes", type=int, default=10, help="classes of a state-dict model (default 10)")
     p.add_argument("--in-channels", type=int, default=3, help="image channels, 1 or 3 (default 3)")
-    p.add_argument("--image-size", type=int, default=32, help="side folder images are resized to (default 32)")
+    p.add_argument("--image-size", type=_image_size, help=IMAGE_SIZE_HELP)
     p.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP + " for fitting")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled model (runs its code!)")
     p.set_defaults(func=cmd_export)
@@ -462,19 +477,20 @@ def _load_cleanse_data(spec: str, args: argparse.Namespace, model, info: dict):
     ``info`` receives the chosen view), ``digits`` (half of the embedded training split), a folder or an .npz."""
     from trojanguard.cleanse.sources import ood_images
     from trojanguard.data import load_digits, load_image_folder, load_npz
+    from trojanguard.data.core import DEFAULT_IMAGE_SIZE
 
     if spec == "ood":
-        return ood_images(args.ood_images, size=args.image_size, channels=args.in_channels, seed=args.seed,
-                          model=model, info=info)
+        return ood_images(args.ood_images, size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels,
+                          seed=args.seed, model=model, info=info)
     if spec == "digits":
-        train, _ = load_digits(size=args.image_size, channels=args.in_channels, seed=args.seed)
+        train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)
         import torch
 
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         return train.x[order[: len(train) // 2]]
     path = Path(spec)
-    if path.suffix == ".npz":
-        return load_npz(path).x
+    if path.suffix.lower() == ".npz":
+        return load_npz(path, size=args.image_size).x
     return load_image_folder(path, size=args.image_size, channels=args.in_channels).x
 
 
@@ -526,14 +542,15 @@ def _cleanse_evaluation(args: argparse.Namespace, model):
     from trojanguard.cleanse import Evaluation
     from trojanguard.cleanse.base import model_device, preflight
     from trojanguard.data import load_digits, load_image_folder, load_npz
+    from trojanguard.data.core import DEFAULT_IMAGE_SIZE
     from trojanguard.errors import DataError
     from trojanguard.zoo import ZOO_ATTACK_DEFAULTS
 
     where = f"--eval {args.eval!r}"
     if args.eval == "digits":
-        labelled = load_digits(size=args.image_size, channels=args.in_channels, seed=args.seed)[1]
-    elif Path(args.eval).suffix == ".npz":
-        labelled = load_npz(args.eval)
+        labelled = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)[1]
+    elif Path(args.eval).suffix.lower() == ".npz":
+        labelled = load_npz(args.eval, size=args.image_size)
     else:
         labelled = load_image_folder(args.eval, size=args.image_size, channels=args.in_channels)
     if labelled.y is None:
@@ -589,7 +606,7 @@ def add_cleanse_parser(sub) -> None:
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=32, help="side the data is resized to (default 32)")
+    p.add_argument("--image-size", type=_image_size, help=IMAGE_SIZE_HELP)
     p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
     p.add_argument("--reinit", default="adaptive", type=_reinit_arg,

@@ -5,9 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from trojanguard.errors import DataError
+
+DEFAULT_IMAGE_SIZE = 32  # side image folders (files of any size) and the embedded data are resized to by default
+
+
+def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``x (N, C, H, W)`` resized to ``size`` × ``size`` (bilinear, antialiased like PIL's resize), or as is when
+    ``size`` is None or already the images' size."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    if size < 1:
+        raise DataError(f"image size: expected a positive image side, got {size}")
+    resized = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return resized.clamp_(0, 1)
 
 
 def check_images(x: object, name: str = "x") -> torch.Tensor:
@@ -18,6 +32,8 @@ def check_images(x: object, name: str = "x") -> torch.Tensor:
         raise DataError(f"{name}: expected 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DataError(f"{name}: expected a floating dtype with values in [0, 1], got {x.dtype}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise DataError(f"{name}: expected finite values in [0, 1], got NaN or infinite values")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise DataError(
             f"{name}: expected values in [0, 1], got range [{x.min().item():.3g}, {x.max().item():.3g}]"

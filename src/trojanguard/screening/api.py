@@ -138,7 +138,7 @@ def _resolve_calibration(calibration, data, threshold):
 
 def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path, fpr: float = DEFAULT_FPR,
            threshold: float | None = None, calibration="auto", batch_size: int = 64,
-           detector_options: dict | None = None, top_k: int = 16, image_size: int = 32, channels: int = 3,
+           detector_options: dict | None = None, top_k: int = 16, image_size: int | None = None, channels: int = 3,
            overwrite: bool = False, report: bool = True, show_progress: bool = True, reference=None,
            detector_file: str | Path | None = None, command: str | None = None) -> ScreenResult:
     """Screen ``data`` for backdoor-triggered samples with ``model`` and the detector ``detector``.
@@ -161,7 +161,9 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         batch_size: samples per batch (what is in memory and what one fsync covers).
         detector_options: keyword arguments of the detector (e.g. ``{"steps": 50}`` for CD).
         top_k: samples in the report's grid (CD recomputes their masks; their scores come from the run).
-        image_size, channels: what folder images are resized / converted to.
+        image_size: side every source's images are resized to; None (default): the data's own size for arrays
+            and tensors, 32 for folders and the embedded digits.
+        channels: what folder images are converted to (1 or 3).
         overwrite: start over even if ``out_dir`` holds results of a different run (else that is an error, and
             results of the same run are resumed).
         report: write the report (``summary.json``, ``histogram.png``, ``suspicious.png``, ``masks.png`` for

@@ -24,8 +24,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from trojanguard.data.core import ImageDataset, check_images
-from trojanguard.data.user import list_image_files, read_image
+from trojanguard.data.core import DEFAULT_IMAGE_SIZE, ImageDataset, check_images, resize_images
+from trojanguard.data.user import (
+    READ_ERRORS,
+    check_npz_file,
+    check_npz_labels,
+    check_npz_layout,
+    list_image_files,
+    npz_images_to_tensor,
+    read_image,
+    unreadable_folder_message,
+)
 from trojanguard.errors import DataError
 
 HASH_CHUNK = 1 << 22  # bytes of tensor data hashed at a time
@@ -97,12 +106,12 @@ class TensorSource(ImageSource):
     (bool (N,), known poisoned samples — the zoo's training sets — for metrics in the report)."""
 
     def __init__(self, x, labels: torch.Tensor | None = None, *, truth: torch.Tensor | None = None,
-                 description: str = "tensor", class_names: list[str] | None = None):
+                 description: str = "tensor", class_names: list[str] | None = None, size: int | None = None):
         if isinstance(x, ImageDataset):
             labels = x.y if labels is None else labels
             class_names = class_names or x.class_names
             x = x.x
-        self.x = check_images(x, "data")
+        self.x = resize_images(check_images(x, "data"), size)
         if labels is not None and tuple(labels.shape) != (len(x),):
             raise DataError(f"labels: expected shape ({len(x)},), got {tuple(labels.shape)}")
         if truth is not None and tuple(truth.shape) != (len(x),):
@@ -139,7 +148,7 @@ class FolderSource(ImageSource):
     and modification time (not the bytes: a second full read of a large folder would cost as much as a fast
     detector's pass)."""
 
-    def __init__(self, path: str | Path, size: int = 32, channels: int = 3):
+    def __init__(self, path: str | Path, size: int = DEFAULT_IMAGE_SIZE, channels: int = 3):
         if channels not in (1, 3):
             raise DataError(f"channels: expected 1 or 3, got {channels}")
         if size < 1:
@@ -184,64 +193,59 @@ class NpzSource(ImageSource):
     ``(N, C, H, W)`` in [0, 1], as :func:`~trojanguard.data.load_npz` accepts — read row range by row range
     from the zip member, so only one batch is ever in memory. Labels (``labels_key``, integer ``(N,)``) are
     small and read whole. Values are checked per batch (a NaN or out-of-range value stops the run with the
-    sample range named)."""
+    sample range named). ``size``: images are resized to ``size`` × ``size`` per batch (None: the arrays' own
+    size), as ``--image-size`` does for every source."""
 
-    def __init__(self, path: str | Path, images_key: str = "x", labels_key: str = "y"):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"npz file {str(self.path)!r} does not exist")
+    def __init__(self, path: str | Path, images_key: str = "x", labels_key: str = "y", size: int | None = None):
+        self.path = check_npz_file(path)
+        if size is not None and size < 1:
+            raise DataError(f"image size: expected a positive image side, got {size}")
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"npz file {str(self.path)!r} cannot be read: {exc}") from exc
+            raise DataError(f"npz file {str(self.path)!r}: expected a NumPy .npz archive, got a file that cannot be "
+                            f"read ({type(exc).__name__}: {exc})") from None
         members = {name.removesuffix(".npy"): name for name in self._zip.namelist()}
         if images_key not in members:
-            raise DataError(f"npz file {str(self.path)!r}: no array named {images_key!r} (found {list(members)})")
-        self.images_key, self._member = images_key, members[images_key]
+            raise DataError(f"npz file {str(self.path)!r}: no array named {images_key!r}; expected one, got arrays "
+                            f"{list(members)}")
+        self.images_key, self._member, self.size = images_key, members[images_key], size
+        self._where = f"npz file {str(self.path)!r} array {images_key!r}"
         self._stream = None
         self.shape, self.dtype, self._offset = self._read_header()
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.labels = self._read_labels(members.get(labels_key), labels_key)
-        self.description = f"npz file {self.path} ({self.shape[0]} images {tuple(self.shape[1:])} {self.dtype})"
+        resized = "" if size is None else f", resized to {size} × {size}"
+        self.description = (f"npz file {self.path} ({self.shape[0]} images {tuple(self.shape[1:])} {self.dtype}"
+                            f"{resized})")
 
     def _read_header(self) -> tuple[tuple[int, ...], np.dtype, int]:
-        with self._zip.open(self._member) as f:
-            try:
+        try:
+            with self._zip.open(self._member) as f:
                 version = np.lib.format.read_magic(f)
                 reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
                 if version not in reader:
                     raise ValueError(f"unsupported .npy format version {version}")
                 shape, fortran_order, dtype = reader[version](f)
-            except ValueError as exc:
-                raise DataError(f"npz {self.images_key!r}: not a valid .npy array: {exc}") from exc
-            offset = f.tell()
-        where = f"npz {self.images_key!r}"
-        if len(shape) != 4:
-            raise DataError(f"{where}: expected 4 dimensions, got shape {shape}")
+                offset = f.tell()
+        except READ_ERRORS as exc:
+            raise DataError(f"{self._where}: expected a valid .npy array, got {type(exc).__name__}: {exc}") from None
+        check_npz_layout(shape, dtype, self._where)
         if fortran_order:
-            raise DataError(f"{where}: Fortran-ordered arrays cannot be streamed; re-save with np.ascontiguousarray")
-        if dtype == np.uint8:
-            if shape[-1] not in (1, 3):
-                raise DataError(f"{where}: uint8 images must be (N, H, W, C) with C in (1, 3), got {shape}")
-        elif np.issubdtype(dtype, np.floating):
-            if shape[1] not in (1, 3):
-                raise DataError(f"{where}: float images must be (N, C, H, W) with C in (1, 3), got {shape}")
-        else:
-            raise DataError(f"{where}: expected uint8 (N, H, W, C) or float (N, C, H, W), got dtype {dtype}")
-        if shape[0] == 0:
-            raise DataError(f"{where}: holds no images (shape {shape})")
+            raise DataError(f"{self._where}: expected a C-ordered array (Fortran-ordered ones cannot be streamed; "
+                            "re-save with np.ascontiguousarray), got a Fortran-ordered one")
         return tuple(shape), dtype, offset
 
     def _read_labels(self, member: str | None, key: str) -> np.ndarray | None:
         if member is None:
             return None
-        with self._zip.open(member) as f:
-            y = np.lib.format.read_array(f, allow_pickle=False)
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"npz {key!r}: expected integer labels, got dtype {y.dtype}")
-        if y.shape != (self.shape[0],):
-            raise DataError(f"npz {key!r}: expected shape ({self.shape[0]},), got {y.shape}")
-        return y
+        where = f"npz file {str(self.path)!r} array {key!r}"
+        try:
+            with self._zip.open(member) as f:
+                y = np.lib.format.read_array(f, allow_pickle=False)
+        except READ_ERRORS as exc:
+            raise DataError(f"{where}: expected a readable integer array, got {type(exc).__name__}: {exc}") from None
+        return check_npz_labels(y, self.shape[0], where)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -263,26 +267,28 @@ class NpzSource(ImageSource):
         if self._stream.tell() != position:
             self._stream.seek(position)  # forward: skips; backward: the zip member restarts from its beginning
         count = stop - start
-        raw = self._stream.read(count * self._row_bytes)
+        try:
+            raw = self._stream.read(count * self._row_bytes)
+        except READ_ERRORS as exc:
+            self._stream = None  # a failed zip stream cannot be read on
+            raise DataError(f"{self._where}: expected samples {start}…{stop - 1}, got {type(exc).__name__}: {exc} "
+                            "(corrupt file?)") from None
         if len(raw) != count * self._row_bytes:
-            raise DataError(f"npz {self.images_key!r}: file ends early at sample {start} (truncated file?)")
+            raise DataError(f"{self._where}: expected samples {start}…{stop - 1}, got a file that ends early "
+                            "(truncated file?)")
         array = np.frombuffer(raw, dtype=self.dtype).reshape(count, *self.shape[1:])
-        if self.dtype == np.uint8:  # in NumPy: one pass, no thread-pool hand-offs for a small batch
-            x = np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32)
-            x = torch.from_numpy(np.divide(x, np.float32(255), out=x))  # = load_npz's float() / 255, bit for bit
-        else:
-            if not np.isfinite(array).all():
-                raise DataError(f"npz {self.images_key!r}: samples {start}…{stop - 1} hold NaN or infinite values")
-            x = torch.from_numpy(array.astype(np.float32))
-            check_images(x, f"npz {self.images_key!r} samples {start}…{stop - 1}")
+        x = resize_images(npz_images_to_tensor(array, f"{self._where} samples {start}…{stop - 1}"), self.size)
         labels = [""] * count if self.labels is None else [str(int(v)) for v in self.labels[start:stop]]
         return Batch(start, x.contiguous(), [str(i) for i in range(start, stop)], labels)
 
     def fingerprint(self) -> dict:
         info = self._zip.getinfo(self._member)  # the zip's CRC-32 of the array's bytes: a content check for free
         labels = None if self.labels is None else hashlib.sha256(self.labels.tobytes()).hexdigest()
-        return {"kind": "npz", "array": self.images_key, "shape": list(self.shape), "dtype": str(self.dtype),
-                "crc32": info.CRC, "labels_sha256": labels}
+        fingerprint = {"kind": "npz", "array": self.images_key, "shape": list(self.shape), "dtype": str(self.dtype),
+                       "crc32": info.CRC, "labels_sha256": labels}
+        if self.size is not None:  # only when resized: runs of earlier versions (own size) still resume
+            fingerprint["size"] = self.size
+        return fingerprint
 
 
 class SourceImages(IterableDataset):
@@ -294,15 +300,27 @@ class SourceImages(IterableDataset):
         self.source, self.batch_size, self.limit = source, batch_size, limit
 
     def __iter__(self):
-        n = len(self.source)
+        n, read, failures = len(self.source), 0, []
         if self.limit is None or n <= self.limit:
-            for batch in self.source.batches(self.batch_size):
-                yield from (image for image, ok in zip(batch.x, batch.readable.tolist()) if ok)
-            return
-        for i in np.linspace(0, n - 1, self.limit).round().astype(int).tolist():
-            batch = self.source.read(i, i + 1)
-            if not batch.errors:
-                yield batch.x[0]
+            batches = self.source.batches(self.batch_size)
+        else:
+            spread = np.linspace(0, n - 1, self.limit).round().astype(int).tolist()
+            batches = (self.source.read(i, i + 1) for i in spread)
+        for batch in batches:
+            for position, (image, ok) in enumerate(zip(batch.x, batch.readable.tolist())):
+                if ok:
+                    read += 1
+                    yield image
+                else:
+                    failures.append((batch.ids[position], batch.errors[position]))
+        if not read:
+            raise DataError(_nothing_readable_message(self.source, failures))
+
+
+def _nothing_readable_message(source: ImageSource, failures: list[tuple[str, str]]) -> str:
+    if isinstance(source, FolderSource):
+        return unreadable_folder_message(source.root, len(source), failures)
+    return f"data: expected readable images, got none in {source.description}"
 
 
 def _label_text(label: int, class_names: list[str] | None) -> str:
@@ -320,15 +338,21 @@ EMBEDDED = ("digits", "digits-test")
 ZOO_PREFIX = "zoo:"
 
 
-def open_source(data, *, image_size: int = 32, channels: int = 3, name: str = "data") -> ImageSource:
+def open_source(data, *, image_size: int | None = None, channels: int = 3, name: str = "data") -> ImageSource:
     """An :class:`ImageSource` for ``data``: a source as is; a tensor or ``ImageDataset`` (in memory); a path to
     an image folder or an ``.npz`` file (streamed); ``"digits"`` / ``"digits-test"`` (the embedded digits'
     training / held-out test split); ``"zoo:<attack>"`` (the poisoned training set of that zoo model, with the
-    true poison indices, so the report can score the screening). ``name``: the argument errors name."""
+    true poison indices, so the report can score the screening). ``name``: the argument errors name.
+
+    ``image_size`` means the same for every kind: images are resized to ``image_size`` × ``image_size``. None
+    keeps the data's own size — for arrays, tensors and the zoo; folders (files of any size) and the embedded
+    digits get 32. A source passed as is is not resized."""
     if isinstance(data, ImageSource):
         return data
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"image size: expected a positive image side or None, got {image_size!r}")
     if isinstance(data, (torch.Tensor, ImageDataset)):
-        return TensorSource(data)
+        return TensorSource(data, size=image_size)
     if not isinstance(data, (str, Path)):
         raise TypeError(f"{name}: expected a path, 'digits', 'digits-test', 'zoo:<attack>', a tensor, an ImageDataset "
                         f"or an ImageSource, got {type(data).__name__}")
@@ -336,24 +360,25 @@ def open_source(data, *, image_size: int = 32, channels: int = 3, name: str = "d
     if spec in EMBEDDED:
         from trojanguard.data import load_digits
 
-        train, test = load_digits(size=image_size, channels=channels)
+        train, test = load_digits(size=image_size or DEFAULT_IMAGE_SIZE, channels=channels)
         part = train if spec == "digits" else test
         return TensorSource(part, description=f"embedded digits, {'training' if spec == 'digits' else 'held-out test'}"
                             f" split ({len(part)} images)")
     if spec.startswith(ZOO_PREFIX):
         entry = zoo_entry(spec[len(ZOO_PREFIX):])
         poisoned = entry.train
-        return TensorSource(poisoned.dataset, truth=poisoned.is_poisoned,
+        return TensorSource(poisoned.dataset, truth=poisoned.is_poisoned, size=image_size,
                             description=f"poisoned training set of zoo model {spec} ({len(poisoned.dataset)} images, "
                                         f"{int(poisoned.is_poisoned.sum())} poisoned)")
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"{name}: {spec!r} is neither an existing file or folder nor one of {EMBEDDED} or 'zoo:<attack>'")
-    if path.is_dir():
-        return FolderSource(path, size=image_size, channels=channels)
+        raise DataError(f"{name}: expected an image folder, an .npz file, one of {EMBEDDED} or 'zoo:<attack>', got "
+                        f"{spec!r}, which is neither an existing file or folder")
     if path.suffix.lower() == ".npz":
-        return NpzSource(path)
-    raise DataError(f"{name}: {spec!r} is a file but not an .npz; expected an image folder or an .npz file")
+        return NpzSource(path, size=image_size)
+    if path.is_dir():
+        return FolderSource(path, size=image_size or DEFAULT_IMAGE_SIZE, channels=channels)
+    raise DataError(f"{name}: expected an image folder or an .npz file, got {spec!r}, a file that is not an .npz")
 
 
 @functools.lru_cache(maxsize=4)
