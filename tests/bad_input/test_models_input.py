@@ -187,6 +187,20 @@ def test_non_finite_weights_are_refused_at_load(files, cli, expect_error, tmp_pa
         load_model(paths[name], "small_cnn")
 
 
+def test_screen_api_refuses_a_model_with_nan_weights(files, tmp_path):
+    """The Python API checks an in-memory model too (no file to load): no results are written."""
+    from trojanguard.screening import screen
+
+    paths, model = files
+    broken = build_model("small_cnn", num_classes=10, in_channels=3)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.features[1][0].weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(ModelLoadError, match=r"model: .*features\.1\.0\.weight"):
+        screen(broken, paths["data"], out_dir=tmp_path / "o", threshold=1.0)
+    assert not (tmp_path / "o").exists()
+
+
 class OverflowsOnWhiteCorner(nn.Module):
     """Infinite logits when the top-left pixel is 1 (a valid input): a model that overflows on some inputs."""
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
 from trojanguard.errors import DataError
+from trojanguard.models.io import check_finite_weights
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
 from trojanguard.screening.detectors import BatchScorer, build_detector
@@ -189,6 +190,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         raise ValueError(f"threshold: expected a finite number, got {threshold}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_finite_weights(model.state_dict(), "model")  # NaN weights would 'screen' every sample as class 0
     out_dir = check_out_dir(out_dir)
     calibration = _resolve_calibration(calibration, data, threshold)
     source = open_source(data, image_size=image_size, channels=channels)
@@ -199,7 +201,8 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
     if detector_file is not None and (detector != "features" or detector_options):
         raise ValueError(f"detector_file: expected detector 'features' without detector_options (the file holds its "
                          f"fit and options), got detector {detector!r}, options {detector_options or {}}")
-    fit_source = None if reference is None else open_source(reference, image_size=image_size, channels=channels)
+    fit_source = None if reference is None else open_source(reference, image_size=image_size, channels=channels,
+                                                            name="reference")
     reference = None if calibration is None else open_source(calibration, image_size=image_size, channels=channels,
                                                              name="calibration")
     if reference is not None and threshold is None:
