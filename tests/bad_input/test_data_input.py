@@ -326,6 +326,19 @@ def test_screening_a_folder_of_awkward_names_resumes_from_an_old_results_file(tm
     np.testing.assert_allclose(second.scores, first.scores, rtol=1e-5)
 
 
+def test_calibration_ids_are_formula_safe_too(tmp_path, model_file):
+    from trojanguard.models import load_model
+
+    (tmp_path / "clean").mkdir()
+    for i, name in enumerate(["=a.png", "+b.png", "c.png", "@d.png"]):
+        save_png(tmp_path / "clean" / name, np.full((8, 8, 3), 50 * i, np.uint8))
+    model = load_model(model_file, "small_cnn", num_classes=4)
+    screen(model, tmp_path / "clean", detector="features", out_dir=tmp_path / "out", calibration=tmp_path / "clean",
+           fpr=0.25, image_size=8, report=False, show_progress=False)
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "calibration.csv").read_text(encoding="utf-8"))))[2:]
+    assert sorted(row[1] for row in rows) == sorted(["'=a.png", "'+b.png", "c.png", "'@d.png"])
+
+
 # ------------------------------------------------------------------------------------------------ properties
 DTYPES = [np.uint8, np.uint16, np.int16, np.int64, np.float16, np.float32, np.float64, np.bool_, np.complex64]
 

@@ -410,3 +410,18 @@ def test_web_service_example_answers_400_for_every_bad_request(session):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_whitening_is_defined_for_a_numerically_singular_covariance():
+    """A fit on a few near-identical images leaves Σ singular to rounding: the metric stays finite (a Cholesky
+    factor of Σ⁻¹ failed here with a raw LinAlgError) and equals Σ⁻¹ wherever Σ is well conditioned."""
+    from trojanguard.detect.feature_distance import whitening_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    singular = basis @ basis.T + 1e-15 * torch.eye(6, dtype=torch.float64)  # rank 2 of 6
+    assert torch.isfinite(whitening_matrix(singular)).all()
+    a = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    covariance = a @ a.T + torch.eye(6, dtype=torch.float64)
+    w = whitening_matrix(covariance)
+    torch.testing.assert_close(w @ w.T, torch.linalg.inv(covariance), rtol=1e-9, atol=1e-9)

@@ -419,11 +419,18 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+WHITENING_EIGEN_FLOOR = 1e-12  # smallest covariance eigenvalue kept, relative to the largest
+
+
 def whitening_matrix(covariance: torch.Tensor) -> torch.Tensor:
-    """``W`` (D, D) with ``W Wᵀ = Σ⁻¹``: ``‖(f − μ) W‖² = (f − μ)ᵀ Σ⁻¹ (f − μ)`` for row vectors."""
-    precision = torch.linalg.inv(covariance)
-    precision = (precision + precision.T) / 2
-    return torch.linalg.cholesky(precision)
+    """``W`` (D, D) with ``W Wᵀ = Σ⁻¹``: ``‖(f − μ) W‖² = (f − μ)ᵀ Σ⁻¹ (f − μ)`` for row vectors.
+
+    From the eigendecomposition ``Σ = V Λ Vᵀ`` as ``W = V Λ^(-1/2)``, with eigenvalues floored at
+    WHITENING_EIGEN_FLOOR × the largest: a Cholesky factor of ``Σ⁻¹`` fails outright when a fit on very few images
+    leaves ``Σ`` numerically singular, where this stays defined (directions without spread weigh heavily)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    floor = max(float(eigenvalues.max()), 1e-30) * WHITENING_EIGEN_FLOOR
+    return eigenvectors * eigenvalues.clamp_min(floor).rsqrt()
 
 
 def ledoit_wolf(residuals: torch.Tensor) -> torch.Tensor:

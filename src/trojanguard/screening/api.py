@@ -30,6 +30,7 @@ from trojanguard.screening.records import (
     ResultsFile,
     ResumeError,
     Rows,
+    escape_cell,
     read_header,
     write_atomic,
 )
@@ -418,7 +419,8 @@ def _check_model_fits(scorer: BatchScorer, source: ImageSource, what: str) -> No
 def _calibrate(scorer, reference, run, out_dir, batch_size, detector_name, show_progress) -> np.ndarray:
     scores, ids = _score_source(scorer, reference, batch_size, f"calibrating ({detector_name})", show_progress)
     lines = [CALIBRATION_MAGIC + json.dumps({"run": run}, sort_keys=True), "index,id,score"]
-    lines += [f"{i},{json.dumps(sample_id)},{float(s)!r}" for i, (sample_id, s) in enumerate(zip(ids, scores))]
+    lines += [f"{i},{json.dumps(escape_cell(sample_id))},{float(s)!r}"  # ids formula-safe, as in results.csv
+              for i, (sample_id, s) in enumerate(zip(ids, scores))]
     write_atomic(out_dir / CALIBRATION_FILE, "\n".join(lines) + "\n")
     return scores
 
