@@ -157,7 +157,8 @@ def test_device_cuda_without_a_gpu_is_one_line(cli, expect_error, files, tmp_pat
     argv = {"screen": screen_args(files, tmp_path), "export": export_args(files, "--out", tmp_path / "g.onnx"),
             "cleanse": cleanse_args(files, tmp_path)}[command]
     result = cli(*argv, "--device", "cuda")
-    expect_error(result, 2, f"trojanguard {command}: error: --device: CUDA is not available here", "--device cpu")
+    expect_error(result, 2, f"trojanguard {command}: error: argument --device: CUDA is not available here",
+                 "--device cpu")
 
 
 def test_device_cuda_without_a_gpu_in_a_child_process(cli, expect_error, files, tmp_path):

@@ -50,12 +50,12 @@ def _foreign_results(tmp_path):
     return folder
 
 
-OUT_CASES = [
-    pytest.param(_unrelated_folder, ("--out", "expected a new or empty folder", "index.html"), id="unrelated-files"),
-    pytest.param(_a_file, ("--out", "expected a folder", "got a file"), id="out-is-a-file"),
-    pytest.param(_foreign_results, ("--out", "expected a new or empty folder", "no screening results"),
+OUT_CASES = [  # (make, words of the Python API's error, words and exit code of the CLI's)
+    pytest.param(_unrelated_folder, ("--out", "expected a new or empty folder", "index.html"), 1, id="unrelated-files"),
+    pytest.param(_a_file, ("--out", "expected a folder", "file"), 2, id="out-is-a-file"),  # a command-line mistake
+    pytest.param(_foreign_results, ("--out", "expected a new or empty folder", "no screening results"), 1,
                  id="foreign-results-csv"),
-    pytest.param(lambda tmp_path: _a_file(tmp_path) / "run", ("--out", "expected a folder", "notes.txt", "a file"),
+    pytest.param(lambda tmp_path: _a_file(tmp_path) / "run", ("--out", "expected a", "notes.txt", "file"), 2,
                  id="inside-a-file"),
 ]
 
@@ -69,12 +69,12 @@ def _contents(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-@pytest.mark.parametrize("make, words", OUT_CASES)
-def test_out_that_is_not_ours_is_refused_and_left_alone(files, tmp_path, cli, expect_error, make, words):
+@pytest.mark.parametrize("make, words, code", OUT_CASES)
+def test_out_that_is_not_ours_is_refused_and_left_alone(files, tmp_path, cli, expect_error, make, words, code):
     out = make(tmp_path)
     before = _contents(out)
     for restart in ((), ("--restart",)):  # --restart discards an earlier run's results, never someone else's files
-        expect_error(cli(*screen_argv(files, out, *restart)), 1, *words)
+        expect_error(cli(*screen_argv(files, out, *restart)), code, *words)
     assert _contents(out) == before
 
 
@@ -84,8 +84,8 @@ def test_out_refusal_through_the_real_entry_point(files, tmp_path, cli, expect_e
     assert _contents(out) == {"index.html": b"<h1>my page</h1>"}
 
 
-@pytest.mark.parametrize("make, words", OUT_CASES)
-def test_out_refusal_in_python(files, tmp_path, make, words):
+@pytest.mark.parametrize("make, words, code", OUT_CASES)
+def test_out_refusal_in_python(files, tmp_path, make, words, code):
     out = make(tmp_path)
     before = _contents(out)
     pattern = "out_dir: " + words[1]
@@ -113,7 +113,8 @@ def test_an_earlier_run_or_an_empty_folder_is_accepted_and_the_work_kept(files, 
 
 @pytest.mark.parametrize("device, words", [
     ("gpu", ("--device", "expected auto, cpu, cuda", "'gpu'")),
-    ("cuda:99", ("--device", "expected an available device", "'cuda:99'")),
+    ("cuda:99", ("--device", "CUDA device(s)", "'cuda:99'") if torch.cuda.is_available()
+     else ("--device", "CUDA is not available here")),
     ("tpu", ("--device", "expected auto, cpu, cuda", "'tpu'")),
 ], ids=["not-a-device", "no-such-cuda-device", "unsupported-type"])
 @pytest.mark.parametrize("command", ["screen", "export", "cleanse"])
