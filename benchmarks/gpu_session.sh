@@ -3,7 +3,7 @@
 # just-in-time build of the CUDA extension, the GPU tests, the roofline, the op-level and end-to-end
 # benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
 # whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
-#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests roofline sweep ncu ops cd auroc screen cpu spread (default: env build tests roofline ops cd auroc)
+#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests cli roofline sweep ncu ops cd auroc screen cpu spread (default: env build tests roofline ops cd auroc)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-out}")
@@ -35,6 +35,8 @@ ort.get_available_providers()); print(torch.cuda.get_device_name(0))'" ;;
 print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); print(f'{time.time()-t:.0f} s')" ;;
     tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/test_native.py tests/test_kernels_triton.py \
              tests/test_ops_mask_step.py tests/test_cognitive_distillation.py tests/test_guard.py ;;
+    cli) run cli 360 env TROJANGUARD_NO_JIT=1 $PY -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/bad_input \
+           tests/test_cli.py tests/test_cli_screen.py tests/test_screening.py tests/test_guard.py ;;  # --device auto = cuda
     roofline) run roofline 180 $PY benchmarks/roofline.py ;;
     sweep) TAIL=90 run sweep 240 $PY benchmarks/roofline.py --sweep --shapes 64x3x224x224 1024x3x32x32 --repeats 20 ;;
     ncu) run ncu 240 ncu --target-processes all -k regex:mask_step --launch-count 6 --metrics \
