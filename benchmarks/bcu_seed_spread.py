@@ -18,15 +18,12 @@ import argparse
 import fcntl
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from bcu_table import cpu_name  # benchmarks/ is on the path when run as a script
+from bcu_table import machine_line  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.sources import clean_half, ood_images
@@ -115,11 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = [r for r in done.values() if r["source"] == args.source and r["arch"] == args.arch]
-    machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
-               f"{torch.get_num_threads()} torch threads, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'auto')}, "
-               f"torch {torch.__version__}, python {platform.python_version()}")
-    text = "\n".join([machine, f"Command: benchmarks/bcu_seed_spread.py {' '.join(argv or sys.argv[1:])}", "",
-                      tables(rows)])
+    text = "\n".join([machine_line(), f"Command: benchmarks/bcu_seed_spread.py {' '.join(argv or sys.argv[1:])}",
+                      "", tables(rows)])
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -125,6 +125,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_line() -> str:
+    """The machine a table was measured on: CPU, cores, torch threads, the CPU instruction set torch uses."""
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+            f"python {platform.python_version()}")
+
+
 def rule_arg(text: str) -> str:
     if text in RULES or (text.startswith("adaptive@") and 0 < float(text.split("@", 1)[1]) < 1):
         return text
@@ -165,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ASR {done[k]['asr_after']:.3f}", file=sys.stderr, flush=True)
         rows.append(done[k])
     rows.sort(key=lambda r: (args.attacks.index(r["attack"]), args.sources.index(r["source"])))
-    machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, python {platform.python_version()}")
-    out = [machine,
+    out = [machine_line(),
            f"Command: .venv/bin/python benchmarks/bcu_table.py {' '.join(argv if argv is not None else sys.argv[1:])}",
            "", f"### BCU (adaptive) on {args.arch}, {args.image_size}×{args.image_size} digits", "", table([r for r in rows if r["rule"] == "adaptive"])]
     if len(args.rules) > 1:
