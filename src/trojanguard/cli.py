@@ -167,6 +167,7 @@ def _device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return str(device)
 
+
 def _load_cli_model(spec: str, args: argparse.Namespace):
     """A model file (safe loading; ``--arch`` for state dicts) or ``zoo:<attack>`` (the zoo's backdoored model)."""
     from trojanguard.models import load_model
@@ -215,16 +216,12 @@ def cmd_screen(args: argparse.Namespace) -> int:
     options = dict(args.detector_option or [])
     if args.steps is not None:
         if args.detector != "cd":
-            print("trojanguard screen: error: --steps: only for --detector cd", file=sys.stderr)
-            return 2
+            raise UsageError(f"--steps: only for --detector cd, got --detector {args.detector}")
         options["steps"] = args.steps
     if args.detector_file is not None and args.detector != "features":
-        print("trojanguard screen: error: --detector-file: only for --detector features", file=sys.stderr)
-        return 2
+        raise UsageError(f"--detector-file: only for --detector features, got --detector {args.detector}")
     if args.reference is not None and args.detector == "cd":
-        print("trojanguard screen: error: --reference: cd is not fitted on data (only features, amortized)",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--reference: cd is not fitted on data (only features, amortized), got --detector cd")
     calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
     check_out_dir(args.out, "--out")  # before the model is loaded: a wrong folder fails at once
     model = _load_cli_model(args.model, args)
