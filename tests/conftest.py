@@ -3,6 +3,13 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property-based tests: the same examples on every run (CI must not turn red on a draw), no example database on
+# disk. HYPOTHESIS_PROFILE=explore draws new, more examples when hunting for bugs locally.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A shared model cache for the whole test session (zoo models are trained once, then reused).
 os.environ.setdefault("TROJANGUARD_CACHE", os.path.join(tempfile.gettempdir(), "trojanguard-test-cache"))
