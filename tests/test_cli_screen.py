@@ -15,7 +15,6 @@ import torch
 
 from trojanguard.cli import main
 from trojanguard.models import build_model, save_model
-from trojanguard.screening.api import KILL_AFTER_ENV
 from trojanguard.screening.records import ResultsFile
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -71,10 +70,33 @@ def uninterrupted(files):
     return out
 
 
+# The CLI in a child process whose results file SIGKILLs the process right after its N-th durable append (no
+# cleanup runs): the hook lives here, in the test, not in the library.
+KILL_AFTER_APPENDS = """
+import os, signal, sys
+from trojanguard.cli import main
+from trojanguard.screening.records import ResultsFile
+append, appends = ResultsFile.append, []
+def append_then_kill(self, *args, **kwargs):
+    append(self, *args, **kwargs)
+    appends.append(1)
+    if len(appends) >= {after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+ResultsFile.append = append_then_kill
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def killed_after(command: list[str], appends: int) -> list[str]:
+    """``command`` (``python -m trojanguard ...``) run so that it is SIGKILLed after ``appends`` batches."""
+    assert command[1:3] == ["-m", "trojanguard"], command
+    return [command[0], "-c", KILL_AFTER_APPENDS.format(after=appends), *command[3:]]
+
+
 def test_killed_after_two_batches_resumes_to_the_uninterrupted_result(files, uninterrupted):
-    """The run SIGKILLs itself right after its 2nd batch is durable (KILL_AFTER_ENV): no cleanup runs."""
+    """The run is SIGKILLed right after its 2nd batch is durable: no cleanup runs."""
     out = files / "killed-hook"
-    killed = run(screen_command(files, out), env={KILL_AFTER_ENV: "2"})
+    killed = run(killed_after(screen_command(files, out), 2))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert data_rows(out / "results.csv") == 2 * BATCH
     assert not (out / "index.html").exists()

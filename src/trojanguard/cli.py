@@ -342,7 +342,7 @@ TRITON_ARGUMENTS = {"model_name": "--triton-name", "max_batch_size": "--max-batc
 
 def _check_triton_arguments(args: argparse.Namespace) -> None:
     """The Triton repository options, checked before any fitting (usage errors naming the CLI option)."""
-    from trojanguard.guard.triton import check_triton_options
+    from trojanguard.guard.triton_server import check_triton_options
 
     try:
         check_triton_options(args.triton_name, args.max_batch_size, args.queue_delay_us,
@@ -405,7 +405,7 @@ def _opset_arg(text: str) -> int:
 
 def add_export_parser(sub) -> None:
     from trojanguard.guard.onnx_export import DEFAULT_OPSET
-    from trojanguard.guard.triton import (
+    from trojanguard.guard.triton_server import (
         DEFAULT_MAX_BATCH_SIZE,
         DEFAULT_MODEL_NAME,
         DEFAULT_QUEUE_DELAY_US,

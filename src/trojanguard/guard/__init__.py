@@ -3,7 +3,7 @@
 from trojanguard.guard.module import POLICIES, Guard, GuardOutput
 from trojanguard.guard.onnx_export import export_onnx, read_metadata
 from trojanguard.guard.session import GuardSession, resolve_providers
-from trojanguard.guard.triton import (
+from trojanguard.guard.triton_server import (
     check_triton_repository,
     parse_triton_config,
     triton_config,

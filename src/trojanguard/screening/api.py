@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ CALIBRATION_FILE = "calibration.csv"
 CALIBRATION_MAGIC = "# trojanguard-calibration "
 MASK_MEAN_SAMPLES = 32  # the report's mean masks average at most this many flagged and as many unflagged samples
 FIT_MAX_SAMPLES = 20_000  # detectors that fit on the screened data (features) use at most this many, evenly spaced
-KILL_AFTER_ENV = "TROJANGUARD_SCREEN_KILL_AFTER"  # test hook: SIGKILL this process after that many batches
 DEFAULT_FPR = 0.01
 TOP_IN_SUMMARY = 100
 NOT_SCORED = "not scored"  # error-column prefix: the image was read but the detector returned NaN (inf is a score)
@@ -439,10 +437,8 @@ def _read_calibration(out_dir: Path, run: dict) -> np.ndarray | None:
 
 def _stream(scorer, source, results, done, batch_size, threshold, detector_name, show_progress) -> None:
     """Score samples ``done …`` batch by batch, appending each batch's rows durably before the next starts."""
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     bar = progress_bar(len(source), desc=f"screening ({detector_name})", unit="img", initial=done,
                        enable=show_progress)
-    batches = 0
     try:
         for batch in source.batches(batch_size, start=done):
             ok = batch.readable
@@ -458,9 +454,6 @@ def _stream(scorer, source, results, done, batch_size, threshold, detector_name,
             flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores.tolist()]
             results.append(batch.start, batch.ids, batch.labels, predicted.tolist(), scores.tolist(), flags, errors)
             bar.update(len(batch))
-            batches += 1
-            if kill_after and batches >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
 

@@ -161,7 +161,7 @@ def parse_triton_config(text_or_path):
     field, a wrong enum value or a syntax error raises ``google.protobuf.text_format.ParseError``."""
     from google.protobuf import text_format
 
-    from trojanguard.guard._triton_model_config import model_config_class
+    from trojanguard.guard._triton_server_config import model_config_class
 
     text = Path(text_or_path).read_text(encoding="utf-8") if isinstance(text_or_path, Path) else str(text_or_path)
     return text_format.Parse(text, model_config_class()())
