@@ -4,7 +4,7 @@ from trojanguard.errors import DataError, ModelLoadError, TrojanGuardError
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "TrojanGuardError", "DataError", "ModelLoadError"]
+__all__ = ["DataError", "ModelLoadError", "TrojanGuardError", "__version__"]
 
 
 def _expose_source_tree_kernels() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 
-def _np(a) -> np.ndarray:  # noqa: ANN001
+def _np(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
@@ -41,7 +41,7 @@ def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.T
     return float((predict_labels(model, x_triggered[keep]) == y_true[keep]).float().mean())
 
 
-def _check_binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _check_binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     y, s = _np(labels).astype(bool).ravel(), _np(scores).astype(np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"labels and scores: expected the same length, got {y.shape[0]} and {s.shape[0]}")
@@ -50,7 +50,7 @@ def _check_binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN
     return y, s
 
 
-def auroc(labels, scores) -> float:  # noqa: ANN001
+def auroc(labels, scores) -> float:
     """Area under the ROC curve; labels True = poisoned, higher score = more suspicious."""
     from sklearn.metrics import roc_auc_score
 
@@ -58,7 +58,7 @@ def auroc(labels, scores) -> float:  # noqa: ANN001
     return float(roc_auc_score(y, s))
 
 
-def auprc(labels, scores) -> float:  # noqa: ANN001
+def auprc(labels, scores) -> float:
     """Area under the precision-recall curve (average precision)."""
     from sklearn.metrics import average_precision_score
 
@@ -66,7 +66,7 @@ def auprc(labels, scores) -> float:  # noqa: ANN001
     return float(average_precision_score(y, s))
 
 
-def tpr_at_fpr(labels, scores, fpr: float) -> float:  # noqa: ANN001
+def tpr_at_fpr(labels, scores, fpr: float) -> float:
     """Highest TPR whose threshold keeps the false-positive rate at most ``fpr`` (threshold from clean scores)."""
     y, s = _check_binary(labels, scores)
     clean = np.sort(s[~y])
@@ -76,7 +76,7 @@ def tpr_at_fpr(labels, scores, fpr: float) -> float:  # noqa: ANN001
     return float((s[y] > threshold).mean())
 
 
-def precision_recall_f1(labels, flagged) -> tuple[float, float, float]:  # noqa: ANN001
+def precision_recall_f1(labels, flagged) -> tuple[float, float, float]:
     """Precision, recall and F1 of a flagged set (boolean) against the truth; 0 where undefined."""
     y, f = _np(labels).astype(bool).ravel(), _np(flagged).astype(bool).ravel()
     tp = float((y & f).sum())

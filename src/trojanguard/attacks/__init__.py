@@ -5,7 +5,7 @@ and ``poison(dataset, rate, target, seed) -> PoisonedDataset``.
 """
 
 from trojanguard.attacks.base import Attack, PoisonedDataset
-from trojanguard.attacks.triggers import BadNets, Blended, SIG, Trojan, WaNet
+from trojanguard.attacks.triggers import SIG, BadNets, Blended, Trojan, WaNet
 
 ATTACKS: dict[str, type[Attack]] = {
     "badnets": BadNets,
@@ -25,4 +25,4 @@ def make_attack(name: str, **kwargs) -> Attack:
     return cls(**kwargs)
 
 
-__all__ = ["Attack", "PoisonedDataset", "BadNets", "Blended", "SIG", "WaNet", "Trojan", "ATTACKS", "make_attack"]
+__all__ = ["ATTACKS", "SIG", "Attack", "BadNets", "Blended", "PoisonedDataset", "Trojan", "WaNet", "make_attack"]

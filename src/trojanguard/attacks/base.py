@@ -67,7 +67,7 @@ class Attack:
         extra = self._poison_extra(x, y, chosen, gen)
         return PoisonedDataset(ImageDataset(x, y, dataset.class_names), extra if extra is not None else chosen)
 
-    def _poison_extra(self, x, y, chosen, gen):  # noqa: ANN001 - hook for WaNet's noise mode
+    def _poison_extra(self, x, y, chosen, gen):
         return None
 
     def __repr__(self) -> str:

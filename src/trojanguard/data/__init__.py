@@ -10,4 +10,4 @@ from trojanguard.data.digits import load_digits
 from trojanguard.data.ood import load_ood_crops
 from trojanguard.data.user import load_image_folder, load_npz
 
-__all__ = ["ImageDataset", "check_images", "load_digits", "load_ood_crops", "load_image_folder", "load_npz"]
+__all__ = ["ImageDataset", "check_images", "load_digits", "load_image_folder", "load_npz", "load_ood_crops"]

@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader, Dataset
 from trojanguard.data.core import ImageDataset, check_images
 
 
-def _images_of(item) -> torch.Tensor:  # noqa: ANN001
+def _images_of(item) -> torch.Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def count_images(data) -> int | None:  # noqa: ANN001
+def count_images(data) -> int | None:
     """Number of images in ``data`` if known up front (for progress bars), else None."""
     if isinstance(data, (torch.Tensor, ImageDataset)):
         return len(data)
@@ -29,7 +29,7 @@ def count_images(data) -> int | None:  # noqa: ANN001
         return None
 
 
-def iter_image_batches(data, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:  # noqa: ANN001
+def iter_image_batches(data, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
     """Yield ``(x (B, C, H, W) in [0, 1], index of x[0] in the whole source)``.
 
     Tensors, ImageDatasets and Datasets are chunked by ``batch_size``; a DataLoader keeps its own batches.

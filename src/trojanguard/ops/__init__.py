@@ -19,7 +19,17 @@ from trojanguard.ops.mask_step import (
 )
 
 __all__ = [
-    "BACKEND_NAMES", "OPS", "BackendUnavailableError", "backend_availability", "use_backend",
-    "MaskStepParams", "blend_reference", "mask_from_theta", "mask_gradient_reference", "mask_step",
-    "mask_step_reference", "regularizer_reference", "uniform_noise",
+    "BACKEND_NAMES",
+    "OPS",
+    "BackendUnavailableError",
+    "MaskStepParams",
+    "backend_availability",
+    "blend_reference",
+    "mask_from_theta",
+    "mask_gradient_reference",
+    "mask_step",
+    "mask_step_reference",
+    "regularizer_reference",
+    "uniform_noise",
+    "use_backend",
 ]
