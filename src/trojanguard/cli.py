@@ -12,6 +12,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -358,7 +359,7 @@ def _export_guard(args: argparse.Namespace):
     import torch
 
     from trojanguard.detect import FeatureMahalanobis
-    from trojanguard.detect.base import check_calibration_size
+    from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
     from trojanguard.guard import Guard, export_onnx
     from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
 
@@ -377,7 +378,11 @@ def _export_guard(args: argparse.Namespace):
         calibration_spec, image_size=args.image_size, channels=args.in_channels, name="--calibration")
     if calibration is not None:  # before the fit: too few clean images cannot give the asked false-positive rate
         check_calibration_size(len(calibration), args.fpr, "--calibration")
-    detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
+    with warnings.catch_warnings(record=True) as caught:  # sample-size warnings become plain CLI lines
+        warnings.simplefilter("always", SampleSizeWarning)
+        detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SampleSizeWarning)):
+        print(f"trojanguard export: warning: {message}", file=sys.stderr)
     guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
     if calibration is not None:
         guard.calibrate(SourceImages(calibration), fpr=args.fpr)

@@ -334,3 +334,14 @@ def test_screen_keeps_finished_rows_when_stopped(cli, files, tmp_path, monkeypat
     assert result.code == code and "Traceback" not in result.err, result.err
     lines = (tmp_path / "screen" / "results.csv").read_text().strip().splitlines()
     assert sum(line[:1].isdigit() for line in lines) == 2 * 8  # the two finished batches
+
+
+def test_export_prints_the_fit_sample_size_warnings_as_cli_lines(cli, files, tmp_path):
+    """24 reference images are too few for the features fit: export says so in its own lines (and goes on), not as
+    Python warnings with source lines."""
+    result = cli(*export_args(files, "--out", tmp_path / "g.onnx"), subprocess=True)
+    assert result.code == 0, result.err
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert any(line.startswith("trojanguard export: warning: reference_data:") for line in lines), result.err
+    assert "SampleSizeWarning" not in result.err and "warnings.warn" not in result.err, result.err
+    assert (tmp_path / "g.onnx").is_file()
