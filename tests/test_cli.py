@@ -1,6 +1,9 @@
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from trojanguard.cli import main
 
@@ -106,7 +109,7 @@ def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
 
 def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
     from trojanguard.cleanse import BCU
-    from trojanguard.cli import BCU_DEFAULTS
+    from trojanguard.cli.cleanse import BCU_DEFAULTS
 
     bcu = BCU()
     assert {k: getattr(bcu, k) for k in BCU_DEFAULTS} == BCU_DEFAULTS
@@ -114,3 +117,46 @@ def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
                            "small_cnn", "--data", "ood", "--out", str(tmp_path / "c.safetensors"), "--reinit", "lots"],
                           check=False, capture_output=True, text=True)
     assert done.returncode == 2 and "--reinit" in done.stderr and "ratio" in done.stderr
+
+
+HELP_COMMANDS = [[], ["info"], ["demo"], ["screen"], ["export"], ["cleanse"]]
+
+
+def _help_text(capsys, *command: str) -> str:
+    try:
+        main([*command, "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0, f"trojanguard {' '.join(command)} --help exited {exc.code}"
+    else:
+        raise AssertionError("--help did not exit")
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "top-level")
+def test_help_is_plain_text(capsys, command):
+    """--help is read by people: it exits 0 and shows no reStructuredText markup (``code``, :func:`name`)."""
+    text = _help_text(capsys, *command)
+    assert text.startswith("usage: trojanguard")
+    assert "``" not in text and not re.search(r":[a-z]+:`", text), text
+
+
+def test_help_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "trojanguard", "--help"], check=False, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: trojanguard" in done.stdout and "``" not in done.stdout
+
+
+def test_cleanse_method_choices_come_from_the_registry(capsys, monkeypatch):
+    """A second cleanser is one registration: --method then offers it, with its summary in --help."""
+    from trojanguard.cleanse import BCU, CLEANSERS, register_cleanser
+
+    def squeezed(text: str) -> str:  # argparse wraps help lines, also at hyphens
+        return "".join(text.split())
+
+    assert "bcu" in CLEANSERS
+    register_cleanser("plain", BCU, "plain distillation, for this test")
+    try:
+        text = squeezed(_help_text(capsys, "cleanse"))
+    finally:
+        del CLEANSERS["plain"]
+    assert "--method{bcu,plain}" in text and squeezed("plain distillation, for this test") in text
+    assert squeezed(CLEANSERS["bcu"].summary) in text

@@ -16,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import trojanguard.cli as cli_module
+import trojanguard.cli.demo as demo_command
+import trojanguard.cli.info as info_command
 from trojanguard.errors import DataError, TrojanGuardError
 from trojanguard.guard import write_triton_repository
 from trojanguard.guard.onnx_export import check_opset, load_guard_graph
@@ -270,26 +271,26 @@ def _raiser(exc):
 ], ids=["bug", "trojanguard-error", "os-error-with-file", "os-error-without-file"])
 def test_every_escaping_exception_is_one_line(cli, expect_error, monkeypatch, exc, code, words):
     monkeypatch.delenv("TROJANGUARD_DEBUG", raising=False)
-    monkeypatch.setattr(cli_module, "cmd_info", _raiser(exc))
+    monkeypatch.setattr(info_command, "run", _raiser(exc))
     line = expect_error(cli("info"), code, *words)
     assert "[Errno" not in line
 
 
 def test_os_error_names_the_argument_that_holds_the_file(cli, expect_error, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli_module, "cmd_demo", _raiser(PermissionError(13, "Permission denied",
+    monkeypatch.setattr(demo_command, "run", _raiser(PermissionError(13, "Permission denied",
                                                                         str(tmp_path / "demo" / "guard.onnx"))))
     expect_error(cli("demo", "--out", tmp_path / "demo"), 1, "--out", "guard.onnx", "Permission denied")
 
 
 def test_debug_variable_reraises_a_bug(cli, monkeypatch):
     monkeypatch.setenv("TROJANGUARD_DEBUG", "1")
-    monkeypatch.setattr(cli_module, "cmd_info", _raiser(RuntimeError("boom")))
+    monkeypatch.setattr(info_command, "run", _raiser(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         cli("info")
 
 
 def test_keyboard_interrupt_exits_130(cli, monkeypatch):
-    monkeypatch.setattr(cli_module, "cmd_info", _raiser(KeyboardInterrupt()))
+    monkeypatch.setattr(info_command, "run", _raiser(KeyboardInterrupt()))
     result = cli("info")
     assert result.code == 130 and "Traceback" not in result.err
     expected = "trojanguard info: interrupted (finished work is kept; run the same command again to resume where it can)"
@@ -299,9 +300,9 @@ def test_keyboard_interrupt_exits_130(cli, monkeypatch):
 @pytest.mark.parametrize("debug", [False, True])
 def test_bug_in_a_child_process(cli, expect_error, debug):
     result_class = sys.modules[cli.__module__].CliResult  # the harness's result type
-    code = ("import sys, trojanguard.cli as c\n"
+    code = ("import sys, trojanguard.cli as c, trojanguard.cli.info as info_command\n"
             "def boom(args): raise RuntimeError('boom')\n"
-            "c.cmd_info = boom\n"
+            "info_command.run = boom\n"
             "sys.exit(c.main(['info']))\n")
     env = {k: v for k, v in os.environ.items() if k != "TROJANGUARD_DEBUG"}
     env.update(PYTHONPATH=SRC, **({"TROJANGUARD_DEBUG": "1"} if debug else {}))

@@ -1,6 +1,8 @@
 """Cleansers of backdoored models: ``cleanse(model, data) -> nn.Module`` (a new model) plus a ``report``.
 
 * :class:`BCU` — Backdoor Cleansing with Unlabeled data (in- or out-of-distribution images).
+
+``CLEANSERS`` names them for the ``trojanguard cleanse --method`` option (``register_cleanser`` adds one).
 """
 
 from trojanguard.cleanse.base import (
@@ -18,9 +20,11 @@ from trojanguard.cleanse.base import (
     temperature_at,
 )
 from trojanguard.cleanse.bcu import BCU, LayerRatio, layer_ratios, parametrised_layers, reinitialize
+from trojanguard.cleanse.registry import CLEANSERS, RegisteredCleanser, register_cleanser
 
 __all__ = [
     "BCU",
+    "CLEANSERS",
     "CleanseError",
     "CleanseReport",
     "Cleanser",
@@ -28,6 +32,7 @@ __all__ = [
     "EpochRow",
     "Evaluation",
     "LayerRatio",
+    "RegisteredCleanser",
     "batch_statistics_agreement",
     "distill",
     "distillation_loss",
@@ -35,6 +40,7 @@ __all__ = [
     "logit_matching_loss",
     "normalisation_gap",
     "parametrised_layers",
+    "register_cleanser",
     "reinitialize",
     "temperature_at",
 ]

@@ -1,0 +1,188 @@
+"""trojanguard cleanse: a cleanser from the registry (--method; trojanguard.cleanse.CLEANSERS) on a model file
+with unlabeled images; writes the cleansed weights and a JSON report next to them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trojanguard.cli._options import (
+    UsageError,
+    add_allow_pickle_option,
+    add_arch_option,
+    add_device_option,
+    add_image_size_option,
+    add_model_option,
+    add_shape_options,
+    registry_help,
+)
+
+OUTPUTS = (("out", "file"),)
+CLEANSE_OUT_SUFFIXES = (".safetensors", ".pt")
+DEFAULT_METHOD = "bcu"
+BCU_DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 64, "augment": "crop"}  # = BCU()'s defaults (tested)
+REINIT_RULES = ("adaptive", "authors", "uniform", "none")
+
+
+def reinit_arg(text: str) -> str | float:
+    """--reinit: a rule name or one ratio in [0, 1]."""
+    if text in REINIT_RULES:
+        return text
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected adaptive, authors, uniform, none or a ratio in [0, 1], got {text!r}") from None
+    if not 0 <= ratio <= 1:
+        raise argparse.ArgumentTypeError(f"a ratio must lie in [0, 1], got {ratio}")
+    return ratio
+
+
+def add_parser(sub) -> None:
+    from trojanguard.attacks import ATTACKS
+    from trojanguard.cleanse import CLEANSERS
+    from trojanguard.cleanse.sources import DEFAULT_OOD_IMAGES
+
+    p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
+                       description="Cleanse a suspicious classifier on unlabeled images with --method (default bcu: "
+                                   "re-initialise part of its weights by depth, distil it from itself). Writes the "
+                                   "cleansed weights (safetensors) and a JSON report next to them.")
+    add_model_option(p, "model file (safetensors / weights-only .pt state dict, ...)")
+    add_arch_option(p, required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>")
+    p.add_argument("--data", required=True,
+                   help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops adapted to the "
+                        "model) or 'digits'")
+    p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(CLEANSERS),
+                   help="cleansing method; " + registry_help(CLEANSERS, DEFAULT_METHOD))
+    add_shape_options(p)
+    add_image_size_option(p)
+    p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
+                   help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
+    p.add_argument("--reinit", default="adaptive", type=reinit_arg,
+                   help="re-initialisation rule: adaptive (default), authors, uniform, none, or one ratio in [0, 1]")
+    p.add_argument("--epochs", type=int, default=BCU_DEFAULTS["epochs"])
+    p.add_argument("--lr", type=float, default=BCU_DEFAULTS["lr"])
+    p.add_argument("--batch-size", type=int, default=BCU_DEFAULTS["batch_size"])
+    p.add_argument("--augment", default=BCU_DEFAULTS["augment"], choices=("crop", "crop_flip", "none"),
+                   help="crop (default), crop_flip (natural images only: flipping changes digits, text, signs), none")
+    p.add_argument("--norm-stats", default="auto", choices=("auto", "update", "keep"),
+                   help="batch-norm statistics: auto (default: keep the model's when the data is far from its "
+                        "training distribution, else re-estimate), update or keep")
+    p.add_argument("--loss", default="auto", choices=("auto", "kl", "mse"),
+                   help="distillation loss: auto (default: logit MSE on far data, else KL), kl or mse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
+    p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
+    p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
+    add_device_option(p, " for the distillation")
+    add_allow_pickle_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Cleanse a model file with the --method cleanser on unlabeled images; save the model (safetensors) and the
+    JSON report."""
+    from trojanguard.cleanse import CLEANSERS
+    from trojanguard.models import build_model, load_model, save_model
+
+    out = Path(args.out)
+    if out.suffix not in CLEANSE_OUT_SUFFIXES:
+        raise UsageError(f"--out: expected a path ending in {' or '.join(CLEANSE_OUT_SUFFIXES)} (weights only, never "
+                         f"a pickled module), got {str(out)!r}")
+    if args.attack is not None and args.eval is None:
+        raise UsageError(f"--attack: reports ASR on --eval data; expected --eval with it, got --attack {args.attack} "
+                         "alone")
+    if args.target is not None and args.attack is None:
+        raise UsageError(f"--target: the target class of --attack; expected --attack with it, got --target "
+                         f"{args.target} alone")
+    method = CLEANSERS[args.method]
+    model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
+                       allow_pickle=args.allow_pickle).to(args.device)
+    evaluation = None if args.eval is None else _evaluation(args, model)
+    ood_info: dict = {}
+    data = _unlabeled_data(args.data, args, model, ood_info)
+    print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(data)} unlabeled images from "
+          f"{args.data!r}", file=sys.stderr)
+    cleanser = method.build(reinit=args.reinit,
+                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                            augment=args.augment, norm_stats=args.norm_stats, loss=args.loss,
+                            init=lambda: build_model(args.arch, num_classes=args.num_classes,
+                                                     in_channels=args.in_channels))
+    cleansed = cleanser.cleanse(model, data, evaluation=evaluation)
+    save_model(cleansed, out)
+    report_path = out.with_name(out.stem + ".report.json")
+    cleanser.report.details["model"] = str(args.model)
+    cleanser.report.details["data"] = str(args.data)
+    if ood_info:
+        cleanser.report.details["ood"] = ood_info
+    cleanser.report.to_json(report_path)
+    print(cleanser.report.format())
+    print(f"cleansed model: {out}\nreport:         {report_path}")
+    return 0
+
+
+def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
+    """--data: ood (natural-photo crops adapted to ``model``, see trojanguard.cleanse.sources.ood_images; ``info``
+    receives the chosen view), digits (half of the embedded training split), a folder or an .npz."""
+    from trojanguard.cleanse.sources import ood_images
+    from trojanguard.data import load_digits, load_image_folder, load_npz
+    from trojanguard.data.core import DEFAULT_IMAGE_SIZE
+
+    if spec == "ood":
+        return ood_images(args.ood_images, size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels,
+                          seed=args.seed, model=model, info=info)
+    if spec == "digits":
+        train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)
+        import torch
+
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        return train.x[order[: len(train) // 2]]
+    path = Path(spec)
+    if path.suffix.lower() == ".npz":
+        return load_npz(path, size=args.image_size).x
+    return load_image_folder(path, size=args.image_size, channels=args.in_channels).x
+
+
+def _evaluation(args: argparse.Namespace, model):
+    """The labelled --eval data (with the --attack trigger) as an Evaluation, checked against ``model``'s
+    classes: labels and --target outside them are refused before any cleansing."""
+    import torch
+
+    from trojanguard.attacks import make_attack
+    from trojanguard.cleanse import Evaluation
+    from trojanguard.cleanse.base import model_device, preflight
+    from trojanguard.data import load_digits, load_image_folder, load_npz
+    from trojanguard.data.core import DEFAULT_IMAGE_SIZE
+    from trojanguard.errors import DataError
+    from trojanguard.zoo import ZOO_ATTACK_DEFAULTS
+
+    where = f"--eval {args.eval!r}"
+    if args.eval == "digits":
+        labelled = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)[1]
+    elif Path(args.eval).suffix.lower() == ".npz":
+        labelled = load_npz(args.eval, size=args.image_size)
+    else:
+        labelled = load_image_folder(args.eval, size=args.image_size, channels=args.in_channels)
+    if labelled.y is None:
+        raise DataError(f"{where}: evaluation data needs labels (class sub-folders or an npz 'y')")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            classes = preflight(model.eval(), labelled.x[:2], model_device(model))
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    finally:
+        model.train(was_training)
+    outside = sorted({int(label) for label in labelled.y.unique() if not 0 <= int(label) < classes})
+    if outside:
+        shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+        raise DataError(f"{where}: expected labels of the model's {classes} classes (0 … {classes - 1}), got "
+                        f"labels {shown}")
+    trigger, target = None, None
+    if args.attack is not None:
+        target = 0 if args.target is None else args.target
+        if not 0 <= target < classes:
+            raise UsageError(f"--target: expected a class of the model (0 … {classes - 1}), got {target}")
+        trigger = make_attack(args.attack, **ZOO_ATTACK_DEFAULTS.get(args.attack, {}))
+    return Evaluation(labelled.x, labelled.y, trigger, target)

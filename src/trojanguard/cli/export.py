@@ -1,0 +1,165 @@
+"""trojanguard export: a guard (model + feature-space detector) as one ONNX graph and/or a Triton Inference Server
+model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from trojanguard.cli._options import (
+    UsageError,
+    add_allow_pickle_option,
+    add_arch_option,
+    add_device_option,
+    add_image_size_option,
+    add_model_option,
+    add_shape_options,
+    load_command_model,
+)
+
+OUTPUTS = (("out", "file"), ("triton_repo", "folder"))
+# the names check_triton_options' errors start with -> the options that set them (errors name the option)
+TRITON_ARGUMENTS = {"model_name": "--triton-name", "max_batch_size": "--max-batch-size",
+                    "max_queue_delay_microseconds": "--queue-delay-us"}
+
+
+def opset_arg(text: str) -> int:
+    """--opset: an integer in the range export_onnx can write (checked before any fitting)."""
+    from trojanguard.guard.onnx_export import check_opset
+
+    try:
+        return check_opset(int(text), "--opset")
+    except ValueError as exc:
+        message = str(exc) if "--opset" in str(exc) else f"expected an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message.removeprefix("--opset: ")) from None
+
+
+def add_parser(sub) -> None:
+    from trojanguard.guard.onnx_export import DEFAULT_OPSET
+    from trojanguard.guard.triton_server import (
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MODEL_NAME,
+        DEFAULT_QUEUE_DELAY_US,
+        INSTANCE_KINDS,
+    )
+
+    p = sub.add_parser("export", help="export a guard (model + feature-space detector) to ONNX and/or a Triton "
+                                      "model repository",
+                       description="Fit the feature-space detector on --reference data, calibrate its threshold on "
+                                   "--calibration data, and write one ONNX graph input -> (logits, score, flagged); "
+                                   "with --triton-repo also a Triton Inference Server model repository "
+                                   "(config.pbtxt with dynamic batching, 1/model.onnx). --model may also be an "
+                                   "exported .onnx guard graph (then only the repository is written).")
+    add_model_option(p, "model file, zoo:<attack>, or an exported guard graph (.onnx)")
+    add_arch_option(p)
+    p.add_argument("--out", help="the ONNX file to write")
+    p.add_argument("--reference", help="data the detector is fitted on (folder, .npz, digits; default for zoo models: "
+                                       "their poisoned training set — the robust fit tolerates the poison)")
+    p.add_argument("--calibration", help="clean data for the threshold (folder, .npz, digits-test; default for zoo "
+                                         "models: digits-test)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    p.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
+    p.add_argument("--policy", choices=("flag", "reject"), default="flag",
+                   help="flag: logits unchanged (default); reject: NaN logits for flagged inputs")
+    p.add_argument("--opset", type=opset_arg, default=DEFAULT_OPSET,
+                   help=f"ONNX opset of the graph (default {DEFAULT_OPSET})")
+    p.add_argument("--triton-repo", help="also write a Triton model repository into this folder")
+    p.add_argument("--triton-name", default=DEFAULT_MODEL_NAME, help=f"model name (default {DEFAULT_MODEL_NAME})")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"Triton max_batch_size (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"dynamic batching max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
+    p.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="auto",
+                   help="auto (Triton's placement, default), cpu or gpu")
+    add_shape_options(p)
+    add_image_size_option(p)
+    add_device_option(p, " for fitting")
+    add_allow_pickle_option(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
+    from trojanguard.guard import write_triton_repository
+    from trojanguard.guard.onnx_export import load_guard_graph
+
+    if args.out is None and args.triton_repo is None:
+        raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
+    if args.triton_repo is not None:
+        _check_triton_arguments(args)
+    if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
+        if args.triton_repo is None:
+            raise UsageError("--triton-repo: --model is an .onnx file (an exported guard graph), so only a Triton "
+                             "repository can be written from it; expected --triton-repo DIR, got none")
+        if args.out is not None:
+            raise UsageError("--out: --model is already an exported guard graph (.onnx), there is no graph to "
+                             f"write; expected only --triton-repo DIR, got --out {args.out!r}")
+        load_guard_graph(args.model, "--model")  # an ordinary classifier or a broken file: refused, nothing written
+        onnx_path = Path(args.model)
+    else:
+        onnx_path = _export_guard(args)
+    if args.triton_repo is not None:
+        model_dir = write_triton_repository(
+            onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
+            max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind)
+        print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
+        print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
+    return 0
+
+
+def _check_triton_arguments(args: argparse.Namespace) -> None:
+    """The Triton repository options, checked before any fitting (usage errors naming the CLI option)."""
+    from trojanguard.guard.triton_server import check_triton_options
+
+    try:
+        check_triton_options(args.triton_name, args.max_batch_size, args.queue_delay_us,
+                             instance_kind=args.instance_kind)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(": ")
+        raise UsageError(f"{TRITON_ARGUMENTS.get(name, name)}: {rest}") from None
+
+
+def _export_guard(args: argparse.Namespace):
+    """Fit, calibrate and write the guard graph (to a temporary file when only --triton-repo is asked for)."""
+    import tempfile
+
+    import torch
+
+    from trojanguard.detect import FeatureMahalanobis
+    from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
+    from trojanguard.guard import Guard, export_onnx
+    from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
+
+    zoo = args.model if args.model.startswith(ZOO_PREFIX) else None
+    reference_spec = args.reference or zoo
+    if reference_spec is None:
+        raise UsageError("--reference: expected the data the guard's feature statistics are fitted on (folder, "
+                         ".npz, digits), got none")
+    calibration_spec = args.calibration or ("digits-test" if zoo and args.threshold is None else None)
+    if calibration_spec is None and args.threshold is None:
+        raise UsageError("--calibration: expected clean data to set the threshold on (folder, .npz, digits-test), "
+                         "or --threshold; got neither")
+    model = load_command_model(args.model, args)
+    reference = open_source(reference_spec, image_size=args.image_size, channels=args.in_channels, name="--reference")
+    calibration = None if args.threshold is not None else open_source(
+        calibration_spec, image_size=args.image_size, channels=args.in_channels, name="--calibration")
+    if calibration is not None:  # before the fit: too few clean images cannot give the asked false-positive rate
+        check_calibration_size(len(calibration), args.fpr, "--calibration")
+    with warnings.catch_warnings(record=True) as caught:  # sample-size warnings become plain CLI lines
+        warnings.simplefilter("always", SampleSizeWarning)
+        detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SampleSizeWarning)):
+        print(f"trojanguard export: warning: {message}", file=sys.stderr)
+    guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
+    if calibration is not None:
+        guard.calibrate(SourceImages(calibration), fpr=args.fpr)
+    example = torch.stack(list(SourceImages(reference, limit=2)))
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "model.onnx"
+    path = export_onnx(guard.cpu(), out, example, opset=args.opset)
+    print(f"guard graph: {path} (threshold {guard.threshold:.6g}, policy {args.policy}, reference "
+          f"{reference.description})")
+    return path
