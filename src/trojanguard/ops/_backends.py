@@ -52,9 +52,10 @@ class Implementation:
 
 
 class Op:
-    """One op: a reference plus registered implementations, selected per call in the op's ``priority``."""
+    """One op: a reference plus registered implementations, selected per call in the op's ``priority`` (the
+    backends automatic choice tries, in order; only the reference unless given)."""
 
-    def __init__(self, name: str, reference: Callable, priority: tuple[str, ...]):
+    def __init__(self, name: str, reference: Callable, priority: tuple[str, ...] = ("reference",)):
         unknown = [b for b in priority if b not in BACKEND_NAMES]
         if unknown or len(set(priority)) != len(priority) or not priority or priority[-1] != "reference":
             raise ValueError(f"priority: expected distinct names of {BACKEND_NAMES} ending in 'reference', "
