@@ -17,6 +17,7 @@ import torch
 
 from trojanguard import _native
 from trojanguard.ops import OPS, BackendUnavailableError, MaskStepParams, mask_step, uniform_noise
+from trojanguard.ops.mask_step import mask_step_cpp_reasons, mask_step_cuda_reasons
 
 PARAMS = MaskStepParams(lr=0.1, beta1=0.1, beta2=0.1, eps=1e-8, l1_weight=0.01, tv_weight=1.0, step=3)
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -74,6 +75,16 @@ def jit_cache():
 
 
 # ---------------------------------------------------------------- build info and reasons
+def test_native_is_a_leaf_that_does_not_import_ops():
+    """_native loads and launches; each op's glue lives in trojanguard.ops, which imports _native, not back."""
+    script = ("import sys, trojanguard._native; "
+              "print(sorted(m for m in sys.modules if m == 'trojanguard.ops' or m.startswith('trojanguard.ops.')))")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_build_info_reports_openmp_cuda_and_origin(needs_extension):
     info = _native.build_info()
     assert info["api_version"] == _native.API_VERSION
@@ -92,13 +103,13 @@ def test_cuda_reasons_say_why():
 
 def test_mask_step_reasons_reject_dtypes_devices_and_shapes(needs_extension):
     tensors, mean, std = make_inputs(2, 3, 1, 5, 6)
-    assert _native.mask_step_cpp_reasons(*tensors, PARAMS, mean, std) == []
+    assert mask_step_cpp_reasons(*tensors, PARAMS, mean, std) == []
 
     def reasons_with(index, value, *, mean=mean, std=std, out_dtype=None):
         args = list(tensors)
         if index is not None:
             args[index] = value
-        return " ".join(_native.mask_step_cpp_reasons(*args, PARAMS, mean, std, out_dtype))
+        return " ".join(mask_step_cpp_reasons(*args, PARAMS, mean, std, out_dtype))
 
     assert "float32" in reasons_with(0, tensors[0].double())
     assert "x must be float32, bfloat16 or float16" in reasons_with(3, tensors[3].double())
@@ -106,7 +117,7 @@ def test_mask_step_reasons_reject_dtypes_devices_and_shapes(needs_extension):
     assert "out_dtype must be" in reasons_with(None, None, out_dtype=torch.float64)
     assert "theta must be (N, 1 or C, H, W)" in reasons_with(0, torch.zeros(2, 2, 5, 6))
     assert "mean is given without std" in reasons_with(None, None, std=None)
-    assert "not on CUDA" in " ".join(_native.mask_step_cuda_reasons(*tensors, PARAMS, mean, std))
+    assert "not on CUDA" in " ".join(mask_step_cuda_reasons(*tensors, PARAMS, mean, std))
     with pytest.raises(BackendUnavailableError, match="float32"):
         mask_step(tensors[0].double(), *tensors[1:], PARAMS, mean, std, backend="cpp")
 

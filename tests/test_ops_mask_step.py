@@ -13,14 +13,17 @@ from trojanguard.ops import (
     OPS,
     BackendUnavailableError,
     MaskStepParams,
+    backend_availability,
     blend_reference,
     mask_from_theta,
     mask_gradient_reference,
     mask_step,
+    op_backend_availability,
     regularizer_reference,
     uniform_noise,
     use_backend,
 )
+from trojanguard.ops._backends import Op
 
 PARAMS = MaskStepParams(lr=0.1, beta1=0.1, beta2=0.1, eps=1e-8, l1_weight=0.01, tv_weight=1.0, step=3)
 SHAPES = [  # (N, C, M, H, W): odd sizes, N = 1, C = 1 and 3, per-channel masks
@@ -154,3 +157,28 @@ def test_dispatch_explicit_env_and_context(monkeypatch):
         assert op.select("auto", *tensors, PARAMS).backend == "reference"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_op_backend_availability_lists_mask_step_with_every_backend_and_reasons():
+    table = op_backend_availability()
+    assert set(table) == set(OPS)
+    backends = table["mask_step"]
+    assert set(backends) == set(BACKEND_NAMES)
+    assert backends["reference"] == []
+    for name, reasons in backends.items():  # unavailable = a non-empty list of readable reasons
+        assert all(isinstance(r, str) and r for r in reasons), (name, reasons)
+        assert reasons[: len(backend_availability()[name])] == backend_availability()[name]  # the backend's own first
+
+
+def test_each_op_declares_its_backend_priority():
+    assert OPS["mask_step"].priority[-1] == "reference"
+    always = lambda *a, **k: []
+    op = Op("toy", lambda x: ("reference", x), priority=("cpp", "reference"))
+    op.register("cpp", lambda x: ("cpp", x), always)
+    assert op(1) == ("cpp", 1) and op(1, backend="reference") == ("reference", 1)
+    assert op.availability()["triton"] == ["not implemented for this op"]
+    with pytest.raises(ValueError, match="priority"):
+        op.register("triton", lambda x: x, always)
+    with pytest.raises(ValueError, match="ending in 'reference'"):
+        Op("toy", lambda x: x, priority=("reference", "cpp"))
+

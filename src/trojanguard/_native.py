@@ -1,4 +1,4 @@
-"""The native extension ``trojanguard._C`` (C++ CPU ops; CUDA ops where built) and the ops that call it.
+"""The native extension ``trojanguard._C`` (C++ CPU kernels; CUDA kernels where built): loading and launching.
 
 Loading, on first use: the installed ``trojanguard._C`` if it is importable and current; otherwise (e.g.
 running from the source tree with ``PYTHONPATH=src``) the same sources in ``csrc/`` are compiled just in time
@@ -7,10 +7,10 @@ with g++ (and nvcc for the CUDA part where a CUDA device is present) into ``$TRO
 ``TROJANGUARD_NO_JIT=1`` turns the just-in-time build off. When there is no extension, ONE warning says why,
 :func:`cpu_reasons` / :func:`cuda_reasons` keep the reasons, and every op falls back to its reference.
 
-The extension does not link libtorch: its functions take raw data pointers, sizes, dtype codes and scalars.
-This module validates devices, dtypes and shapes, makes contiguous copies where needed, allocates outputs
-with torch and registers the op ``torch.ops.trojanguard.mask_step`` (a custom op with a fake implementation,
-so torch.compile can trace it) whose CPU kernel is the C++ one and whose CUDA kernel is the CUDA one.
+The extension does not link libtorch: its functions take raw data pointers, sizes, dtype codes and scalars,
+and :func:`launch` runs one of them. Each op's glue (validation, contiguous copies, outputs allocated with
+torch, the ``torch.ops.trojanguard.<op>`` custom-op registration) lives beside the op in ``trojanguard.ops``;
+this module is a leaf and imports nothing of ``trojanguard.ops``.
 """
 
 import contextlib
@@ -38,7 +38,8 @@ API_VERSION = 1  # must equal kApiVersion in csrc/bindings.cpp
 NO_JIT_ENV = "TROJANGUARD_NO_JIT"
 CACHE_ENV = "TROJANGUARD_CACHE"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source tree, not in an installed wheel
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # DType in csrc/mask_step_math.h
+# The extension's dtype codes, shared by every op (DType in csrc/mask_step_math.h).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class JITBuildError(RuntimeError):
@@ -307,154 +308,19 @@ def cuda_reasons() -> list[str]:
     return reasons
 
 
-def _mask_step_input_reasons(device_type: str, theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params=None,
-                             mean=None, std=None, out_dtype=None) -> list[str]:
-    """What about these inputs the native kernels cannot take (shapes the reference would reject included)."""
-    tensors = {"theta": theta, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "x": x, "delta": delta,
-               "grad_xadv": grad_xadv, "seeds": seeds, "mean": mean, "std": std}
-    given = {name: t for name, t in tensors.items() if t is not None}
-    if not all(isinstance(t, torch.Tensor) for t in given.values()):
-        return ["inputs must be tensors"]
-    reasons = []
-    off_device = [name for name, t in given.items() if t.device.type != device_type]
-    if off_device:
-        reasons.append(f"tensors are not on {device_type.upper()} ({', '.join(off_device)})")
-    elif device_type == "cuda" and len({t.device for t in given.values()}) > 1:
-        reasons.append("tensors are on different CUDA devices")
-    wrong = [f"{n} is {t.dtype}" for n, t in (("theta", theta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
-             if t.dtype != torch.float32]
-    if wrong:
-        reasons.append(f"theta and the Adam moments must be float32 ({', '.join(wrong)})")
-    for name, dtype in (("x", x.dtype), ("grad_xadv", grad_xadv.dtype), ("out_dtype", out_dtype or x.dtype)):
-        if dtype not in DTYPE_CODES:
-            reasons.append(f"{name} must be float32, bfloat16 or float16, got {dtype}")
-    if seeds.dtype.is_complex or seeds.dtype == torch.bool:
-        reasons.append(f"seeds must be integers, got {seeds.dtype}")
-    if x.dim() != 4 or theta.dim() != 4:
-        return [*reasons, f"x and theta must be 4-d (N, C, H, W), got {tuple(x.shape)} and {tuple(theta.shape)}"]
-    n, c, h, w = x.shape
-    if theta.shape[1] not in (1, c) or (theta.shape[0], *theta.shape[2:]) != (n, h, w):
-        reasons.append(f"theta must be (N, 1 or C, H, W) for x {tuple(x.shape)}, got {tuple(theta.shape)}")
-    if exp_avg.shape != theta.shape or exp_avg_sq.shape != theta.shape:
-        reasons.append("exp_avg and exp_avg_sq must have theta's shape")
-    if grad_xadv.shape != x.shape:
-        reasons.append(f"grad_xadv must have x's shape {tuple(x.shape)}, got {tuple(grad_xadv.shape)}")
-    if delta.numel() != n * c or seeds.numel() != n:
-        reasons.append(f"delta must hold N·C = {n * c} values and seeds N = {n}")
-    if any(t is not None and t.numel() != c for t in (mean, std)):
-        reasons.append(f"mean and std must hold C = {c} values")
-    if mean is not None and std is None:
-        reasons.append("mean is given without std")
-    if x.numel() == 0:
-        reasons.append("x is empty")
-    return reasons
-
-
-def mask_step_cpp_reasons(*args, **kwargs) -> list[str]:
-    """Why the C++ kernel cannot run these :func:`~trojanguard.ops.mask_step` arguments (empty: it can)."""
-    return cpu_reasons() + _mask_step_input_reasons("cpu", *args, **kwargs)
-
-
-def mask_step_cuda_reasons(*args, **kwargs) -> list[str]:
-    """Why the CUDA kernel cannot run these :func:`~trojanguard.ops.mask_step` arguments (empty: it can)."""
-    reasons = cuda_reasons() + _mask_step_input_reasons("cuda", *args, **kwargs)
+# ---------------------------------------------------------------- launching a kernel
+def launch(op: str, device: torch.device, args: dict) -> None:
+    """Run the extension's kernel for ``op`` on ``device``; ``args`` holds the kernel's data pointers, sizes,
+    dtype codes (:data:`DTYPE_CODES`) and scalars. Every op's bindings follow one convention:
+    ``<op>_cpu(args, num_threads)`` on CPU; ``<op>_cuda_workspace_bytes(args, device)`` and
+    ``<op>_cuda(args, device, stream, workspace)`` on CUDA, run on torch's current stream with a scratch
+    buffer that torch allocates. The caller has checked the op's reasons (the extension is there)."""
     module = extension().module
-    x = args[3] if len(args) > 3 else kwargs.get("x")
-    limits = module is not None and hasattr(module, "CUDA_MAX_WIDTH") and isinstance(x, torch.Tensor) and x.dim() == 4
-    if limits and (x.shape[-1] > module.CUDA_MAX_WIDTH or x.shape[1] > module.CUDA_MAX_CHANNELS):
-        reasons.append(f"the CUDA kernel takes width <= {module.CUDA_MAX_WIDTH} and channels <= "
-                           f"{module.CUDA_MAX_CHANNELS}, got {x.shape[-1]} and {x.shape[1]}")
-    return reasons
-
-
-# ---------------------------------------------------------------- the op
-def mask_step_cpp(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean=None, std=None,
-                  out_dtype=None):
-    """:func:`~trojanguard.ops.mask_step_reference` on the C++ CPU kernel (same arguments and results)."""
-    return _call_op(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean, std, out_dtype)
-
-
-def mask_step_cuda(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean=None, std=None,
-                   out_dtype=None):
-    """:func:`~trojanguard.ops.mask_step_reference` on the CUDA kernel (same arguments and results)."""
-    return _call_op(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean, std, out_dtype)
-
-
-def _call_op(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, params, mean, std, out_dtype):
-    return torch.ops.trojanguard.mask_step(
-        theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, float(params.lr), float(params.beta1),
-        float(params.beta2), float(params.eps), float(params.l1_weight), float(params.tv_weight), int(params.step),
-        out_dtype or x.dtype)
-
-
-@torch.library.custom_op("trojanguard::mask_step", mutates_args=("theta", "exp_avg", "exp_avg_sq"),
-                         device_types="cpu")
-def _mask_step_op(theta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor,
-                  delta: torch.Tensor, grad_xadv: torch.Tensor, seeds: torch.Tensor, mean: torch.Tensor | None,
-                  std: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float, l1_weight: float,
-                  tv_weight: float, step: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused mask step (see trojanguard.ops.mask_step_reference): updates θ and the Adam moments in place,
-    returns (delta_next (N, C, 1, 1) float32, x_adv_next (N, C, H, W) out_dtype)."""
-    return _run_kernel("cpu", theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, lr, beta1, beta2,
-                       eps, l1_weight, tv_weight, step, out_dtype)
-
-
-@_mask_step_op.register_kernel("cuda")
-def _mask_step_op_cuda(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, lr, beta1, beta2, eps,
-                       l1_weight, tv_weight, step, out_dtype):
-    return _run_kernel("cuda", theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, lr, beta1, beta2,
-                       eps, l1_weight, tv_weight, step, out_dtype)
-
-
-@_mask_step_op.register_fake
-def _mask_step_op_fake(theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, lr, beta1, beta2, eps,
-                       l1_weight, tv_weight, step, out_dtype):
-    n, c = x.shape[:2]
-    return x.new_empty((n, c, 1, 1), dtype=torch.float32), torch.empty_like(
-        x, dtype=out_dtype, memory_format=torch.contiguous_format)
-
-
-def _run_kernel(device_type, theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, mean, std, lr, beta1, beta2,
-                eps, l1_weight, tv_weight, step, out_dtype):
-    reasons = (mask_step_cpp_reasons if device_type == "cpu" else mask_step_cuda_reasons)(
-        theta, exp_avg, exp_avg_sq, x, delta, grad_xadv, seeds, None, mean, std, out_dtype)
-    if reasons:
-        raise RuntimeError(f"trojanguard::mask_step ({device_type}): " + "; ".join(reasons))
-    from trojanguard.ops.mask_step import MaskStepParams  # not at import: ops.mask_step imports this module
-
-    module = extension().module
-    params = MaskStepParams(lr, beta1, beta2, eps, l1_weight, tv_weight, step)
-    n, c, h, w = x.shape
-    state = (theta, exp_avg, exp_avg_sq)
-    work = [t if t.is_contiguous() else t.contiguous() for t in state]
-    x_c, grad_c = x.contiguous(), grad_xadv.contiguous()
-    delta_c = delta.reshape(n, c).to(torch.float32).contiguous()
-    seeds_c = seeds.reshape(n).to(torch.int64).contiguous()
-    mean_c = None if mean is None else mean.reshape(c).to(torch.float32).contiguous()
-    std_c = None if std is None else std.reshape(c).to(torch.float32).contiguous()
-    delta_next = torch.empty((n, c, 1, 1), dtype=torch.float32, device=x.device)
-    x_adv = torch.empty((n, c, h, w), dtype=out_dtype, device=x.device)
-    args = {
-        "theta": work[0].data_ptr(), "exp_avg": work[1].data_ptr(), "exp_avg_sq": work[2].data_ptr(),
-        "x": x_c.data_ptr(), "delta": delta_c.data_ptr(), "grad": grad_c.data_ptr(), "seeds": seeds_c.data_ptr(),
-        "mean": 0 if mean_c is None else mean_c.data_ptr(), "std": 0 if std_c is None else std_c.data_ptr(),
-        "delta_next": delta_next.data_ptr(), "out": x_adv.data_ptr(),
-        "x_dtype": DTYPE_CODES[x.dtype], "grad_dtype": DTYPE_CODES[grad_xadv.dtype],
-        "out_dtype": DTYPE_CODES[out_dtype],
-        "batch": n, "channels": c, "mask_channels": theta.shape[1], "height": h, "width": w,
-        "beta1": beta1, "beta2": beta2, "eps": eps, "l1_weight": l1_weight, "tv_weight": tv_weight,
-        "step_size": params.step_size, "bias_correction2_sqrt": params.bias_correction2_sqrt,
-        "next_step": step + 1,
-    }
-    if device_type == "cpu":
-        module.mask_step_cpu(args, torch.get_num_threads())
-    else:
-        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        workspace_bytes = module.mask_step_cuda_workspace_bytes(args, device)
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device) if workspace_bytes else None
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        module.mask_step_cuda(args, device, stream, 0 if workspace is None else workspace.data_ptr())
-    for original, updated in zip(state, work, strict=True):
-        if updated is not original:
-            original.copy_(updated)
-    return delta_next, x_adv
+    if device.type == "cpu":
+        getattr(module, f"{op}_cpu")(args, torch.get_num_threads())
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    workspace_bytes = getattr(module, f"{op}_cuda_workspace_bytes")(args, index)
+    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
+    stream = torch.cuda.current_stream(device).cuda_stream
+    getattr(module, f"{op}_cuda")(args, index, stream, 0 if workspace is None else workspace.data_ptr())

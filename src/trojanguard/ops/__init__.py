@@ -5,6 +5,7 @@ from trojanguard.ops._backends import (
     OPS,
     BackendUnavailableError,
     backend_availability,
+    op_backend_availability,
     use_backend,
 )
 from trojanguard.ops.mask_step import (
@@ -29,6 +30,7 @@ __all__ = [
     "mask_gradient_reference",
     "mask_step",
     "mask_step_reference",
+    "op_backend_availability",
     "regularizer_reference",
     "uniform_noise",
     "use_backend",

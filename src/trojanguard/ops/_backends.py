@@ -1,12 +1,12 @@
 """Backend registry and dispatch for the ops.
 
 Each op is an :class:`Op` holding its pure-PyTorch reference and any faster implementations, each of
-which answers ``not_supported_reasons(*tensors)``. Dispatch order: explicit ``backend=`` argument →
-:func:`use_backend` context → ``TROJANGUARD_BACKEND`` environment variable → first available of
-(triton, cuda, cpp, reference): on an H100 the Triton step runs 2.6–3× faster than the CUDA one (graph-timed,
-benchmarks/RESULTS.md). Automatic choice never fails; asking for a backend that cannot run
-raises an error listing every backend and why it was refused. Tracing/export and
-``torch.use_deterministic_algorithms`` force the reference.
+which answers ``not_supported_reasons(*inputs)``; each op declares its own backend priority (the order the
+automatic choice tries). Dispatch order: explicit ``backend=`` argument → :func:`use_backend` context →
+``TROJANGUARD_BACKEND`` environment variable → first available in the op's priority, ending at the
+reference. Automatic choice never fails; asking for a backend that cannot run raises an error listing
+every backend and why it was refused. Tracing/export and ``torch.use_deterministic_algorithms`` force
+the reference. :func:`op_backend_availability` is the op × backend table that ``trojanguard info`` prints.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from trojanguard import _native
 from trojanguard.errors import TrojanGuardError
 
 BACKEND_NAMES = ("cuda", "triton", "cpp", "reference")
-AUTO_ORDER = ("triton", "cuda", "cpp", "reference")
+NOT_IMPLEMENTED = "not implemented for this op"
 _state = threading.local()
 
 
@@ -31,33 +32,62 @@ class BackendUnavailableError(TrojanGuardError, RuntimeError):
     """An explicitly requested backend cannot run these inputs (a RuntimeError too, as it always was)."""
 
 
+def _no_reasons(*args, **kwargs) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Implementation:
+    """One backend's implementation of an op.
+
+    ``not_supported_reasons(*inputs)``: why it cannot run these inputs (checked on every call);
+    ``machine_reasons()``: why it cannot run on this machine at all, beyond what the whole backend lacks
+    (:func:`backend_reasons`), e.g. this op's kernel module is missing.
+    """
+
     backend: str
     fn: Callable
     not_supported_reasons: Callable[..., list[str]]
+    machine_reasons: Callable[[], list[str]] = _no_reasons
 
 
 class Op:
-    """One op: a reference plus registered implementations, selected per call."""
+    """One op: a reference plus registered implementations, selected per call in the op's ``priority`` (the
+    backends automatic choice tries, in order; only the reference unless given)."""
 
-    def __init__(self, name: str, reference: Callable):
+    def __init__(self, name: str, reference: Callable, priority: tuple[str, ...] = ("reference",)):
+        unknown = [b for b in priority if b not in BACKEND_NAMES]
+        if unknown or len(set(priority)) != len(priority) or not priority or priority[-1] != "reference":
+            raise ValueError(f"priority: expected distinct names of {BACKEND_NAMES} ending in 'reference', "
+                             f"got {priority!r}")
         self.name = name
+        self.priority = tuple(priority)
         self.implementations: dict[str, Implementation] = {
-            "reference": Implementation("reference", reference, lambda *a, **k: [])
+            "reference": Implementation("reference", reference, _no_reasons)
         }
 
-    def register(self, backend: str, fn: Callable, not_supported_reasons: Callable[..., list[str]]) -> None:
+    def register(self, backend: str, fn: Callable, not_supported_reasons: Callable[..., list[str]],
+                 machine_reasons: Callable[[], list[str]] = _no_reasons) -> None:
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
-        self.implementations[backend] = Implementation(backend, fn, not_supported_reasons)
+        if backend not in self.priority:
+            raise ValueError(f"backend: {backend!r} is not in op {self.name}'s priority {self.priority}")
+        self.implementations[backend] = Implementation(backend, fn, not_supported_reasons, machine_reasons)
 
     def reasons(self, *args, **kwargs) -> dict[str, list[str]]:
         """Every backend and why it cannot run these inputs (empty list = it can)."""
         out = {}
         for name in BACKEND_NAMES:
             impl = self.implementations.get(name)
-            out[name] = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(*args, **kwargs)
+            out[name] = [NOT_IMPLEMENTED] if impl is None else impl.not_supported_reasons(*args, **kwargs)
+        return out
+
+    def availability(self) -> dict[str, list[str]]:
+        """Every backend and why it cannot run this op on this machine at all (empty list = available)."""
+        out = {}
+        for name in BACKEND_NAMES:
+            impl = self.implementations.get(name)
+            out[name] = [NOT_IMPLEMENTED] if impl is None else backend_reasons(name) + impl.machine_reasons()
         return out
 
     def select(self, backend: str | None, *args, **kwargs) -> Implementation:
@@ -68,14 +98,14 @@ class Op:
             if requested not in BACKEND_NAMES:
                 raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
             impl = self.implementations.get(requested)
-            reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(*args, **kwargs)
+            reasons = [NOT_IMPLEMENTED] if impl is None else impl.not_supported_reasons(*args, **kwargs)
             if reasons:
                 table = "; ".join(f"{n}: {', '.join(r) or 'available'}" for n, r in self.reasons(*args, **kwargs).items())
                 where = "backend" if backend not in (None, "auto") else (
                     "use_backend" if getattr(_state, "backend", None) else "TROJANGUARD_BACKEND")
                 raise BackendUnavailableError(f"{where}: {requested!r} cannot run op {self.name} here ({table})")
             return impl
-        for name in AUTO_ORDER:
+        for name in self.priority:
             if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
                 continue  # the interpreter is for tests only: far slower than every other backend
             impl = self.implementations.get(name)
@@ -90,8 +120,9 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def define_op(name: str, reference: Callable) -> Op:
-    op = OPS[name] = Op(name, reference)
+def define_op(name: str, reference: Callable, *, priority: tuple[str, ...]) -> Op:
+    """Register op ``name`` with its reference; ``priority``: the backends automatic choice tries, in order."""
+    op = OPS[name] = Op(name, reference, priority)
     return op
 
 
@@ -128,10 +159,8 @@ def triton_reasons(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
-def not_supported_reasons(backend: str) -> list[str]:
-    """Why ``backend`` cannot run on this machine at all (empty list = available)."""
-    from trojanguard import _native
-
+def backend_reasons(backend: str) -> list[str]:
+    """Why ``backend`` cannot run on this machine at all, whatever the op (empty list = available)."""
     if backend == "reference":
         return []
     if backend == "cpp":
@@ -145,5 +174,11 @@ def not_supported_reasons(backend: str) -> list[str]:
 
 
 def backend_availability() -> dict[str, list[str]]:
-    """Map each backend name to its list of reasons it is unavailable here (empty = available)."""
-    return {name: not_supported_reasons(name) for name in BACKEND_NAMES}
+    """Map each backend name to its list of reasons it is unavailable here, whatever the op (empty = available)."""
+    return {name: backend_reasons(name) for name in BACKEND_NAMES}
+
+
+def op_backend_availability() -> dict[str, dict[str, list[str]]]:
+    """``{op: {backend: reasons}}`` for every registered op: why each backend cannot run it here (empty =
+    available; a backend the op lacks says so)."""
+    return {name: op.availability() for name, op in OPS.items()}
