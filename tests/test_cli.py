@@ -13,6 +13,7 @@ def test_info_lists_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["reference"] == []
     assert set(info["backends"]) == {"cuda", "triton", "cpp", "reference"}
+    assert set(info["ops"]) >= {"mask_step"} and info["ops"]["mask_step"]["reference"] == []
     assert "torch" in info["versions"] and info["devices"][0] == "cpu"
 
 

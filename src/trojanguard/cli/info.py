@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import trojanguard
-    from trojanguard.ops import backend_availability
+    from trojanguard.ops import backend_availability, op_backend_availability
 
     versions = {"trojanguard": trojanguard.__version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "triton", "onnx", "onnxruntime", "numpy", "sklearn"):
@@ -27,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             versions[name] = "not installed"
     devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
-    backends = backend_availability()
+    backends, ops = backend_availability(), op_backend_availability()
     if args.json:
-        print(json.dumps({"versions": versions, "devices": devices, "backends": backends}, indent=2))
+        print(json.dumps({"versions": versions, "devices": devices, "backends": backends, "ops": ops}, indent=2))
         return 0
     print("versions:")
     for k, v in versions.items():
@@ -38,4 +38,8 @@ def run(args: argparse.Namespace) -> int:
     print("backends:")
     for name, reasons in backends.items():
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+    print("ops (backends in the op's order of preference):")
+    for op, by_backend in ops.items():
+        usable = [name for name, reasons in by_backend.items() if not reasons]
+        print(f"  {op:10s} {', '.join(usable)}")
     return 0

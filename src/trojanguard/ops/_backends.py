@@ -83,9 +83,10 @@ class Op:
         return out
 
     def availability(self) -> dict[str, list[str]]:
-        """Every backend and why it cannot run this op on this machine at all (empty list = available)."""
+        """Every backend, in this op's order of preference, and why it cannot run this op on this machine at all
+        (empty list = available)."""
         out = {}
-        for name in BACKEND_NAMES:
+        for name in (*self.priority, *(b for b in BACKEND_NAMES if b not in self.priority)):
             impl = self.implementations.get(name)
             out[name] = [NOT_IMPLEMENTED] if impl is None else backend_reasons(name) + impl.machine_reasons()
         return out
