@@ -45,7 +45,9 @@ class BatchScorer:
     @property
     def needs_reference(self) -> bool:
         """True when the detector must be fitted on reference data before it can score."""
-        return isinstance(self.detector, Fitted) and not self.detector.fitted
+        if isinstance(self.detector, Fitted):
+            return not self.detector.fitted
+        return callable(getattr(self.detector, "fit", None))  # a fit() without ``fitted``: fitted every run
 
     def prepare(self, reference) -> None:
         """Fit the detector on ``reference`` (tensor, Dataset or DataLoader of images) when it needs it."""
