@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.errors import DataError, TrojanGuardError
 from trojanguard.metrics import attack_success_rate, clean_accuracy
+from trojanguard.models.features import model_device as any_model_device
 from trojanguard.progress import progress
 
 MIN_IMAGES = 100  # fewer unlabeled images cannot carry a classifier's clean behaviour: refuse
@@ -164,18 +165,8 @@ class Cleanser:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The one device holding ``model``'s parameters and buffers; a clear error when there is none usable."""
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    if not devices:
-        raise CleanseError("model: it has no parameters or buffers, so there is nothing to cleanse")
-    if len(devices) > 1:
-        raise CleanseError(f"model: its parameters are spread over several devices "
-                           f"({', '.join(sorted(map(str, devices)))}); move it to one device first (model.to(device))")
-    device = devices.pop()
-    if device.type == "meta":
-        raise CleanseError("model: its parameters are on the 'meta' device (shapes only, no values); load real "
-                           "weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
-    return device
+    """The one device holding ``model``'s parameters and buffers; a CleanseError when there is none usable."""
+    return any_model_device(model, strict=CleanseError, purpose="to cleanse")
 
 
 def _images_of(item) -> torch.Tensor:

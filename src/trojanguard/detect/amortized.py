@@ -34,11 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.data.batching import count_images, iter_image_batches
-from trojanguard.detect.base import Detector
-from trojanguard.detect.feature_distance import FeatureTap, single_thread
+from trojanguard.detect._feature_detector import FeatureDetector
+from trojanguard.detect.feature_distance import single_thread
 from trojanguard.errors import DataError
-from trojanguard.models.features import model_device, module_by_name
-from trojanguard.progress import progress
+from trojanguard.models.features import FeatureTap
 
 OBJECTIVES = ("rank", "regress")
 DEFAULT_TEACHER_IMAGES = 1024  # CD cost: minutes on a 2-core CPU for 1 000 images at 32×32 with a small CNN
@@ -51,7 +50,7 @@ MIN_TEACHER_IMAGES = 8
 CONSTANT_SCORES_RTOL = 1e-6  # teacher scores spread below this (relative): float rounding, not a ranking
 
 
-class AmortizedCD(Detector):
+class AmortizedCD(FeatureDetector):
     """A one-pass student of Cognitive Distillation: a linear head (or small MLP) on a layer's pooled features
     and the predicted class distribution, trained to rank as CD ranks a screened dataset.
 
@@ -75,13 +74,14 @@ class AmortizedCD(Detector):
     of the images the head was trained on, ``input_shape`` ``(C, H, W)``.
     """
 
+    FIT_CALL = "fit(data, teacher=...)"
+    SCORE_DESCRIPTION = "amortised CD"
+
     def __init__(self, model: nn.Module, *, layer: str | None = None, probabilities: bool = True,
                  hidden: int = DEFAULT_HIDDEN, objective: str = "rank", epochs: int = DEFAULT_EPOCHS,
                  lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                  max_teacher_images: int | None = DEFAULT_TEACHER_IMAGES, batch_size: int = 256, seed: int = 0,
                  show_progress: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
         if hidden < 0:
@@ -93,19 +93,13 @@ class AmortizedCD(Detector):
         if max_teacher_images is not None and max_teacher_images < MIN_TEACHER_IMAGES:
             raise ValueError(f"max_teacher_images: expected None or at least {MIN_TEACHER_IMAGES}, "
                              f"got {max_teacher_images}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
-        if layer is not None:
-            module_by_name(model, layer)  # validates the name up front
-        self.model, self.layer, self.probabilities, self.hidden = model, layer, probabilities, hidden
+        super().__init__(model, layer=layer, batch_size=batch_size, show_progress=show_progress)
+        self.probabilities, self.hidden = probabilities, hidden
         self.objective, self.epochs, self.lr, self.weight_decay = objective, epochs, lr, weight_decay
-        self.max_teacher_images, self.batch_size, self.seed = max_teacher_images, batch_size, seed
-        self.show_progress = show_progress
+        self.max_teacher_images, self.seed = max_teacher_images, seed
         self.head: AmortizedHead | None = None
         self.teacher_scores: torch.Tensor | None = None
         self.teacher_indices: torch.Tensor | None = None
-        self.input_shape: tuple[int, ...] | None = None
-        self._scorer: AmortizedScorer | None = None
 
     def __repr__(self) -> str:
         keys = ("layer", "probabilities", "hidden", "objective", "epochs", "lr", "weight_decay",
@@ -171,35 +165,14 @@ class AmortizedCD(Detector):
     def as_module(self, model: nn.Module | None = None) -> AmortizedScorer:
         """A new :class:`AmortizedScorer` (``x -> (logits, score)``, one forward pass) on a private copy of
         ``model`` (default: the detector's model; pass the same weights, e.g. a reloaded copy)."""
-        if not self.fitted:
-            raise RuntimeError("AmortizedCD: call fit(data, teacher=...) first")
+        self._require_fit("AmortizedCD")
         return AmortizedScorer(self.model if model is None else model, self.layer, self.head, self.probabilities)
-
-    @torch.no_grad()
-    def score(self, x) -> torch.Tensor:
-        """Suspicion ``(N,)``: the head's estimate of CD's ranking; higher = more suspicious."""
-        if not self.fitted:
-            raise RuntimeError("AmortizedCD.score: call fit(data, teacher=...) first")
-        if self._scorer is None:
-            self._scorer = self.as_module().to(model_device(self.model))
-        device = model_device(self._scorer)
-        parts = [self._scorer(xb.to(device, torch.float32))[1].float().cpu()
-                 for xb, _ in progress(iter_image_batches(x, self.batch_size), desc="amortised CD",
-                                       enable=self.show_progress)]
-        if not parts:
-            raise DataError("x: no images to score")
-        return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------ internals
     @torch.no_grad()
     def _inputs(self, tap: FeatureTap, x: torch.Tensor) -> torch.Tensor:
-        device = model_device(self.model)
-        tap.to(device)
-        parts = []
-        for xb, _ in iter_image_batches(x, self.batch_size):
-            logits, feature = tap(xb.to(device, torch.float32))
-            parts.append(head_inputs(feature, logits, self.probabilities).double().cpu())
-        return torch.cat(parts)
+        return torch.cat([head_inputs(feature, logits, self.probabilities).double().cpu()
+                          for _, logits, feature in self._tapped(tap, x)])
 
 
 def head_inputs(feature: torch.Tensor, logits: torch.Tensor, probabilities: bool) -> torch.Tensor:

@@ -1,4 +1,12 @@
-"""The detector protocol: ``score(x) -> (N,)`` (higher = more suspicious), calibration and decisions.
+"""The detector protocols: what a detector can do, declared once and checked where it is used.
+
+- :class:`Detector`: ``score(x) -> (N,)`` (higher = more suspicious), ``calibrate`` and ``predict``;
+  subclassing it gives the threshold rules below for free. ``screen`` needs only :class:`Scores`.
+- :class:`Fitted`: ``fit(data)`` and ``fitted``; ``screen`` fits an unfitted one on reference data first.
+- :class:`OnePass`: ``as_module(model) -> nn.Module`` returning ``(logits, score)`` in one forward pass, and the
+  ``input_shape`` it was fitted on; what :class:`~trojanguard.guard.Guard` and ONNX export need.
+- :class:`Explains`: ``explain(x, indices) -> {name: maps}``, the pictures of the screening report's grid (CD's
+  masks and patterns).
 
 How many clean samples a threshold needs. The ``quantile`` rule puts the threshold at an order statistic of
 ``n`` clean scores; a fresh clean input (exchangeable with them) lies above the k-th largest of them with
@@ -12,9 +20,11 @@ false-positive rate than asked for. The same rule holds for every detector, ``Gu
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 from trojanguard.errors import DataError
 
@@ -60,8 +70,46 @@ def quantile_threshold(clean_scores, fpr: float, name: str = "clean_x") -> float
     return threshold
 
 
-class Detector:
-    """Base of every detector: subclasses implement :meth:`score`; this class adds thresholds.
+@runtime_checkable
+class Scores(Protocol):
+    """Anything ``screen`` can run: ``score(x) -> (N,)``, higher = more suspicious."""
+
+    def score(self, x) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Fitted(Protocol):
+    """A detector that must be fitted on reference data before it scores."""
+
+    @property
+    def fitted(self) -> bool: ...
+
+    def fit(self, data, *args, **kwargs): ...
+
+
+@runtime_checkable
+class OnePass(Protocol):
+    """A detector that runs inside a served module: ``as_module(model)`` is an ``nn.Module`` mapping
+    ``x: (N, C, H, W) -> (logits (N, K), score (N,))`` in one forward pass (exportable to ONNX);
+    ``input_shape`` is the ``(C, H, W)`` of its reference data (None before fitting)."""
+
+    input_shape: tuple[int, ...] | None
+
+    def as_module(self, model: nn.Module | None = None) -> nn.Module: ...
+
+
+@runtime_checkable
+class Explains(Protocol):
+    """Pictures for the screening report's grid: ``explain(x, indices)`` maps images ``x: (K, C, H, W)``, the
+    samples ``indices`` of the screened data, to ``{name: (K, ...) tensor}`` (CD: ``masks``, ``patterns``)."""
+
+    def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Every detector: ``score``, ``calibrate`` and ``predict``. Subclasses implement :meth:`score`; subclassing
+    this protocol gives them the threshold rules below.
 
     ``calibrate(clean_x, fpr)`` sets the threshold at the ``1 − fpr`` quantile of clean scores, so about
     ``fpr`` of clean inputs are flagged (it needs at least ``⌈1/fpr⌉ − 1`` clean samples, module docstring);

@@ -47,7 +47,6 @@ pass runs on), so it exports to ONNX and runs inside :class:`trojanguard.guard.G
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import warnings
@@ -57,11 +56,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trojanguard.data.batching import iter_image_batches
-from trojanguard.detect.base import Detector, SampleSizeWarning
+from trojanguard.detect._feature_detector import FeatureDetector
+from trojanguard.detect.base import SampleSizeWarning
 from trojanguard.errors import DataError, ModelLoadError
-from trojanguard.models.features import default_feature_layer, model_device, module_by_name
-from trojanguard.progress import progress
+from trojanguard.models.features import FeatureTap
 
 RULES = ("predicted", "nearest")
 DEFAULT_SUPPORT_FRACTION = 0.5  # MCD's maximal-breakdown h ≈ n/2
@@ -73,7 +71,7 @@ RARE_CLASS_FRACTION = 0.25  # a class under this fraction of the average class c
 FILE_FORMAT = "trojanguard-feature-mahalanobis/1"
 
 
-class FeatureMahalanobis(Detector):
+class FeatureMahalanobis(FeatureDetector):
     """Mahalanobis distance of a layer's pooled features to the predicted class's mean (robust tied fit).
 
     Args:
@@ -95,30 +93,24 @@ class FeatureMahalanobis(Detector):
     per class), ``fit_warnings`` (sample-size warnings of the fit, module docstring), ``input_shape`` ``(C, H, W)``.
     """
 
+    FIT_CALL = "fit(reference_data)"
+    SCORE_DESCRIPTION = "feature distance"
+
     def __init__(self, model: nn.Module, *, layer: str | None = None, rule: str = "predicted",
                  robust: bool = True, support_fraction: float = DEFAULT_SUPPORT_FRACTION, batch_size: int = 256,
                  seed: int = 0, show_progress: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if rule not in RULES:
             raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
         if not 0.5 <= support_fraction < 1:
             raise ValueError(f"support_fraction: expected a fraction in [0.5, 1), got {support_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
-        if layer is not None:
-            module_by_name(model, layer)  # validates the name up front
-        self.model, self.layer, self.rule, self.robust = model, layer, rule, robust
-        self.support_fraction, self.batch_size, self.seed = support_fraction, batch_size, seed
-        self.show_progress = show_progress
+        super().__init__(model, layer=layer, batch_size=batch_size, show_progress=show_progress)
+        self.rule, self.robust, self.support_fraction, self.seed = rule, robust, support_fraction, seed
         self.class_means: torch.Tensor | None = None
         self.covariance: torch.Tensor | None = None
         self.present: torch.Tensor | None = None
         self.support: torch.Tensor | None = None
         self.class_counts: torch.Tensor | None = None
         self.fit_warnings: list[str] = []
-        self.input_shape: tuple[int, ...] | None = None
-        self._scorer: FeatureScorer | None = None
 
     def __repr__(self) -> str:
         keys = ("layer", "rule", "robust", "support_fraction", "batch_size", "seed")
@@ -187,8 +179,7 @@ class FeatureMahalanobis(Detector):
 
         from trojanguard.screening.api import model_sha256
 
-        if not self.fitted:
-            raise RuntimeError("FeatureMahalanobis.save: call fit(reference_data) first")
+        self._require_fit("FeatureMahalanobis.save")
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"path: expected a file name ending in .safetensors, got {str(path)!r}")
@@ -245,95 +236,24 @@ class FeatureMahalanobis(Detector):
     def as_module(self, model: nn.Module | None = None) -> FeatureScorer:
         """A new :class:`FeatureScorer` (``x -> (logits, score)``, one forward pass) on a private copy of
         ``model`` (default: the detector's model; pass the same weights, e.g. a reloaded copy)."""
-        if not self.fitted:
-            raise RuntimeError("FeatureMahalanobis: call fit(reference_data) first")
+        self._require_fit("FeatureMahalanobis")
         return FeatureScorer(self.model if model is None else model, self.layer, self.class_means,
                              self.covariance, self.present, self.rule)
-
-    @torch.no_grad()
-    def score(self, x) -> torch.Tensor:
-        """Suspicion ``(N,)``: Mahalanobis distance to the predicted (or nearest) class mean; higher = more
-        suspicious."""
-        if not self.fitted:
-            raise RuntimeError("FeatureMahalanobis.score: call fit(reference_data) first")
-        if self._scorer is None:
-            self._scorer = self.as_module().to(model_device(self.model))
-        device = model_device(self._scorer)
-        parts = [self._scorer(xb.to(device, torch.float32))[1].float().cpu()
-                 for xb, _ in progress(iter_image_batches(x, self.batch_size), desc="feature distance",
-                                       enable=self.show_progress)]
-        if not parts:
-            raise DataError("x: no images to score")
-        return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------ internals
     @torch.no_grad()
     def _features(self, tap: FeatureTap, data) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        device = model_device(self.model)
-        tap.to(device)
         features, predicted, shape = [], [], None
-        for xb, _ in progress(iter_image_batches(data, self.batch_size), desc="reference features",
-                              enable=self.show_progress):
+        for xb, logits, feature in self._tapped(tap, data, "reference features"):
             if shape is None:
                 shape = tuple(xb.shape[1:])
             elif tuple(xb.shape[1:]) != shape:
                 raise DataError(f"reference_data: images of shape {tuple(xb.shape[1:])} after {shape}")
-            logits, feature = tap(xb.to(device, torch.float32))
             features.append(feature.double().cpu())
             predicted.append(logits.argmax(1).cpu())
         if not features:
             raise DataError("reference_data: no images to fit on")
         return torch.cat(features), torch.cat(predicted), shape
-
-
-class FeatureTap(nn.Module):
-    """``forward(x) -> (logits (N, K), pooled feature (N, D))`` in one forward pass of a private copy of
-    ``model``: a forward hook on ``layer`` keeps its output and lets the forward pass continue."""
-
-    def __init__(self, model: nn.Module, layer: str | None = None, example: torch.Tensor | None = None):
-        super().__init__()
-        try:
-            self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        except Exception as exc:  # any copy failure gets one clear message
-            raise TypeError(f"model: the detector runs a private copy of the model, but copy.deepcopy failed: "
-                            f"{exc}") from exc
-        self.layer_name = layer
-        self._captured: list[torch.Tensor] = []
-        self._handle = None
-        self.num_classes: int | None = None
-        if layer is not None:
-            self._attach(layer)
-
-    def _attach(self, layer: str) -> None:
-        self.layer_name = layer
-        self._handle = module_by_name(self.model, layer).register_forward_hook(self._keep)
-
-    def _keep(self, module: nn.Module, inputs, output) -> None:
-        self._captured.append(output)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._handle is None:
-            self._attach(default_feature_layer(self.model, x[:2]))
-        self._captured.clear()
-        logits = self.model(x)
-        if not self._captured:
-            raise RuntimeError(f"layer: module {self.layer_name!r} did not run in the model's forward pass")
-        feature = self._captured[-1]  # a module run several times: its last output
-        self._captured.clear()
-        if not isinstance(feature, torch.Tensor) or feature.dim() not in (2, 4):
-            kind = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
-            raise DataError(f"layer: module {self.layer_name!r} returns {kind}; expected a (N, D) or "
-                            "(N, C, H, W) tensor")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            kind = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise DataError(f"model: expected (N, K) logits, got {kind}")
-        self.num_classes = logits.shape[1]
-        if feature.dim() == 4:
-            # global average pooling, not mean(dim=(2, 3)): ONNX Runtime runs GlobalAveragePool in its blocked
-            # (NCHWc) layout like the convolutions, so only the pooled (N, C, 1, 1) tensor is reordered back;
-            # ReduceMean needs the whole map reordered first (measured 1–2 % of the guard's batch-1 latency)
-            feature = nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
-        return logits, feature if feature.dtype == torch.float32 else feature.float()
 
 
 class FeatureScorer(FeatureTap):

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from trojanguard.detect.base import OnePass
+
 POLICIES = ("flag", "reject")
 
 
@@ -41,8 +43,8 @@ class Guard(nn.Module):
 
     Args:
         model: the classifier being served (the detector must have been fitted on the same weights).
-        detector: a fitted one-pass detector with ``as_module(model)`` returning ``x -> (logits, score)``,
-            e.g. :class:`~trojanguard.detect.FeatureMahalanobis`.
+        detector: a fitted one-pass detector (:class:`~trojanguard.detect.base.OnePass`: ``as_module(model)``
+            returning ``x -> (logits, score)``), e.g. :class:`~trojanguard.detect.FeatureMahalanobis`.
         threshold: flag scores above it; None: the detector's calibrated threshold, if any (else call
             :meth:`calibrate` before use).
         policy: ``"flag"`` (logits unchanged) or ``"reject"`` (NaN logits for flagged inputs).
@@ -57,10 +59,10 @@ class Guard(nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-        if not callable(getattr(detector, "as_module", None)):
-            raise TypeError(f"detector: expected a one-pass detector with as_module() (e.g. FeatureMahalanobis), "
-                            f"got {type(detector).__name__}; per-input optimisation (Cognitive Distillation) "
-                            "cannot run inside a served module")
+        if not isinstance(detector, OnePass):
+            raise TypeError(f"detector: Guard needs a one-pass detector (OnePass: as_module, input_shape; e.g. "
+                            f"FeatureMahalanobis); got {type(detector).__name__}; per-input optimisation (Cognitive "
+                            "Distillation) cannot run inside a served module")
         if input_range is not None:
             low, high = (float(v) for v in input_range)
             if not low < high:
@@ -86,7 +88,7 @@ class Guard(nn.Module):
     @property
     def input_shape(self) -> tuple[int, ...] | None:
         """``(C, H, W)`` of the detector's reference data."""
-        return getattr(self.detector, "input_shape", None)
+        return self.detector.input_shape
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, policy={self.policy!r}, input_range={self.input_range}"

@@ -1,5 +1,7 @@
-"""Intermediate features of any ``nn.Module`` by name, through forward hooks, and the working copy that
-detectors run instead of the caller's model (frozen, eval mode, optionally channels_last / conv-BN fused).
+"""Intermediate features of any ``nn.Module`` by name, through forward hooks (:class:`LayerOutput`: one layer's
+output; :class:`FeatureTap`: logits and a layer's pooled feature from one forward pass), the working copy that
+detectors run instead of the caller's model (frozen, eval mode, optionally channels_last / conv-BN fused), and
+the device a model lives on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from trojanguard.errors import DataError
 from trojanguard.models.compiled import is_compiled
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,56 @@ class LayerOutput(nn.Module):
         return out
 
 
+class FeatureTap(nn.Module):
+    """``forward(x) -> (logits (N, K), pooled feature (N, D))`` in one forward pass of a private copy of
+    ``model``: a forward hook on ``layer`` keeps its output and lets the forward pass continue."""
+
+    def __init__(self, model: nn.Module, layer: str | None = None, example: torch.Tensor | None = None):
+        super().__init__()
+        try:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        except Exception as exc:  # any copy failure gets one clear message
+            raise TypeError(f"model: the detector runs a private copy of the model, but copy.deepcopy failed: "
+                            f"{exc}") from exc
+        self.layer_name = layer
+        self._captured: list[torch.Tensor] = []
+        self._handle = None
+        self.num_classes: int | None = None
+        if layer is not None:
+            self._attach(layer)
+
+    def _attach(self, layer: str) -> None:
+        self.layer_name = layer
+        self._handle = module_by_name(self.model, layer).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs, output) -> None:
+        self._captured.append(output)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._handle is None:
+            self._attach(default_feature_layer(self.model, x[:2]))
+        self._captured.clear()
+        logits = self.model(x)
+        if not self._captured:
+            raise RuntimeError(f"layer: module {self.layer_name!r} did not run in the model's forward pass")
+        feature = self._captured[-1]  # a module run several times: its last output
+        self._captured.clear()
+        if not isinstance(feature, torch.Tensor) or feature.dim() not in (2, 4):
+            kind = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+            raise DataError(f"layer: module {self.layer_name!r} returns {kind}; expected a (N, D) or "
+                            "(N, C, H, W) tensor")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            kind = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise DataError(f"model: expected (N, K) logits, got {kind}")
+        self.num_classes = logits.shape[1]
+        if feature.dim() == 4:
+            # global average pooling, not mean(dim=(2, 3)): ONNX Runtime runs GlobalAveragePool in its blocked
+            # (NCHWc) layout like the convolutions, so only the pooled (N, C, 1, 1) tensor is reordered back;
+            # ReduceMean needs the whole map reordered first (measured 1–2 % of the guard's batch-1 latency)
+            feature = nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
+        return logits, feature if feature.dtype == torch.float32 else feature.float()
+
+
 def _fuse_conv_bn(model: nn.Module) -> nn.Module:
     """Fold eval-mode BatchNorm into the preceding convolution (FX); the model unchanged when untraceable."""
     from torch.fx.experimental.optimization import fuse
@@ -134,7 +187,22 @@ def working_copy(model: nn.Module, *, channels_last: bool = False, fuse_conv_bn:
     return net, lambda: None
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+def model_device(model: nn.Module, *, strict: type[Exception] | None = None, purpose: str = "to run") -> torch.device:
+    """The device of ``model``'s first parameter or buffer (cpu for a model without any).
+
+    ``strict``: an exception class raised, with a message naming ``model``, when the model has no parameters or
+    buffers ("nothing {purpose}"), spreads them over several devices, or holds them on the 'meta' device."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if strict is None:
+        return tensors[0].device if tensors else torch.device("cpu")
+    devices = {t.device for t in tensors}
+    if not devices:
+        raise strict(f"model: it has no parameters or buffers, so there is nothing {purpose}")
+    if len(devices) > 1:
+        raise strict(f"model: its parameters are spread over several devices "
+                     f"({', '.join(sorted(map(str, devices)))}); move it to one device first (model.to(device))")
+    device = devices.pop()
+    if device.type == "meta":
+        raise strict("model: its parameters are on the 'meta' device (shapes only, no values); load real "
+                     "weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
+    return device

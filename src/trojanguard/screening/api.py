@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
+from trojanguard.detect.base import Explains, SampleSizeWarning, check_calibration_size
 from trojanguard.errors import DataError
 from trojanguard.models.io import check_finite_weights
 from trojanguard.progress import progress_bar
@@ -545,12 +545,12 @@ def _write_figures(out_dir, summary, rows, flagged, source, scorer, calibration_
     top = [t["index"] for t in shown]
     groups = {"flagged": _evenly_spaced(np.flatnonzero(flagged)),
               "unflagged": _evenly_spaced(np.flatnonzero(readable & ~flagged))}
-    with_masks = scorer.explain is not None and all(len(g) for g in groups.values())
+    with_masks = isinstance(scorer, Explains) and all(len(g) for g in groups.values())
     wanted = list(dict.fromkeys(top + (groups["flagged"] + groups["unflagged"] if with_masks else [])))
     if not wanted:
         return files
     images = source.take(wanted)
-    explanation = scorer.explain(images, wanted) if scorer.explain is not None else {}
+    explanation = scorer.explain(images, wanted) if isinstance(scorer, Explains) else {}
     position = {index: k for k, index in enumerate(wanted)}
 
     def pick(name, indices):

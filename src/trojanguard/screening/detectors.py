@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trojanguard.detect.base import Detector
+from trojanguard.detect.base import Detector, Fitted, OnePass, Scores
 from trojanguard.errors import DataError, TrojanGuardError
 from trojanguard.models.features import model_device, working_copy
 
@@ -45,7 +45,9 @@ class BatchScorer:
     @property
     def needs_reference(self) -> bool:
         """True when the detector must be fitted on reference data before it can score."""
-        return callable(getattr(self.detector, "fit", None)) and not getattr(self.detector, "fitted", False)
+        if isinstance(self.detector, Fitted):
+            return not self.detector.fitted
+        return callable(getattr(self.detector, "fit", None))  # a fit() without ``fitted``: fitted every run
 
     def prepare(self, reference) -> None:
         """Fit the detector on ``reference`` (tensor, Dataset or DataLoader of images) when it needs it."""
@@ -64,8 +66,7 @@ class BatchScorer:
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.detector.score(x).float().cpu(), self.predict(x)
 
-    # explain(images, indices) -> {"masks": ..., "patterns": ...}: pictures for the report's grid (None: none)
-    explain: Callable[[torch.Tensor, list[int]], dict[str, torch.Tensor]] | None = None
+    # a scorer that makes pictures for the report's grid implements Explains: explain(images, indices) -> maps
     # while screening, ``screen`` sets this to the report's grid size: a scorer that makes pictures may keep those
     # of the keep_top highest-scoring samples it has seen, so explain() need not recompute them
     keep_top: int = 0
@@ -108,8 +109,15 @@ class CognitiveDistillationScorer(BatchScorer):
         return {"masks": torch.stack([m for m, _ in pairs]), "patterns": torch.stack([p for _, p in pairs])}
 
 
-class FeatureDistanceScorer(BatchScorer):
-    """FeatureMahalanobis: logits and score from one forward pass of its exportable module."""
+class OnePassScorer(BatchScorer):
+    """A one-pass detector (:class:`~trojanguard.detect.base.OnePass`, e.g. FeatureMahalanobis): logits and score
+    from one forward pass of its exportable module."""
+
+    def __init__(self, detector: OnePass, model: nn.Module):
+        if not isinstance(detector, OnePass):
+            raise TypeError(f"detector: {type(self).__name__} needs a one-pass detector (OnePass: as_module, "
+                            f"input_shape); got {type(detector).__name__}")
+        super().__init__(detector, model)
 
     def prepare(self, reference) -> None:
         super().prepare(reference)
@@ -119,6 +127,9 @@ class FeatureDistanceScorer(BatchScorer):
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits, score = self.module(x.to(self.device, torch.float32))
         return score.float().cpu(), logits.argmax(1).cpu()
+
+
+FeatureDistanceScorer = OnePassScorer  # the name screen used for FeatureMahalanobis's scorer
 
 
 @dataclass(frozen=True)
@@ -190,7 +201,7 @@ register_detector("cd", _build_cd, "Cognitive Distillation: per-sample mask opti
                   options_of=lambda: _import_optional("trojanguard.detect", "CognitiveDistillation"))
 register_detector("features", _build_features,
                   "robust class-conditional Mahalanobis distance of features (one forward pass; fitted on the data)",
-                  FeatureDistanceScorer, options_of=lambda: _import_optional("trojanguard.detect", "FeatureMahalanobis"))
+                  OnePassScorer, options_of=lambda: _import_optional("trojanguard.detect", "FeatureMahalanobis"))
 register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
                   "amortised Cognitive Distillation: a head on the model's features, trained on CD's scores of a "
                   "subset of the screened data, scores in one pass",
@@ -220,6 +231,9 @@ def build_detector(name: str, model: nn.Module, options: dict | None = None, *, 
     if "show_progress" in inspect.signature(entry.build).parameters:  # a user's builder may not take it
         options = {"show_progress": show_progress, **options}
     detector = entry.build(model, **options)
+    if not isinstance(detector, Scores):
+        raise TypeError(f"detector: screen needs a detector with score(x) -> (N,) (Scores); {name!r} built a "
+                        f"{type(detector).__name__}")
     return detector, entry.scorer(detector, model)
 
 
