@@ -2,6 +2,7 @@
 teacher, the report, determinism and bad input."""
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -11,7 +12,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trojanguard.cleanse import BCU, CleanseError, Evaluation, distillation_loss, layer_ratios, temperature_at
+from trojanguard.cleanse import (
+    BCU,
+    BCUConfig,
+    CleanseError,
+    Evaluation,
+    distillation_loss,
+    layer_ratios,
+    temperature_at,
+)
 from trojanguard.cleanse.base import (
     AGREEMENT_KEEP,
     KEEP_MAX_GRAD_NORM,
@@ -502,6 +511,44 @@ def test_nan_is_a_clear_error_and_no_model_is_returned():
     assert bcu.report is None
     with pytest.raises(CleanseError, match="diverged"):
         _quick(lr=1e12, reinit="none").cleanse(SmallCNN(), _images(128))
+
+
+def test_config_is_frozen_and_holds_bcus_defaults():
+    config = BCUConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+    bcu = BCU()
+    assert bcu.config == config and all(getattr(bcu, f.name) == getattr(config, f.name)
+                                        for f in dataclasses.fields(BCUConfig))
+    assert (config.reinit, config.epochs, config.lr, config.batch_size, config.temperature, config.augment) == (
+        "adaptive", 20, 0.01, 64, (1.0, 4.0), "crop")
+    assert all(f.metadata.get("help") for f in dataclasses.fields(BCUConfig))
+    with pytest.raises(AttributeError, match="epochs"):
+        bcu.epochs = 3
+
+
+def test_config_keyword_and_settings_build_the_same_cleanser():
+    from_settings = BCU(epochs=3, lr=0.1, temperature=(2, 4))
+    from_config = BCU(config=BCUConfig(epochs=3, lr=0.1, temperature=(2, 4)))
+    assert from_settings.config == from_config.config and repr(from_settings) == repr(from_config)
+    assert from_settings.temperature == (2.0, 4.0)
+    assert BCU(config=BCUConfig(epochs=3), seed=5).config == BCUConfig(epochs=3, seed=5)
+    with pytest.raises(TypeError, match="epoch"):
+        BCU(epoch=3)
+    with pytest.raises(TypeError, match="BCUConfig"):
+        BCU(config={"epochs": 3})
+    with pytest.raises(ValueError, match="epochs"):
+        BCUConfig(epochs=0)
+
+
+def test_repr_and_report_config_list_every_field():
+    bcu = BCU(reinit=[0.1, 0.2], init=SmallCNN, show_progress=False)
+    names = [f.name for f in dataclasses.fields(BCUConfig)]
+    assert repr(bcu) == "BCU(" + ", ".join(f"{n}={getattr(bcu.config, n)!r}" for n in names) + ")"
+    config = bcu.report_config()
+    assert list(config) == [n for n in names if n != "show_progress"]  # a display choice, not a hyperparameter
+    assert config["reinit"] == "[0.1, 0.2]" and config["init"] == repr(SmallCNN) and config["temperature"] == (1.0, 4.0)
+    json.dumps(config)
 
 
 def test_hyperparameters_are_validated():

@@ -109,11 +109,20 @@ def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
 
 
 def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
-    from trojanguard.cleanse import BCU
-    from trojanguard.cli.cleanse import BCU_DEFAULTS
+    from trojanguard.cleanse import BCU, BCUConfig
+    from trojanguard.cli import build_parser
+    from trojanguard.cli.cleanse import BCU_OPTIONS
 
-    bcu = BCU()
-    assert {k: getattr(bcu, k) for k in BCU_DEFAULTS} == BCU_DEFAULTS
+    args = build_parser().parse_args(["cleanse", "--model", "m.safetensors", "--arch", "small_cnn", "--data", "ood",
+                                      "--out", "c.safetensors"])
+    bcu, config = BCU(), BCUConfig()
+    assert {"epochs", "lr", "batch_size", "augment", "reinit", "seed"} <= set(BCU_OPTIONS)
+    assert {k: getattr(args, k) for k in BCU_OPTIONS} == {k: getattr(bcu, k) for k in BCU_OPTIONS}
+    assert {k: getattr(args, k) for k in BCU_OPTIONS} == {k: getattr(config, k) for k in BCU_OPTIONS}
+    assert args.epochs == 20 and args.lr == 0.01 and args.batch_size == 64 and args.augment == "crop"
+    parsed = build_parser().parse_args(["cleanse", "--model", "m", "--arch", "a", "--data", "d", "--out", "o",
+                                        "--reinit", "0.3", "--epochs", "2", "--norm-stats", "keep"])
+    assert (parsed.reinit, parsed.epochs, parsed.norm_stats) == (0.3, 2, "keep")
     done = subprocess.run([sys.executable, "-m", "trojanguard", "cleanse", "--model", "m.safetensors", "--arch",
                            "small_cnn", "--data", "ood", "--out", str(tmp_path / "c.safetensors"), "--reinit", "lots"],
                           check=False, capture_output=True, text=True)

@@ -19,12 +19,20 @@ from trojanguard.cleanse.base import (
     normalisation_gap,
     temperature_at,
 )
-from trojanguard.cleanse.bcu import BCU, LayerRatio, layer_ratios, parametrised_layers, reinitialize
+from trojanguard.cleanse.bcu import (
+    BCU,
+    BCUConfig,
+    LayerRatio,
+    layer_ratios,
+    parametrised_layers,
+    reinitialize,
+)
 from trojanguard.cleanse.registry import CLEANSERS, RegisteredCleanser, register_cleanser
 
 __all__ = [
     "BCU",
     "CLEANSERS",
+    "BCUConfig",
     "CleanseError",
     "CleanseReport",
     "Cleanser",

@@ -13,8 +13,9 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,18 +147,67 @@ class Evaluation:
 
 
 class Cleanser:
-    """Base of every cleanser: ``cleanse(model, data) -> nn.Module`` (a new model), then ``report``."""
+    """Base of every cleanser: ``cleanse(model, data) -> nn.Module`` (a new model), then ``report``.
 
+    A cleanser keeps its hyperparameters in ``config`` (a frozen dataclass); they read as attributes
+    (``bcu.epochs``), and ``repr`` and the report's config list every field."""
+
+    config: Any = None
     report: CleanseReport | None = None
 
     def cleanse(self, model: nn.Module, data, *, evaluation: Evaluation | None = None) -> nn.Module:
         raise NotImplementedError
 
-    def _hyperparameters(self) -> dict[str, object]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "report"}
+    def __getattr__(self, name: str):  # only called for names not found the usual way
+        config = self.__dict__.get("config")
+        if config is not None and name in config_field_names(config):
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        config = self.__dict__.get("config")
+        if config is not None and name in config_field_names(config):
+            raise AttributeError(f"{name}: the settings of a {type(self).__name__} are fixed at construction; "
+                                 f"build a new one ({type(self).__name__}(config=dataclasses.replace("
+                                 f"cleanser.config, {name}=...)))")
+        super().__setattr__(name, value)
+
+    def report_config(self) -> dict[str, object]:
+        """The report's ``config``: every config field not marked ``report=False``; values JSON cannot hold as
+        they are (callables, lists of ratios) as their ``repr``."""
+        return {f.name: _report_value(getattr(self.config, f.name)) for f in fields(self.config)
+                if f.metadata.get("report", True)}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items()) + ")"
+        settings = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in fields(self.config))
+        return f"{type(self).__name__}({settings})"
+
+
+def config_field_names(config) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(config))
+
+
+def config_with(config_type: type, config, settings: dict[str, object], *, owner: str):
+    """``config`` (default: ``config_type()``) with ``settings`` replacing its fields; a keyword that is no field
+    is refused with the list of those that are."""
+    unknown = sorted(set(settings) - {f.name for f in fields(config_type)})
+    if unknown:
+        raise TypeError(f"{owner}: unexpected keyword argument(s) {', '.join(unknown)}; expected config= or any of "
+                        f"{', '.join(f.name for f in fields(config_type))}")
+    if config is None:
+        return config_type(**settings)
+    if not isinstance(config, config_type):
+        raise TypeError(f"config: expected a {config_type.__name__}, got {type(config).__name__}")
+    return replace(config, **settings) if settings else config
+
+
+def _report_value(value):
+    """A config value as the JSON report holds it: plain numbers, strings, None and tuples of them as they are;
+    anything else (a callable, a list of ratios) as its repr."""
+    plain = (str, int, float, type(None))
+    if isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value)):
+        return value
+    return repr(value)
 
 
 # ---------------------------------------------------------------------------------------------------------

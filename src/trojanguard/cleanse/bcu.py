@@ -51,7 +51,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ from trojanguard.cleanse.base import (
     Evaluation,
     UnlabeledImages,
     batch_statistics_agreement,
+    config_with,
     distill,
     dominant_class_warning,
     far_data_warning,
@@ -89,6 +90,87 @@ CLASSIFIER_STAGE = len(AUTHORS_STAGE_RATIOS)  # stage index of the last layer
 GAP_SAMPLE = 256  # images of the data on which the batch-statistics agreement and the normalisation gap are measured
 FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a model built under torch.manual_seed(s)
 # must not get its own weights back as "fresh" ones
+
+
+def parse_reinit(text: str) -> str | float:
+    """A ``reinit`` given as text (the CLI's --reinit): a rule name or one ratio in [0, 1]."""
+    if text in RULES:
+        return text
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"expected {', '.join(RULES[:-1])}, {RULES[-1]} or a ratio in [0, 1], got {text!r}") from None
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"a ratio must lie in [0, 1], got {ratio}")
+    return ratio
+
+
+def _setting(default, help: str, **metadata):
+    """A config field with its default and the help text the CLI shows (``metadata``: ``choices``, ``parse``
+    for text given on the command line, ``report=False`` to leave it out of the report's config)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class BCUConfig:
+    """Every BCU hyperparameter, with the defaults of the class docstring of :class:`BCU`; validated on
+    construction, so a config that exists can run. ``BCU.__repr__``, the report's ``config`` and the
+    ``trojanguard cleanse`` options derive from these fields."""
+
+    reinit: object = _setting("adaptive", "re-initialisation rule: adaptive (default), authors, uniform, none, or one "
+                              "ratio in [0, 1]", parse=parse_reinit)
+    epochs: int = _setting(20, "distillation epochs")
+    lr: float = _setting(0.01, "SGD learning rate (cosine schedule)")
+    batch_size: int = _setting(64, "images per distillation batch (≥ 2: batch normalisation needs it)")
+    temperature: tuple[float, float] = _setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
+    augment: object = _setting("crop", "crop (default), crop_flip (natural images only: flipping changes digits, "
+                               "text, signs), none", choices=AUGMENTATIONS)
+    momentum: float = _setting(0.9, "SGD momentum")
+    weight_decay: float = _setting(5e-4, "SGD weight decay")
+    norm_stats: str = _setting("auto", "batch-norm statistics: auto (default: keep the model's when the data is far "
+                               "from its training distribution, else re-estimate), update or keep", choices=NORM_STATS)
+    loss: str = _setting("auto", "distillation loss: auto (default: logit MSE on far data, else KL), kl or mse",
+                         choices=("auto", *LOSSES))
+    max_grad_norm: float | str | None = _setting("auto", "gradient-norm bound: auto (KEEP_MAX_GRAD_NORM when the "
+                                                 "teacher's batch-norm statistics are kept, else none), a bound or None")
+    init: Callable[[], nn.Module] | None = _setting(  # noqa: RUF009 — _setting returns a dataclasses.field
+        None, "zero-argument factory of the architecture for fresh values (default: each layer's reset_parameters())")
+    seed: int = _setting(0, "seed of the re-initialisation, the data order and the augmentation")
+    show_progress: bool = _setting(True, "show a progress bar", report=False)
+
+    def __post_init__(self) -> None:
+        reinit, temperature, augment = self.reinit, self.temperature, self.augment
+        max_grad_norm = self.max_grad_norm
+        if isinstance(reinit, str) and reinit not in RULES:
+            raise ValueError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, "
+                             f"got {reinit!r}")
+        if isinstance(reinit, (int, float)) and not isinstance(reinit, bool) and not 0 <= reinit <= 1:
+            raise ValueError(f"reinit: a ratio must lie in [0, 1], got {reinit}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs: expected a positive integer, got {self.epochs!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr: expected a positive finite learning rate, got {self.lr}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ValueError(f"batch_size: expected an integer ≥ 2 (batch normalisation needs it), "
+                             f"got {self.batch_size!r}")
+        if len(temperature) != 2 or not all(t > 0 for t in temperature):
+            raise ValueError(f"temperature: expected (start, end) with both > 0, got {temperature!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: expected a value in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected ≥ 0, got {self.weight_decay}")
+        if not (augment is None or callable(augment) or augment in AUGMENTATIONS):
+            raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
+        if self.norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
+        if self.loss != "auto" and self.loss not in LOSSES:
+            raise ValueError(f"loss: expected 'auto' or one of {tuple(LOSSES)}, got {self.loss!r}")
+        if max_grad_norm not in (None, "auto") and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm: expected a positive gradient-norm bound, 'auto' or None, "
+                             f"got {max_grad_norm!r}")
+        if self.init is not None and not callable(self.init):
+            raise ValueError(f"init: expected a zero-argument callable building the architecture, got {self.init!r}")
+        object.__setattr__(self, "temperature", (float(temperature[0]), float(temperature[1])))
 
 
 @dataclass
@@ -341,50 +423,16 @@ class BCU(Cleanser):
     (crop only: 1.6 %).
     """
 
-    def __init__(self, *, reinit="adaptive", epochs: int = 20, lr: float = 0.01, batch_size: int = 64,
-                 temperature: tuple[float, float] = (1.0, 4.0), augment="crop", momentum: float = 0.9,
-                 weight_decay: float = 5e-4, norm_stats: str = "auto", loss: str = "auto",
-                 max_grad_norm: float | str | None = "auto",
-                 init: Callable[[], nn.Module] | None = None, seed: int = 0, show_progress: bool = True):
-        if isinstance(reinit, str) and reinit not in RULES:
-            raise ValueError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, "
-                             f"got {reinit!r}")
-        if isinstance(reinit, (int, float)) and not isinstance(reinit, bool) and not 0 <= reinit <= 1:
-            raise ValueError(f"reinit: a ratio must lie in [0, 1], got {reinit}")
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
-        if not lr > 0 or not math.isfinite(lr):
-            raise ValueError(f"lr: expected a positive finite learning rate, got {lr}")
-        if not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"batch_size: expected an integer ≥ 2 (batch normalisation needs it), got {batch_size!r}")
-        if len(temperature) != 2 or not all(t > 0 for t in temperature):
-            raise ValueError(f"temperature: expected (start, end) with both > 0, got {temperature!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum: expected a value in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay: expected ≥ 0, got {weight_decay}")
-        if not (augment is None or callable(augment) or augment in AUGMENTATIONS):
-            raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
-        if norm_stats not in NORM_STATS:
-            raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {norm_stats!r}")
-        if loss != "auto" and loss not in LOSSES:
-            raise ValueError(f"loss: expected 'auto' or one of {tuple(LOSSES)}, got {loss!r}")
-        if max_grad_norm not in (None, "auto") and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm: expected a positive gradient-norm bound, 'auto' or None, "
-                             f"got {max_grad_norm!r}")
-        if init is not None and not callable(init):
-            raise ValueError(f"init: expected a zero-argument callable building the architecture, got {init!r}")
-        self.reinit, self.epochs, self.lr, self.batch_size = reinit, epochs, lr, batch_size
-        self.temperature = (float(temperature[0]), float(temperature[1]))
-        self.augment, self.momentum, self.weight_decay, self.norm_stats = augment, momentum, weight_decay, norm_stats
-        self.loss, self.max_grad_norm = loss, max_grad_norm
-        self.init, self.seed, self.show_progress = init, seed, show_progress
+    def __init__(self, *, config: BCUConfig | None = None, **settings):
+        """``BCU(epochs=5, ...)`` or ``BCU(config=BCUConfig(...))`` (keywords given with a config override its
+        fields); every setting is a :class:`BCUConfig` field, validated there."""
+        self.config = config_with(BCUConfig, config, settings, owner="BCU")
         self.report: CleanseReport | None = None
 
     def plan(self, model: nn.Module, example: torch.Tensor) -> list[LayerRatio]:
         """The per-layer ratios this cleanser would use on ``model`` (``example``: a batch it accepts)."""
         teacher = copy.deepcopy(model)
-        return layer_ratios(teacher, example.to(model_device(teacher)), self.reinit)[0]
+        return layer_ratios(teacher, example.to(model_device(teacher)), self.config.reinit)[0]
 
     def cleanse(self, model: nn.Module, data, *, evaluation: Evaluation | None = None) -> nn.Module:
         """Return a cleansed copy of ``model``; see the class docstring. Raises instead of returning a model
@@ -396,9 +444,10 @@ class BCU(Cleanser):
                                "(its weights cannot be re-initialised or trained); BCU needs the weights as a state "
                                "dict (safetensors / .pt) and the architecture (CLI: --arch)")
         start, cpu_start = time.perf_counter(), time.process_time()
+        config = self.config
         self.report = None
         device = model_device(model)
-        images = UnlabeledImages(data, self.batch_size, self.seed)
+        images = UnlabeledImages(data, config.batch_size, config.seed)
         try:
             teacher = copy.deepcopy(model)
         except Exception as exc:  # noqa: BLE001
@@ -407,34 +456,34 @@ class BCU(Cleanser):
         teacher.eval().requires_grad_(False)
         sample = images.sample()
         preflight(teacher, sample, device)
-        layers, unused = layer_ratios(teacher, sample.to(device), self.reinit)
+        layers, unused = layer_ratios(teacher, sample.to(device), config.reinit)
         probe = images.sample(GAP_SAMPLE).to(device)
         agreement = batch_statistics_agreement(teacher, probe)
         gap = normalisation_gap(teacher, probe)  # reported: how far, not the switch
         far = agreement is not None and agreement < AGREEMENT_KEEP
-        norm_stats = self.norm_stats if self.norm_stats != "auto" else ("keep" if far else "update")
-        loss = self.loss if self.loss != "auto" else ("mse" if far else "kl")
-        max_grad_norm = self.max_grad_norm
+        norm_stats = config.norm_stats if config.norm_stats != "auto" else ("keep" if far else "update")
+        loss = config.loss if config.loss != "auto" else ("mse" if far else "kl")
+        max_grad_norm = config.max_grad_norm
         if max_grad_norm == "auto":
             max_grad_norm = KEEP_MAX_GRAD_NORM if norm_stats == "keep" else None
         student = copy.deepcopy(teacher)
-        skipped = reinitialize(student, layers, seed=self.seed, init=self.init)
-        report = CleanseReport("BCU", self._config())
+        skipped = reinitialize(student, layers, seed=config.seed, init=config.init)
+        report = CleanseReport("BCU", self.report_config())
         if evaluation is not None:
             report.before = evaluation(teacher)
-        settings = DistillSettings(self.epochs, self.lr, self.momentum, self.weight_decay, self.temperature,
+        settings = DistillSettings(config.epochs, config.lr, config.momentum, config.weight_decay, config.temperature,
                                    norm_stats, max_grad_norm, loss)
         fork = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
-            torch.manual_seed(self.seed)
-            rows, seen, shares = distill(student, teacher, images, settings, device=device, seed=self.seed,
-                                 augment=make_augment(self.augment), evaluation=evaluation,
-                                 show_progress=self.show_progress, desc="BCU")
+            torch.manual_seed(config.seed)
+            rows, seen, shares = distill(student, teacher, images, settings, device=device, seed=config.seed,
+                                 augment=make_augment(config.augment), evaluation=evaluation,
+                                 show_progress=config.show_progress, desc="BCU")
         student.eval()
         total = sum(layer.params for layer in layers)
         report.images, report.epochs = seen, rows
         report.details = {
-            "rule": self.reinit if isinstance(self.reinit, str) else "custom",
+            "rule": config.reinit if isinstance(config.reinit, str) else "custom",
             "batch_stat_agreement": agreement, "normalisation_gap": gap,
             "domain": "unknown" if agreement is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
@@ -443,13 +492,13 @@ class BCU(Cleanser):
             "reference_hazard": REFERENCE_HAZARD,
             "hazard": hazard([layer.ratio for layer in layers]),
             "reinitialised_fraction": sum(layer.reinitialised for layer in layers) / max(1, total),
-            "init": "factory" if self.init is not None else "reset_parameters",
+            "init": "factory" if config.init is not None else "reset_parameters",
             "layers": [asdict(layer) for layer in layers],
             "unused_layers": unused,
             "layers_without_initialiser": skipped,
             "teacher_class_share": [round(x, 4) for x in shares],
         }
-        forced = self.norm_stats != "auto" or self.loss != "auto"
+        forced = config.norm_stats != "auto" or config.loss != "auto"
         found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares)) if w is not None]
         report.details["warnings"] = found
         for warning in found:
@@ -460,12 +509,3 @@ class BCU(Cleanser):
         report.details["cpu_seconds"] = time.process_time() - cpu_start  # all threads; ≈ seconds × cores when idle
         self.report = report
         return student
-
-    def _config(self) -> dict[str, object]:
-        out = self._hyperparameters()
-        out["reinit"] = self.reinit if isinstance(self.reinit, (str, int, float)) else repr(self.reinit)
-        out["augment"] = self.augment if isinstance(self.augment, str) or self.augment is None else repr(self.augment)
-        out["init"] = None if self.init is None else repr(self.init)
-        out.pop("show_progress", None)
-        return out
-

@@ -1,12 +1,14 @@
-"""What the commands share: the model, data-shape and device options, their argument types, model loading, a
-help line built from a registry, and the check of output paths made before any work."""
+"""What the commands share: the model, data-shape and device options, their argument types, options derived from
+a config dataclass, model loading, a help line built from a registry, and the check of output paths made before
+any work."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 
@@ -93,6 +95,40 @@ def registry_help(registry: Mapping[str, object], default: str) -> str:
     """One help line for a choice taken from a registry: every name with its entry's ``summary``."""
     return "; ".join(f"{name}{' (default)' if name == default else ''}: {entry.summary}"
                      for name, entry in sorted(registry.items()))
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_type: type, names: Sequence[str]) -> None:
+    """One option per field of the config dataclass ``config_type`` named in ``names`` (in that order): ``--<name>``
+    with dashes, the field's default, its ``help`` metadata (the default appended when the help does not mention
+    it), its ``choices`` metadata, and a type from its ``parse`` metadata (text → value; a ValueError becomes the
+    option's error) or from the default (int, float; else text)."""
+    by_name = {f.name: f for f in fields(config_type)}
+    for name in names:
+        field = by_name[name]
+        if field.default is MISSING:
+            raise ValueError(f"{config_type.__name__}.{name}: a command-line option needs a field with a default")
+        help = field.metadata.get("help", "")
+        if "default" not in help:
+            help = f"{help} (default {field.default})" if help else f"default {field.default}"
+        options: dict[str, object] = {"default": field.default, "help": help}
+        if "choices" in field.metadata:
+            options["choices"] = tuple(field.metadata["choices"])
+        if "parse" in field.metadata:
+            options["type"] = _option_type(field.metadata["parse"])
+        elif type(field.default) in (int, float):
+            options["type"] = type(field.default)
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def _option_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` as an argparse type: its ValueError message becomes the option's error line."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from trojanguard.cli._options import (
     UsageError,
     add_allow_pickle_option,
     add_arch_option,
+    add_config_options,
     add_device_option,
     add_image_size_option,
     add_model_option,
@@ -21,27 +22,13 @@ from trojanguard.cli._options import (
 OUTPUTS = (("out", "file"),)
 CLEANSE_OUT_SUFFIXES = (".safetensors", ".pt")
 DEFAULT_METHOD = "bcu"
-BCU_DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 64, "augment": "crop"}  # = BCU()'s defaults (tested)
-REINIT_RULES = ("adaptive", "authors", "uniform", "none")
-
-
-def reinit_arg(text: str) -> str | float:
-    """--reinit: a rule name or one ratio in [0, 1]."""
-    if text in REINIT_RULES:
-        return text
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected adaptive, authors, uniform, none or a ratio in [0, 1], got {text!r}") from None
-    if not 0 <= ratio <= 1:
-        raise argparse.ArgumentTypeError(f"a ratio must lie in [0, 1], got {ratio}")
-    return ratio
+BCU_OPTIONS = ("reinit", "epochs", "lr", "batch_size", "augment", "norm_stats", "loss", "seed")  # BCUConfig fields
+# the command offers, in --help order; their defaults and help come from BCUConfig
 
 
 def add_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
-    from trojanguard.cleanse import CLEANSERS
+    from trojanguard.cleanse import CLEANSERS, BCUConfig
     from trojanguard.cleanse.sources import DEFAULT_OOD_IMAGES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
@@ -60,19 +47,7 @@ def add_parser(sub) -> None:
     add_image_size_option(p)
     p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
-    p.add_argument("--reinit", default="adaptive", type=reinit_arg,
-                   help="re-initialisation rule: adaptive (default), authors, uniform, none, or one ratio in [0, 1]")
-    p.add_argument("--epochs", type=int, default=BCU_DEFAULTS["epochs"])
-    p.add_argument("--lr", type=float, default=BCU_DEFAULTS["lr"])
-    p.add_argument("--batch-size", type=int, default=BCU_DEFAULTS["batch_size"])
-    p.add_argument("--augment", default=BCU_DEFAULTS["augment"], choices=("crop", "crop_flip", "none"),
-                   help="crop (default), crop_flip (natural images only: flipping changes digits, text, signs), none")
-    p.add_argument("--norm-stats", default="auto", choices=("auto", "update", "keep"),
-                   help="batch-norm statistics: auto (default: keep the model's when the data is far from its "
-                        "training distribution, else re-estimate), update or keep")
-    p.add_argument("--loss", default="auto", choices=("auto", "kl", "mse"),
-                   help="distillation loss: auto (default: logit MSE on far data, else KL), kl or mse")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_options(p, BCUConfig, BCU_OPTIONS)
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
     p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
@@ -104,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
     data = _unlabeled_data(args.data, args, model, ood_info)
     print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(data)} unlabeled images from "
           f"{args.data!r}", file=sys.stderr)
-    cleanser = method.build(reinit=args.reinit,
-                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                            augment=args.augment, norm_stats=args.norm_stats, loss=args.loss,
+    cleanser = method.build(**{name: getattr(args, name) for name in BCU_OPTIONS},
                             init=lambda: build_model(args.arch, num_classes=args.num_classes,
                                                      in_channels=args.in_channels))
     cleansed = cleanser.cleanse(model, data, evaluation=evaluation)
