@@ -318,10 +318,10 @@ def test_bug_in_a_child_process(cli, expect_error, debug):
                          ids=["interrupted", "bug"])
 def test_screen_keeps_finished_rows_when_stopped(cli, files, tmp_path, monkeypatch, exc, code):
     """A screen stopped on its third batch keeps the two finished batches in results.csv."""
-    from trojanguard.screening.detectors import FeatureDistanceScorer
+    from trojanguard.screening.detectors import OnePassScorer
 
     calls = {"n": 0}
-    original = FeatureDistanceScorer.__call__
+    original = OnePassScorer.__call__
 
     def stop_on_third(self, x, first_index):
         calls["n"] += 1
@@ -330,7 +330,7 @@ def test_screen_keeps_finished_rows_when_stopped(cli, files, tmp_path, monkeypat
         return original(self, x, first_index)
 
     monkeypatch.delenv("TROJANGUARD_DEBUG", raising=False)
-    monkeypatch.setattr(FeatureDistanceScorer, "__call__", stop_on_third)
+    monkeypatch.setattr(OnePassScorer, "__call__", stop_on_third)
     result = cli(*screen_args(files, tmp_path, "--detector", "features", "--batch-size", "8", "--no-report"))
     assert result.code == code and "Traceback" not in result.err, result.err
     lines = (tmp_path / "screen" / "results.csv").read_text().strip().splitlines()

@@ -129,7 +129,6 @@ class OnePassScorer(BatchScorer):
         return score.float().cpu(), logits.argmax(1).cpu()
 
 
-FeatureDistanceScorer = OnePassScorer  # the name screen used for FeatureMahalanobis's scorer
 
 
 @dataclass(frozen=True)
