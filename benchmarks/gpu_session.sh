@@ -33,10 +33,10 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", tr
 ort.get_available_providers()); print(torch.cuda.get_device_name(0))'" ;;
     build) run build 300 $PY -c "import time; t=time.time(); from trojanguard import _native
 print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); print(f'{time.time()-t:.0f} s')" ;;
-    tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/test_native.py tests/test_kernels_triton.py \
-             tests/test_ops_mask_step.py tests/test_cognitive_distillation.py tests/test_guard.py ;;
+    tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/ops/test_native.py tests/kernels/test_mask_step_kernel.py \
+             tests/ops/test_mask_step.py tests/detect/test_cognitive_distillation.py tests/guard/test_guard.py ;;
     cli) run cli 360 env TROJANGUARD_NO_JIT=1 $PY -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/bad_input \
-           tests/test_cli.py tests/test_cli_screen.py tests/test_screening.py tests/test_guard.py ;;  # --device auto = cuda
+           tests/cli tests/screening tests/guard/test_guard.py ;;  # --device auto = cuda
     roofline) run roofline 180 $PY benchmarks/roofline.py ;;
     sweep) TAIL=90 run sweep 240 $PY benchmarks/roofline.py --sweep --shapes 64x3x224x224 1024x3x32x32 --repeats 20 ;;
     ncu) run ncu 240 ncu --target-processes all -k regex:mask_step --launch-count 6 --metrics \

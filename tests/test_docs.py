@@ -3,9 +3,10 @@
 import re
 from pathlib import Path
 
+import helpers
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = helpers.ROOT
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

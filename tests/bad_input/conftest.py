@@ -15,11 +15,11 @@ import os
 import subprocess as child
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+import helpers
 import pytest
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(helpers.SRC)
 
 
 @dataclass

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -26,7 +26,7 @@ from trojanguard.ops import BackendUnavailableError
 from trojanguard.ops._backends import Op
 from trojanguard.screening.detectors import DetectorOptionError, build_detector
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(helpers.SRC)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import threading
 import urllib.error
 import urllib.request
 import warnings
-from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -29,7 +29,7 @@ from trojanguard.models import build_model, save_model
 from trojanguard.screening import DETECTORS, register_detector, screen
 from trojanguard.screening.records import ResultsFile
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = helpers.ROOT
 SIZE = 16
 
 

@@ -2,7 +2,7 @@
 plane (the halo copy that keeps the TV stencil on pre-step θ), tiles narrower than a row, non-contiguous and
 non-fp32 inputs, RNG edge cases.
 
-Tolerances as in test_ops_mask_step: fp32 state and x_adv atol 2e-5, rtol 1e-5; δ bit-identical.
+Tolerances from helpers.py, as in tests/ops/test_mask_step.py: fp32 state and x_adv atol 2e-5, rtol 1e-5; δ bit-identical.
 """
 
 import dataclasses
@@ -17,26 +17,15 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+from helpers import FP32_TOLERANCE, MASK_STEP_PARAMS, mask_step_inputs
 from trojanguard._kernels.mask_step import mask_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PARAMS = MaskStepParams(lr=0.1, beta1=0.1, beta2=0.1, eps=1e-8, l1_weight=0.01, tv_weight=1.0, step=3)
-ATOL, RTOL = 2e-5, 1e-5
+PARAMS = MASK_STEP_PARAMS
 
 
 def make_inputs(n, c, m, h, w, seed=0, normalise=True, step=PARAMS.step):
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(n, m, h, w, generator=g)
-    exp_avg = torch.randn(n, m, h, w, generator=g) * 1e-2
-    exp_avg_sq = torch.rand(n, m, h, w, generator=g) * 1e-3
-    x = torch.rand(n, c, h, w, generator=g)
-    seeds = torch.randint(0, 2**31, (n,), generator=g)
-    delta = uniform_noise(seeds, step, c)
-    grad = torch.randn(n, c, h, w, generator=g) * 1e-2
-    mean = torch.linspace(0.4, 0.6, c) if normalise else None
-    std = torch.linspace(0.2, 0.3, c) if normalise else None
-    to = (lambda t: None if t is None else t.to(DEVICE))
-    return [to(t) for t in (theta, exp_avg, exp_avg_sq, x, delta, grad, seeds)], to(mean), to(std)
+    return mask_step_inputs(n, c, m, h, w, seed=seed, normalise=normalise, step=step, device=DEVICE)
 
 
 def assert_matches_reference(tensors, mean, std, params=PARAMS, out_dtype=None, **kwargs):
@@ -45,11 +34,11 @@ def assert_matches_reference(tensors, mean, std, params=PARAMS, out_dtype=None, 
     ours = [t.clone() for t in tensors]
     delta, x_adv = mask_step_triton(*ours, params, mean, std, out_dtype, **kwargs)
     for name, a, b in zip(("theta", "exp_avg", "exp_avg_sq"), ours[:3], ref[:3], strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda msg, n=name: f"{n}: {msg}")
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE, msg=lambda msg, n=name: f"{n}: {msg}")
     assert delta.shape == ref_delta.shape and delta.dtype == torch.float32
     assert torch.equal(delta, ref_delta)
     assert x_adv.dtype == ref_x.dtype
-    torch.testing.assert_close(x_adv, ref_x, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(x_adv, ref_x, **FP32_TOLERANCE)
     return ours
 
 
@@ -86,11 +75,11 @@ def test_non_contiguous_inputs_update_caller_tensors():
     ref_delta, ref_x = mask_step_reference(*ref, PARAMS, mean, std)
     delta_next, x_adv = mask_step_triton(*ours, PARAMS, mean, std, block_size=32)
     assert not theta_t.is_contiguous()
-    torch.testing.assert_close(theta_t, ref[0], atol=ATOL, rtol=RTOL)  # written back into the caller's view
-    torch.testing.assert_close(exp_avg, ref[1], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(exp_avg_sq, ref[2], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(theta_t, ref[0], **FP32_TOLERANCE)  # written back into the caller's view
+    torch.testing.assert_close(exp_avg, ref[1], **FP32_TOLERANCE)
+    torch.testing.assert_close(exp_avg_sq, ref[2], **FP32_TOLERANCE)
     assert torch.equal(delta_next, ref_delta)
-    torch.testing.assert_close(x_adv, ref_x, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(x_adv, ref_x, **FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,7 +94,7 @@ def test_low_precision_x_and_grad(dtype):
     _, x_adv = mask_step_triton(*ours, PARAMS, mean, std, block_size=64)
     assert x_adv.dtype == dtype
     for a, b in zip(ours[:3], ref[:3], strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE)
     assert (x_adv.float() - ref_x32).abs().max() <= 2 * ref_err + 1e-6
 
 

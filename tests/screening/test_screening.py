@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from helpers import random_images, small_classifier
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -43,13 +44,12 @@ CD_FAST = {"steps": 3}
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_model("small_cnn", num_classes=4).eval()
+    return small_classifier(num_classes=4)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return random_images(20, seed=1)
 
 
 def save_npz(path, x, y=None, compressed=False):
@@ -173,7 +173,7 @@ class _CrashingSource(TensorSource):
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result_torn_line_included(tmp_path, model, images):
     """In-process: a run stops after 2 batches, a torn half row is appended (a kill during a write); the resumed
-    run equals an uninterrupted one exactly. (tests/test_cli_screen.py really SIGKILLs a subprocess.)"""
+    run equals an uninterrupted one exactly. (tests/cli/test_screen_command.py really SIGKILLs a subprocess.)"""
     options = {"detector_options": CD_FAST, "batch_size": 6, "calibration": None, "show_progress": False}
     whole = screen(model, images, out_dir=tmp_path / "whole", **options)
     with pytest.raises(_Crash):

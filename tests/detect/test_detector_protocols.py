@@ -4,13 +4,13 @@
 import numpy as np
 import pytest
 import torch
+from helpers import random_images, small_classifier
 from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect import CognitiveDistillation
 from trojanguard.detect.base import Detector, Explains, Fitted, OnePass, Scores
 from trojanguard.guard import Guard, GuardSession, export_onnx
-from trojanguard.models import build_model
 from trojanguard.screening import DETECTORS, register_detector, screen
 from trojanguard.screening.detectors import OnePassScorer
 
@@ -55,13 +55,12 @@ class LogitDistance(Detector):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_model("small_cnn", num_classes=4).eval()
+    return small_classifier(num_classes=4)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.rand(30, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return random_images(30, seed=2)
 
 
 def test_the_library_detectors_declare_their_protocols(model):

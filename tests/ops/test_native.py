@@ -1,6 +1,6 @@
 """The native extension: build info, reasons, the custom op, the just-in-time build and its failure modes.
 
-Kernel results are compared with mask_step_reference at the tolerances of test_ops_mask_step.py (fp32 state and
+Kernel results are compared with mask_step_reference at the tolerances of tests/ops/test_mask_step.py (fp32 state and
 x_adv: atol 2e-5, rtol 1e-5; δ bit-identical); that file covers the shapes and dtypes of every backend, this one
 the cases specific to the C++ kernel (row tiles with halos, low-precision x, non-contiguous state).
 """
@@ -10,30 +10,20 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import FP32_TOLERANCE, MASK_STEP_PARAMS, SRC, low_precision_tolerance, mask_step_inputs
 
 from trojanguard import _native
-from trojanguard.ops import OPS, BackendUnavailableError, MaskStepParams, mask_step, uniform_noise
+from trojanguard.ops import OPS, BackendUnavailableError, mask_step
 from trojanguard.ops.mask_step import mask_step_cpp_reasons, mask_step_cuda_reasons
 
-PARAMS = MaskStepParams(lr=0.1, beta1=0.1, beta2=0.1, eps=1e-8, l1_weight=0.01, tv_weight=1.0, step=3)
-SRC = Path(__file__).resolve().parents[1] / "src"
+PARAMS = MASK_STEP_PARAMS
 
 
 def make_inputs(n, c, m, h, w, x_dtype=torch.float32, grad_dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(n, m, h, w, generator=g)
-    exp_avg = torch.randn(n, m, h, w, generator=g) * 1e-2
-    exp_avg_sq = torch.rand(n, m, h, w, generator=g) * 1e-3
-    x = torch.rand(n, c, h, w, generator=g).to(x_dtype)
-    seeds = torch.randint(-(2**40), 2**40, (n,), generator=g)  # negative and > 32-bit seeds wrap like uint32
-    delta = uniform_noise(seeds, PARAMS.step, c)
-    grad = (torch.randn(n, c, h, w, generator=g) * 1e-2).to(grad_dtype)
-    mean, std = torch.linspace(0.4, 0.6, c), torch.linspace(0.2, 0.3, c)
-    return [theta, exp_avg, exp_avg_sq, x, delta, grad, seeds], mean, std
+    return mask_step_inputs(n, c, m, h, w, seed=seed, x_dtype=x_dtype, grad_dtype=grad_dtype, wide_seeds=True)
 
 
 def run(backend, tensors, mean, std, out_dtype=None):
@@ -46,13 +36,13 @@ def assert_matches_reference(tensors, mean, std, out_dtype=None):
     ref_state, ref_delta, ref_x = run("reference", tensors, mean, std, out_dtype)
     state, delta, x_adv = run("cpp", tensors, mean, std, out_dtype)
     for a, b in zip(state, ref_state, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE)
     assert torch.equal(delta, ref_delta)
     assert x_adv.dtype == ref_x.dtype
     if x_adv.dtype == torch.float32:
-        torch.testing.assert_close(x_adv, ref_x, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(x_adv, ref_x, **FP32_TOLERANCE)
     else:  # one rounding of nearly the same fp32 value: at most one ulp of the low-precision dtype apart
-        torch.testing.assert_close(x_adv.float(), ref_x.float(), atol=1e-6, rtol=2 * torch.finfo(x_adv.dtype).eps)
+        torch.testing.assert_close(x_adv.float(), ref_x.float(), **low_precision_tolerance(x_adv.dtype))
 
 
 @pytest.fixture
@@ -122,7 +112,7 @@ def test_mask_step_reasons_reject_dtypes_devices_and_shapes(needs_extension):
         mask_step(tensors[0].double(), *tensors[1:], PARAMS, mean, std, backend="cpp")
 
 
-# ---------------------------------------------------------------- the C++ kernel beyond test_ops_mask_step
+# ---------------------------------------------------------------- the C++ kernel beyond tests/ops/test_mask_step.py
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape", [(1, 3, 1, 37, 11), (1, 3, 3, 23, 8), (2, 1, 1, 16, 3)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -151,9 +141,9 @@ def test_cpp_updates_non_contiguous_state_in_place(needs_extension):
     theta = state[0].transpose(2, 3).contiguous().transpose(2, 3)  # same values, not contiguous
     assert not theta.is_contiguous()
     delta, x_adv = mask_step(theta, *state[1:], PARAMS, mean, std, backend="cpp")
-    torch.testing.assert_close(theta, ref_state[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(theta, ref_state[0], **FP32_TOLERANCE)
     assert torch.equal(delta, ref_delta)
-    torch.testing.assert_close(x_adv, ref_x, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x_adv, ref_x, **FP32_TOLERANCE)
 
 
 def test_custom_op_fake_impl_and_opcheck(needs_extension):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from trojanguard.cli import main
 from trojanguard.models import build_model, save_model
 from trojanguard.screening.records import ResultsFile
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(helpers.SRC)
 BATCH = 6
 IMAGES = 36  # 6 batches
 

@@ -197,10 +197,7 @@ def test_compiled_network_gives_the_same_masks(net, images):
         cd(net, mode="features", compile=True)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
-
-
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_graphs_replay_gives_the_eager_masks(net, images):
     """The captured step loop (full batches replayed, the short last batch padded) against the eager loop on
     the same GPU, fp32 network, 3 batches of 3, 3 and 1 images; atol 1e-5."""
@@ -213,7 +210,7 @@ def test_cuda_graphs_replay_gives_the_eager_masks(net, images):
     torch.testing.assert_close(graphed.objective, eager.objective, atol=1e-5, rtol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_and_cpu_agree(net, images):
     """Same per-sample noise streams on both devices: masks agree within fp32 rounding through 8 steps
     (TF32 off; atol 1e-3 covers cuDNN's different summation order)."""

@@ -7,12 +7,12 @@ math with tanh/sqrt, which may differ in the last ulps between libm, Triton and 
 
 import pytest
 import torch
+from helpers import FP32_TOLERANCE, MASK_STEP_PARAMS, mask_step_inputs
 
 from trojanguard.ops import (
     BACKEND_NAMES,
     OPS,
     BackendUnavailableError,
-    MaskStepParams,
     backend_availability,
     blend_reference,
     mask_from_theta,
@@ -25,34 +25,21 @@ from trojanguard.ops import (
 )
 from trojanguard.ops._backends import Op
 
-PARAMS = MaskStepParams(lr=0.1, beta1=0.1, beta2=0.1, eps=1e-8, l1_weight=0.01, tv_weight=1.0, step=3)
+PARAMS = MASK_STEP_PARAMS
 SHAPES = [  # (N, C, M, H, W): odd sizes, N = 1, C = 1 and 3, per-channel masks
     (1, 1, 1, 7, 9),
     (3, 3, 1, 33, 31),
     (2, 3, 3, 17, 5),
     (4, 3, 1, 32, 32),
 ]
-FAST_BACKENDS = [b for b in BACKEND_NAMES if b != "reference"]
+FAST_BACKENDS = [pytest.param(b, marks=pytest.mark.gpu) if b == "cuda" else b
+                 for b in BACKEND_NAMES if b != "reference"]
 
 
 def make_inputs(n, c, m, h, w, device="cpu", grad_dtype=torch.float32, normalise=True, seed=0):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: GPU backends are tested only where one is present")
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(n, m, h, w, generator=g)
-    exp_avg = torch.randn(n, m, h, w, generator=g) * 1e-2
-    exp_avg_sq = torch.rand(n, m, h, w, generator=g) * 1e-3
-    x = torch.rand(n, c, h, w, generator=g)
-    seeds = torch.randint(0, 2**31, (n,), generator=g)
-    delta = uniform_noise(seeds, PARAMS.step, c)
-    grad = (torch.randn(n, c, h, w, generator=g) * 1e-2).to(grad_dtype)
-    mean = torch.linspace(0.4, 0.6, c) if normalise else None
-    std = torch.linspace(0.2, 0.3, c) if normalise else None
-    tensors = [theta, exp_avg, exp_avg_sq, x, delta, grad, seeds]
-    tensors = [t.to(device) for t in tensors]
-    if normalise:
-        mean, std = mean.to(device), std.to(device)
-    return tensors, mean, std
+    return mask_step_inputs(n, c, m, h, w, seed=seed, grad_dtype=grad_dtype, normalise=normalise, device=device)
 
 
 def run(backend, tensors, mean, std, out_dtype=None):
@@ -77,9 +64,9 @@ def test_backend_matches_reference_fp32(backend, shape, normalise):
     ref_state, ref_delta, ref_x = run("reference", tensors, mean, std)
     state, delta, x_adv = run(backend, tensors, mean, std)
     for name, a, b in zip(("theta", "exp_avg", "exp_avg_sq"), state, ref_state, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.equal(delta, ref_delta)
-    torch.testing.assert_close(x_adv, ref_x, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x_adv, ref_x, **FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -93,7 +80,7 @@ def test_backend_low_precision_gradient_and_output(backend, dtype):
     state, _, x_adv = run(backend, tensors, mean, std, dtype)
     assert x_adv.dtype == dtype
     for a, b in zip(state, ref_state, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)  # fp32 state from the same low-precision grad
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE)  # fp32 state from the same low-precision grad
     ref_err = (ref_x_low.float() - ref_x32).abs().max()
     assert (x_adv.float() - ref_x32).abs().max() <= 2 * ref_err + 1e-6
 

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import held_out_clean_and_triggered
 
 import trojanguard
 from trojanguard.detect import CognitiveDistillation, FeatureMahalanobis
@@ -59,9 +60,7 @@ def session(onnx_path):
 @pytest.fixture(scope="module")
 def parity_inputs(entry):
     """256 inputs: 128 held-out clean test images and 128 triggered test images (true class ≠ target)."""
-    clean = entry.test.x[CALIBRATION : CALIBRATION + 128]
-    triggered = entry.triggered_test()[entry.test.y != entry.config.target][:128]
-    return torch.cat([clean, triggered]), torch.cat([torch.zeros(128, dtype=torch.bool), torch.ones(128, dtype=torch.bool)])
+    return held_out_clean_and_triggered(entry, start=CALIBRATION)
 
 
 # ------------------------------------------------------------------------------------------ detector on the zoo
@@ -111,6 +110,7 @@ def test_onnx_runtime_matches_pytorch_on_clean_and_triggered(guard, session, par
 HAS_ORT_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_ORT_CUDA, reason="ONNX Runtime's CUDA provider is not installed here (onnxruntime-gpu "
                                              "and a GPU are needed)")
 def test_cuda_provider_matches_pytorch(guard, onnx_path, parity_inputs):

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import held_out_clean_and_triggered
 from scipy.stats import spearmanr
 
 from trojanguard.detect import AmortizedCD, CognitiveDistillation, Detector
@@ -67,9 +68,7 @@ def session(guard, entry, tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve_inputs(entry):
     """128 held-out clean test images and 128 triggered test images (true class ≠ target)."""
-    clean = entry.test.x[CALIBRATION : CALIBRATION + 128]
-    triggered = entry.triggered_test()[entry.test.y != entry.config.target][:128]
-    return torch.cat([clean, triggered]), torch.cat([torch.zeros(128, dtype=torch.bool), torch.ones(128, dtype=torch.bool)])
+    return held_out_clean_and_triggered(entry, start=CALIBRATION)
 
 
 # ------------------------------------------------------------------------------------------ detection on the zoo
