@@ -22,12 +22,13 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from trojanguard.detect import Detector, FeatureMahalanobis
-from trojanguard.detect.base import SampleSizeWarning, min_calibration_samples
+from trojanguard.detect.base import SampleSizeWarning
 from trojanguard.errors import DataError, ModelLoadError
 from trojanguard.guard import Guard, GuardSession, export_onnx
 from trojanguard.models import build_model, save_model
 from trojanguard.screening import DETECTORS, register_detector, screen
 from trojanguard.screening.records import ResultsFile
+from trojanguard.thresholds import min_calibration_samples
 
 ROOT = helpers.ROOT
 SIZE = 16
@@ -415,7 +416,7 @@ def test_web_service_example_answers_400_for_every_bad_request(session):
 def test_whitening_is_defined_for_a_numerically_singular_covariance():
     """A fit on a few near-identical images leaves Σ singular to rounding: the metric stays finite (a Cholesky
     factor of Σ⁻¹ failed here with a raw LinAlgError) and equals Σ⁻¹ wherever Σ is well conditioned."""
-    from trojanguard.detect.feature_distance import whitening_matrix
+    from trojanguard.detect.feature_mahalanobis import whitening_matrix
 
     generator = torch.Generator().manual_seed(0)
     basis = torch.randn(6, 2, generator=generator, dtype=torch.float64)

@@ -17,7 +17,7 @@ from helpers import held_out_clean_and_triggered
 
 import trojanguard
 from trojanguard.detect import CognitiveDistillation, FeatureMahalanobis
-from trojanguard.detect.feature_distance import plain_tied_fit, robust_tied_fit
+from trojanguard.detect.feature_mahalanobis import plain_tied_fit, robust_tied_fit
 from trojanguard.errors import DataError
 from trojanguard.guard import Guard, GuardSession, export_onnx, read_metadata
 from trojanguard.metrics import auroc

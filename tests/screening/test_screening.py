@@ -37,7 +37,7 @@ from trojanguard.screening import (
 )
 from trojanguard.screening.records import ResultsFile
 from trojanguard.screening.report import clean_flag_expectation, target_label_test
-from trojanguard.screening.thresholds import quantile_threshold, robust_threshold
+from trojanguard.thresholds import quantile_threshold, robust_threshold
 
 CD_FAST = {"steps": 3}
 
@@ -447,7 +447,7 @@ def test_beta_binomial_null_holds_its_level_where_the_binomial_does_not():
     p_values, plain, counts, expected = [], [], [], []
     for _ in range(400):
         calibration = rng.normal(size=40)
-        threshold = quantile_threshold(calibration, 0.05)
+        threshold = quantile_threshold(calibration, 0.05, "calibration")
         flags = int((rng.normal(size=100) > threshold).sum())
         chance = clean_flag_expectation(flags, 100, "quantile", fpr=0.05, calibration=calibration, threshold=threshold)
         p_values.append(chance["p_value"])

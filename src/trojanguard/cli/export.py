@@ -127,9 +127,10 @@ def _export_guard(args: argparse.Namespace):
     import torch
 
     from trojanguard.detect import FeatureMahalanobis
-    from trojanguard.detect.base import SampleSizeWarning, check_calibration_size
+    from trojanguard.detect.base import SampleSizeWarning
     from trojanguard.guard import Guard, export_onnx
     from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
+    from trojanguard.thresholds import check_calibration_size
 
     zoo = args.model if args.model.startswith(ZOO_PREFIX) else None
     reference_spec = args.reference or zoo

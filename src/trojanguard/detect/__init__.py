@@ -3,6 +3,6 @@
 from trojanguard.detect.amortized import AmortizedCD
 from trojanguard.detect.base import Detector
 from trojanguard.detect.cognitive_distillation import CognitiveDistillation, DistillationResult
-from trojanguard.detect.feature_distance import FeatureMahalanobis
+from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
 
 __all__ = ["AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "FeatureMahalanobis"]

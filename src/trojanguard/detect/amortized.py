@@ -6,20 +6,18 @@ Fit (the expensive detector teaches the cheap one): Cognitive Distillation score
 small MLP) of the standardised, globally average-pooled output of one layer of the frozen model (default: the last 4-D map
 before global pooling, as :class:`~trojanguard.detect.FeatureMahalanobis` picks it) and the model's predicted
 class distribution — learns to order those images as CD does. The head is linear by default (``hidden=0``):
-measured on held-out data it detects better than a 32- or 8-unit MLP on every zoo attack (e.g. Blended 0.999
-vs 0.93–0.95, WaNet 0.99 vs 0.94–0.97); the MLP follows CD more closely (higher rank correlation), CD's
-per-image noise included. An extra image branch (a small CNN on the pixels) was measured too and gained
-nothing (BadNets, Blended), so there is none. Score = the head's output, higher = more suspicious;
+on held-out data it detects better than a small MLP, which follows CD more closely, CD's per-image noise
+included; an extra image branch (a small CNN on the pixels) gained nothing, so there is none (measurements:
+docs/guard.md, "The amortised CD detector", and ``benchmarks/RESULTS.md``, "Amortised CD"). Score = the head's output, higher = more suspicious;
 ``calibrate`` and ``predict`` as every detector.
 
 Why ranking, not regression. Only CD's *order* matters for detection (AUROC, a quantile threshold), and CD's
 scores are a noisy, bimodal quantity (1 − mean mask, redrawn noise every step): a least-squares fit spends its
 capacity on their scale and on the noise among clean images. The default objective is a pairwise logistic
 (RankNet) loss over every pair of teacher images, each pair weighted by its teacher-score gap, so the pairs
-CD separates clearly (poisoned vs clean) dominate and the near-ties among clean images barely count. Measured
-on the zoo (``benchmarks/RESULTS.md``, "Amortised CD"): held-out AUROC of the ranking head 0.03–0.06 above
-the regression head's on every attack, and above CD's own AUROC, since one linear direction in feature space
-cannot follow CD's per-image noise. ``objective="regress"`` (MSE on standardised scores) is kept for
+CD separates clearly (poisoned vs clean) dominate and the near-ties among clean images barely count. On the
+zoo the ranking head's held-out AUROC is above the regression head's on every attack, and above CD's own,
+since one linear direction in feature space cannot follow CD's per-image noise (``benchmarks/RESULTS.md``). ``objective="regress"`` (MSE on standardised scores) is kept for
 comparison.
 
 The scorer (:meth:`AmortizedCD.as_module`) is pure tensor operations returning ``(logits, score)`` from one
@@ -35,7 +33,7 @@ from torch import nn
 
 from trojanguard.data.batching import count_images, iter_image_batches
 from trojanguard.detect._feature_detector import FeatureDetector
-from trojanguard.detect.feature_distance import single_thread
+from trojanguard.detect.feature_mahalanobis import single_thread
 from trojanguard.errors import DataError
 from trojanguard.models.features import FeatureTap
 

@@ -5,7 +5,7 @@ carry their own normalisation (see :class:`Normalize`).
 """
 
 from trojanguard.models.compiled import CompiledModel
-from trojanguard.models.io import load_model, save_model
+from trojanguard.models.io import load_model, model_sha256, save_model
 from trojanguard.models.nets import MODELS, Normalize, ResNet18, SmallCNN, build_model
 
-__all__ = ["MODELS", "CompiledModel", "Normalize", "ResNet18", "SmallCNN", "build_model", "load_model", "save_model"]
+__all__ = ["MODELS", "CompiledModel", "Normalize", "ResNet18", "SmallCNN", "build_model", "load_model", "model_sha256", "save_model"]

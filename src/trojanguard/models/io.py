@@ -8,6 +8,7 @@ which warns. Every model is checked for NaN / infinite weights before it is retu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import warnings
@@ -42,6 +43,17 @@ FOREIGN_FORMATS = (  # (leading bytes, what the file is) of files people hand in
 )
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"  # pickle protocol ≥ 2: torch.save's legacy (non-zip) format
+
+
+def model_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's class name and state dict (names, dtypes, shapes, bytes): the model's identity in a
+    screening run's records and in a fitted detector's file."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -5,7 +5,8 @@ where it stopped), sets the threshold on clean reference data (or by a robust ou
 report (summary JSON, score histogram, grid of the most suspicious samples, HTML page). See docs/screening.md.
 """
 
-from trojanguard.screening.api import ScreenResult, model_sha256, screen
+from trojanguard.models.io import model_sha256
+from trojanguard.screening.api import ScreenResult, screen
 from trojanguard.screening.detectors import (
     DETECTORS,
     BatchScorer,

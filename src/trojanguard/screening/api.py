@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from trojanguard.detect.base import Explains, SampleSizeWarning, check_calibration_size
+from trojanguard.detect.base import Explains, SampleSizeWarning
 from trojanguard.errors import DataError
-from trojanguard.models.io import check_finite_weights
+from trojanguard.models.io import check_finite_weights, model_sha256
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
 from trojanguard.screening.detectors import BatchScorer, build_detector
@@ -38,10 +38,10 @@ from trojanguard.screening.sources import (
     ZOO_PREFIX,
     ImageSource,
     SourceImages,
-    fingerprint_text,
+    fingerprint_digest,
     open_source,
 )
-from trojanguard.screening.thresholds import ROBUST_Z, quantile_threshold, robust_threshold
+from trojanguard.thresholds import ROBUST_Z, check_calibration_size, quantile_threshold, robust_threshold
 
 RESULTS_FILE = "results.csv"
 CALIBRATION_FILE = "calibration.csv"
@@ -83,16 +83,6 @@ class ScreenResult:
     def __repr__(self) -> str:
         return (f"ScreenResult({len(self.ids)} samples, {int(self.flagged.sum())} flagged, threshold "
                 f"{self.threshold:.4g} ({self.rule}), out_dir={str(self.out_dir)!r})")
-
-
-def model_sha256(model: nn.Module) -> str:
-    """SHA-256 of the model's class name and state dict (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def _json_safe(value):
@@ -262,7 +252,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
             calibration_started = time.perf_counter()
             calibration_scores = _calibrate(scorer, reference, run, out_dir, batch_size, detector_name, show_progress)
             calibration_seconds = time.perf_counter() - calibration_started
-            threshold_value = quantile_threshold(calibration_scores, fpr)
+            threshold_value = quantile_threshold(calibration_scores, fpr, "calibration")
         meta = {"run": run, "threshold": threshold_value, "samples": len(source),
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "data_description": source.description,
@@ -493,7 +483,7 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "detector": {"name": run["detector"]["name"], "options": run["detector"]["options"], "repr": repr(detector)},
         "command": command,
         "working_directory": os.getcwd(),
-        "data": {"description": source.description, "fingerprint": run["data"], "digest": fingerprint_text(run["data"])},
+        "data": {"description": source.description, "fingerprint": run["data"], "digest": fingerprint_digest(run["data"])},
         "samples": len(rows),
         "screened": int(readable.sum()),
         "unreadable": int((~readable).sum()) - unscored,

@@ -67,7 +67,7 @@ def clean_flag_expectation(flagged: int, screened: int, rule: str, *, fpr: float
         null = stats.binom(screened, fpr)
         out["model"] = f"binomial({screened}, {fpr:g}) (the clean reference scores were not at hand)"
     elif rule == "robust_z":
-        from trojanguard.screening.thresholds import ROBUST_Z
+        from trojanguard.thresholds import ROBUST_Z
 
         rate = float(stats.norm.sf(ROBUST_Z))
         out["expected"] = screened * rate

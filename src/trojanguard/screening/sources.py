@@ -329,7 +329,7 @@ def _label_text(label: int, class_names: list[str] | None) -> str:
     return str(label)
 
 
-def fingerprint_text(fingerprint: dict) -> str:
+def fingerprint_digest(fingerprint: dict) -> str:
     """A short stable digest of a fingerprint (for messages)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -9,7 +9,7 @@ class's content, so triggered inputs sit far from that class's clean mean: highe
 Why the fit is robust. When the reference set is itself poisoned (the "screen a training set" use, or a
 guard fitted on scraped data), the poison is a minority of the whole set but may be *half or more of the
 target class*. A plain fit then pulls the target mean toward the poison and inflates the covariance along
-the poison direction, and the poison hides (zoo BadNets AUROC 0.95, Blended 0.60). The robust fit follows
+the poison direction, and the poison hides (measured on the zoo: docs/guard.md, "The feature-space detector"). The robust fit follows
 robust LDA (Hubert & Van Driessen, CSDA 2004): each class location is an MCD-style location — the mean of
 the most concentrated ``support_fraction`` of the class (h-subset) found by concentration steps from
 several starts — the shared scatter is the Ledoit-Wolf shrunk covariance of the most central
@@ -60,8 +60,9 @@ from trojanguard.detect._feature_detector import FeatureDetector
 from trojanguard.detect.base import SampleSizeWarning
 from trojanguard.errors import DataError, ModelLoadError
 from trojanguard.models.features import FeatureTap
+from trojanguard.models.io import model_sha256
 
-RULES = ("predicted", "nearest")
+CLASS_RULES = ("predicted", "nearest")  # which class mean a sample is measured against
 DEFAULT_SUPPORT_FRACTION = 0.5  # MCD's maximal-breakdown h ≈ n/2
 REWEIGHT_QUANTILE = 0.975  # MCD's reweighting step: keep samples under the χ²_D 97.5 % quantile
 RANDOM_STARTS = 8  # random members of each class used as starts of the concentration steps (+ mean, median)
@@ -99,8 +100,8 @@ class FeatureMahalanobis(FeatureDetector):
     def __init__(self, model: nn.Module, *, layer: str | None = None, rule: str = "predicted",
                  robust: bool = True, support_fraction: float = DEFAULT_SUPPORT_FRACTION, batch_size: int = 256,
                  seed: int = 0, show_progress: bool = True):
-        if rule not in RULES:
-            raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+        if rule not in CLASS_RULES:
+            raise ValueError(f"rule: expected one of {CLASS_RULES}, got {rule!r}")
         if not 0.5 <= support_fraction < 1:
             raise ValueError(f"support_fraction: expected a fraction in [0.5, 1), got {support_fraction}")
         super().__init__(model, layer=layer, batch_size=batch_size, show_progress=show_progress)
@@ -177,7 +178,6 @@ class FeatureMahalanobis(FeatureDetector):
         """Write the fit to ``path`` (``.safetensors``: tensors and JSON metadata, no pickle) and return it."""
         from safetensors.torch import save_file
 
-        from trojanguard.screening.api import model_sha256
 
         self._require_fit("FeatureMahalanobis.save")
         path = Path(path)
@@ -200,7 +200,6 @@ class FeatureMahalanobis(FeatureDetector):
         on: checked by SHA-256). Never unpickles; a file of another kind is a ModelLoadError naming it."""
         from safetensors import safe_open
 
-        from trojanguard.screening.api import model_sha256
 
         path = Path(path)
         if not path.is_file():
