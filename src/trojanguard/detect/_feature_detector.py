@@ -12,7 +12,7 @@ from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect.base import Detector
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.features import FeatureTap, model_device, module_by_name
 from trojanguard.progress import progress
 
@@ -30,8 +30,7 @@ class FeatureDetector(Detector):
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        check_positive_int("batch_size", batch_size)
         if layer is not None:
             module_by_name(model, layer)  # validates the name up front
         self.model, self.layer, self.batch_size, self.show_progress = model, layer, batch_size, show_progress

@@ -34,7 +34,7 @@ from torch import nn
 from trojanguard.data.batching import count_images, iter_image_batches
 from trojanguard.detect._feature_detector import FeatureDetector
 from trojanguard.detect.feature_mahalanobis import single_thread
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.features import FeatureTap
 
 OBJECTIVES = ("rank", "regress")
@@ -80,12 +80,10 @@ class AmortizedCD(FeatureDetector):
                  lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                  max_teacher_images: int | None = DEFAULT_TEACHER_IMAGES, batch_size: int = 256, seed: int = 0,
                  show_progress: bool = True):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        check_choice("objective", objective, OBJECTIVES)
         if hidden < 0:
             raise ValueError(f"hidden: expected a width ≥ 0 (0: linear head), got {hidden}")
-        if epochs < 1:
-            raise ValueError(f"epochs: expected a positive integer, got {epochs}")
+        check_positive_int("epochs", epochs)
         if not lr > 0 or weight_decay < 0:
             raise ValueError(f"lr, weight_decay: expected lr > 0 and weight_decay ≥ 0, got {lr}, {weight_decay}")
         if max_teacher_images is not None and max_teacher_images < MIN_TEACHER_IMAGES:
@@ -222,8 +220,7 @@ def fit_head(inputs: torch.Tensor, scores: torch.Tensor, *, hidden: int = DEFAUL
              seed: int = 0) -> AmortizedHead:
     """Train an :class:`AmortizedHead` on ``inputs`` ``(n, D)`` to reproduce the teacher's ``scores`` ``(n,)``
     (full-batch Adam, ``epochs`` steps; deterministic for ``seed``)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    check_choice("objective", objective, OBJECTIVES)
     inputs = inputs.double()
     mean, scale = inputs.mean(0), inputs.std(0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant inputs: left unscaled

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from trojanguard.errors import check_choice
 from trojanguard.thresholds import CALIBRATION_RULES, quantile_threshold, sigma_threshold
 
 
@@ -79,8 +80,7 @@ class Detector(Protocol):
 
     def calibrate(self, clean_x, fpr: float = 0.01, *, rule: str = "quantile", t: float = 0.5) -> float:
         """Fit the decision threshold on clean reference data and return it."""
-        if rule not in CALIBRATION_RULES:
-            raise ValueError(f"rule: expected one of {CALIBRATION_RULES}, got {rule!r}")
+        check_choice("rule", rule, CALIBRATION_RULES)
         if not 0 < fpr < 1:
             raise ValueError(f"fpr: expected a false-positive rate in (0, 1), got {fpr}")
         scores = self.score(clean_x).double()

@@ -20,7 +20,7 @@ from torch import nn
 
 from trojanguard.data.batching import count_images, iter_image_batches
 from trojanguard.detect.base import Detector
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models import Normalize
 from trojanguard.models.features import LayerOutput, default_feature_layer, model_device, working_copy
 from trojanguard.ops import (
@@ -81,8 +81,7 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of the network (None = fp32). 'auto': bf16 on CUDA devices that support it and on CPUs
     with native bf16, fp32 elsewhere. θ and the Adam moments always stay fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -139,12 +138,9 @@ class CognitiveDistillation(Detector):
                  compile: bool | str = False, cuda_graphs: bool = True, show_progress: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {steps}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        check_choice("mode", mode, MODES)
+        check_positive_int("steps", steps)
+        check_positive_int("batch_size", batch_size)
         if early_stop is not None and early_stop <= 0:
             raise ValueError(f"early_stop: expected a positive tolerance or None, got {early_stop}")
         defaults = MODE_DEFAULTS[mode]

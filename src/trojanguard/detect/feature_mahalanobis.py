@@ -58,7 +58,7 @@ from torch import nn
 
 from trojanguard.detect._feature_detector import FeatureDetector
 from trojanguard.detect.base import SampleSizeWarning
-from trojanguard.errors import DataError, ModelLoadError
+from trojanguard.errors import DataError, ModelLoadError, check_choice
 from trojanguard.models.features import FeatureTap
 from trojanguard.models.io import model_sha256
 
@@ -100,8 +100,7 @@ class FeatureMahalanobis(FeatureDetector):
     def __init__(self, model: nn.Module, *, layer: str | None = None, rule: str = "predicted",
                  robust: bool = True, support_fraction: float = DEFAULT_SUPPORT_FRACTION, batch_size: int = 256,
                  seed: int = 0, show_progress: bool = True):
-        if rule not in CLASS_RULES:
-            raise ValueError(f"rule: expected one of {CLASS_RULES}, got {rule!r}")
+        check_choice("rule", rule, CLASS_RULES)
         if not 0.5 <= support_fraction < 1:
             raise ValueError(f"support_fraction: expected a fraction in [0.5, 1), got {support_fraction}")
         super().__init__(model, layer=layer, batch_size=batch_size, show_progress=show_progress)

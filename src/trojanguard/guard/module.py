@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trojanguard.detect.base import OnePass
+from trojanguard.errors import check_choice
 
 POLICIES = ("flag", "reject")
 
@@ -57,8 +58,7 @@ class Guard(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+        check_choice("policy", policy, POLICIES)
         if not isinstance(detector, OnePass):
             raise TypeError(f"detector: Guard needs a one-pass detector (OnePass: as_module, input_shape; e.g. "
                             f"FeatureMahalanobis); got {type(detector).__name__}; per-input optimisation (Cognitive "

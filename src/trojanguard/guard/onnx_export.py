@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.data.core import check_images
-from trojanguard.errors import DataError, ModelLoadError
+from trojanguard.errors import DataError, ModelLoadError, check_choice
 from trojanguard.guard.module import Guard
 from trojanguard.models import CompiledModel, Normalize
 
@@ -80,8 +80,7 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
         raise TypeError(f"guard: expected a trojanguard.guard.Guard, got {type(guard).__name__}")
     if guard.threshold is None:
         raise RuntimeError("guard: no threshold to bake into the graph; call guard.calibrate(clean_x, fpr=...) first")
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter: expected one of {EXPORTERS}, got {exporter!r}")
+    check_choice("exporter", exporter, EXPORTERS)
     check_opset(opset)
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.dtype != torch.float32:
         shown = f"{example.dtype} {tuple(example.shape)}" if isinstance(example, torch.Tensor) else type(example).__name__

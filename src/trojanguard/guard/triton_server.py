@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_positive_int
 
 DEFAULT_MODEL_NAME = "trojanguard_guard"
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -137,8 +137,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {onnx_path}")
-    if version < 1:
-        raise ValueError(f"version: expected a positive integer, got {version}")
+    check_positive_int("version", version)
     graph = load_guard_graph(onnx_path, "onnx_path")  # an ordinary classifier or a broken file stops here
     text = triton_config(graph, model_name=model_name, max_batch_size=max_batch_size,
                          max_queue_delay_microseconds=max_queue_delay_microseconds,
@@ -213,8 +212,7 @@ def check_triton_options(model_name, max_batch_size, delay=DEFAULT_QUEUE_DELAY_U
     """A ValueError naming the first repository option Triton would refuse (callers check before any work)."""
     if not NAME_PATTERN.match(model_name):
         raise ValueError(f"model_name: expected letters, digits, '_', '.' or '-', got {model_name!r}")
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size: expected a positive integer, got {max_batch_size}")
+    check_positive_int("max_batch_size", max_batch_size)
     if delay < 0:
         raise ValueError(f"max_queue_delay_microseconds: expected a number >= 0, got {delay}")
     if preferred and any(not 1 <= b <= max_batch_size for b in preferred):
@@ -222,5 +220,4 @@ def check_triton_options(model_name, max_batch_size, delay=DEFAULT_QUEUE_DELAY_U
                          f"{preferred}")
     if instance_kind not in INSTANCE_KINDS:
         raise ValueError(f"instance_kind: expected one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}")
-    if instance_count < 1:
-        raise ValueError(f"instance_count: expected a positive integer, got {instance_count}")
+    check_positive_int("instance_count", instance_count)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trojanguard.detect.base import Explains, SampleSizeWarning
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.io import check_finite_weights, model_sha256
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
@@ -169,8 +169,7 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
             the same model; replaces the fit.
     """
     started_total = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    check_positive_int("batch_size", batch_size)
     if top_k < 0:
         raise ValueError(f"top_k: expected a number >= 0, got {top_k}")
     if not 0 < fpr < 1:

@@ -35,7 +35,7 @@ from trojanguard.data.user import (
     read_image,
     unreadable_folder_message,
 )
-from trojanguard.errors import DataError
+from trojanguard.errors import DataError, check_positive_int
 
 HASH_CHUNK = 1 << 22  # bytes of tensor data hashed at a time
 
@@ -81,8 +81,7 @@ class ImageSource:
 
     def batches(self, batch_size: int, start: int = 0):
         """Yield consecutive :class:`Batch` es of ``batch_size`` samples from ``start`` to the end."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        check_positive_int("batch_size", batch_size)
         for first in range(start, len(self), batch_size):
             yield self.read(first, min(first + batch_size, len(self)))
 
