@@ -126,6 +126,7 @@ def train(model: nn.Module, step: Step, data, *, optimizer: torch.optim.Optimize
             count = batch_length(batch) if result.count is None else result.count
             total += loss.item() * count
             for name, value in result.terms.items():
+                value = value.detach() if isinstance(value, torch.Tensor) else value
                 terms[name] = terms.get(name, 0.0) + float(value) * count
             seen += count
         if seen == 0:
