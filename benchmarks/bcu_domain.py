@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from trojanguard.cleanse import batch_statistics_agreement, normalisation_gap
-from trojanguard.cleanse.base import AGREEMENT_KEEP
+from trojanguard.cleanse.distillation import AGREEMENT_KEEP
 from trojanguard.cleanse.sources import clean_half, ood_images
 from trojanguard.data import load_ood_crops
 from trojanguard.zoo import ZooConfig, get_backdoored_model

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from trojanguard.cleanse import BCU
-from trojanguard.cleanse.base import CleanseError, DistillSettings, UnlabeledImages, distill
+from trojanguard.cleanse.base import CleanseError, UnlabeledImages
+from trojanguard.cleanse.distillation import DistillSettings, distill
 from trojanguard.detect import CognitiveDistillation, FeatureMahalanobis
 from trojanguard.errors import ModelLoadError
 from trojanguard.guard import Guard, GuardSession, export_onnx

@@ -21,13 +21,6 @@ from trojanguard.cleanse import (
     layer_ratios,
     temperature_at,
 )
-from trojanguard.cleanse.base import (
-    AGREEMENT_KEEP,
-    KEEP_MAX_GRAD_NORM,
-    batch_statistics_agreement,
-    logit_matching_loss,
-    normalisation_gap,
-)
 from trojanguard.cleanse.bcu import (
     AUTHORS_CLASSIFIER_RATIO,
     AUTHORS_STAGE_RATIOS,
@@ -38,6 +31,13 @@ from trojanguard.cleanse.bcu import (
     is_normalisation,
     least_path_hazard,
     reinitialize,
+)
+from trojanguard.cleanse.distillation import (
+    AGREEMENT_KEEP,
+    KEEP_MAX_GRAD_NORM,
+    batch_statistics_agreement,
+    logit_matching_loss,
+    normalisation_gap,
 )
 from trojanguard.cleanse.sources import VIEWS, View, balanced_subset, clean_half, ood_images
 from trojanguard.data import load_ood_crops
@@ -294,7 +294,7 @@ def test_callers_model_is_untouched_and_report_is_complete():
     assert [p.requires_grad for p in model.parameters()] == grads
     report = bcu.report
     assert [row.epoch for row in report.epochs] == [1, 2, 3]
-    assert [row.temperature for row in report.epochs] == pytest.approx([2.0, 3.0, 4.0])
+    assert [row.extras["temperature"] for row in report.epochs] == pytest.approx([2.0, 3.0, 4.0])
     assert all(math.isfinite(row.loss) and row.loss >= 0 for row in report.epochs)
     assert set(report.epochs[-1].metrics) == {"clean_accuracy", "attack_success_rate"}
     assert set(report.before) == set(report.after) == {"clean_accuracy", "attack_success_rate"}

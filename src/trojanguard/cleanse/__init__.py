@@ -3,22 +3,13 @@
 * :class:`BCU` — Backdoor Cleansing with Unlabeled data (in- or out-of-distribution images).
 
 ``CLEANSERS`` names them for the ``trojanguard cleanse --method`` option (``register_cleanser`` adds one).
+Every method trains with :func:`train` (one loop; the method gives its per-batch step) and is measured by an
+evaluation of its model kind: :class:`Evaluation` (classifier), :class:`LinearProbeEvaluation` (encoder),
+:class:`ZeroShotEvaluation` (image–text model).
 """
 
-from trojanguard.cleanse.base import (
-    CleanseError,
-    Cleanser,
-    CleanseReport,
-    DistillSettings,
-    EpochRow,
-    Evaluation,
-    batch_statistics_agreement,
-    distill,
-    distillation_loss,
-    logit_matching_loss,
-    normalisation_gap,
-    temperature_at,
-)
+from trojanguard.cleanse._training import StepResult, Trained, train
+from trojanguard.cleanse.base import CleanseError, Cleanser, CleanseReport, EpochRow
 from trojanguard.cleanse.bcu import (
     BCU,
     BCUConfig,
@@ -27,6 +18,17 @@ from trojanguard.cleanse.bcu import (
     parametrised_layers,
     reinitialize,
 )
+from trojanguard.cleanse.distillation import (
+    DistillationStep,
+    DistillSettings,
+    batch_statistics_agreement,
+    distill,
+    distillation_loss,
+    logit_matching_loss,
+    normalisation_gap,
+    temperature_at,
+)
+from trojanguard.cleanse.evaluation import Evaluation, LinearProbeEvaluation, ZeroShotEvaluation
 from trojanguard.cleanse.registry import CLEANSERS, RegisteredCleanser, register_cleanser
 
 __all__ = [
@@ -37,10 +39,15 @@ __all__ = [
     "CleanseReport",
     "Cleanser",
     "DistillSettings",
+    "DistillationStep",
     "EpochRow",
     "Evaluation",
     "LayerRatio",
+    "LinearProbeEvaluation",
     "RegisteredCleanser",
+    "StepResult",
+    "Trained",
+    "ZeroShotEvaluation",
     "batch_statistics_agreement",
     "distill",
     "distillation_loss",
@@ -51,4 +58,5 @@ __all__ = [
     "register_cleanser",
     "reinitialize",
     "temperature_at",
+    "train",
 ]

@@ -56,30 +56,31 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from trojanguard.cleanse.augment import AUGMENTATIONS, make_augment
 from trojanguard.cleanse.base import (
-    AGREEMENT_KEEP,
-    AUGMENTATIONS,
-    KEEP_MAX_GRAD_NORM,
-    LOSSES,
-    NORM_STATS,
     CleanseError,
     Cleanser,
     CleanseReport,
-    DistillSettings,
-    Evaluation,
     UnlabeledImages,
-    batch_statistics_agreement,
     config_with,
+    model_device,
+    preflight,
+)
+from trojanguard.cleanse.distillation import (
+    AGREEMENT_KEEP,
+    KEEP_MAX_GRAD_NORM,
+    LOSSES,
+    NORM_STATS,
+    DistillSettings,
+    batch_statistics_agreement,
     distill,
     dominant_class_warning,
     far_data_warning,
     hooked_eval_pass,
     is_normalisation,
-    make_augment,
-    model_device,
     normalisation_gap,
-    preflight,
 )
+from trojanguard.cleanse.evaluation import Evaluation
 from trojanguard.models.compiled import is_compiled
 
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
@@ -408,7 +409,7 @@ class BCU(Cleanser):
 
     Defaults: the authors' SGD (momentum 0.9, wd 5e-4, cosine), τ ramped 1 → 4, scaled to a CPU (METHODS.md §3:
     10–20 epochs, 500–2000 images, batch 64–128). Before training BCU checks whether the data lies near the
-    model's training distribution (:func:`~trojanguard.cleanse.base.batch_statistics_agreement`: the share of
+    model's training distribution (:func:`~trojanguard.cleanse.distillation.batch_statistics_agreement`: the share of
     the data's predicted classes that stay the same when batch norm uses the data's own batch statistics instead
     of its running statistics). Near (≥ ``AGREEMENT_KEEP``): the authors' recipe — KL on softened outputs,
     student in train mode so batch norm re-estimates its statistics on the data. Far (out-of-distribution data):

@@ -1,0 +1,258 @@
+"""Knowledge distillation, BCU's training: teacher → student on unlabeled images (KL on temperature-softened
+logits, or the logits themselves), no labels.
+
+:class:`DistillationStep` is the per-batch step BCU feeds :func:`~trojanguard.cleanse._training.train` (one
+augmentation per batch, the same augmented images to the frozen teacher and the student, τ ramped per epoch);
+:func:`distill` sets up the authors' SGD + momentum + weight decay with a cosine schedule around it. Also here:
+the batch-normalisation helpers that tell in- from out-of-distribution data, and the warnings about such data.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trojanguard.cleanse._training import StepResult, train
+from trojanguard.cleanse.base import EpochRow, UnlabeledImages
+
+# ---------------------------------------------------------------------------------------------------------
+# losses
+
+
+def temperature_at(epoch: int, epochs: int, temperature: tuple[float, float]) -> float:
+    """τ for 0-based ``epoch``: linear from ``τ0`` to ``τ1`` reached at the last epoch (authors: 1 + 3(e+1)/E)."""
+    start, end = temperature
+    return start + (end - start) * (epoch + 1) / epochs
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(softmax(T/τ) ‖ softmax(S/τ)), batch mean, no τ² factor (METHODS.md §3). Logits: (B, K)."""
+    return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Mean squared difference of the logits (Ba & Caruana 2014; τ unused). Logits: (B, K).
+
+    On out-of-distribution data the teacher is often confident, and a softmax then hides all but its top
+    logit; matching the logits transfers the whole output (docs/cleansing.md has the measurement)."""
+    return (student_logits - teacher_logits).pow(2).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "kl": distillation_loss, "mse": logit_matching_loss}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# settings and batch normalisation
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """The distillation loop's hyperparameters (authors' values; METHODS.md §3)."""
+
+    epochs: int = 20
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    temperature: tuple[float, float] = (1.0, 4.0)
+    norm_stats: str = "update"
+    max_grad_norm: float | None = None
+    loss: str = "kl"
+
+
+NORM_STATS = ("auto", "keep", "update")
+AGREEMENT_KEEP = 0.9  # norm_stats="auto" keeps the teacher's statistics when fewer of the data's predictions than
+# this survive batch statistics (see batch_statistics_agreement; measured, benchmarks/RESULTS.md: held-out training
+# and test images 0.977–1.000 on the small CNN and a CIFAR ResNet-18, adapted photo crops 0.555–0.688, raw 0.336–0.676)
+AGREEMENT_BATCH = 64  # images per batch whose statistics batch_statistics_agreement normalises with
+KEEP_MAX_GRAD_NORM = 5.0  # max_grad_norm="auto" with kept statistics: eval-mode batch norm amplifies far
+# out-of-distribution inputs (running variance ~1e-3 in some channels) and unclipped SGD diverged once (KL, grey
+# photos: CA 0.106); a bound of 1.0 held learning back (Blended on edge maps: ASR 0.50 left; 5.0: ASR 0.02)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def is_normalisation(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+@torch.no_grad()
+def normalisation_gap(model: nn.Module, x: torch.Tensor) -> float | None:
+    """How far the data's feature statistics lie from those the model's batch-norm layers recorded in training.
+
+    For every batch-norm layer with running statistics: the RMS over channels of the batch mean's distance to
+    the running mean in running standard deviations, plus the mean |log| ratio of batch to running standard
+    deviation (the statistics DeepInversion matches); averaged over layers. ~0 on the training distribution,
+    growing with the shift; None when the model has no such layer. ``x: (N, C, H, W)`` on the model's device.
+    """
+    gaps: list[float] = []
+
+    def hook(module, inputs, _output):
+        a = inputs[0].transpose(0, 1).flatten(1).float()
+        std = (module.running_var + module.eps).sqrt()
+        shift = ((a.mean(1) - module.running_mean) / std).pow(2).mean().sqrt()
+        scale = (a.std(1, unbiased=False) / std).clamp_min(1e-6).log().abs().mean()
+        gaps.append(float(shift + scale))
+
+    layers = _running_stat_norms(model)
+    hooked_eval_pass(model, x, [m.register_forward_hook(hook) for m in layers])
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+def hooked_eval_pass(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One eval-mode forward pass of ``model`` on ``x`` for the ``hooks`` (handles) registered on it; the hooks
+    are removed and every module's train/eval mode is restored afterwards, whatever happens."""
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in was_training.items():
+            m.training = flag
+
+
+def _running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None]
+
+
+@torch.no_grad()
+def batch_statistics_agreement(model: nn.Module, x: torch.Tensor, batch_size: int = AGREEMENT_BATCH) -> float | None:
+    """Share of the images ``x`` whose predicted class is the same when batch norm normalises with its running
+    statistics (eval mode) and with the statistics of the data's own batches of ``batch_size`` (train mode, as
+    training on the data would). None when the model has no batch norm with running statistics.
+
+    Training with batch norm in train mode replaces the teacher's statistics by the data's; this measures, before
+    any training, whether that alone changes what the model computes. Near the training distribution the
+    statistics agree and so do the predictions; on far data they do not (docs/cleansing.md has the measured
+    ranges). Unlike :func:`normalisation_gap` it is a share of predictions, so it does not grow with depth the way
+    eval-mode statistics drift, and it does not depend on a reference input. Only batch-norm layers
+    change mode (dropout stays off); the model is not modified. ``x: (N, C, H, W)`` on the model's device."""
+    if not _running_stat_norms(model):
+        return None
+    probe = copy.deepcopy(model).eval()  # train-mode batch norm updates running statistics: never on the model
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    batches = [b for b in batches if len(b) >= 2]  # batch statistics need two images
+    if not batches:
+        return None
+    running = torch.cat([probe(b).argmax(1) for b in batches])
+    for module in _running_stat_norms(probe):
+        module.train()
+    batch = torch.cat([probe(b).argmax(1) for b in batches])
+    return float((running == batch).double().mean())
+
+
+def train_mode(student: nn.Module, norm_stats: str) -> None:
+    """Student in train mode; with ``norm_stats='keep'`` normalisation layers stay in eval mode, so batch norm
+    normalises with (and keeps) the teacher's running statistics instead of those of the distillation data."""
+    student.train()
+    if norm_stats == "keep":
+        for module in student.modules():
+            if is_normalisation(module):
+                module.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the step and the loop
+
+
+class DistillationStep:
+    """BCU's step: augment the batch once (generator seeded ``seed + 17``), the frozen teacher's logits on it are
+    the target of the student's, by ``settings.loss`` at the epoch's temperature. Counts the teacher's predicted
+    classes over the first epoch (:meth:`class_shares`, see :func:`dominant_class_warning`)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, settings: DistillSettings, *, seed: int,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None):
+        self.student, self.teacher, self.settings, self.augment = student, teacher, settings, augment
+        self.loss = LOSSES[settings.loss]
+        self.generator = torch.Generator().manual_seed(seed + 17)
+        self.tau = temperature_at(0, settings.epochs, settings.temperature)
+        self.class_counts: torch.Tensor | None = None
+
+    def start_epoch(self, epoch: int) -> dict[str, float]:
+        """The epoch's temperature, for the step and the report's row."""
+        self.tau = temperature_at(epoch, self.settings.epochs, self.settings.temperature)
+        return {"temperature": self.tau}
+
+    def __call__(self, x: torch.Tensor, epoch: int, index: int) -> StepResult:
+        if self.augment is not None:
+            x = self.augment(x, self.generator)
+        with torch.no_grad():
+            target = self.teacher(x)
+        if epoch == 0:
+            counts = torch.bincount(target.argmax(1).cpu(), minlength=target.shape[1])
+            self.class_counts = counts if self.class_counts is None else self.class_counts + counts
+        return StepResult(self.loss(self.student(x), target, self.tau), len(x))
+
+    def class_shares(self) -> list[float]:
+        """Share of the first epoch's images the teacher assigned to each class."""
+        counts = self.class_counts
+        return [] if counts is None else (counts.double() / counts.sum()).tolist()
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, settings: DistillSettings, *,
+            device: torch.device, seed: int, augment=None,
+            evaluation: Callable[[nn.Module], dict[str, float]] | None = None,
+            show_progress: bool = True, desc: str = "distil") -> tuple[list[EpochRow], int, list[float]]:
+    """Train ``student`` (train mode) to match the frozen ``teacher`` (eval mode) on unlabeled batches.
+
+    SGD + momentum + weight decay, cosine learning rate over the epochs (stepped per epoch), temperature
+    ramped per epoch; ``augment`` is applied once per batch and the *same* augmented images go to teacher
+    and student (:class:`DistillationStep`, run by :func:`~trojanguard.cleanse._training.train`). Returns the
+    per-epoch rows, the number of images seen in one epoch, and the share of the first epoch's images the teacher
+    assigns to each class (a diagnostic: see :func:`dominant_class_warning`). A non-finite loss stops training
+    with :class:`CleanseError` (no half-trained model is returned).
+    """
+    teacher.eval().requires_grad_(False)
+    train_mode(student, settings.norm_stats)
+    student.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
+    step = DistillationStep(student, teacher, settings, seed=seed, augment=augment)
+    trained = train(student, step, data, optimizer=opt, scheduler=sched, epochs=settings.epochs, device=device,
+                    evaluation=evaluation, on_epoch_start=step.start_epoch, max_grad_norm=settings.max_grad_norm,
+                    loss_name="distillation loss", show_progress=show_progress, desc=desc)
+    return trained.rows, trained.images, step.class_shares()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# warnings about the data
+
+
+def far_data_warning(agreement: float | None, recipe_forced: bool = False) -> str | None:
+    """A warning when the unlabeled data lies far from the model's training distribution (batch-statistics
+    agreement below ``AGREEMENT_KEEP``). Distillation carries over whatever the teacher does on the data, and on far
+    data a teacher can respond to trigger-like features everywhere: on the digits zoo natural-photo crops removed
+    some backdoors and left others, while a student distilled on the same crops from a clean teacher has none
+    (docs/cleansing.md)."""
+    if agreement is None or agreement >= AGREEMENT_KEEP:
+        return None
+    recipe = "" if recipe_forced else "; BCU switched to its out-of-distribution recipe"
+    return (f"data: it looks out-of-distribution for this model (batch-statistics agreement {agreement:.2f} < "
+            f"{AGREEMENT_KEEP}){recipe}. On such data BCU removes some backdoors but not others (digits zoo: WaNet and "
+            "Trojan stayed): prefer in-distribution images, and test the cleansed model against any trigger you suspect")
+
+
+DOMINANT_CLASS_SHARE = 0.5  # warn when the teacher puts more of the unlabeled data than this into one class
+
+
+def dominant_class_warning(shares: list[float]) -> str | None:
+    """A warning when the teacher assigns most of the unlabeled data to one class. On data that resembles a
+    trigger (e.g. textured photos for a blended-noise backdoor) a backdoored model predicts its target class,
+    and distillation then copies the backdoor (docs/cleansing.md: Blended on natural-photo crops)."""
+    if len(shares) < 3 or max(shares) <= DOMINANT_CLASS_SHARE:
+        return None
+    top = max(range(len(shares)), key=shares.__getitem__)
+    return (f"data: the model assigns {100 * shares[top]:.0f}% of the unlabeled images to class {top}; if class {top} "
+            "is a backdoor target, distilling on these images carries the backdoor over — prefer in-distribution data")
+
