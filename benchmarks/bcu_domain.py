@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bcu_domain.py small_cnn:badnets small_cnn:blended resnet18_cifar:badnets
 
 For each zoo model (``arch:attack``; ResNet-18 at 16 px) and each data source — held-out training images
-(:func:`~trojanguard.cleanse.sources.clean_half`), test images, photo crops adapted to the model
-(:func:`~trojanguard.cleanse.sources.ood_images`) and raw colour crops, 256 images each — prints the share of
+(:func:`~trojanguard.cleanse.unlabeled.clean_half`), test images, photo crops adapted to the model
+(:func:`~trojanguard.cleanse.unlabeled.ood_images`) and raw colour crops, 256 images each — prints the share of
 predictions unchanged under batch statistics (:func:`~trojanguard.cleanse.batch_statistics_agreement`, the
 switch) and the normalisation gap (reported only). Forward passes only; models are trained on first use.
 """
@@ -15,7 +15,7 @@ import argparse
 
 from trojanguard.cleanse import batch_statistics_agreement, normalisation_gap
 from trojanguard.cleanse.distillation import AGREEMENT_KEEP
-from trojanguard.cleanse.sources import clean_half, ood_images
+from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.data import load_ood_crops
 from trojanguard.zoo import ZooConfig, get_backdoored_model
 

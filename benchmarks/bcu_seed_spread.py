@@ -26,7 +26,7 @@ from pathlib import Path
 from bcu_table import machine_line  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
-from trojanguard.cleanse.sources import clean_half, ood_images
+from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.models import build_model
 from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 

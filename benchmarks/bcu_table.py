@@ -5,8 +5,8 @@
 
 For every (architecture, attack, data source, rule) BCU runs with its defaults and reports CA / ASR before
 and after, DER (METHODS.md §6) and seconds. In-distribution data = the clean half of the zoo model's training
-set, labels withheld (:func:`trojanguard.cleanse.sources.clean_half`); out-of-distribution data = 2 000 crops
-of natural photos adapted to the model (:func:`trojanguard.cleanse.sources.ood_images` with ``model=``). Results are kept in a JSON file next to the
+set, labels withheld (:func:`trojanguard.cleanse.unlabeled.clean_half`); out-of-distribution data = 2 000 crops
+of natural photos adapted to the model (:func:`trojanguard.cleanse.unlabeled.ood_images` with ``model=``). Results are kept in a JSON file next to the
 zoo cache, so an interrupted run resumes; the markdown tables go to stdout (and to ``--markdown``).
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.bcu import adaptive_scale, rule_ratios
-from trojanguard.cleanse.sources import clean_half, ood_images
+from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.metrics import defense_effectiveness_rating
 from trojanguard.models import build_model
 from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model

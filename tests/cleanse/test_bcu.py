@@ -39,7 +39,7 @@ from trojanguard.cleanse.distillation import (
     logit_matching_loss,
     normalisation_gap,
 )
-from trojanguard.cleanse.sources import VIEWS, View, balanced_subset, clean_half, ood_images
+from trojanguard.cleanse.unlabeled import VIEWS, View, balanced_subset, clean_half, ood_images
 from trojanguard.data import load_ood_crops
 from trojanguard.errors import DataError
 from trojanguard.models import ResNet18, SmallCNN, build_model

@@ -24,16 +24,15 @@ Re-initialisation rules (``reinit=``):
   the identity shortcuts let a signal skip most layers (a ResNet-18's least-perturbed route crosses the stem,
   three projection shortcuts and the classifier), so the rule takes the smallest ``H`` over the input →
   output routes of the traced graph (:func:`least_path_hazard`; the sum over all layers when the model cannot
-  be traced). A fixed ratio table acts very differently across architectures: the authors' ratios give
-  ``H = 0.56`` on that ResNet-18 route (57 % intact) and ``H = 0.46`` on a 4-layer CNN (63 % intact), where
-  they leave the backdoor in place (measured: ASR 1.00 after BCU). The rule scales every layer's hazard by one
+  be traced). A fixed ratio table acts very differently across architectures: the authors' ratios leave more
+  than half of the least-perturbed route's paths intact on a ResNet-18 and on a 4-layer CNN, where they leave
+  the backdoor in place (docs/cleansing.md). The rule scales every layer's hazard by one
   factor ``k = max(1, H* / H_authors(model))`` with ``H* = ln 100`` (at most 1 % of the least-perturbed
   route's paths intact): ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
   4-layer CNN: k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
   stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). The one constant ``H*``
-  is a property of the perturbation, not of a data set (chosen on the small CNN; on a ResNet-18 the former
-  sum-over-all-layers version, k = 1.96, left Trojan's backdoor at ASR 0.975, the route version removed it:
-  0.003; benchmarks/RESULTS.md, BCU).
+  is a property of the perturbation, not of a data set (chosen on the small CNN; why the route and not the sum
+  over all layers: docs/cleansing.md and benchmarks/RESULTS.md, BCU).
 * ``"uniform"`` — the same total hazard (sum over the layers) as ``"adaptive"``, spread evenly over
   them (ablation: is the depth profile needed?). ``"none"`` — plain distillation from a copy of the
   teacher. A float — that ratio for every layer. A sequence — one ratio per layer in forward order. A callable
@@ -86,7 +85,7 @@ from trojanguard.models.compiled import is_compiled
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
 AUTHORS_CLASSIFIER_RATIO = 0.10  # [code]
 AUTHORS_REFERENCE_LAYERS = 21  # conv/linear layers of the CIFAR ResNet-18 the ratios were set for
-RULES = ("adaptive", "authors", "uniform", "none")
+REINIT_RULES = ("adaptive", "authors", "uniform", "none")
 CLASSIFIER_STAGE = len(AUTHORS_STAGE_RATIOS)  # stage index of the last layer
 GAP_SAMPLE = 256  # images of the data on which the batch-statistics agreement and the normalisation gap are measured
 FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a model built under torch.manual_seed(s)
@@ -95,12 +94,12 @@ FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a mo
 
 def parse_reinit(text: str) -> str | float:
     """A ``reinit`` given as text (the CLI's --reinit): a rule name or one ratio in [0, 1]."""
-    if text in RULES:
+    if text in REINIT_RULES:
         return text
     try:
         ratio = float(text)
     except ValueError:
-        raise ValueError(f"expected {', '.join(RULES[:-1])}, {RULES[-1]} or a ratio in [0, 1], got {text!r}") from None
+        raise ValueError(f"expected {', '.join(REINIT_RULES[:-1])}, {REINIT_RULES[-1]} or a ratio in [0, 1], got {text!r}") from None
     if not 0 <= ratio <= 1:
         raise ValueError(f"a ratio must lie in [0, 1], got {ratio}")
     return ratio
@@ -142,8 +141,8 @@ class BCUConfig:
     def __post_init__(self) -> None:
         reinit, temperature, augment = self.reinit, self.temperature, self.augment
         max_grad_norm = self.max_grad_norm
-        if isinstance(reinit, str) and reinit not in RULES:
-            raise ValueError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, "
+        if isinstance(reinit, str) and reinit not in REINIT_RULES:
+            raise ValueError(f"reinit: expected one of {REINIT_RULES}, a ratio, a sequence of ratios or a callable, "
                              f"got {reinit!r}")
         if isinstance(reinit, (int, float)) and not isinstance(reinit, bool) and not 0 <= reinit <= 1:
             raise ValueError(f"reinit: a ratio must lie in [0, 1], got {reinit}")
@@ -309,7 +308,7 @@ def rule_ratios(rule, layers: list[LayerRatio], scale: float | None = None) -> l
             return [1 - (1 - p) ** k for p in base]
         if rule == "uniform":
             return [1 - math.exp(-k * hazard(base) / n)] * n
-        raise ValueError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, got {rule!r}")
+        raise ValueError(f"reinit: expected one of {REINIT_RULES}, a ratio, a sequence of ratios or a callable, got {rule!r}")
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
         ratios = [float(rule)] * n
     elif callable(rule):
@@ -317,7 +316,7 @@ def rule_ratios(rule, layers: list[LayerRatio], scale: float | None = None) -> l
     elif isinstance(rule, Sequence):
         ratios = [float(p) for p in rule]
     else:
-        raise TypeError(f"reinit: expected one of {RULES}, a ratio, a sequence of ratios or a callable, got {rule!r}")
+        raise TypeError(f"reinit: expected one of {REINIT_RULES}, a ratio, a sequence of ratios or a callable, got {rule!r}")
     if len(ratios) != n:
         raise ValueError(f"reinit: expected {n} ratios (one per parametrised layer), got {len(ratios)}")
     bad = [p for p in ratios if not 0 <= p <= 1]
@@ -414,14 +413,14 @@ class BCU(Cleanser):
     of its running statistics). Near (≥ ``AGREEMENT_KEEP``): the authors' recipe — KL on softened outputs,
     student in train mode so batch norm re-estimates its statistics on the data. Far (out-of-distribution data):
     batch norm keeps the teacher's
-    statistics (data that far away would overwrite them and wreck clean accuracy: 0.997 → 0.471 on Blended with
-    photo crops and no re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
+    statistics (data that far away would overwrite them and wreck clean accuracy, even with no
+    re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
     matches logits (MSE) instead of
     softened outputs. ``norm_stats``, ``loss`` and ``max_grad_norm`` override each choice ("auto" by default).
     Augmentation is random crop only:
     the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
-    meaning of digits, text and traffic signs, and on the digits zoo it left WaNet's backdoor at 23 % ASR
-    (crop only: 1.6 %).
+    meaning of digits, text and traffic signs, and on the digits zoo it left more of WaNet's backdoor than crop
+    only did (docs/cleansing.md).
     """
 
     def __init__(self, *, config: BCUConfig | None = None, **settings):

@@ -29,7 +29,7 @@ BCU_OPTIONS = ("reinit", "epochs", "lr", "batch_size", "augment", "norm_stats", 
 def add_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
     from trojanguard.cleanse import CLEANSERS, BCUConfig
-    from trojanguard.cleanse.sources import DEFAULT_OOD_IMAGES
+    from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
                        description="Cleanse a suspicious classifier on unlabeled images with --method (default bcu: "
@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
-    """--data: ood (natural-photo crops adapted to ``model``, see trojanguard.cleanse.sources.ood_images; ``info``
+    """--data: ood (natural-photo crops adapted to ``model``, see trojanguard.cleanse.unlabeled.ood_images; ``info``
     receives the chosen view), digits (half of the embedded training split), a folder or an .npz."""
-    from trojanguard.cleanse.sources import ood_images
+    from trojanguard.cleanse.unlabeled import ood_images
     from trojanguard.data import load_digits, load_image_folder, load_npz
     from trojanguard.data.core import DEFAULT_IMAGE_SIZE
 

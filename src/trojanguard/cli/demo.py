@@ -107,7 +107,7 @@ def _demo_cd(entry) -> tuple[float, float]:
 def _demo_bcu(entry, args: argparse.Namespace) -> tuple[float, float, float]:
     """BCU with its defaults on the clean half of ``entry``'s training set: CA, ASR and seconds."""
     from trojanguard.cleanse import BCU
-    from trojanguard.cleanse.sources import clean_half
+    from trojanguard.cleanse.unlabeled import clean_half
     from trojanguard.metrics import attack_success_rate, clean_accuracy
     from trojanguard.models import build_model
 

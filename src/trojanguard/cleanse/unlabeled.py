@@ -3,7 +3,7 @@ withheld) and out-of-distribution (crops of natural photos, adapted to the model
 
 Out-of-distribution data carries a model's clean behaviour only where the model responds to it. Raw colour
 photo crops do not look like what a digits model was trained on: it sends most of them to one or two classes
-(Blended's model: 70 % to its target), so distillation exercises a few decision regions — and, for a
+(Blended's to its target: docs/cleansing.md), so distillation exercises a few decision regions — and, for a
 texture-like trigger, the backdoor itself. :func:`ood_images` with ``model=`` therefore
 
 1. renders a pool of crops in several generic *views* (colour or grey, inverted or not, gamma, low-pass;
