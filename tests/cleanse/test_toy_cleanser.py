@@ -24,6 +24,7 @@ class ShrinkConfig:
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=32, metadata={"help": "images per batch"})
     seed: int = field(default=0, metadata={"help": "data order"})
+    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay of the head"})  # the toy's own option
 
 
 class ShrinkHead(Cleanser):
@@ -44,7 +45,7 @@ class ShrinkHead(Cleanser):
         if evaluation is not None:
             report.before = evaluation(model)
         trained = train(student, lambda x, epoch, index: student(x).pow(2).mean(), images,
-                        optimizer=torch.optim.SGD(head.parameters(), lr=self.lr), epochs=self.epochs, device=device,
+                        optimizer=torch.optim.SGD(head.parameters(), lr=self.lr, weight_decay=self.weight_decay), epochs=self.epochs, device=device,
                         evaluation=evaluation, show_progress=False, desc="shrink")
         report.images, report.epochs = trained.images, trained.rows
         report.after = trained.rows[-1].metrics
@@ -52,9 +53,9 @@ class ShrinkHead(Cleanser):
         return student
 
 
-def _build(**settings):
-    """What the command calls: it passes its settings (BCU's options and init); the toy takes the ones it has."""
-    return ShrinkHead(**{k: settings[k] for k in ("epochs", "lr", "batch_size", "seed")})
+def _build(*, init=None, **settings):
+    """What the command calls: the options the user gave (fields of ShrinkConfig) and ``init`` (unused here)."""
+    return ShrinkHead(**settings)
 
 
 @pytest.fixture
@@ -66,7 +67,8 @@ def toy_registered(monkeypatch):
     registered = dict(CLEANSERS)
     monkeypatch.setattr(registry, "CLEANSERS", registered)
     monkeypatch.setattr(trojanguard.cleanse, "CLEANSERS", registered)
-    register_cleanser("shrink", _build, "shrink the last layer's logits (a test toy)", display_name="ShrinkHead")
+    register_cleanser("shrink", _build, "shrink the last layer's logits (a test toy)", display_name="ShrinkHead",
+                      config=ShrinkConfig)
     assert "shrink" in registered and "shrink" not in CLEANSERS
     return registered
 
@@ -89,7 +91,8 @@ def test_the_toy_runs_through_the_python_api():
     _only_the_head_shrank(model, cleansed, x)
     assert [row.epoch for row in toy.report.epochs] == [1, 2] and toy.report.images == 128
     assert set(toy.report.after) == {"clean_accuracy"} and "ShrinkHead(epochs=2" in repr(toy)
-    assert json.loads(toy.report.to_json())["config"] == {"epochs": 2, "lr": 0.1, "batch_size": 32, "seed": 0}
+    assert json.loads(toy.report.to_json())["config"] == {"epochs": 2, "lr": 0.1, "batch_size": 32, "seed": 0,
+                                                          "weight_decay": 0.0}
 
 
 def test_the_toy_runs_through_the_cleanse_command(tmp_path, capsys, toy_registered):
@@ -99,13 +102,26 @@ def test_the_toy_runs_through_the_cleanse_command(tmp_path, capsys, toy_register
     np.savez(tmp_path / "unlabeled.npz", x=rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8))
     out = tmp_path / "toy.safetensors"
     rc = main(["cleanse", "--method", "shrink", "--model", str(model_path), "--arch", "small_cnn",
-               "--data", str(tmp_path / "unlabeled.npz"), "--epochs", "2", "--lr", "0.1", "--out", str(out)])
+               "--data", str(tmp_path / "unlabeled.npz"), "--epochs", "2", "--weight-decay", "0.001",
+               "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr()
     assert "with ShrinkHead on 120 unlabeled images" in printed.err
     report = json.loads((tmp_path / "toy.report.json").read_text())
     assert report["method"] == "ShrinkHead" and report["images"] == 120 and len(report["epochs"]) == 2
-    assert report["config"]["epochs"] == 2 and report["details"]["data"] == str(tmp_path / "unlabeled.npz")
+    assert report["config"] == {"epochs": 2, "lr": 0.1, "batch_size": 32, "seed": 0, "weight_decay": 0.001}
+    assert report["details"]["data"] == str(tmp_path / "unlabeled.npz")
     assert "ShrinkHead: 120 unlabeled images, 2 epochs" in printed.out
     x = torch.from_numpy(np.load(tmp_path / "unlabeled.npz")["x"]).permute(0, 3, 1, 2).float() / 255
     _only_the_head_shrank(load_model(model_path, "small_cnn"), load_model(out, "small_cnn"), x)
+
+
+def test_the_toy_s_options_join_the_cleanse_command_help(capsys, toy_registered):
+    """A registered config's fields are the command's options: shared ones once (each method keeps its default),
+    the toy's own marked as its own."""
+    with pytest.raises(SystemExit):
+        main(["cleanse", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weight-decay WEIGHT_DECAY SGD weight decay of the head (shrink only; default 0.0)" in text
+    assert "--epochs EPOCHS distillation epochs (bcu, shrink only; default bcu 20; shrink 2)" not in text
+    assert "(default bcu 20; shrink 2)" in text and "{bcu,shrink}" in text

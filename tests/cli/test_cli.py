@@ -109,17 +109,19 @@ def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
 
 
 def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
-    from trojanguard.cleanse import BCU, BCUConfig
+    from trojanguard.cleanse import CLEANSERS, BCUConfig
     from trojanguard.cli import build_parser
-    from trojanguard.cli.cleanse import BCU_OPTIONS
 
     args = build_parser().parse_args(["cleanse", "--model", "m.safetensors", "--arch", "small_cnn", "--data", "ood",
                                       "--out", "c.safetensors"])
-    bcu, config = BCU(), BCUConfig()
-    assert {"epochs", "lr", "batch_size", "augment", "reinit", "seed"} <= set(BCU_OPTIONS)
-    assert {k: getattr(args, k) for k in BCU_OPTIONS} == {k: getattr(bcu, k) for k in BCU_OPTIONS}
-    assert {k: getattr(args, k) for k in BCU_OPTIONS} == {k: getattr(config, k) for k in BCU_OPTIONS}
-    assert args.epochs == 20 and args.lr == 0.01 and args.batch_size == 64 and args.augment == "crop"
+    options = CLEANSERS["bcu"].options
+    assert CLEANSERS["bcu"].config is BCUConfig
+    assert {"epochs", "lr", "batch_size", "augment", "reinit", "seed"} <= set(options)
+    assert not any(hasattr(args, k) for k in options)  # options not given: BCU keeps BCUConfig's defaults
+    given = build_parser().parse_args(["cleanse", "--model", "m", "--arch", "a", "--data", "d", "--out", "o",
+                                       *[arg for k in options for arg in (f"--{k.replace('_', '-')}",
+                                                                          str(getattr(BCUConfig(), k)))]])
+    assert {k: getattr(given, k) for k in options} == {k: getattr(BCUConfig(), k) for k in options}
     parsed = build_parser().parse_args(["cleanse", "--model", "m", "--arch", "a", "--data", "d", "--out", "o",
                                         "--reinit", "0.3", "--epochs", "2", "--norm-stats", "keep"])
     assert (parsed.reinit, parsed.epochs, parsed.norm_stats) == (0.3, 2, "keep")

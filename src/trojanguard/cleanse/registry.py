@@ -1,36 +1,51 @@
 """The cleansers the ``trojanguard cleanse --method`` option offers, by name: a second method is one
-``register_cleanser`` call (the command takes its choices and help text from ``CLEANSERS``)."""
+``register_cleanser`` call (the command takes its choices, help text and per-method options from ``CLEANSERS``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, fields
 
 from trojanguard.cleanse.base import Cleanser
-from trojanguard.cleanse.bcu import BCU
+from trojanguard.cleanse.bcu import BCU, BCUConfig
 
 
 @dataclass(frozen=True)
 class RegisteredCleanser:
-    """A cleanser the command can run. ``build(**settings) -> Cleanser`` receives the command's settings as
-    keyword arguments: reinit, epochs, lr, batch_size, augment, norm_stats, loss, seed and init (a factory of
-    the architecture, for fresh weights)."""
+    """A cleanser the command can run. ``build(**settings) -> Cleanser`` receives the options of ``options`` that
+    the user gave on the command line (the others keep ``config``'s defaults) and ``init`` (a factory of the
+    architecture, for fresh weights). ``config``: the method's frozen config dataclass, whose fields named in
+    ``options`` become the command's ``--<field>`` options, with their defaults, help and choices."""
 
     name: str
     display_name: str
     summary: str
     build: Callable[..., Cleanser]
+    config: type | None = None
+    options: tuple[str, ...] = ()
 
 
 CLEANSERS: dict[str, RegisteredCleanser] = {}
 
 
-def register_cleanser(name: str, build: Callable[..., Cleanser], summary: str, *,
-                      display_name: str | None = None) -> None:
-    """Make ``name`` a choice of ``trojanguard cleanse --method``; ``display_name`` is how the command's
-    messages call it (default: ``name``)."""
-    CLEANSERS[name] = RegisteredCleanser(name, display_name or name, summary, build)
+def register_cleanser(name: str, build: Callable[..., Cleanser], summary: str, *, display_name: str | None = None,
+                      config: type | None = None, options: Sequence[str] | None = None) -> None:
+    """Make ``name`` a choice of ``trojanguard cleanse --method``; ``display_name`` is how the command's messages
+    call it (default: ``name``). ``options``: the fields of ``config`` offered on the command line (default: every
+    field with a default)."""
+    if options is None:
+        options = () if config is None else tuple(f.name for f in fields(config)
+                                                   if f.default is not MISSING or f.default_factory is not MISSING)
+    elif config is None and options:
+        raise ValueError(f"options: command-line options come from a config dataclass; expected config=, got "
+                         f"options {tuple(options)} without one")
+    known = {f.name for f in fields(config)} if config is not None else set()
+    unknown = [o for o in options if o not in known]
+    if unknown:
+        raise ValueError(f"options: expected fields of {config.__name__}, got {unknown}")
+    CLEANSERS[name] = RegisteredCleanser(name, display_name or name, summary, build, config, tuple(options))
 
 
 register_cleanser("bcu", BCU, "Backdoor Cleansing with Unlabeled data: re-initialise part of the weights by depth, "
-                  "distil the model from itself", display_name="BCU")
+                  "distil the model from itself", display_name="BCU", config=BCUConfig,
+                  options=("reinit", "epochs", "lr", "batch_size", "augment", "norm_stats", "loss", "seed"))

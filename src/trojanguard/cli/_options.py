@@ -8,7 +8,7 @@ import argparse
 import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 
@@ -97,20 +97,35 @@ def registry_help(registry: Mapping[str, object], default: str) -> str:
                      for name, entry in sorted(registry.items()))
 
 
-def add_config_options(parser: argparse.ArgumentParser, config_type: type, names: Sequence[str]) -> None:
-    """One option per field of the config dataclass ``config_type`` named in ``names`` (in that order): ``--<name>``
-    with dashes, the field's default, its ``help`` metadata (the default appended when the help does not mention
-    it), its ``choices`` metadata, and a type from its ``parse`` metadata (text → value; a ValueError becomes the
-    option's error) or from the default (int, float; else text)."""
-    by_name = {f.name: f for f in fields(config_type)}
-    for name in names:
-        field = by_name[name]
-        if field.default is MISSING:
-            raise ValueError(f"{config_type.__name__}.{name}: a command-line option needs a field with a default")
+def add_config_options(parser: argparse.ArgumentParser, sources: Sequence[tuple[str, type, Sequence[str]]]) -> None:
+    """One ``--<field>`` option (dashes for underscores) per config field named by ``sources``: ``(method, config
+    dataclass, field names)`` each. A field several methods share is one option. An option the user does not give
+    is absent from the parsed arguments (``argparse.SUPPRESS``), so each method keeps its own config's default;
+    the help states that default (per method where they differ) and which methods take the option when not all
+    do. Help, choices and a type come from the first method's field: its ``help``, ``choices`` and ``parse``
+    metadata (text → value; a ValueError becomes the option's error), else the default's type (int, float)."""
+    by_option: dict[str, list[tuple[str, Field]]] = {}
+    for method, config_type, names in sources:
+        by_name = {f.name: f for f in fields(config_type)}
+        for name in names:
+            field = by_name[name]
+            if field.default is MISSING:
+                raise ValueError(f"{config_type.__name__}.{name}: a command-line option needs a field with a default")
+            by_option.setdefault(name, []).append((method, field))
+    methods = [method for method, _, _ in sources]
+    for name, owners in by_option.items():
+        field = owners[0][1]
+        defaults = {method: f.default for method, f in owners}
         help = field.metadata.get("help", "")
-        if "default" not in help:
-            help = f"{help} (default {field.default})" if help else f"default {field.default}"
-        options: dict[str, object] = {"default": field.default, "help": help}
+        shared = len(set(map(repr, defaults.values()))) == 1
+        default_text = (f"default {field.default}" if shared else
+                        "default " + "; ".join(f"{method} {value}" for method, value in defaults.items()))
+        if len(owners) < len(methods):
+            default_text = f"{', '.join(defaults)} only; {default_text}"
+        elif shared and "default" in help:
+            default_text = ""  # the help says it already
+        help = f"{help} ({default_text})" if help and default_text else help or default_text
+        options: dict[str, object] = {"default": argparse.SUPPRESS, "help": help}
         if "choices" in field.metadata:
             options["choices"] = tuple(field.metadata["choices"])
         if "parse" in field.metadata:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from trojanguard.cli._options import (
@@ -22,13 +23,11 @@ from trojanguard.cli._options import (
 OUTPUTS = (("out", "file"),)
 CLEANSE_OUT_SUFFIXES = (".safetensors", ".pt")
 DEFAULT_METHOD = "bcu"
-BCU_OPTIONS = ("reinit", "epochs", "lr", "batch_size", "augment", "norm_stats", "loss", "seed")  # BCUConfig fields
-# the command offers, in --help order; their defaults and help come from BCUConfig
 
 
 def add_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
-    from trojanguard.cleanse import CLEANSERS, BCUConfig
+    from trojanguard.cleanse import CLEANSERS
     from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
@@ -47,12 +46,27 @@ def add_parser(sub) -> None:
     add_image_size_option(p)
     p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
-    add_config_options(p, BCUConfig, BCU_OPTIONS)
+    add_config_options(p, [(entry.name, entry.config, entry.options) for entry in _methods(CLEANSERS)
+                           if entry.config is not None])
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
     p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
     add_device_option(p, " for the distillation")
     add_allow_pickle_option(p)
+
+
+def _methods(cleansers: dict) -> list:
+    """The registered cleansers, the default first (its options lead --help), then by name."""
+    return sorted(cleansers.values(), key=lambda entry: (entry.name != DEFAULT_METHOD, entry.name))
+
+
+def _data_seed(args: argparse.Namespace, method) -> int:
+    """The seed of the data the command draws (ood crops, the digits split): --seed when the method takes one and it
+    was given, else the method config's default seed, else 0."""
+    if hasattr(args, "seed"):
+        return args.seed
+    default = {f.name: f.default for f in fields(method.config)}.get("seed", 0) if method.config is not None else 0
+    return default if isinstance(default, int) else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--target: the target class of --attack; expected --attack with it, got --target "
                          f"{args.target} alone")
     method = CLEANSERS[args.method]
+    args.data_seed = _data_seed(args, method)
     model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                        allow_pickle=args.allow_pickle).to(args.device)
     evaluation = None if args.eval is None else _evaluation(args, model)
@@ -79,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     data = _unlabeled_data(args.data, args, model, ood_info)
     print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(data)} unlabeled images from "
           f"{args.data!r}", file=sys.stderr)
-    cleanser = method.build(**{name: getattr(args, name) for name in BCU_OPTIONS},
+    cleanser = method.build(**{name: getattr(args, name) for name in method.options if hasattr(args, name)},
                             init=lambda: build_model(args.arch, num_classes=args.num_classes,
                                                      in_channels=args.in_channels))
     cleansed = cleanser.cleanse(model, data, evaluation=evaluation)
@@ -104,12 +119,12 @@ def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
 
     if spec == "ood":
         return ood_images(args.ood_images, size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels,
-                          seed=args.seed, model=model, info=info)
+                          seed=args.data_seed, model=model, info=info)
     if spec == "digits":
-        train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)
+        train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.data_seed)
         import torch
 
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.data_seed))
         return train.x[order[: len(train) // 2]]
     path = Path(spec)
     if path.suffix.lower() == ".npz":
@@ -132,7 +147,7 @@ def _evaluation(args: argparse.Namespace, model):
 
     where = f"--eval {args.eval!r}"
     if args.eval == "digits":
-        labelled = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.seed)[1]
+        labelled = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.data_seed)[1]
     elif Path(args.eval).suffix.lower() == ".npz":
         labelled = load_npz(args.eval, size=args.image_size)
     else:
