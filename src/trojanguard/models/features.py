@@ -102,17 +102,18 @@ def output_of(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -
 
 
 def global_average(feature: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W) -> (N, C)``: global average pooling of a feature map.
-
-    ``adaptive_avg_pool2d``, not ``mean(dim=(2, 3))``: ONNX Runtime runs GlobalAveragePool in its blocked (NCHWc)
-    layout like the convolutions, so only the pooled ``(N, C, 1, 1)`` tensor is reordered back; ReduceMean needs
-    the whole map reordered first (measured 1–2 % of the guard's batch-1 latency)."""
+    """``(N, C, H, W) -> (N, C)``: global average pooling of a feature map."""
+    # adaptive_avg_pool2d, not mean(dim=(2, 3)): ONNX Runtime runs GlobalAveragePool in its blocked (NCHWc) layout
+    # like the convolutions, so only the pooled (N, C, 1, 1) tensor is reordered back; ReduceMean needs the whole
+    # map reordered first (measured 1–2 % of the guard's batch-1 latency)
     return nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
 
 
 class FeatureTap(nn.Module):
     """``forward(x) -> (logits (N, K), pooled feature (N, D))`` in one forward pass of a private copy of
-    ``model``: a forward hook on ``layer`` keeps its output and lets the forward pass continue."""
+    ``model`` (a classifier: a module or a :class:`~trojanguard.models.adapters.Classifier`, whose logits are
+    checked with ``Classifier.logits``): a forward hook on ``layer`` keeps its output and lets the forward pass
+    continue."""
 
     def __init__(self, model: nn.Module, layer: str | None = None, example: torch.Tensor | None = None):
         super().__init__()
