@@ -18,9 +18,19 @@ from trojanguard.cleanse import BCU
 from trojanguard.cleanse.base import CleanseError, UnlabeledImages
 from trojanguard.cleanse.distillation import DistillSettings, distill
 from trojanguard.detect import CognitiveDistillation, FeatureMahalanobis
-from trojanguard.errors import ModelLoadError
+from trojanguard.errors import DataError, ModelLoadError
 from trojanguard.guard import Guard, GuardSession, export_onnx
-from trojanguard.models import CompiledModel, build_model, load_model, save_model
+from trojanguard.models import (
+    Classifier,
+    CompiledModel,
+    Encoder,
+    as_classifier,
+    as_encoder,
+    as_image_text,
+    build_model,
+    load_model,
+    save_model,
+)
 
 SIDE = 32
 
@@ -246,3 +256,178 @@ def test_distillation_refuses_non_finite_batch_norm_statistics():
     with pytest.raises(CleanseError, match=r"features\.0\.1\.running_var.*lr 0\.01"):
         distill(student, teacher, data, DistillSettings(epochs=1), device=torch.device("cpu"), seed=0,
                 show_progress=False)
+
+
+# ------------------------------------------------------------------------------------------ model kinds (issue 14)
+def _message(caught) -> str:
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+class _Tokens(nn.Module):
+    """An open_clip-style model whose towers give what ``image`` / ``text`` say."""
+
+    def __init__(self, image=lambda x: x.flatten(1)[:, :6], text=lambda t: t.float()[:, :6]):
+        super().__init__()
+        self.image, self.text, self.scale = image, text, nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, x):
+        return self.image(x)
+
+    def encode_text(self, tokens):
+        return self.text(tokens)
+
+
+def test_classifier_check_names_data_that_does_not_fit():
+    model = build_model("small_cnn", num_classes=10, in_channels=3)
+    with pytest.raises(DataError) as caught:
+        as_classifier(model).check(torch.rand(2, 1, SIDE, SIDE))
+    assert _message(caught).startswith("data: the model cannot run on images of shape (1, 32, 32) (C, H, W) from "
+                                       "the data — its first convolution expects 3 input channels; the model said: "
+                                       "RuntimeError: ")
+
+
+@pytest.mark.parametrize("model, got", [
+    (nn.Conv2d(3, 4, 1), "(2, 4, 32, 32)"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 1)), "(2, 1)"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 1), nn.Flatten(0)), "(2,)"),
+])
+def test_classifier_check_names_an_output_that_is_not_logits(model, got):
+    with pytest.raises(DataError) as caught:
+        Classifier(model).check(torch.rand(2, 3, SIDE, SIDE))
+    assert _message(caught) == ("model output: expected logits of shape (N, num_classes ≥ 2) for images of shape "
+                                f"(3, 32, 32), got {got}")
+
+
+def test_classifier_check_refuses_non_finite_logits_with_the_callers_error():
+    broken = build_model("small_cnn", num_classes=10, in_channels=3).eval()
+    with torch.no_grad():
+        broken.head.bias[0] = math.nan
+    x = torch.rand(2, 3, SIDE, SIDE)
+    expected = ("model: it returns NaN or infinite logits on the data; check its weights and the data's range "
+                "([0, 1] pixels)")
+    with pytest.raises(DataError) as caught:
+        as_classifier(broken).check(x)
+    assert _message(caught) == expected
+    with pytest.raises(CleanseError) as caught:  # how cleansing asks for its own error
+        as_classifier(broken).check(x, non_finite=CleanseError)
+    assert _message(caught) == expected
+
+
+def test_logits_check_at_every_call_site_names_what_came():
+    """FeatureTap (feature detectors, Guard) and screening's predicted labels check their batches as a Classifier."""
+    from trojanguard.screening.detectors import BatchScorer
+
+    maps = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    x = torch.rand(2, 3, SIDE, SIDE)
+    with pytest.raises(DataError) as caught:
+        Classifier.logits(maps(x))
+    assert _message(caught) == "model: expected (N, K) logits, got (2, 4, 32, 32)"
+    with pytest.raises(DataError) as caught:
+        FeatureMahalanobis(maps, layer="0", show_progress=False).fit(x)
+    assert _message(caught) == "model: expected (N, K) logits, got (2, 4, 32, 32)"
+    with pytest.raises(DataError) as caught:
+        BatchScorer(Brightness(), maps).predict(x)
+    assert _message(caught) == "model: expected (N, K) logits, got (2, 4, 32, 32)"
+
+
+class Brightness:
+    """The least detector: mean pixel value."""
+
+    def score(self, x):
+        return x.mean(dim=(1, 2, 3))
+
+
+def test_screen_cli_names_a_model_whose_output_is_not_logits(files, cli, expect_error, tmp_path):
+    paths, _ = files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1))).save(str(tmp_path / "maps.pt"))
+    result = cli("screen", "--model", tmp_path / "maps.pt", "--data", paths["data"], "--threshold", "1",
+                 "--no-report", "--steps", "2", "--out", tmp_path / "out")
+    expect_error(result, 1, "model: expected (N, K) logits, got (1, 4, 32, 32)")
+
+
+def test_a_kind_where_another_is_needed_is_one_line():
+    classifier = as_classifier(build_model("small_cnn", num_classes=10, in_channels=3))
+    with pytest.raises(DataError) as caught:
+        as_encoder(classifier)
+    assert _message(caught) == ("model: expected an Encoder (features (N, D)), got a Classifier, whose output is "
+                                "(N, K) logits; pass layer=<name> to take features from one of its layers")
+    with pytest.raises(DataError) as caught:
+        as_classifier(as_encoder(classifier, layer="features.2"))
+    assert _message(caught) == ("model: expected a Classifier ((N, C, H, W) images -> (N, K) logits), got an "
+                                "Encoder, whose output is features; pass the classifier itself")
+    with pytest.raises(DataError) as caught:
+        Guard(as_image_text(_Tokens()), FeatureMahalanobis(classifier.module))
+    assert _message(caught).startswith("model: expected a Classifier (")
+    with pytest.raises(DataError) as caught:
+        as_image_text(classifier.module)
+    assert _message(caught) == ("model: expected an ImageText model (encode_image / encode_text, as open_clip's, or "
+                                "get_image_features / get_text_features, as Hugging Face's CLIPModel), got SmallCNN, "
+                                "which has neither pair")
+
+
+@pytest.mark.parametrize("make", [as_classifier, as_encoder, as_image_text, lambda m: Guard(m, None)])
+def test_a_model_that_is_not_a_module_is_a_type_error(make):
+    with pytest.raises(TypeError) as caught:
+        make("model.pt")
+    assert _message(caught) == "model: expected a torch.nn.Module, got str"
+
+
+def test_encoder_layer_that_does_not_exist_names_the_layers_there_are():
+    with pytest.raises(ValueError) as caught:
+        as_encoder(build_model("small_cnn", num_classes=10, in_channels=3), layer="layer4")
+    assert _message(caught).startswith("layer: the model has no module named 'layer4'; some of its modules: features, ")
+
+
+class _Lambda(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+@pytest.mark.parametrize("module, layer, got", [
+    (_Lambda(lambda x: (x, x)), None, "a module whose output is tuple; pass layer=<name>"),
+    (_Lambda(lambda x: x.sum(dim=(1, 2, 3))), None, "a module whose output is (2,); pass layer=<name>"),
+    (_Lambda(lambda x: x[:, :, None]), None, "a module whose output is (2, 3, 1, 32, 32); pass layer=<name>"),
+    (nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Flatten()), "0",
+     "layer '0' whose output is (2, 1, 3, 32, 32); pass another layer=<name>"),
+], ids=["tuple", "1-D", "5-D", "5-D layer"])
+def test_encoder_check_names_an_output_that_is_not_features(module, layer, got):
+    with pytest.raises(DataError) as caught:
+        Encoder(module, layer).check(torch.rand(2, 3, SIDE, SIDE), needed_by="PoisonCAM")
+    assert _message(caught) == (f"model: PoisonCAM needs an Encoder (features (N, D) for 2 images): got {got} to take "
+                                "features from one of its layers")
+
+
+def test_encoder_check_refuses_non_finite_features():
+    with pytest.raises(DataError) as caught:
+        as_encoder(nn.Flatten()).check(torch.full((2, 3, 4, 4), math.inf))
+    assert _message(caught) == ("model: its features are NaN or infinite on the data; check its weights and the "
+                                "data's range ([0, 1] pixels)")
+
+
+def test_image_text_check_names_each_side():
+    x, tokens = torch.rand(2, 3, SIDE, SIDE), torch.ones(3, 8, dtype=torch.long)
+    with pytest.raises(DataError) as caught:  # an output object with no features field it knows
+        as_image_text(_Tokens(image=lambda x: {"hidden": x})).check(x)
+    assert _message(caught) == ("model: expected an ImageText model: encode_image of 2 inputs returned dict; "
+                                "expected features (N, D)")
+    with pytest.raises(DataError) as caught:
+        as_image_text(_Tokens(text=lambda t: t.float()[:, None])).check(x, tokens, needed_by="zero-shot screening")
+    assert _message(caught) == ("model: zero-shot screening needs an ImageText model: encode_text of 3 inputs returned "
+                                "(3, 1, 8); expected features (N, D)")
+    with pytest.raises(DataError) as caught:
+        as_image_text(_Tokens(text=lambda t: t.float())).check(x, tokens)
+    assert _message(caught) == ("model: image and text features differ in size (6 and 8); expected one embedding "
+                                "space")
+    with pytest.raises(DataError) as caught:
+        as_image_text(_Tokens(image=lambda x: x.flatten(1)[:, :6] / 0)).check(x)
+    assert _message(caught) == ("model: encode_image returns NaN or infinite features; check its weights and inputs")
+    with pytest.raises(ValueError, match="attention_mask: open_clip-style models take token ids only; expected None"):
+        as_image_text(_Tokens()).encode_text(tokens, attention_mask=torch.ones_like(tokens))

@@ -26,6 +26,7 @@ from torch import nn
 
 from trojanguard.detect.base import OnePass
 from trojanguard.errors import check_choice
+from trojanguard.models.adapters import as_classifier, unwrap
 
 POLICIES = ("flag", "reject")
 
@@ -43,7 +44,8 @@ class Guard(nn.Module):
     ``input_range``; :meth:`run` returns the same as a :class:`GuardOutput`, without gradients.
 
     Args:
-        model: the classifier being served (the detector must have been fitted on the same weights).
+        model: the classifier being served, a module or a :class:`~trojanguard.models.adapters.Classifier` (the
+            detector must have been fitted on the same weights).
         detector: a fitted one-pass detector (:class:`~trojanguard.detect.base.OnePass`: ``as_module(model)``
             returning ``x -> (logits, score)``), e.g. :class:`~trojanguard.detect.FeatureMahalanobis`.
         threshold: flag scores above it; None: the detector's calibrated threshold, if any (else call
@@ -56,8 +58,7 @@ class Guard(nn.Module):
     def __init__(self, model: nn.Module, detector, threshold: float | None = None, policy: str = "flag", *,
                  input_range: tuple[float, float] | None = (0.0, 1.0)):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        model = as_classifier(model).module  # the Guard serves a Classifier; the user's module inside runs
         check_choice("policy", policy, POLICIES)
         if not isinstance(detector, OnePass):
             raise TypeError(f"detector: Guard needs a one-pass detector (OnePass: as_module, input_shape; e.g. "
@@ -137,6 +138,7 @@ class Guard(nn.Module):
 
 def _check_same_weights(model: nn.Module, detector) -> None:
     fitted_on = getattr(detector, "model", None)
+    fitted_on = None if fitted_on is None else unwrap(fitted_on)
     if fitted_on is None or fitted_on is model:
         return
     mine, theirs = model.state_dict(), fitted_on.state_dict()

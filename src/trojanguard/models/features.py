@@ -74,33 +74,54 @@ class LayerOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._module is None:
             return self.model(x)
-        captured: list[torch.Tensor] = []
+        return output_of(self.model, self._module, self.layer, x)
 
-        def hook(module, inputs, output):
-            captured.append(output)
-            raise _StopForward
 
-        handle = self._module.register_forward_hook(hook)
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"layer: module {self.layer!r} did not run in the model's forward pass")
-        out = captured[0]
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"layer: module {self.layer!r} returns {type(out).__name__}, expected a tensor")
-        return out
+def output_of(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` (named ``name`` in messages) when ``model(x)`` runs; the rest of the forward pass
+    is skipped."""
+    captured: list[torch.Tensor] = []
+
+    def hook(mod, inputs, output):
+        captured.append(output)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"layer: module {name!r} did not run in the model's forward pass")
+    out = captured[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"layer: module {name!r} returns {type(out).__name__}, expected a tensor")
+    return out
+
+
+def global_average(feature: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W) -> (N, C)``: global average pooling of a feature map."""
+    # adaptive_avg_pool2d, not mean(dim=(2, 3)): ONNX Runtime runs GlobalAveragePool in its blocked (NCHWc) layout
+    # like the convolutions, so only the pooled (N, C, 1, 1) tensor is reordered back; ReduceMean needs the whole
+    # map reordered first (measured 1–2 % of the guard's batch-1 latency)
+    return nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
 
 
 class FeatureTap(nn.Module):
     """``forward(x) -> (logits (N, K), pooled feature (N, D))`` in one forward pass of a private copy of
-    ``model``: a forward hook on ``layer`` keeps its output and lets the forward pass continue."""
+    ``model`` (a classifier: a module or a :class:`~trojanguard.models.adapters.Classifier`, whose logits are
+    checked with ``Classifier.logits``): a forward hook on ``layer`` keeps its output and lets the forward pass
+    continue."""
 
     def __init__(self, model: nn.Module, layer: str | None = None, example: torch.Tensor | None = None):
         super().__init__()
+        from trojanguard.models.adapters import Classifier  # imported here: adapters builds on this module
+
+        self._logits = Classifier.logits  # the tap needs a Classifier: its check of (N, K) logits
+        if isinstance(model, Classifier):  # the user's own module, so layer names are the user's
+            model = model.module
         try:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
         except Exception as exc:  # any copy failure gets one clear message
@@ -133,15 +154,10 @@ class FeatureTap(nn.Module):
             kind = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
             raise DataError(f"layer: module {self.layer_name!r} returns {kind}; expected a (N, D) or "
                             "(N, C, H, W) tensor")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            kind = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise DataError(f"model: expected (N, K) logits, got {kind}")
+        self._logits(logits, x)
         self.num_classes = logits.shape[1]
         if feature.dim() == 4:
-            # global average pooling, not mean(dim=(2, 3)): ONNX Runtime runs GlobalAveragePool in its blocked
-            # (NCHWc) layout like the convolutions, so only the pooled (N, C, 1, 1) tensor is reordered back;
-            # ReduceMean needs the whole map reordered first (measured 1–2 % of the guard's batch-1 latency)
-            feature = nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
+            feature = global_average(feature)
         return logits, feature if feature.dtype == torch.float32 else feature.float()
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from trojanguard.detect.base import Detector, Fitted, OnePass, Scores
-from trojanguard.errors import DataError, TrojanGuardError
+from trojanguard.errors import TrojanGuardError
+from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import model_device, working_copy
 
 
@@ -40,7 +41,7 @@ class BatchScorer:
     def __init__(self, detector: Detector, model: nn.Module):
         self.detector, self.model = detector, model
         self.device = model_device(model)
-        self.net, _ = working_copy(model)
+        self.net, _ = working_copy(as_classifier(model).module)  # screening needs a Classifier: predicted labels
 
     @property
     def needs_reference(self) -> bool:
@@ -57,11 +58,7 @@ class BatchScorer:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted labels ``(B,)`` of the model (frozen eval-mode copy)."""
-        logits = self.net(x.to(self.device, torch.float32))
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shown = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise DataError(f"model: expected (N, K) class logits, got {shown}")
-        return logits.argmax(1).cpu()
+        return Classifier.logits(self.net(x.to(self.device, torch.float32))).argmax(1).cpu()
 
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.detector.score(x).float().cpu(), self.predict(x)
