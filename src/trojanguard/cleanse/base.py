@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.errors import DataError, TrojanGuardError
+from trojanguard.models.adapters import Classifier
 from trojanguard.models.features import model_device as any_model_device
 
 MIN_IMAGES = 100  # fewer unlabeled images cannot carry a classifier's clean behaviour: refuse
@@ -204,16 +205,6 @@ def _images_of(item) -> torch.Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _first_layer_hint(model: nn.Module) -> str:
-    """What the model's first convolution or linear layer expects, for error messages."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return f"its first convolution expects {module.in_channels} input channels"
-        if isinstance(module, nn.Linear):
-            return f"its first linear layer expects {module.in_features} input features"
-    return "see the model's first layer"
-
-
 class UnlabeledImages:
     """The unlabeled images of a cleanser: a tensor ``(N, C, H, W)`` in [0, 1], an :class:`ImageDataset`,
     a ``Dataset`` of images or ``(image, label, ...)`` tuples, or a ``DataLoader``. Labels are ignored.
@@ -295,24 +286,8 @@ def check_count(n: int) -> None:
                       f"{RECOMMENDED_MIN_IMAGES}", stacklevel=3)
 
 
-@torch.no_grad()
 def preflight(model: nn.Module, sample: torch.Tensor, device: torch.device) -> int:
-    """Run ``model`` (eval mode) on a few images of the data; return its number of classes.
-
-    Fails before any training with an error naming the problem: the model cannot take the data's image
-    size or channels, its output is not logits ``(N, K)``, or its logits are not finite.
-    """
-    shape = tuple(sample.shape[1:])
-    try:
-        out = model(sample.to(device))
-    except Exception as exc:  # noqa: BLE001 — any failure here means the data does not fit the model
-        raise DataError(f"data: the model cannot run on images of shape {shape} (C, H, W) from the data — "
-                        f"{_first_layer_hint(model)}; the model said: {type(exc).__name__}: {exc}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(sample) or out.shape[1] < 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(f"model output: expected logits of shape (N, num_classes ≥ 2) for images of shape {shape}, "
-                        f"got {got}")
-    if not torch.isfinite(out).all():
-        raise CleanseError("model: it returns NaN or infinite logits on the data, so there is nothing to distil "
-                           "from; check its weights and the data's range ([0, 1] pixels)")
-    return int(out.shape[1])
+    """Run ``model`` on a few images of the data (``sample`` moved to ``device``) before any training; return its
+    number of classes. The :class:`~trojanguard.models.Classifier` kind's check: a one-line DataError when the
+    images do not fit the model or its output is not logits ``(N, K ≥ 2)``; CleanseError for non-finite logits."""
+    return Classifier(model).check(sample.to(device), non_finite=CleanseError)
