@@ -22,9 +22,11 @@ demo: $(STAMP)
 	$(BIN)/trojanguard demo
 
 # The tests always start from an empty model cache, as on a new machine: zoo models are trained by the run itself.
+# pytest, not python -m pytest: the latter puts the repository root on sys.path, where kernels/ (our Triton sources)
+# would hide the 'kernels' package that transformers imports.
 test: $(STAMP)
 	@cache=$$(mktemp -d -t trojanguard-cache.XXXXXX); echo "empty model cache: $$cache"; \
-	TROJANGUARD_CACHE=$$cache $(BIN)/python -m pytest -q; status=$$?; rm -rf "$$cache"; exit $$status
+	TROJANGUARD_CACHE=$$cache $(BIN)/pytest -q; status=$$?; rm -rf "$$cache"; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests kernels benchmarks
