@@ -91,6 +91,15 @@ def add_allow_pickle_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
 
+def add_model_input_options(parser: argparse.ArgumentParser, device_purpose: str = "") -> None:
+    """What every command that runs a model file on images takes after its own options: the state-dict shape
+    (--num-classes, --in-channels), --image-size, --device and --allow-pickle."""
+    add_shape_options(parser)
+    add_image_size_option(parser)
+    add_device_option(parser, device_purpose)
+    add_allow_pickle_option(parser)
+
+
 def registry_help(registry: Mapping[str, object], default: str) -> str:
     """One help line for a choice taken from a registry: every name with its entry's ``summary``."""
     return "; ".join(f"{name}{' (default)' if name == default else ''}: {entry.summary}"

@@ -10,13 +10,10 @@ from pathlib import Path
 
 from trojanguard.cli._options import (
     UsageError,
-    add_allow_pickle_option,
     add_arch_option,
     add_config_options,
-    add_device_option,
-    add_image_size_option,
+    add_model_input_options,
     add_model_option,
-    add_shape_options,
     registry_help,
 )
 
@@ -42,8 +39,6 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(CLEANSERS),
                    help="cleansing method; " + registry_help(CLEANSERS, DEFAULT_METHOD))
-    add_shape_options(p)
-    add_image_size_option(p)
     p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
     add_config_options(p, [(entry.name, entry.config, entry.options) for entry in _methods(CLEANSERS)
@@ -51,8 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
     p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
     p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
-    add_device_option(p, " for the distillation")
-    add_allow_pickle_option(p)
+    add_model_input_options(p, " for the distillation")
 
 
 def _methods(cleansers: dict) -> list:

@@ -10,12 +10,9 @@ from pathlib import Path
 
 from trojanguard.cli._options import (
     UsageError,
-    add_allow_pickle_option,
     add_arch_option,
-    add_device_option,
-    add_image_size_option,
+    add_model_input_options,
     add_model_option,
-    add_shape_options,
     load_command_model,
 )
 
@@ -73,10 +70,7 @@ def add_parser(sub) -> None:
                    help=f"dynamic batching max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="auto",
                    help="auto (Triton's placement, default), cpu or gpu")
-    add_shape_options(p)
-    add_image_size_option(p)
-    add_device_option(p, " for fitting")
-    add_allow_pickle_option(p)
+    add_model_input_options(p, " for fitting")
 
 
 def run(args: argparse.Namespace) -> int:

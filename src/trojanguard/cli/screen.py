@@ -10,12 +10,9 @@ import shlex
 from trojanguard.cli._options import (
     MODEL_FILE_HELP,
     UsageError,
-    add_allow_pickle_option,
     add_arch_option,
-    add_device_option,
-    add_image_size_option,
+    add_model_input_options,
     add_model_option,
-    add_shape_options,
     load_command_model,
     registry_help,
 )
@@ -64,12 +61,9 @@ def add_parser(sub) -> None:
     p.add_argument("--detector-option", type=detector_option_arg, action="append", metavar="KEY=VALUE",
                    help="a detector keyword argument, e.g. mode=logits or early_stop=0.01 (repeatable)")
     p.add_argument("--top-k", type=int, default=16, help="samples in the report's grid (default 16)")
-    add_shape_options(p)
-    add_image_size_option(p)
-    add_device_option(p)
     p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
     p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")
-    add_allow_pickle_option(p)
+    add_model_input_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
