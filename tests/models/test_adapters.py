@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from trojanguard.errors import DataError
 from trojanguard.models import (
     Classifier,
     Encoder,
@@ -232,3 +233,19 @@ def test_feature_tap_of_a_classifier_wrapper_uses_the_users_layer_names():
     logits, feature = tap(X)
     assert torch.allclose(logits, model(X), atol=1e-6) and tap.num_classes == 10
     assert torch.allclose(feature, as_encoder(model, layer="features.2")(X), atol=1e-6)  # the same pooled feature
+
+
+def test_each_method_states_the_kind_it_needs_and_refuses_another():
+    """Detectors and BCU declare model_kind = Classifier, and an Encoder given instead is one DataError line."""
+    from trojanguard.cleanse import BCU, Cleanser
+    from trojanguard.detect import AmortizedCD, CognitiveDistillation, FeatureMahalanobis
+
+    encoder = as_encoder(SmallCNN().eval(), layer="features.2")
+    for method in (CognitiveDistillation, FeatureMahalanobis, AmortizedCD):
+        assert method.model_kind is Classifier
+        with pytest.raises(DataError, match=r"^model: expected a Classifier .* got an Encoder"):
+            method(encoder)
+        assert method(as_classifier(SmallCNN())).model is not None  # a Classifier is taken as it is
+    assert BCU.model_kind is Classifier and Cleanser.model_kind is None
+    with pytest.raises(DataError, match=r"^model: expected a Classifier"):
+        BCU(epochs=1).cleanse(encoder, torch.rand(100, 3, 32, 32))

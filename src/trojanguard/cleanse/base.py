@@ -133,6 +133,7 @@ class Cleanser:
 
     config: Any = None
     report: CleanseReport | None = None
+    model_kind: type | None = None  # the kind of model cleanse() takes (trojanguard.models: Classifier, Encoder, ...)
 
     def cleanse(self, model: nn.Module, data, *,
                 evaluation: Callable[[nn.Module], dict[str, float]] | None = None) -> nn.Module:

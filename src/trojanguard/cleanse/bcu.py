@@ -80,6 +80,7 @@ from trojanguard.cleanse.distillation import (
     normalisation_gap,
 )
 from trojanguard.cleanse.evaluation import Evaluation
+from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.compiled import is_compiled
 
 AUTHORS_STAGE_RATIOS = (0.01, 0.01, 0.03, 0.09, 0.27)  # stem, stage 1, 2, 3, 4 (×3 per stage) [code]
@@ -423,6 +424,8 @@ class BCU(Cleanser):
     only did (docs/cleansing.md).
     """
 
+    model_kind = Classifier  # BCU distils logits
+
     def __init__(self, *, config: BCUConfig | None = None, **settings):
         """``BCU(epochs=5, ...)`` or ``BCU(config=BCUConfig(...))`` (keywords given with a config override its
         fields); every setting is a :class:`BCUConfig` field, validated there."""
@@ -437,8 +440,7 @@ class BCU(Cleanser):
     def cleanse(self, model: nn.Module, data, *, evaluation: Evaluation | None = None) -> nn.Module:
         """Return a cleansed copy of ``model``; see the class docstring. Raises instead of returning a model
         that did not train (data that does not fit the model, too few images, NaN losses)."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        model = as_classifier(model).module
         if is_compiled(model):
             raise CleanseError("model: expected a trainable model, got a compiled TorchScript / torch.export program "
                                "(its weights cannot be re-initialised or trained); BCU needs the weights as a state "

@@ -13,6 +13,7 @@ from torch import nn
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_positive_int
+from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device, module_by_name
 from trojanguard.progress import progress
 
@@ -26,10 +27,11 @@ class FeatureDetector(Detector):
 
     FIT_CALL = "fit(data)"
     SCORE_DESCRIPTION = "scoring"
+    model_kind = Classifier  # the kind of model the detector needs: logits, and a layer's features
+
 
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        model = as_classifier(model).module
         check_positive_int("batch_size", batch_size)
         if layer is not None:
             module_by_name(model, layer)  # validates the name up front

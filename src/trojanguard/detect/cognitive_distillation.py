@@ -22,6 +22,7 @@ from trojanguard.data.batching import count_images, iter_image_batches
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models import Normalize
+from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import LayerOutput, default_feature_layer, model_device, working_copy
 from trojanguard.ops import (
     MaskStepParams,
@@ -130,14 +131,15 @@ class CognitiveDistillation(Detector):
         show_progress: progress bar over batches.
     """
 
+    model_kind = Classifier  # the kind of model CD needs: logits (CD-P, CD-L) or a layer's output (CD-F)
+
     def __init__(self, model: nn.Module, *, mode: str = "probabilities", layer: str | None = None, steps: int = 100,
                  lr: float | None = None, alpha: float | None = None, beta: float | None = None,
                  mask_channels: int = 1, batch_size: int = 256, preprocess=None, backend: str = "auto",
                  precision: str = "auto", channels_last: bool = True, fuse_conv_bn: bool = True,
                  scale_alpha_by_resolution: bool = False, early_stop: float | None = None, seed: int = 0,
                  compile: bool | str = False, cuda_graphs: bool = True, show_progress: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        model = as_classifier(model).module
         check_choice("mode", mode, MODES)
         check_positive_int("steps", steps)
         check_positive_int("batch_size", batch_size)
