@@ -8,6 +8,7 @@ through a :class:`~trojanguard.models.features.FeatureTap` (:meth:`FeatureDetect
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,13 @@ from trojanguard.models.features import FeatureTap, model_device, module_by_name
 from trojanguard.progress import progress
 
 
+def image_digests(x: torch.Tensor) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each image of ``x`` (N, C, H, W), by its float32 bytes: the same image read
+    twice gets the same digest (what lets a detector reuse the scores it computed while fitting)."""
+    pixels = x.detach().to("cpu", torch.float32).contiguous().flatten(1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in pixels]
+
+
 @dataclass
 class Features:
     """One forward pass over a dataset: ``features`` (n, D) float64 (a layer's pooled output), ``logits`` (n, K),
@@ -31,6 +39,7 @@ class Features:
     logits: torch.Tensor
     layer: str
     shape: tuple[int, ...]
+    digests: list[bytes] | None = None  # one per image (image_digest), when asked for
 
     @property
     def num_classes(self) -> int:
@@ -102,12 +111,15 @@ class FeatureDetector(Detector):
         return torch.cat(parts)
 
     @torch.no_grad()
-    def extract_features(self, data, description: str = "reference features") -> Features:
+    def extract_features(self, data, description: str = "reference features", *, digests: bool = False
+                         ) -> Features:
         """Logits and the layer's pooled features of every image of ``data`` (one forward pass); sets ``layer``
-        to the layer used (the default one when it was None)."""
+        to the layer used (the default one when it was None). ``digests``: also each image's content digest."""
         tap = FeatureTap(self.model, self.layer)
-        features, logits, shape = [], [], None
+        features, logits, shape, digest_list = [], [], None, [] if digests else None
         for xb, batch_logits, feature in self._tapped(tap, data, description):
+            if digest_list is not None:
+                digest_list.extend(image_digests(xb))
             if shape is None:
                 shape = tuple(xb.shape[1:])
             elif tuple(xb.shape[1:]) != shape:
@@ -117,7 +129,7 @@ class FeatureDetector(Detector):
         if not features:
             raise DataError("reference_data: no images to fit on")
         self.layer = tap.layer_name
-        return Features(torch.cat(features), torch.cat(logits), tap.layer_name, shape)
+        return Features(torch.cat(features), torch.cat(logits), tap.layer_name, shape, digest_list)
 
     def _check_layer(self, features: Features) -> None:
         """Adopt the layer of shared ``features`` (when none was chosen), or refuse features of another layer."""
