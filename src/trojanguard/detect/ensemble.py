@@ -288,14 +288,32 @@ class _SharedFeatures(FeatureTap):
 
 # ---------------------------------------------------------------------------------------------- fusion
 def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Mid-rank empirical CDF: the fraction of ``reference`` (n,) below each of ``values`` (N,), ties counted
-    half; a NaN value stays NaN. Float64."""
-    reference = reference[~torch.isnan(reference)].double().sort().values
-    values = values.double()
-    below = torch.searchsorted(reference, values, side="left")
-    not_above = torch.searchsorted(reference, values, side="right")
-    cdf = (below + not_above).double() / (2 * max(len(reference), 1))
-    return torch.where(torch.isnan(values), torch.full_like(cdf, math.nan), cdf)
+    """Where each of ``values`` (N,) falls in the distribution of ``reference`` (n,), in (0, 1), float64.
+
+    At a reference value: its mid-rank ECDF, ``(#below + #not above) / 2n`` (ties counted half), so on the reference
+    set itself this is the normalised rank. Between two reference values: linear between theirs. Beyond the range:
+    towards 0 or 1 as ``exp(−distance / s)``, ``s`` = the reference range / n — strictly increasing, so clean images
+    scored later do not all tie at the top (which would defeat a quantile threshold). +inf maps to 1; NaN stays NaN.
+    """
+    ref = reference.double().numpy()
+    ref = np.sort(ref[~np.isnan(ref)])
+    v = values.double().numpy()
+    n = len(ref)
+    if n == 0:
+        return torch.full(v.shape, math.nan, dtype=torch.float64)
+    knots = np.unique(ref)
+    cdf = (np.searchsorted(ref, knots, side="left") + np.searchsorted(ref, knots, side="right")) / (2 * n)
+    out = np.interp(v, knots, cdf)
+    spread = (knots[-1] - knots[0]) / n if np.isfinite(knots[-1] - knots[0]) else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        above, below = v > knots[-1], v < knots[0]
+        if spread > 0:
+            out[above] = cdf[-1] + (1 - cdf[-1]) * -np.expm1(-(v[above] - knots[-1]) / spread)
+            out[below] = cdf[0] * np.exp(-(knots[0] - v[below]) / spread)
+        else:
+            out[above], out[below] = 1.0, 0.0
+    out[np.isnan(v)] = math.nan
+    return torch.from_numpy(out)
 
 
 def bimodality_coefficient(scores: torch.Tensor) -> float:
