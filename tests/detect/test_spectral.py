@@ -76,12 +76,14 @@ def test_fit_and_score_on_images_share_the_one_pass_path(model, cls):
 
 
 def test_given_labels_replace_the_predictions(model):
-    features, truth = synthetic(planted=True)
-    detector = SpectralSignature(model, show_progress=False)
-    labels = features.predicted.clone()
-    detector.fit_features(features, labels)
-    with pytest.raises(Exception, match="labels"):
-        detector.fit_features(features, labels[:-1])
+    features, _ = synthetic(planted=True)
+    predicted = SpectralSignature(model, show_progress=False).fit_features(features)
+    swapped = features.predicted.clone()
+    swapped[swapped == 1], swapped[swapped == 2] = 2, 1  # labels 1 and 2 exchanged: their fits exchange too
+    labelled = SpectralSignature(model, show_progress=False).fit_features(features, swapped)
+    assert torch.allclose(labelled.class_means[[0, 2, 1]], predicted.class_means)
+    with pytest.raises(Exception, match="^labels:"):
+        labelled.fit_features(features, swapped[:-1])
 
 
 @pytest.mark.parametrize(("kwargs", "argument"), [({"scale": "max"}, "scale"), ({"reduction": "tsne"}, "reduction"),
