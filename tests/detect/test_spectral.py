@@ -78,8 +78,7 @@ def test_fit_and_score_on_images_share_the_one_pass_path(model, cls):
 def test_given_labels_replace_the_predictions(model):
     features, _ = synthetic(planted=True)
     predicted = SpectralSignature(model, show_progress=False).fit_features(features)
-    swapped = features.predicted.clone()
-    swapped[swapped == 1], swapped[swapped == 2] = 2, 1  # labels 1 and 2 exchanged: their fits exchange too
+    swapped = torch.tensor([0, 2, 1])[features.predicted]  # labels 1 and 2 exchanged: their fits exchange too
     labelled = SpectralSignature(model, show_progress=False).fit_features(features, swapped)
     assert torch.allclose(labelled.class_means[[0, 2, 1]], predicted.class_means)
     with pytest.raises(Exception, match="^labels:"):
