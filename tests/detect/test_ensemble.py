@@ -159,3 +159,15 @@ def test_the_ensemble_finds_badnets_poison_in_the_zoos_training_set():
                        neg[torch.randperm(len(neg), generator=g)[:144]]]).sort().values  # the zoo's 10 % rate
     ensemble = Ensemble(entry.model, steps=30, show_progress=False).fit(entry.train.dataset.x[index])
     assert auroc(poisoned[index], ensemble.fuse(ensemble.reference_scores)) >= 0.95  # measured 1.0 at 100 steps
+
+
+def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_the_report(tmp_path, model):
+    from trojanguard.screening import screen
+
+    images = random_images(40, seed=7)
+    result = screen(model, images, detector="ensemble", detector_options={"members": "cd-p,features", "steps": 2},
+                    out_dir=tmp_path, threshold=0.6, top_k=4, show_progress=False)
+    assert result.summary["fit"]["on"] == "screened data" and 0 < result.flagged.sum() < 40
+    ensemble = Ensemble(model, members="cd-p,features", steps=2, batch_size=64, show_progress=False).fit(images)
+    assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.fuse(ensemble.reference_scores), atol=1e-6)
+    assert "masks" in result.files
