@@ -153,6 +153,8 @@ def lofo(results: dict) -> str:
     worst-case AUROC (ties: best mean); report the held-out family's AUROC with it."""
     records = list(results["attacks"].values())
     attacks = [r["attack"] for r in records]
+    if len(attacks) < 2:
+        return "Leave one family out: needs results of at least two attacks."
     table = {}
     for r in records:
         truth = torch.tensor(r["truth"]).bool()

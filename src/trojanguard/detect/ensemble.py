@@ -16,7 +16,10 @@ reference set — by ``fusion`` (:data:`FUSIONS`):
   that puts a sample in its extreme tail more than the mean of ranks does;
 - ``"max"``: the largest ``F_m``, suspicious as soon as one member is;
 - ``"select"``: per dataset, the one member whose reference scores are the most bimodal (Sarle's bimodality
-  coefficient; a poisoned minority gives a detector that separates it a second mode), its ``F_m``.
+  coefficient; a poisoned minority gives a detector that separates it a second mode), its ``F_m``;
+- ``"zscore"``: not a rank: the mean of the members' robust z-scores ``(s_m − median_m) / (1.4826 · MAD_m)`` over
+  the reference set. Ranks are bounded, so they cannot say *how far* out a sample lies and an outlier rule on
+  rank-fused scores (``screen``'s ``robust_z`` without clean data) flags nothing; z-scores keep that distance.
 
 Why empirical CDFs. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
 projection, a cluster's size); ranks are the label-free common scale. Ranks taken inside each scored batch would
@@ -50,7 +53,8 @@ CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS)
 DEFAULT_MEMBERS = ("cd-p", "features", "spectral", "clustering")
-FUSIONS = ("rank", "probit", "max", "select")
+FUSIONS = ("rank", "probit", "max", "select", "zscore")
+RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
 
 
@@ -316,6 +320,23 @@ def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(out)
 
 
+def robust_z(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(values − median) / σ̂`` with σ̂ = 1.4826 · MAD of the finite ``reference`` (1.2533 · mean absolute deviation
+    when the MAD is 0; 1 when that is 0 too), float64."""
+    from trojanguard.thresholds import MAD_TO_SIGMA, MEAN_AD_TO_SIGMA
+
+    ref = reference.double()
+    ref = ref[torch.isfinite(ref)]
+    if len(ref) == 0:
+        return torch.full(values.shape, math.nan, dtype=torch.float64)
+    median = ref.median()
+    deviation = (ref - median).abs()
+    sigma = MAD_TO_SIGMA * float(deviation.median())
+    if sigma <= 0:
+        sigma = MEAN_AD_TO_SIGMA * float(deviation.mean())
+    return (values.double() - median) / (sigma if sigma > 0 else 1.0)
+
+
 def bimodality_coefficient(scores: torch.Tensor) -> float:
     """Sarle's bimodality coefficient ``(g² + 1) / (κ + 3(n − 1)² / ((n − 2)(n − 3)))`` of the finite scores (g:
     sample skewness, κ: excess kurtosis, both bias-corrected); 5/9 for a uniform distribution, larger for
@@ -341,6 +362,9 @@ def fuse(reference: torch.Tensor, scores: torch.Tensor, fusion: str = "rank", *,
     if reference.dim() != 2 or scores.dim() != 2 or reference.shape[1] != scores.shape[1]:
         raise ValueError(f"scores: expected (N, M) member scores matching the reference's (n, M), got "
                          f"{tuple(scores.shape)} and {tuple(reference.shape)}")
+    if fusion == "zscore":
+        return torch.stack([robust_z(reference[:, m], scores[:, m]) for m in range(scores.shape[1])], 1
+                           ).nanmean(1).float()
     if fusion == "select":
         if selected is None:
             selected = int(np.argmax([bimodality_coefficient(reference[:, m]) for m in range(reference.shape[1])]))
