@@ -18,7 +18,6 @@ from trojanguard.cli._options import (
 )
 
 OUTPUTS = (("out", "folder"),)
-DEFAULT_DETECTOR = "cd"
 
 
 def detector_option_arg(text: str):
@@ -34,6 +33,7 @@ def detector_option_arg(text: str):
 
 def add_parser(sub) -> None:
     from trojanguard.screening import DETECTORS
+    from trojanguard.screening.detectors import DEFAULT_DETECTOR
 
     p = sub.add_parser("screen", help="score every sample of a dataset for backdoor triggers; report in --out",
                        description="Screen a dataset for backdoor-triggered samples, batch by batch. One row per "
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = dict(args.detector_option or [])
     if args.steps is not None:
-        if args.detector != "cd":
-            raise UsageError(f"--steps: only for --detector cd, got --detector {args.detector}")
+        if args.detector not in ("cd", "ensemble"):
+            raise UsageError(f"--steps: only for --detector cd or ensemble, got --detector {args.detector}")
         options["steps"] = args.steps
     if args.detector_file is not None and args.detector != "features":
         raise UsageError(f"--detector-file: only for --detector features, got --detector {args.detector}")

@@ -1,8 +1,12 @@
 """Detectors of poisoned inputs: ``score(x) -> (N,)``, higher = more suspicious."""
 
+from trojanguard.detect.activation_clustering import ActivationClustering
 from trojanguard.detect.amortized import AmortizedCD
 from trojanguard.detect.base import Detector
 from trojanguard.detect.cognitive_distillation import CognitiveDistillation, DistillationResult
+from trojanguard.detect.ensemble import Ensemble
 from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
+from trojanguard.detect.spectral import SpectralSignature
 
-__all__ = ["AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "FeatureMahalanobis"]
+__all__ = ["ActivationClustering", "AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "Ensemble",
+           "FeatureMahalanobis", "SpectralSignature"]

@@ -1,11 +1,16 @@
 """What the one-pass feature detectors share (:class:`~trojanguard.detect.FeatureMahalanobis`,
-:class:`~trojanguard.detect.AmortizedCD`): the checks of model, layer and batch size, the feature loop through a
-:class:`~trojanguard.models.features.FeatureTap`, and ``score`` through a cached copy of ``as_module()``.
+:class:`~trojanguard.detect.AmortizedCD`, :class:`~trojanguard.detect.SpectralSignature`,
+:class:`~trojanguard.detect.ActivationClustering`): the checks of model, layer and batch size, the feature loop
+through a :class:`~trojanguard.models.features.FeatureTap` (:meth:`FeatureDetector.extract_features`, whose
+:class:`Features` several detectors on one layer can share), and ``score`` through a cached copy of
+``as_module()``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +21,46 @@ from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device, module_by_name
 from trojanguard.progress import progress
+
+
+def image_digests(x: torch.Tensor) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each image of ``x`` (N, C, H, W), by its float32 bytes: the same image read
+    twice gets the same digest (what lets a detector reuse the scores it computed while fitting)."""
+    pixels = x.detach().to("cpu", torch.float32).contiguous().flatten(1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in pixels]
+
+
+@dataclass
+class Features:
+    """One forward pass over a dataset: ``features`` (n, D) float64 (a layer's pooled output), ``logits`` (n, K),
+    the ``layer`` they come from and the images' ``shape`` (C, H, W)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    layer: str
+    shape: tuple[int, ...]
+    digests: list[bytes] | None = None  # one per image (image_digest), when asked for
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    def classes(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` (n,) checked against the logits' classes, or the predicted classes when None."""
+        predicted = self.predicted
+        if labels is None:
+            return predicted
+        classes = torch.as_tensor(labels).long().flatten()
+        if classes.shape != predicted.shape:
+            raise DataError(f"labels: expected shape ({len(predicted)},), got {tuple(classes.shape)}")
+        if classes.min() < 0 or classes.max() >= self.num_classes:
+            raise DataError(f"labels: expected classes in [0, {self.num_classes}), got "
+                            f"[{int(classes.min())}, {int(classes.max())}]")
+        return classes
 
 
 class FeatureDetector(Detector):
@@ -64,6 +109,35 @@ class FeatureDetector(Detector):
         if not parts:
             raise DataError("x: no images to score")
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def extract_features(self, data, description: str = "reference features", *, digests: bool = False
+                         ) -> Features:
+        """Logits and the layer's pooled features of every image of ``data`` (one forward pass); sets ``layer``
+        to the layer used (the default one when it was None). ``digests``: also each image's content digest."""
+        tap = FeatureTap(self.model, self.layer)
+        features, logits, shape, digest_list = [], [], None, [] if digests else None
+        for xb, batch_logits, feature in self._tapped(tap, data, description):
+            if digest_list is not None:
+                digest_list.extend(image_digests(xb))
+            if shape is None:
+                shape = tuple(xb.shape[1:])
+            elif tuple(xb.shape[1:]) != shape:
+                raise DataError(f"reference_data: images of shape {tuple(xb.shape[1:])} after {shape}")
+            features.append(feature.double().cpu())
+            logits.append(batch_logits.float().cpu())
+        if not features:
+            raise DataError("reference_data: no images to fit on")
+        self.layer = tap.layer_name
+        return Features(torch.cat(features), torch.cat(logits), tap.layer_name, shape, digest_list)
+
+    def _check_layer(self, features: Features) -> None:
+        """Adopt the layer of shared ``features`` (when none was chosen), or refuse features of another layer."""
+        if self.layer is None:
+            self.layer = features.layer
+        elif features.layer != self.layer:
+            raise ValueError(f"features: expected features of layer {self.layer!r} (this detector's), got "
+                             f"{features.layer!r}")
 
     @torch.no_grad()
     def _tapped(self, tap: FeatureTap, data, description: str | None = None

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trojanguard.detect._feature_detector import FeatureDetector
+from trojanguard.detect._feature_detector import FeatureDetector, Features
 from trojanguard.detect.base import SampleSizeWarning
 from trojanguard.errors import DataError, ModelLoadError, check_choice
 from trojanguard.models.features import FeatureTap
@@ -125,19 +125,15 @@ class FeatureMahalanobis(FeatureDetector):
         """Fit class means and the shared covariance on ``reference_data`` (tensor, ImageDataset, Dataset,
         DataLoader of images in [0, 1]); ``labels`` ``(N,)`` if known, else the model's predictions are used
         (the realistic case for unlabeled incoming data). Returns ``self``."""
-        tap = FeatureTap(self.model, self.layer)
-        self.layer = tap.layer_name
-        features, predicted, shape = self._features(tap, reference_data)
-        num_classes = tap.num_classes
-        if labels is None:
-            classes = predicted
-        else:
-            classes = torch.as_tensor(labels).long().flatten()
-            if classes.shape != predicted.shape:
-                raise DataError(f"labels: expected shape ({len(predicted)},), got {tuple(classes.shape)}")
-            if classes.min() < 0 or classes.max() >= num_classes:
-                raise DataError(f"labels: expected classes in [0, {num_classes}), got "
-                                f"[{int(classes.min())}, {int(classes.max())}]")
+        features = self.extract_features(reference_data)
+        return self.fit_features(features, labels)
+
+    def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> FeatureMahalanobis:
+        """:meth:`fit` on features already extracted (``extract_features``, or shared with other detectors on the
+        same layer); ``labels`` as in :meth:`fit`."""
+        self._check_layer(features)
+        classes, num_classes = features.classes(labels), features.num_classes
+        shape, features = features.shape, features.features
         counts = torch.bincount(classes, minlength=num_classes)
         fitted = counts >= self.min_class_samples
         if not fitted.any():
@@ -238,20 +234,6 @@ class FeatureMahalanobis(FeatureDetector):
         return FeatureScorer(self.model if model is None else model, self.layer, self.class_means,
                              self.covariance, self.present, self.rule)
 
-    # ------------------------------------------------------------------------------------------ internals
-    @torch.no_grad()
-    def _features(self, tap: FeatureTap, data) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        features, predicted, shape = [], [], None
-        for xb, logits, feature in self._tapped(tap, data, "reference features"):
-            if shape is None:
-                shape = tuple(xb.shape[1:])
-            elif tuple(xb.shape[1:]) != shape:
-                raise DataError(f"reference_data: images of shape {tuple(xb.shape[1:])} after {shape}")
-            features.append(feature.double().cpu())
-            predicted.append(logits.argmax(1).cpu())
-        if not features:
-            raise DataError("reference_data: no images to fit on")
-        return torch.cat(features), torch.cat(predicted), shape
 
 
 class FeatureScorer(FeatureTap):
@@ -276,10 +258,14 @@ class FeatureScorer(FeatureTap):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, feature = super().forward(x)
+        return logits, self.head(logits, feature)
+
+    def head(self, logits: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The score ``(N,)`` from the logits ``(N, K)`` and pooled feature ``(N, D)`` of one forward pass."""
         if self.rule == "predicted" and self.all_present:
             # the serving path, in as few graph nodes as possible: f W − c_k is one Gemm (beta = −1)
             difference = torch.addmm(self.centres[logits.argmax(1)], feature, self.whitening, beta=-1)
-            return logits, torch.linalg.vector_norm(difference, dim=1)
+            return torch.linalg.vector_norm(difference, dim=1)
         z = feature @ self.whitening
         if self.rule == "nearest" or not self.all_present:
             # the nearest centre from ‖z‖² − 2 z·c + ‖c‖² (no (N, K, D) tensor), its distance computed directly:
@@ -288,12 +274,12 @@ class FeatureScorer(FeatureTap):
             squared = (z * z).sum(1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(1)
             nearest = torch.linalg.vector_norm(z - centres[squared.argmin(1)], dim=1)
             if self.rule == "nearest":
-                return logits, nearest
+                return nearest
         predicted = logits.argmax(1)
         distance = torch.linalg.vector_norm(z - self.centres[predicted], dim=1)
         if not self.all_present:
             distance = torch.where(self.present[predicted], distance, nearest)
-        return logits, distance
+        return distance
 
 
 def sample_size_warnings(counts: torch.Tensor, dim: int, min_class_samples: int, support_fraction: float

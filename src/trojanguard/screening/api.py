@@ -22,7 +22,7 @@ from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.io import check_finite_weights, model_sha256
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
-from trojanguard.screening.detectors import BatchScorer, build_detector
+from trojanguard.screening.detectors import DEFAULT_DETECTOR, BatchScorer, build_detector
 from trojanguard.screening.records import (
     FORMAT,
     MAGIC,
@@ -126,7 +126,7 @@ def _resolve_calibration(calibration, data, threshold):
     return calibration
 
 
-def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path, fpr: float = DEFAULT_FPR,
+def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir: str | Path, fpr: float = DEFAULT_FPR,
            threshold: float | None = None, calibration="auto", batch_size: int = 64,
            detector_options: dict | None = None, top_k: int = 16, image_size: int | None = None, channels: int = 3,
            overwrite: bool = False, report: bool = True, show_progress: bool = True, reference=None,
@@ -138,9 +138,11 @@ def screen(model: nn.Module, data, *, detector: str = "cd", out_dir: str | Path,
         data: an image folder or ``.npz`` path (streamed: one batch in memory at a time), ``"digits"`` (the
             embedded training split), ``"zoo:<attack>"`` (a zoo model's poisoned training set, truth known), a
             tensor / ``ImageDataset``, or an :class:`~trojanguard.screening.ImageSource`.
-        detector: a name from :data:`~trojanguard.screening.DETECTORS` — ``"cd"`` (Cognitive Distillation),
-            ``"features"`` (robust feature-space Mahalanobis distance, fitted on the screened data itself) or
-            ``"amortized"`` (where this version has it).
+        detector: a name from :data:`~trojanguard.screening.DETECTORS` — ``"cd"`` (Cognitive Distillation,
+            the default: ``screening.detectors.DEFAULT_DETECTOR``), ``"features"`` (robust feature-space Mahalanobis
+            distance), ``"spectral"`` (Spectral Signatures), ``"clustering"`` (Activation Clustering),
+            ``"ensemble"`` (CD-P and those three fused by rank; these four are fitted on the screened data itself)
+            or ``"amortized"`` (where this version has it).
         out_dir: folder for ``results.csv`` (durable, resumable), the report and ``calibration.csv``.
         fpr: target false-positive rate when calibrating on clean reference data.
         threshold: a fixed threshold (no calibration).

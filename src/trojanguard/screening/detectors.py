@@ -128,6 +128,15 @@ class OnePassScorer(BatchScorer):
 
 
 
+class EnsembleScorer(BatchScorer):
+    """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data, whose scores it keeps, so
+    the batches of the screened data cost no second CD pass; the report's grid shows its CD member's masks."""
+
+    def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
+        """``masks`` and ``patterns`` of the ensemble's first CD member for samples ``indices`` (images ``x``)."""
+        return self.detector.explain(x, indices)
+
+
 @dataclass(frozen=True)
 class ScreeningDetector:
     """A detector ``screen`` can run: ``build(model, **options) -> Detector`` and the scorer class that runs it."""
@@ -161,6 +170,12 @@ def _build_cd(model: nn.Module, **options) -> Detector:
     from trojanguard.detect import CognitiveDistillation
 
     return CognitiveDistillation(model, **{"show_progress": False, **options})
+
+
+def _build_ensemble(model: nn.Module, **options) -> Detector:
+    from trojanguard.detect import Ensemble
+
+    return Ensemble(model, **{"show_progress": False, **options})
 
 
 def _build_features(model: nn.Module, **options) -> Detector:
@@ -198,11 +213,28 @@ register_detector("cd", _build_cd, "Cognitive Distillation: per-sample mask opti
 register_detector("features", _build_features,
                   "robust class-conditional Mahalanobis distance of features (one forward pass; fitted on the data)",
                   OnePassScorer, options_of=lambda: _import_optional("trojanguard.detect", "FeatureMahalanobis"))
+register_detector("spectral", _optional("trojanguard.detect", "SpectralSignature", "spectral"),
+                  "Spectral Signatures: squared projection of features on their class's top singular direction "
+                  "(one forward pass; fitted on the data)", OnePassScorer,
+                  options_of=lambda: _import_optional("trojanguard.detect", "SpectralSignature"))
+register_detector("clustering", _optional("trojanguard.detect", "ActivationClustering", "clustering"),
+                  "Activation Clustering: per class, 2-means on reduced features, the small cluster of a clean split "
+                  "(one forward pass; fitted on the data)", OnePassScorer,
+                  options_of=lambda: _import_optional("trojanguard.detect", "ActivationClustering"))
+register_detector("ensemble", _build_ensemble,
+                  "CD-P with the features, spectral and clustering detectors, fused by rank without labels (fitted on "
+                  "the data; CD's cost plus two forward passes)", EnsembleScorer,
+                  options_of=lambda: _import_optional("trojanguard.detect", "Ensemble"))
 register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
                   "amortised Cognitive Distillation: a head on the model's features, trained on CD's scores of a "
                   "subset of the screened data, scores in one pass",
                   options_of=lambda: _import_optional("trojanguard.detect", "AmortizedCD"))
-OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD")}
+OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD"),
+                    "spectral": ("trojanguard.detect", "SpectralSignature"),
+                    "clustering": ("trojanguard.detect", "ActivationClustering")}
+# What ``screen`` and ``trojanguard screen --detector`` run when no detector is named. Switching the default (e.g. to
+# "ensemble", once chosen by leave-one-family-out on the wider zoo) is this one line.
+DEFAULT_DETECTOR = "cd"
 
 
 def available_detectors() -> dict[str, str | None]:

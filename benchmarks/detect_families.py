@@ -1,0 +1,257 @@
+"""Detection across trigger families: every ensemble member alone, and every fusion rule over member sets, scoring
+the poisoned training set itself (no clean data), per zoo attack; plus FPR control and leave-one-family-out.
+
+Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
+[--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
+``spectral`` and ``clustering`` fitted on the whole training set.
+
+- The screened set: a seeded stratified ``--fraction`` of the zoo model's poisoned training set (poisoned and clean
+  alike, so the poison rate is the zoo's), or with ``--clean N`` every poisoned sample plus N clean ones (as
+  ``cd_effectiveness.py``; the poison is then most of the set, which the self-fitted members are not made for).
+- Each attack: ``Ensemble(model, members=<all>).fit(screened)`` fits the feature members on the screened set and
+  scores it with every member (CD members once each; ``member_seconds`` times them), so every member set and
+  fusion rule is evaluated from the same scores, exactly as ``Ensemble`` fuses them (``detect.ensemble.fuse``).
+- ``--fpr-attacks``: every member also scores the zoo's clean test split; a threshold calibrated at ``--fpr`` on a
+  random half is applied to the other half (``--splits`` random splits): the calibrated FPR. The robust rule's FPR
+  (no clean data) is the fraction of clean screened samples above ``median + 3.5 · 1.4826 · MAD``.
+- Attacks default to every name in ``trojanguard.attacks.ATTACKS`` (new families join without code change).
+- The results file (JSON) is written after each attack and is resumed: attacks already in it are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trojanguard.attacks import ATTACKS
+from trojanguard.detect.ensemble import DEFAULT_MEMBERS, FUSIONS, MEMBERS, Ensemble, fuse
+from trojanguard.metrics import auroc
+from trojanguard.thresholds import quantile_threshold, robust_threshold
+from trojanguard.zoo import ZooConfig, get_backdoored_model
+
+# member sets evaluated with every fusion rule (besides each member alone)
+MEMBER_SETS = {
+    "default": DEFAULT_MEMBERS,
+    "all": MEMBERS,
+    "cd-p+features": ("cd-p", "features"),
+    "cd-p+cd-l+features": ("cd-p", "cd-l", "features"),
+    "no-cd": ("features", "spectral", "clustering"),
+}
+
+
+def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: int) -> torch.Tensor:
+    """Indices of the screened set (module docstring), sorted."""
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = torch.nonzero(poisoned).flatten(), torch.nonzero(~poisoned).flatten()
+    if clean:
+        return torch.cat([pos, neg[torch.randperm(len(neg), generator=g)[:clean]]]).sort().values
+    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[: max(1, round(fraction * len(idx)))]]
+    return torch.cat([pick(pos), pick(neg)]).sort().values
+
+
+def run_attack(attack: str, args) -> dict:
+    entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
+    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
+    x, truth = entry.train.dataset.x[index], entry.train.is_poisoned[index]
+    ensemble = Ensemble(entry.model, members=MEMBERS, steps=args.steps, seed=args.seed, show_progress=False)
+    started = time.perf_counter()
+    ensemble.fit(x)
+    record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
+              "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
+              "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
+              "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(MEMBERS)}}
+    if attack in args.fpr_attacks:
+        test = ensemble.member_scores(entry.test.x)
+        record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(MEMBERS)}
+    return record
+
+
+def rows_of(record: dict) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``{row name: (screened-set scores, clean test scores or None)}`` for each member and member set × fusion."""
+    reference = torch.tensor([record["scores"][m] for m in MEMBERS], dtype=torch.float64).T
+    test = record.get("test_scores")
+    test = None if test is None else torch.tensor([test[m] for m in MEMBERS], dtype=torch.float64).T
+    out = {m: (reference[:, k].numpy(), None if test is None else test[:, k].numpy()) for k, m in enumerate(MEMBERS)}
+    for (set_name, members), fusion in itertools.product(MEMBER_SETS.items(), FUSIONS):
+        columns = [MEMBERS.index(m) for m in members]
+        ref = reference[:, columns]
+        fused_test = None if test is None else fuse(ref, test[:, columns], fusion).numpy()
+        out[f"{set_name} / {fusion}"] = (fuse(ref, ref, fusion).numpy(), fused_test)
+    return out
+
+
+def seconds_of(row: str, record: dict) -> float:
+    members = (row,) if row in MEMBERS else MEMBER_SETS[row.split(" / ")[0]]
+    seconds = record["member_seconds"]
+    feature = seconds["feature pass"] if any(m not in ("cd-p", "cd-l", "cd-f") for m in members) else 0.0
+    return feature + sum(seconds[m] for m in members if m in seconds and m.startswith("cd"))
+
+
+def report(results: dict, args) -> str:
+    records = [results["attacks"][a] for a in results["attacks"]]
+    attacks = [r["attack"] for r in records]
+    rows = {a: rows_of(r) for a, r in zip(attacks, records)}
+    names = list(rows[attacks[0]])
+    table = {name: {a: auroc(torch.tensor(r["truth"]).bool(), torch.tensor(rows[a][name][0]))
+                    for a, r in zip(attacks, records)} for name in names}
+    lines = [f"AUROC on the screened poisoned training set ({results['setting']})", "",
+             "| detector | " + " | ".join(attacks) + " | min | images/s (vs CD-P) |",
+             "|---|" + "---|" * (len(attacks) + 2)]
+    cd_p_rate = np.mean([r["images"] / r["member_seconds"]["cd-p"] for r in records]) if "cd-p" in MEMBERS else None
+    for name in names:
+        rate = np.mean([r["images"] / seconds_of(name, r) for r in records])
+        ratio = f" ({rate / cd_p_rate:.2f}×)" if cd_p_rate else ""
+        lines.append(f"| {name} | " + " | ".join(f"{table[name][a]:.3f}" for a in attacks)
+                     + f" | {min(table[name].values()):.3f} | {rate:.1f}{ratio} |")
+    lines += ["", "Bar: never worse than CD-L by more than 0.02 (worst margin per row, ensemble rows):"]
+    for name in names:
+        if " / " in name:
+            margin = min(table[name][a] - table["cd-l"][a] for a in attacks)
+            lines.append(f"- {name}: {margin:+.3f}")
+    lines += ["", ("Robust rule without clean data (median + 3.5·1.4826·MAD of the screened scores): FPR on the "
+              "screened clean samples, mean [min, max] over attacks; TPR likewise"), "",
+              "| detector | FPR | TPR |", "|---|---|---|"]
+    for name in names:
+        fprs, tprs = [], []
+        for a, r in zip(attacks, records):
+            truth, scores = np.array(r["truth"], bool), rows[a][name][0]
+            flagged = scores > robust_threshold(scores)
+            fprs.append(flagged[~truth].mean())
+            tprs.append(flagged[truth].mean())
+        lines.append(f"| {name} | {np.mean(fprs):.3f} [{min(fprs):.3f}, {max(fprs):.3f}] | "
+                     f"{np.mean(tprs):.3f} [{min(tprs):.3f}, {max(tprs):.3f}] |")
+    calibrated = [a for a, r in zip(attacks, records) if "test_scores" in r]
+    if calibrated:
+        g = np.random.default_rng(args.seed)
+        lines += ["", (f"Calibrated FPR (target {args.fpr}): threshold at the {1 - args.fpr:g} quantile of a random half "
+                  f"of the clean test split, FPR on the other half; mean ± sd over {args.splits} splits "
+                  f"({', '.join(calibrated)})"), "", "| detector | " + " | ".join(calibrated) + " |",
+                  "|---|" + "---|" * len(calibrated)]
+        for name in names:
+            cells = []
+            for a in calibrated:
+                test = rows[a][name][1]
+                rates = []
+                for _ in range(args.splits):
+                    order = g.permutation(len(test))
+                    half = len(test) // 2
+                    threshold = quantile_threshold(test[order[:half]], args.fpr)
+                    rates.append((test[order[half:]] > threshold).mean())
+                cells.append(f"{np.mean(rates):.3f} ± {np.std(rates):.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def candidate_sets(admissible_only: bool) -> dict[str, tuple[str, ...]]:
+    """Member subsets LOFO chooses among: with ``admissible_only``, those within the throughput bar (at most one CD
+    member, CD-P: ≥ 0.8× CD-P alone); else every subset of the members."""
+    pool = [m for m in MEMBERS if m not in ("cd-l", "cd-f")] if admissible_only else list(MEMBERS)
+    return {"+".join(c): c for r in range(1, len(pool) + 1) for c in itertools.combinations(pool, r)}
+
+
+def lofo(results: dict) -> str:
+    """Leave one family out: on all families but one, choose the setting (member subset × fusion rule) with the best
+    worst-case AUROC (ties: best mean); report the held-out family's AUROC with it. Twice: among settings within
+    the throughput bar, and among all."""
+    records = list(results["attacks"].values())
+    attacks = [r["attack"] for r in records]
+    if len(attacks) < 2:
+        return "Leave one family out: needs results of at least two attacks."
+    lines = []
+    for admissible in (True, False):
+        table: dict[str, dict[str, float]] = {}
+        for r in records:
+            truth = torch.tensor(r["truth"]).bool()
+            reference = torch.tensor([r["scores"][m] for m in MEMBERS], dtype=torch.float64).T
+            for set_name, members in candidate_sets(admissible).items():
+                columns = [MEMBERS.index(m) for m in members]
+                for fusion in FUSIONS if len(members) > 1 else ("rank",):
+                    fused = fuse(reference[:, columns], reference[:, columns], fusion)
+                    table.setdefault(f"{set_name} / {fusion}", {})[r["attack"]] = auroc(truth, fused)
+        title = "within the throughput bar (CD-P the only CD member)" if admissible else "all member subsets"
+        lines += [(f"Leave one family out, {len(table)} settings {title}; chosen on the others by worst-case AUROC, "
+                  "then mean:"), "", "| held out | chosen | AUROC held out | best setting on it | CD-L on it |",
+                  "|---|---|---|---|---|"]
+        for held in attacks:
+            others = [a for a in attacks if a != held]
+            chosen = max(table, key=lambda n: (min(table[n][a] for a in others),
+                                               np.mean([table[n][a] for a in others])))
+            best = max(table, key=lambda n: table[n][held])
+            cd_l = f"{auroc(torch.tensor(records[attacks.index(held)]['truth']).bool(), torch.tensor(records[attacks.index(held)]['scores']['cd-l'])):.3f}"
+            lines.append(f"| {held} | {chosen} | {table[chosen][held]:.3f} | {best} ({table[best][held]:.3f}) | "
+                         f"{cd_l} |")
+        overall = max(table, key=lambda n: (min(table[n].values()), np.mean(list(table[n].values()))))
+        lines += ["", f"Best worst-case on all families ({title}): {overall}: "
+                  + ", ".join(f"{a} {table[overall][a]:.3f}" for a in attacks), ""]
+    return "\n".join(lines)
+
+
+def variants(attacks: list[str]) -> str:
+    """AUROC of the new members' options, each fitted on the whole poisoned training set (one shared feature pass)."""
+    from trojanguard.detect import ActivationClustering, FeatureMahalanobis, SpectralSignature
+
+    settings = {"features": lambda m: FeatureMahalanobis(m, show_progress=False)}
+    for scale in ("none", "median"):
+        settings[f"spectral {scale}"] = lambda m, s=scale: SpectralSignature(m, scale=s, show_progress=False)
+    for reduction, score in itertools.product(("pca", "ica"), ("size", "distance")):
+        settings[f"AC {reduction}·{score}"] = lambda m, r=reduction, c=score: ActivationClustering(
+            m, reduction=r, score=c, show_progress=False)
+    lines = ["| attack | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for attack in attacks:
+        entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
+        lead = settings["features"](entry.model)
+        features = lead.extract_features(entry.train.dataset.x)
+        cells = []
+        for build in settings.values():
+            detector = build(entry.model).fit_features(features)
+            scores = detector.as_module().head(features.logits, features.features.float())
+            cells.append(f"{auroc(entry.train.is_poisoned, scores):.3f}")
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), choices=sorted(ATTACKS))
+    parser.add_argument("--fraction", type=float, default=0.2, help="stratified fraction of the training set")
+    parser.add_argument("--clean", type=int, default=0, help="every poisoned sample + this many clean (0: --fraction)")
+    parser.add_argument("--steps", type=int, default=100, help="CD steps")
+    parser.add_argument("--fpr-attacks", nargs="*", default=["badnets"], help="attacks whose test split is scored")
+    parser.add_argument("--fpr", type=float, default=0.05)
+    parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("detect_families.json"))
+    parser.add_argument("--lofo", action="store_true", help="only report from the results file")
+    parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")
+    args = parser.parse_args()
+    if args.variants:
+        print(variants(args.attacks))
+        return
+    setting = (f"{'clean ' + str(args.clean) if args.clean else 'fraction ' + str(args.fraction)}, steps {args.steps}, "
+               f"seed {args.seed}")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if results.get("setting") != setting:
+        results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
+                   f"{torch.__version__}, {torch.get_num_threads()} threads", "attacks": {}}
+    if not args.lofo:
+        for attack in args.attacks:
+            if attack in results["attacks"] and ("test_scores" in results["attacks"][attack]
+                                                 or attack not in args.fpr_attacks):
+                continue
+            results["attacks"][attack] = run_attack(attack, args)
+            args.out.write_text(json.dumps(results))
+            print(f"{attack}: done in {results['attacks'][attack]['seconds']:.0f} s", flush=True)
+    print(report(results, args))
+    print()
+    print(lofo(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""An ensemble of detectors whose scores are combined without labels.
+
+Members (:data:`MEMBERS`): Cognitive Distillation in its three modes (``cd-p``, ``cd-l``, ``cd-f``), the robust
+feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) and Activation Clustering
+(``clustering``). The three feature members read one layer and share one forward pass (fit and score); each CD
+member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
+
+Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
+on it, and every member scores it. Those *reference scores* define each member's empirical CDF ``F_m``; a sample's
+fused score combines its members' ``F_m(s_m)`` — where its score falls in the member's distribution over the
+reference set — by ``fusion`` (:data:`FUSIONS`):
+
+- ``"rank"`` (default): the mean of ``F_m`` — on the reference set itself, the mean of the members' normalised
+  ranks (mid-ranks for ties), the classic rank fusion (Borda count);
+- ``"probit"``: the mean of ``Φ⁻¹(F_m)`` (van der Waerden scores; Stouffer's combination), which weighs a member
+  that puts a sample in its extreme tail more than the mean of ranks does;
+- ``"max"``: the largest ``F_m``, suspicious as soon as one member is;
+- ``"select"``: per dataset, the one member whose reference scores are the most bimodal (Sarle's bimodality
+  coefficient; a poisoned minority gives a detector that separates it a second mode), its ``F_m``;
+- ``"zscore"``: not a rank: the mean of the members' robust z-scores ``(s_m − median_m) / (1.4826 · MAD_m)`` over
+  the reference set. Ranks are bounded, so they cannot say *how far* out a sample lies and an outlier rule on
+  rank-fused scores (``screen``'s ``robust_z`` without clean data) flags nothing; z-scores keep that distance.
+
+Why empirical CDFs. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
+projection, a cluster's size); ranks are the label-free common scale. Ranks taken inside each scored batch would
+depend on the batch; ``F_m`` is fixed once the ensemble is fitted, so the fused score is a function of the sample
+alone: batch-independent, resumable, and meaningful to calibrate — ``calibrate(clean_x, fpr)`` puts the threshold
+at the ``1 − fpr`` quantile of clean reference images' fused scores (:mod:`trojanguard.thresholds`), which is then
+held on other clean images like every detector's. A score beyond the reference range maps to 0 or 1.
+
+Scoring the fit data again costs nothing: fit keeps each image's scores under its content digest, and
+:meth:`Ensemble.score` reuses them (so ``fit(x)`` then ``score(x)`` runs CD once per image, and ``screen`` fitting
+on the screened set does not distil it twice). Other images are scored by every member.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trojanguard.data.batching import iter_image_batches
+from trojanguard.detect._feature_detector import image_digests
+from trojanguard.detect.base import Detector
+from trojanguard.errors import DataError, check_choice, check_positive_int
+from trojanguard.models.adapters import Classifier, as_classifier
+from trojanguard.models.features import FeatureTap, model_device
+
+CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
+FEATURE_MEMBERS = ("features", "spectral", "clustering")
+MEMBERS = (*CD_MODES, *FEATURE_MEMBERS)
+DEFAULT_MEMBERS = ("cd-p", "features", "spectral", "clustering")
+FUSIONS = ("rank", "probit", "max", "select", "zscore")
+RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
+MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
+
+
+def _build_member(name: str, model: nn.Module, options: dict, show_progress: bool) -> Detector:
+    if name in CD_MODES:
+        from trojanguard.detect.cognitive_distillation import CognitiveDistillation
+
+        return CognitiveDistillation(model, mode=CD_MODES[name], **{"show_progress": show_progress, **options})
+    if name == "features":
+        from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis as cls
+    elif name == "spectral":
+        from trojanguard.detect.spectral import SpectralSignature as cls
+    else:
+        from trojanguard.detect.activation_clustering import ActivationClustering as cls
+    return cls(model, **{"show_progress": show_progress, **options})
+
+
+def parse_members(members: str | Sequence[str]) -> tuple[str, ...]:
+    """Member names from a sequence or a comma-separated string, checked: unknown, repeated or none is an error."""
+    names = [m.strip() for m in members.split(",")] if isinstance(members, str) else list(members)
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError(f"members: expected at least one of {', '.join(MEMBERS)}, got none")
+    for name in names:
+        if not isinstance(name, str) or name not in MEMBERS:
+            raise ValueError(f"members: unknown member {name!r}; expected names from {', '.join(MEMBERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"members: expected each member once, got {names}")
+    return tuple(names)
+
+
+class Ensemble(Detector):
+    """Several detectors' scores fused without labels (module docstring): fit on the screened data, then score.
+
+    Args:
+        model: any ``nn.Module`` classifier taking ``(N, C, H, W)`` in [0, 1] and returning ``(N, K)`` logits;
+            never modified.
+        members: names from :data:`MEMBERS` (a sequence, or a comma-separated string); default
+            :data:`DEFAULT_MEMBERS`.
+        fusion: how members' scores are combined, one of :data:`FUSIONS` (module docstring).
+        layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
+            global pooling.
+        steps: optimisation steps of the CD members.
+        member_options: ``{member name: {option: value}}`` passed to that member's constructor.
+        batch_size: images per batch (members' forward passes and CD's optimisation).
+        seed: every member's seed.
+        show_progress: progress bars.
+
+    After :meth:`fit`: ``reference_scores`` (n, M) raw member scores of the fit data (columns in ``members``
+    order), ``member_seconds`` {name: seconds} spent fitting and scoring it (the feature members share
+    ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses).
+    """
+
+    model_kind = Classifier
+
+    def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "rank",
+                 layer: str | None = None, steps: int = 100, member_options: dict | None = None,
+                 batch_size: int = 256, seed: int = 0, show_progress: bool = True):
+        model = as_classifier(model).module
+        self.members = parse_members(members)
+        check_choice("fusion", fusion, FUSIONS)
+        check_positive_int("steps", steps)
+        check_positive_int("batch_size", batch_size)
+        member_options = dict(member_options or {})
+        for name in member_options:
+            if name not in self.members:
+                raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(self.members)}")
+        self.model, self.fusion, self.layer, self.steps = model, fusion, layer, steps
+        self.member_options, self.batch_size, self.seed = member_options, batch_size, seed
+        self.show_progress = show_progress
+        self.detectors: dict[str, Detector] = {}
+        for name in self.members:
+            options = {"batch_size": batch_size, "seed": seed, **member_options.get(name, {})}
+            if name in CD_MODES:
+                options = {"steps": steps, **options}
+                if name == "cd-f" and layer is not None:
+                    options = {"layer": layer, **options}
+            else:
+                options = {"layer": layer, **options}
+            self.detectors[name] = _build_member(name, model, options, show_progress)
+        layers = {self.detectors[n].layer for n in self.members if n in FEATURE_MEMBERS}
+        if len(layers) > 1:
+            raise ValueError(f"member_options: the feature members share one forward pass, so they need one layer; "
+                             f"got {sorted(map(str, layers))}")
+        self.reference_scores: torch.Tensor | None = None
+        self.member_seconds: dict[str, float] = {}
+        self.bimodality: dict[str, float] = {}
+        self.selected: str | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self._sorted: torch.Tensor | None = None  # (M, n) each member's reference scores, sorted
+        self._memo: dict[bytes, int] = {}
+        self._heads: _SharedFeatures | None = None
+
+    def __repr__(self) -> str:
+        keys = ("members", "fusion", "layer", "steps", "member_options", "batch_size", "seed")
+        return f"Ensemble({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+    @property
+    def fitted(self) -> bool:
+        return self.reference_scores is not None
+
+    @property
+    def feature_members(self) -> tuple[str, ...]:
+        return tuple(n for n in self.members if n in FEATURE_MEMBERS)
+
+    @property
+    def cd_members(self) -> tuple[str, ...]:
+        return tuple(n for n in self.members if n in CD_MODES)
+
+    # ------------------------------------------------------------------------------------------ public API
+    def fit(self, data, labels: torch.Tensor | None = None) -> Ensemble:
+        """Fit the fitted members on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) —
+        the screened set itself, or trusted reference data — and score it with every member; ``labels`` (N,) if
+        known (feature members), else the model's predictions. Returns ``self``."""
+        import time
+
+        columns: dict[str, torch.Tensor] = {}
+        self.member_seconds = {}
+        started = time.perf_counter()
+        if self.feature_members:
+            lead = self.detectors[self.feature_members[0]]
+            features = lead.extract_features(data, "ensemble features", digests=True)
+            digests, shape = features.digests, features.shape
+            for name in self.feature_members:
+                member = self.detectors[name]
+                member.fit_features(features, labels)
+            self._heads = _SharedFeatures(self.model, features.layer,
+                                          [self.detectors[n].as_module() for n in self.feature_members])
+            scores = self._heads.head_scores(features.logits, features.features.float())
+            columns.update(zip(self.feature_members, scores.unbind(1)))
+            self.layer = features.layer
+        else:
+            digests, shape = [], None
+            for xb, _ in iter_image_batches(data, self.batch_size):
+                digests.extend(image_digests(xb))
+                shape = shape or tuple(xb.shape[1:])
+        self.member_seconds["feature pass"] = time.perf_counter() - started
+        for name in self.cd_members:
+            started = time.perf_counter()
+            columns[name] = self.detectors[name].score(data).double()
+            self.member_seconds[name] = time.perf_counter() - started
+        if len(digests) < MIN_REFERENCE:
+            raise DataError(f"data: expected at least {MIN_REFERENCE} images to fit the ensemble on, got "
+                            f"{len(digests)}")
+        for name, column in columns.items():
+            if len(column) != len(digests):
+                raise DataError(f"data: member {name!r} scored {len(column)} images of {len(digests)}; pass data "
+                                "that reads the same images every time it is iterated")
+        self.reference_scores = torch.stack([columns[n].double() for n in self.members], 1)
+        self._sorted = self.reference_scores.T.sort(dim=1).values
+        self.bimodality = {n: bimodality_coefficient(self.reference_scores[:, m]) for m, n in enumerate(self.members)}
+        self.selected = max(self.members, key=lambda n: self.bimodality[n])
+        self._memo = {digest: row for row, digest in enumerate(digests)}
+        self.input_shape = shape
+        return self
+
+    def score(self, x) -> torch.Tensor:
+        """Fused suspicion ``(N,)``, higher = more suspicious (module docstring)."""
+        return self.fuse(self.member_scores(x))
+
+    def fuse(self, member_scores: torch.Tensor, fusion: str | None = None) -> torch.Tensor:
+        """Fused scores ``(N,)`` of raw member scores ``(N, M)`` (columns in ``members`` order) by ``fusion``
+        (default: the ensemble's), against the fit data's reference scores."""
+        self._require_fit("Ensemble.fuse")
+        fusion = self.fusion if fusion is None else fusion
+        selected = self.members.index(self.selected)
+        return fuse(self.reference_scores, member_scores, fusion, selected=selected)
+
+    def member_scores(self, x) -> torch.Tensor:
+        """Raw scores ``(N, M)`` of every member (columns in ``members`` order); images of the fit data reuse the
+        scores computed while fitting."""
+        self._require_fit("Ensemble.score")
+        parts, offset = [], 0
+        for xb, _ in iter_image_batches(x, self.batch_size):
+            rows = [self._memo.get(d) for d in image_digests(xb)]
+            out = torch.empty(len(xb), len(self.members), dtype=torch.float64)
+            known = [i for i, r in enumerate(rows) if r is not None]
+            if known:
+                out[known] = self.reference_scores[[rows[i] for i in known]]
+            missing = [i for i, r in enumerate(rows) if r is None]
+            if missing:
+                out[missing] = self._compute(xb[missing], torch.tensor(missing) + offset)
+            parts.append(out)
+            offset += len(xb)
+        if not parts:
+            raise DataError("x: no images to score")
+        return torch.cat(parts)
+
+    def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The first CD member's ``masks`` (K, M, H, W) and ``patterns`` x·m (K, C, H, W) of images ``x`` (samples
+        ``indices`` of the screened data); ``{}`` when no member is CD."""
+        if not self.cd_members:
+            return {}
+        cd = self.detectors[self.cd_members[0]]
+        parts = [r for _, r in cd.iter_distill(x, keep_masks=True, sample_indices=torch.as_tensor(indices))]
+        return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _require_fit(self, where: str) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{where}: call fit(data) first (the screened data itself, or reference data)")
+
+    def _compute(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Raw member scores (B, M) of images ``x`` not seen in the fit; ``indices``: their positions in the
+        scored data (CD's noise streams)."""
+        columns: dict[str, torch.Tensor] = {}
+        if self.feature_members:
+            device = model_device(self.model)
+            self._heads.to(device)
+            with torch.no_grad():
+                scores = self._heads(x.to(device, torch.float32)).cpu()
+            columns.update(zip(self.feature_members, scores.unbind(1)))
+        for name in self.cd_members:
+            parts = [r.scores for _, r in self.detectors[name].iter_distill(x, keep_masks=False,
+                                                                          sample_indices=indices)]
+            columns[name] = torch.cat(parts)
+        return torch.stack([columns[n].double() for n in self.members], 1)
+
+
+class _SharedFeatures(FeatureTap):
+    """One forward pass for every feature member: ``forward(x) -> (B, F)`` scores of the members' heads."""
+
+    def __init__(self, model: nn.Module, layer: str, scorers: list[nn.Module]):
+        super().__init__(model, layer)
+        self.heads: list[Callable] = [s.head for s in scorers]
+        self.scorers = nn.ModuleList(scorers)
+
+    def head_scores(self, logits: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(logits, feature).double() for head in self.heads], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits, feature = super().forward(x)
+        return self.head_scores(logits, feature)
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Where each of ``values`` (N,) falls in the distribution of ``reference`` (n,), in (0, 1), float64.
+
+    At a reference value: its mid-rank ECDF, ``(#below + #not above) / 2n`` (ties counted half), so on the reference
+    set itself this is the normalised rank. Between two reference values: linear between theirs. Beyond the range:
+    towards 0 or 1 as ``exp(−distance / s)``, ``s`` = the reference range / n — strictly increasing, so clean images
+    scored later do not all tie at the top (which would defeat a quantile threshold). +inf maps to 1; NaN stays NaN.
+    """
+    ref = reference.double().numpy()
+    ref = np.sort(ref[~np.isnan(ref)])
+    v = values.double().numpy()
+    n = len(ref)
+    if n == 0:
+        return torch.full(v.shape, math.nan, dtype=torch.float64)
+    knots = np.unique(ref)
+    cdf = (np.searchsorted(ref, knots, side="left") + np.searchsorted(ref, knots, side="right")) / (2 * n)
+    out = np.interp(v, knots, cdf)
+    spread = (knots[-1] - knots[0]) / n if np.isfinite(knots[-1] - knots[0]) else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        above, below = v > knots[-1], v < knots[0]
+        if spread > 0:
+            out[above] = cdf[-1] + (1 - cdf[-1]) * -np.expm1(-(v[above] - knots[-1]) / spread)
+            out[below] = cdf[0] * np.exp(-(knots[0] - v[below]) / spread)
+        else:
+            out[above], out[below] = 1.0, 0.0
+    out[np.isnan(v)] = math.nan
+    return torch.from_numpy(out)
+
+
+def robust_z(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(values − median) / σ̂`` with σ̂ = 1.4826 · MAD of the finite ``reference`` (1.2533 · mean absolute deviation
+    when the MAD is 0; 1 when that is 0 too), float64."""
+    from trojanguard.thresholds import MAD_TO_SIGMA, MEAN_AD_TO_SIGMA
+
+    ref = reference.double()
+    ref = ref[torch.isfinite(ref)]
+    if len(ref) == 0:
+        return torch.full(values.shape, math.nan, dtype=torch.float64)
+    median = ref.median()
+    deviation = (ref - median).abs()
+    sigma = MAD_TO_SIGMA * float(deviation.median())
+    if sigma <= 0:
+        sigma = MEAN_AD_TO_SIGMA * float(deviation.mean())
+    return (values.double() - median) / (sigma if sigma > 0 else 1.0)
+
+
+def bimodality_coefficient(scores: torch.Tensor) -> float:
+    """Sarle's bimodality coefficient ``(g² + 1) / (κ + 3(n − 1)² / ((n − 2)(n − 3)))`` of the finite scores (g:
+    sample skewness, κ: excess kurtosis, both bias-corrected); 5/9 for a uniform distribution, larger for
+    bimodal or heavily skewed ones, 0 for constant scores or fewer than 4."""
+    from scipy.stats import kurtosis, skew
+
+    values = scores.double().numpy()
+    values = values[np.isfinite(values)]
+    n = len(values)
+    if n < 4 or np.ptp(values) <= 1e-12 * max(np.abs(values).max(), 1e-300):
+        return 0.0
+    g, excess = skew(values, bias=False), kurtosis(values, bias=False)
+    denominator = excess + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))
+    return float((g * g + 1) / denominator) if denominator > 0 else 0.0
+
+
+def fuse(reference: torch.Tensor, scores: torch.Tensor, fusion: str = "rank", *, selected: int | None = None
+         ) -> torch.Tensor:
+    """Fused scores ``(N,)`` of raw member scores ``scores`` (N, M) against the reference scores (n, M) of the same
+    members (module docstring). ``selected``: the member ``"select"`` uses (default: the most bimodal reference
+    column). NaN member scores are left out of a sample's fusion (NaN when all are)."""
+    check_choice("fusion", fusion, FUSIONS)
+    if reference.dim() != 2 or scores.dim() != 2 or reference.shape[1] != scores.shape[1]:
+        raise ValueError(f"scores: expected (N, M) member scores matching the reference's (n, M), got "
+                         f"{tuple(scores.shape)} and {tuple(reference.shape)}")
+    if fusion == "zscore":
+        return torch.stack([robust_z(reference[:, m], scores[:, m]) for m in range(scores.shape[1])], 1
+                           ).nanmean(1).float()
+    if fusion == "select":
+        if selected is None:
+            selected = int(np.argmax([bimodality_coefficient(reference[:, m]) for m in range(reference.shape[1])]))
+        return empirical_cdf(reference[:, selected], scores[:, selected]).float()
+    cdf = torch.stack([empirical_cdf(reference[:, m], scores[:, m]) for m in range(scores.shape[1])], 1)
+    if fusion == "rank":
+        return cdf.nanmean(1).float()
+    if fusion == "probit":
+        n = len(reference)
+        clipped = cdf.clamp(0.5 / n, 1 - 0.5 / n)
+        return (math.sqrt(2) * torch.erfinv(2 * clipped - 1)).nanmean(1).float()
+    fused = torch.where(torch.isnan(cdf), torch.full_like(cdf, -math.inf), cdf).amax(1)
+    return torch.where(torch.isinf(fused), torch.full_like(fused, math.nan), fused).float()
+

@@ -1,0 +1,173 @@
+"""The ensemble: fusion on hand-made member scores (order, ties, monotone maps, a constant member), calibration on
+fused scores, the Ensemble class on a small model (fit, reuse of fit scores, calibrate, explain), its registry names
+and bad inputs; one slow test on the zoo's BadNets model."""
+
+import pytest
+import torch
+from helpers import random_images, small_classifier
+
+from trojanguard.detect import Ensemble
+from trojanguard.detect.ensemble import FUSIONS, RANK_FUSIONS, bimodality_coefficient, empirical_cdf, fuse
+from trojanguard.metrics import auroc
+from trojanguard.screening.detectors import DEFAULT_DETECTOR, DETECTORS, build_detector
+from trojanguard.thresholds import quantile_threshold
+
+
+def member_scores(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3) scores of three members on data where the first 10 % are poison: member 0 separates it well,
+    member 1 weakly, member 2 not at all. Returns (scores, truth)."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.arange(n) < n // 10
+    noise = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return noise + torch.stack([4.0 * truth, 1.0 * truth, 0.0 * truth], 1), truth
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fusion_does_not_depend_on_the_order_of_samples(fusion):
+    scores, _ = member_scores(200)
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    fused = fuse(scores, scores, fusion)
+    assert torch.equal(fuse(scores[order], scores[order], fusion), fused[order])
+
+
+@pytest.mark.parametrize("fusion", RANK_FUSIONS)
+def test_fusion_does_not_depend_on_a_members_scale(fusion):
+    scores, _ = member_scores(200)
+    rescaled = scores.clone()
+    rescaled[:, 0] = torch.exp(3 * scores[:, 0]) + 7  # any increasing map
+    assert torch.allclose(fuse(rescaled, rescaled, fusion), fuse(scores, scores, fusion))
+
+
+def test_rank_fusion_is_the_mean_normalised_mid_rank():
+    reference = torch.tensor([[1.0, 5.0], [2.0, 5.0], [2.0, 5.0], [3.0, 5.0]])  # member 1 constant
+    ranks = empirical_cdf(reference[:, 0], reference[:, 0])
+    assert torch.allclose(ranks, torch.tensor([0.125, 0.5, 0.5, 0.875], dtype=torch.float64))  # ties share
+    assert torch.allclose(empirical_cdf(reference[:, 1], reference[:, 1]), torch.full((4,), 0.5, dtype=torch.float64))
+    assert torch.allclose(fuse(reference, reference, "rank"), ((ranks + 0.5) / 2).float())
+
+
+def test_a_constant_member_changes_no_ranking():
+    scores, truth = member_scores(300)
+    with_constant = torch.cat([scores[:, :1], torch.full((300, 1), 3.0, dtype=torch.float64)], 1)
+    for fusion in ("rank", "probit", "zscore"):
+        fused = fuse(with_constant, with_constant, fusion)
+        assert auroc(truth, fused) == pytest.approx(auroc(truth, scores[:, 0]))
+    assert bimodality_coefficient(with_constant[:, 1]) == 0.0
+
+
+def test_select_picks_the_most_bimodal_member_and_rank_beats_the_weak_ones():
+    scores, truth = member_scores(1000)
+    bimodality = [bimodality_coefficient(scores[:, m]) for m in range(3)]
+    assert max(range(3), key=lambda m: bimodality[m]) == 0
+    assert auroc(truth, fuse(scores, scores, "select")) == pytest.approx(auroc(truth, scores[:, 0]))
+    assert auroc(truth, fuse(scores, scores, "rank")) > auroc(truth, scores[:, 1])
+
+
+def test_scores_beyond_the_reference_range_stay_ordered_and_nan_stays_nan():
+    reference = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    cdf = empirical_cdf(reference, torch.tensor([-1.0, 4.0, 5.0, float("inf"), float("nan")]))
+    assert 0 < cdf[0] < 0.125 and 0.875 < cdf[1] < cdf[2] < cdf[3] == 1.0 and torch.isnan(cdf[4])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_threshold_calibrated_on_clean_fused_scores_holds_its_fpr(fusion):
+    """The fused score is a fixed function of the member scores once the reference is set, so the quantile rule
+    on clean calibration scores holds on held-out clean scores (large n: within ±1 point of 5 %)."""
+    reference, _ = member_scores(2000, seed=2)  # the screened set (10 % poison)
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(40_000, 3, generator=g, dtype=torch.float64)
+    fused = fuse(reference, clean, fusion).numpy()
+    threshold = quantile_threshold(fused[:20_000], 0.05)
+    assert abs((fused[20_000:] > threshold).mean() - 0.05) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------- the class
+@pytest.fixture(scope="module")
+def model():
+    return small_classifier(num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(model):
+    ensemble = Ensemble(model, members="cd-p,features,spectral,clustering", steps=2, batch_size=16,
+                        show_progress=False)
+    return ensemble.fit(random_images(48, seed=4))
+
+
+def test_fit_scores_every_member_and_scoring_the_fit_data_again_reuses_them(fitted):
+    assert fitted.reference_scores.shape == (48, 4) and set(fitted.member_seconds) == {"feature pass", "cd-p"}
+    x = random_images(48, seed=4)
+    fitted.detectors["cd-p"].steps = 10_000  # a CD rerun would take minutes: the fit's scores must be reused
+    try:
+        assert torch.allclose(fitted.score(x), fitted.fuse(fitted.reference_scores))
+    finally:
+        fitted.detectors["cd-p"].steps = 2
+
+
+def test_new_images_are_scored_by_every_member_and_calibrate_predict_explain_work(fitted):
+    clean = random_images(40, seed=5)
+    scores = fitted.member_scores(clean)
+    assert scores.shape == (40, 4) and torch.isfinite(scores).all()
+    threshold = fitted.calibrate(clean, fpr=0.1)
+    assert 0 < threshold < 1 and fitted.predict(clean).float().mean() <= 0.1
+    explained = fitted.explain(clean[:3], [0, 1, 2])
+    assert explained["masks"].shape == (3, 1, 16, 16) and explained["patterns"].shape == (3, 3, 16, 16)
+
+
+def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
+    ensemble = Ensemble(model, members=("features", "spectral"), show_progress=False).fit(random_images(30, seed=6))
+    assert ensemble.explain(random_images(2), [0, 1]) == {} and set(ensemble.member_seconds) == {"feature pass"}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"members": ("cd-p", "strip")}, "^members: unknown member 'strip'"),
+    ({"members": ()}, "^members: expected at least one"),
+    ({"members": ""}, "^members: expected at least one"),
+    ({"members": ("features", "features")}, "^members: expected each member once"),
+    ({"fusion": "vote"}, "^fusion:"),
+    ({"member_options": {"cd-l": {"steps": 3}}}, "^member_options: 'cd-l' is not a member"),
+    ({"steps": 0}, "^steps:"),
+])
+def test_bad_inputs_name_the_argument(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Ensemble(model, **kwargs)
+
+
+def test_scoring_before_fit_says_to_fit(model):
+    with pytest.raises(RuntimeError, match=r"fit\(data\)"):
+        Ensemble(model, members="features", show_progress=False).score(random_images(2))
+
+
+def test_registry_names_and_the_default(model):
+    assert {"spectral", "clustering", "ensemble"} <= set(DETECTORS) and DEFAULT_DETECTOR == "cd"
+    detector, scorer = build_detector("ensemble", model, {"members": "features,spectral", "fusion": "max"})
+    assert isinstance(detector, Ensemble) and detector.members == ("features", "spectral") and scorer.needs_reference
+    for name in ("spectral", "clustering"):
+        detector, scorer = build_detector(name, model)
+        assert scorer.needs_reference
+
+
+@pytest.mark.slow
+def test_the_ensemble_finds_badnets_poison_in_the_zoos_training_set():
+    from trojanguard.zoo import ZooConfig, get_backdoored_model
+
+    entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
+    poisoned = entry.train.is_poisoned
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.nonzero(poisoned).flatten(), torch.nonzero(~poisoned).flatten()
+    index = torch.cat([pos[torch.randperm(len(pos), generator=g)[:16]],
+                       neg[torch.randperm(len(neg), generator=g)[:144]]]).sort().values  # the zoo's 10 % rate
+    ensemble = Ensemble(entry.model, steps=30, show_progress=False).fit(entry.train.dataset.x[index])
+    assert auroc(poisoned[index], ensemble.fuse(ensemble.reference_scores)) >= 0.95  # measured 1.0 at 100 steps
+
+
+def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_the_report(tmp_path, model):
+    from trojanguard.screening import screen
+
+    images = random_images(40, seed=7)
+    result = screen(model, images, detector="ensemble", detector_options={"members": "cd-p,features", "steps": 2},
+                    out_dir=tmp_path, threshold=0.6, top_k=4, show_progress=False)
+    assert result.summary["fit"]["on"] == "screened data" and 0 < result.flagged.sum() < 40
+    ensemble = Ensemble(model, members="cd-p,features", steps=2, batch_size=64, show_progress=False).fit(images)
+    assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.fuse(ensemble.reference_scores), atol=1e-6)
+    assert "masks" in result.files
