@@ -149,7 +149,7 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
         calibration: clean reference data (same kinds as ``data``; ``"digits-test"`` is the embedded held-out
             split) to set the threshold at its ``1 − fpr`` score quantile. ``"auto"``: ``"digits-test"`` for the
             embedded data, else none. None (no reference): the robust outlier rule on the screened scores
-            (median + 3.5 · 1.4826 · MAD; see :mod:`trojanguard.screening.thresholds`).
+            (median + 3.5 · 1.4826 · MAD; see :mod:`trojanguard.thresholds`).
         batch_size: samples per batch (what is in memory and what one fsync covers).
         detector_options: keyword arguments of the detector (e.g. ``{"steps": 50}`` for CD).
         top_k: samples in the report's grid (CD recomputes their masks; their scores come from the run).
