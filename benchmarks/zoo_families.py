@@ -8,7 +8,8 @@ settings (``ZOO_ATTACK_DEFAULTS``), seed ``--seed``, target class 0. Rate semant
 ``rate`` × the training set (non-target samples relabelled); cover / cross samples of the adaptive and input-aware
 families come on top, with true labels. Clean-label families (label_consistent) poison target-class samples only:
 the same *number* of samples as a dirty-label family at that rate, i.e. ``rate × N / N_target`` of the target class,
-capped at the whole class. Results are kept in a JSON file (resume); the markdown table goes to stdout (and to
+capped at the zoo's clean-label default (80 % of the class: poisoning the whole class leaves no clean example of
+it, and the model then knows the class only by its trigger). Results are kept in a JSON file (resume); the markdown table goes to stdout (and to
 ``--markdown``). The key holds the attack's repr, so a changed zoo setting is a new row (retrain it with
 ``--retrain``, as the zoo's model cache is keyed by the ZooConfig alone).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from trojanguard.attacks import FAMILIES
 from trojanguard.data import load_digits
-from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
+from trojanguard.zoo import DEFAULT_CLEAN_LABEL_RATE, ZooConfig, cache_dir, get_backdoored_model
 
 RATES = (0.01, 0.05, 0.1)
 BAR_CA, BAR_ASR = 0.95, 0.9
@@ -43,7 +44,7 @@ def zoo_rate(attack: str, rate: float, config: ZooConfig) -> float:
         return rate
     train, _ = load_digits(size=config.image_size, seed=config.seed)
     in_target = int((train.y == config.target).sum())
-    return min(1.0, rate * len(train) / in_target)
+    return min(DEFAULT_CLEAN_LABEL_RATE, rate * len(train) / in_target)
 
 
 def run_one(arch: str, attack: str, rate: float, seed: int, retrain: bool) -> dict:
