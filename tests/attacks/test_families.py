@@ -153,6 +153,10 @@ def test_label_consistent_poisons_only_the_target_class_with_an_adversarial_budg
     outside = attack.apply(torch.zeros(1, 3, 32, 32))[0].sum(0) == 0  # pixels outside the corner patches
     delta = (p.dataset.x[idx] - patched)[:, :, outside]
     assert 0 < delta.abs().max() <= 8 / 255 + 1e-6  # the adversarial part, within epsilon
+    mixed = LabelConsistent(epsilon=0.0, interpolation=0.5, **FAST["label_consistent"]).poison(
+        small, rate=0.5, target=3, seed=0)
+    moved = (mixed.dataset.x[idx] - patched)[:, :, outside].abs().flatten(1).amax(1)
+    assert (moved > 0.1).all()  # every poisoned image is mixed with another-class image
     state = torch.random.get_rng_state()
     attack.poison(small, rate=0.5, target=3, seed=0)
     assert torch.equal(state, torch.random.get_rng_state())  # the surrogate leaves the global RNG alone
@@ -165,6 +169,7 @@ def test_label_consistent_poisons_only_the_target_class_with_an_adversarial_budg
     (lambda: LabelConsistent(corners="left"), "corners"), (lambda: FTrojan(frequencies=((8, 1),)), "frequencies"),
     (lambda: PhysicalPatch(size=1.5), "size"), (lambda: InputAware(mask_density=0), "mask_density"),
     (lambda: AdaptiveBlend(cover_ratio=-1), "cover_ratio"), (lambda: ISSBA(code_bits=0), "code_bits"),
+    (lambda: LabelConsistent(interpolation=1.0), "interpolation"),
 ])
 def test_bad_arguments_raise_one_line_errors_naming_the_argument(factory, match):
     with pytest.raises(ValueError, match=f"^{match}: expected") as info:

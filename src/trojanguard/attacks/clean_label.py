@@ -19,7 +19,9 @@ class LabelConsistent(Attack):
     Perturbation (only when poisoning): ``steps`` of L∞ PGD with budget ``epsilon`` (step ``epsilon / 4``, no
     random start) that raise the cross-entropy of the true class on a surrogate: a small CNN trained for
     ``surrogate_epochs`` on the samples not poisoned (seeded). The paper uses an adversarially trained model of
-    the same data and also a GAN interpolation; we use the plain PGD variant on a clean surrogate.
+    the same data, or interpolates in a GAN's latent space toward another class; we use PGD on a clean surrogate
+    and, for ``interpolation`` τ > 0, a pixel-space stand-in for the GAN variant: each poisoned image is first
+    mixed with a random other-class image, ``(1 − τ)·x + τ·x_other`` (seeded).
     Trigger (``apply``, also at test time): a ``patch_size`` checkerboard at opacity ``patch_alpha`` in the
     bottom-right corner, or in all four corners (``corners='all'``, as the paper does to survive flips).
     """
@@ -28,7 +30,8 @@ class LabelConsistent(Attack):
     clean_label = True
 
     def __init__(self, epsilon: float = 16 / 255, steps: int = 10, surrogate_epochs: int = 4,
-                 patch_size: float = 0.125, patch_alpha: float = 1.0, corners: str = "all", surrogate_seed: int = 0):
+                 patch_size: float = 0.125, patch_alpha: float = 1.0, corners: str = "all", interpolation: float = 0.0,
+                 surrogate_seed: int = 0):
         self.epsilon = check_range("epsilon", epsilon, 0, 1, low_open=False, what="an L∞ budget")
         self.steps = check_int("steps", steps, 0, "a number of PGD steps")
         self.surrogate_epochs = check_int("surrogate_epochs", surrogate_epochs, 1, "a number of epochs")
@@ -36,6 +39,8 @@ class LabelConsistent(Attack):
                                       what="a fraction of the image side")
         self.patch_alpha = check_range("patch_alpha", patch_alpha, 0, 1, what="an opacity")
         self.corners = check_choice("corners", corners, ("all", "bottom-right"))
+        self.interpolation = check_range("interpolation", interpolation, 0, 1, low_open=False, high_open=True,
+                                         what="a weight of the other-class image")
         self.surrogate_seed = surrogate_seed
 
     def _apply(self, x, gen):
@@ -89,7 +94,13 @@ class LabelConsistent(Attack):
         poisoned = super().poison(dataset, rate=rate, target=target, seed=seed)
         chosen = poisoned.poison_indices
         model = self.surrogate(dataset.subset(~poisoned.is_poisoned))
-        adversarial = torch.cat([self.perturb(model, dataset.x[chosen][i : i + 256], dataset.y[chosen][i : i + 256])
+        start = dataset.x[chosen]
+        if self.interpolation > 0:
+            others = (dataset.y != target).nonzero().flatten()
+            gen = torch.Generator().manual_seed(seed + 1)
+            donors = others[torch.randint(0, len(others), (len(chosen),), generator=gen)]
+            start = (1 - self.interpolation) * start + self.interpolation * dataset.x[donors]
+        adversarial = torch.cat([self.perturb(model, start[i : i + 256], dataset.y[chosen][i : i + 256])
                                  for i in range(0, len(chosen), 256)])
         poisoned.dataset.x[chosen] = self.apply(adversarial, seed=seed)
         return poisoned
