@@ -28,3 +28,13 @@ def test_cache_is_reused_and_keyed_by_config():
     assert all(torch.equal(a, b) for a, b in zip(entry.model.state_dict().values(), first.model.state_dict().values()))
     assert ZooConfig(attack="badnets", seed=1).key() != config.key()
     assert entry.clean_accuracy >= 0.95
+
+
+def test_cache_key_follows_the_zoo_attack_defaults(monkeypatch):
+    """A changed zoo setting of an attack is a new model, not the old cached one; other attacks keep their key."""
+    from trojanguard import zoo
+
+    wanet, badnets = ZooConfig(attack="wanet"), ZooConfig(attack="badnets")
+    before = wanet.key(), badnets.key()
+    monkeypatch.setitem(zoo.ZOO_ATTACK_DEFAULTS, "wanet", {"strength": 5.0})
+    assert wanet.key() != before[0] and badnets.key() == before[1]

@@ -55,7 +55,12 @@ class ZooConfig:
     attack_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        blob = json.dumps({"v": ZOO_VERSION, **asdict(self)}, sort_keys=True, default=str)
+        """The cache key: the config, and the zoo's own settings of the attack when it has any (so changing
+        ``ZOO_ATTACK_DEFAULTS`` trains anew instead of reusing a model trained with the old settings)."""
+        settings = {"v": ZOO_VERSION, **asdict(self)}
+        if self.attack in ZOO_ATTACK_DEFAULTS:
+            settings["zoo_attack_defaults"] = ZOO_ATTACK_DEFAULTS[self.attack]
+        blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def rate(self, attack: Attack) -> float:
