@@ -1,6 +1,6 @@
 """The ensemble: fusion on hand-made member scores (order, ties, monotone maps, a constant member), calibration on
 fused scores, the Ensemble class on a small model (fit, reuse of fit scores, calibrate, explain), its registry names
-and bad inputs; one slow test on the zoo's BadNets model."""
+and bad inputs; slow tests on three of the zoo's families."""
 
 import pytest
 import torch
@@ -148,17 +148,23 @@ def test_registry_names_and_the_default(model):
 
 
 @pytest.mark.slow
-def test_the_ensemble_finds_badnets_poison_in_the_zoos_training_set():
+@pytest.mark.parametrize("attack", ["badnets", "blended", "ftrojan"])
+def test_the_ensemble_finds_the_poison_in_the_zoos_training_set(attack):
+    """The default ensemble on three trigger families (a patch, a blend, a frequency-domain trigger not in the zoo the
+    ensemble's defaults were chosen on), 160 images at the zoo's 10 % poison rate, CD at 30 steps: AUROC ≥ 0.9
+    (benchmarks/RESULTS.md measures ≥ 0.999 on each with 288 images and 100 steps)."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
-    entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
+    entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
     poisoned = entry.train.is_poisoned
     g = torch.Generator().manual_seed(0)
     pos, neg = torch.nonzero(poisoned).flatten(), torch.nonzero(~poisoned).flatten()
     index = torch.cat([pos[torch.randperm(len(pos), generator=g)[:16]],
                        neg[torch.randperm(len(neg), generator=g)[:144]]]).sort().values  # the zoo's 10 % rate
     ensemble = Ensemble(entry.model, steps=30, show_progress=False).fit(entry.train.dataset.x[index])
-    assert auroc(poisoned[index], ensemble.fuse(ensemble.reference_scores)) >= 0.95  # measured 1.0 at 100 steps
+    value = auroc(poisoned[index], ensemble.fuse(ensemble.reference_scores))
+    print(f"{attack}: ensemble AUROC {value:.3f}")
+    assert value >= 0.9
 
 
 def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_the_report(tmp_path, model):
