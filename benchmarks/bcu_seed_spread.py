@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bcu_table import machine_line  # benchmarks/ is on the path when run as a script
+from bcu_table import machine_line, publish  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
@@ -112,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = [r for r in done.values() if r["source"] == args.source and r["arch"] == args.arch]
-    text = "\n".join([machine_line(), f"Command: benchmarks/bcu_seed_spread.py {' '.join(argv or sys.argv[1:])}",
-                      "", tables(rows)])
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+    return publish("\n".join([machine_line(), f"Command: benchmarks/bcu_seed_spread.py {' '.join(argv or sys.argv[1:])}",
+                                "", tables(rows)]), args.markdown)
 
 
 if __name__ == "__main__":

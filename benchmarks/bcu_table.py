@@ -132,6 +132,14 @@ def machine_line() -> str:
             f"python {platform.python_version()}")
 
 
+def publish(text: str, markdown: Path | None) -> int:
+    """Print a benchmark's tables and write them to ``markdown`` when given; the script's exit status (0)."""
+    print(text)
+    if markdown:
+        markdown.write_text(text + "\n")
+    return 0
+
+
 def rule_arg(text: str) -> str:
     if text in RULES or (text.startswith("adaptive@") and 0 < float(text.split("@", 1)[1]) < 1):
         return text
@@ -178,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.rules) > 1:
         out += ["", f"### Ablation of the re-initialisation rule on {args.arch} (CA / ASR after BCU)", "",
                 ablation(rows, args.rules)]
-    text = "\n".join(out)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+    return publish("\n".join(out), args.markdown)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,19 @@ BAR_CA, BAR_ASR = 0.95, 0.9
 
 
 def machine_line() -> str:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bcu_table import machine_line as line
+    return _bcu_table().machine_line()
 
-    return line()
+
+def publish(text: str, markdown: Path | None) -> int:
+    return _bcu_table().publish(text, markdown)
+
+
+def _bcu_table():
+    """benchmarks/bcu_table.py, the shared machine line and table output of the benchmark scripts."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bcu_table
+
+    return bcu_table
 
 
 def zoo_rate(attack: str, rate: float, config: ZooConfig) -> float:
@@ -113,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
            f"Command: .venv/bin/python benchmarks/zoo_families.py {' '.join(argv if argv is not None else sys.argv[1:])}",
            f"Seed {args.seed}, target 0, 32×32 digits, {ZooConfig.epochs} epochs; ✗: below CA {BAR_CA} or ASR {BAR_ASR}.",
            "", f"### Attack zoo families on {args.arch}", "", table(rows, args.rates)]
-    text = "\n".join(out)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+    return publish("\n".join(out), args.markdown)
 
 
 if __name__ == "__main__":
