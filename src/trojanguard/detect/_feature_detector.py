@@ -91,6 +91,15 @@ class FeatureDetector(Detector):
     def as_module(self, model: nn.Module | None = None) -> nn.Module:
         raise NotImplementedError
 
+    def fit(self, data, labels: torch.Tensor | None = None):
+        """Fit on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]); ``labels`` ``(N,)`` if
+        known, else the model's predictions. Returns ``self``: one feature pass, then :meth:`fit_features`."""
+        return self.fit_features(self.extract_features(data), labels)
+
+    def fit_features(self, features: Features, labels: torch.Tensor | None = None):
+        """:meth:`fit` on features already extracted (shared with other detectors on the same layer)."""
+        raise NotImplementedError
+
     def _require_fit(self, where: str) -> None:
         if not self.fitted:
             raise RuntimeError(f"{where}: call {self.FIT_CALL} first")

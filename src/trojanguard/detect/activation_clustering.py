@@ -87,11 +87,6 @@ class ActivationClustering(FeatureDetector):
     def fitted(self) -> bool:
         return self.fit_state is not None
 
-    def fit(self, data, labels: torch.Tensor | None = None) -> ActivationClustering:
-        """Fit on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) — the screened set
-        itself; ``labels`` (N,) if known, else the model's predictions. Returns ``self``."""
-        return self.fit_features(self.extract_features(data), labels)
-
     def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> ActivationClustering:
         """:meth:`fit` on features already extracted (shared with other detectors on the same layer)."""
         from sklearn.cluster import KMeans

@@ -125,8 +125,7 @@ class FeatureMahalanobis(FeatureDetector):
         """Fit class means and the shared covariance on ``reference_data`` (tensor, ImageDataset, Dataset,
         DataLoader of images in [0, 1]); ``labels`` ``(N,)`` if known, else the model's predictions are used
         (the realistic case for unlabeled incoming data). Returns ``self``."""
-        features = self.extract_features(reference_data)
-        return self.fit_features(features, labels)
+        return super().fit(reference_data, labels)
 
     def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> FeatureMahalanobis:
         """:meth:`fit` on features already extracted (``extract_features``, or shared with other detectors on the

@@ -74,11 +74,6 @@ class SpectralSignature(FeatureDetector):
     def fitted(self) -> bool:
         return self.directions is not None
 
-    def fit(self, data, labels: torch.Tensor | None = None) -> SpectralSignature:
-        """Fit on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) — the screened set
-        itself; ``labels`` (N,) if known, else the model's predictions. Returns ``self``."""
-        return self.fit_features(self.extract_features(data), labels)
-
     def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> SpectralSignature:
         """:meth:`fit` on features already extracted (shared with other detectors on the same layer)."""
         from sklearn.utils.extmath import randomized_svd
