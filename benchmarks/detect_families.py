@@ -2,7 +2,7 @@
 the poisoned training set itself (no clean data), per zoo attack; plus FPR control and leave-one-family-out.
 
 Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
-[--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
+[--poison-rate 0.01] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
 ``spectral`` and ``clustering`` fitted on the whole training set.
 
 - The screened set: a seeded stratified ``--fraction`` of the zoo model's poisoned training set (poisoned and clean
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from trojanguard.attacks import ATTACKS
-from trojanguard.detect.ensemble import DEFAULT_MEMBERS, FUSIONS, MEMBERS, Ensemble, fuse
+from trojanguard.detect.ensemble import DEFAULT_MEMBERS, FUSIONS, MEMBERS, Ensemble, fuse, parse_members
 from trojanguard.metrics import auroc
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZooConfig, get_backdoored_model
 
+DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the training set × 10 = of the target class
 # member sets evaluated with every fusion rule (besides each member alone)
 MEMBER_SETS = {
     "default": DEFAULT_MEMBERS,
@@ -56,31 +57,49 @@ def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: i
     return torch.cat([pick(pos), pick(neg)]).sort().values
 
 
+def zoo_config(attack: str, poison_rate: float | None) -> ZooConfig:
+    """The zoo model of ``attack`` at ``poison_rate`` (a fraction of the training set; None: the zoo's default). A
+    clean-label attack poisons only its target class, so its rate is converted to a fraction of that class (the
+    digits' ten classes are balanced: ``10 × poison_rate``)."""
+    if poison_rate is None:
+        return ZooConfig(attack=attack)
+    clean_label = ZooConfig(attack=attack).make_attack().clean_label
+    return ZooConfig(attack=attack, poison_rate=min(1.0, poison_rate * DIGIT_CLASSES) if clean_label else poison_rate)
+
+
+def scored_members(records) -> tuple[str, ...]:
+    """The members every record has scores of, in :data:`MEMBERS` order (``--members`` may have left some out)."""
+    return tuple(m for m in MEMBERS if all(m in r["scores"] for r in records))
+
+
 def run_attack(attack: str, args) -> dict:
-    entry = get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
+    entry = get_backdoored_model(zoo_config(attack, args.poison_rate), show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     x, truth = entry.train.dataset.x[index], entry.train.is_poisoned[index]
-    ensemble = Ensemble(entry.model, members=MEMBERS, steps=args.steps, seed=args.seed, show_progress=False)
+    ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
     started = time.perf_counter()
     ensemble.fit(x)
     record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
               "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
-              "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(MEMBERS)}}
+              "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)}}
     if attack in args.fpr_attacks:
         test = ensemble.member_scores(entry.test.x)
-        record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(MEMBERS)}
+        record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(ensemble.members)}
     return record
 
 
-def rows_of(record: dict) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """``{row name: (screened-set scores, clean test scores or None)}`` for each member and member set × fusion."""
-    reference = torch.tensor([record["scores"][m] for m in MEMBERS], dtype=torch.float64).T
+def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``{row name: (screened-set scores, clean test scores or None)}`` for each member of ``scored`` and each
+    member set (of them) × fusion."""
+    reference = torch.tensor([record["scores"][m] for m in scored], dtype=torch.float64).T
     test = record.get("test_scores")
-    test = None if test is None else torch.tensor([test[m] for m in MEMBERS], dtype=torch.float64).T
-    out = {m: (reference[:, k].numpy(), None if test is None else test[:, k].numpy()) for k, m in enumerate(MEMBERS)}
+    test = None if test is None else torch.tensor([test[m] for m in scored], dtype=torch.float64).T
+    out = {m: (reference[:, k].numpy(), None if test is None else test[:, k].numpy()) for k, m in enumerate(scored)}
     for (set_name, members), fusion in itertools.product(MEMBER_SETS.items(), FUSIONS):
-        columns = [MEMBERS.index(m) for m in members]
+        if not set(members) <= set(scored):
+            continue
+        columns = [scored.index(m) for m in members]
         ref = reference[:, columns]
         fused_test = None if test is None else fuse(ref, test[:, columns], fusion).numpy()
         out[f"{set_name} / {fusion}"] = (fuse(ref, ref, fusion).numpy(), fused_test)
@@ -97,14 +116,15 @@ def seconds_of(row: str, record: dict) -> float:
 def report(results: dict, args) -> str:
     records = [results["attacks"][a] for a in results["attacks"]]
     attacks = [r["attack"] for r in records]
-    rows = {a: rows_of(r) for a, r in zip(attacks, records)}
+    scored = scored_members(records)
+    rows = {a: rows_of(r, scored) for a, r in zip(attacks, records)}
     names = list(rows[attacks[0]])
     table = {name: {a: auroc(torch.tensor(r["truth"]).bool(), torch.tensor(rows[a][name][0]))
                     for a, r in zip(attacks, records)} for name in names}
     lines = [f"AUROC on the screened poisoned training set ({results['setting']})", "",
              "| detector | " + " | ".join(attacks) + " | min | images/s (vs CD-P) |",
              "|---|" + "---|" * (len(attacks) + 2)]
-    cd_p_rate = np.mean([r["images"] / r["member_seconds"]["cd-p"] for r in records]) if "cd-p" in MEMBERS else None
+    cd_p_rate = np.mean([r["images"] / r["member_seconds"]["cd-p"] for r in records]) if "cd-p" in scored else None
     for name in names:
         rate = np.mean([r["images"] / seconds_of(name, r) for r in records])
         ratio = f" ({rate / cd_p_rate:.2f}×)" if cd_p_rate else ""
@@ -112,7 +132,7 @@ def report(results: dict, args) -> str:
                      + f" | {min(table[name].values()):.3f} | {rate:.1f}{ratio} |")
     lines += ["", "Bar: never worse than CD-L by more than 0.02 (worst margin per row, ensemble rows):"]
     for name in names:
-        if " / " in name:
+        if " / " in name and "cd-l" in table:
             margin = min(table[name][a] - table["cd-l"][a] for a in attacks)
             lines.append(f"- {name}: {margin:+.3f}")
     lines += ["", ("Robust rule without clean data (median + 3.5·1.4826·MAD of the screened scores): FPR on the "
@@ -149,10 +169,10 @@ def report(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def candidate_sets(admissible_only: bool) -> dict[str, tuple[str, ...]]:
+def candidate_sets(admissible_only: bool, scored: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Member subsets LOFO chooses among: with ``admissible_only``, those within the throughput bar (at most one CD
-    member, CD-P: ≥ 0.8× CD-P alone); else every subset of the members."""
-    pool = [m for m in MEMBERS if m not in ("cd-l", "cd-f")] if admissible_only else list(MEMBERS)
+    member, CD-P: ≥ 0.8× CD-P alone); else every subset of the scored members."""
+    pool = [m for m in scored if m not in ("cd-l", "cd-f")] if admissible_only else list(scored)
     return {"+".join(c): c for r in range(1, len(pool) + 1) for c in itertools.combinations(pool, r)}
 
 
@@ -164,14 +184,14 @@ def lofo(results: dict) -> str:
     attacks = [r["attack"] for r in records]
     if len(attacks) < 2:
         return "Leave one family out: needs results of at least two attacks."
-    lines = []
+    lines, scored = [], scored_members(records)
     for admissible in (True, False):
         table: dict[str, dict[str, float]] = {}
         for r in records:
             truth = torch.tensor(r["truth"]).bool()
-            reference = torch.tensor([r["scores"][m] for m in MEMBERS], dtype=torch.float64).T
-            for set_name, members in candidate_sets(admissible).items():
-                columns = [MEMBERS.index(m) for m in members]
+            reference = torch.tensor([r["scores"][m] for m in scored], dtype=torch.float64).T
+            for set_name, members in candidate_sets(admissible, scored).items():
+                columns = [scored.index(m) for m in members]
                 for fusion in FUSIONS if len(members) > 1 else ("rank",):
                     fused = fuse(reference[:, columns], reference[:, columns], fusion)
                     table.setdefault(f"{set_name} / {fusion}", {})[r["attack"]] = auroc(truth, fused)
@@ -184,7 +204,9 @@ def lofo(results: dict) -> str:
             chosen = max(table, key=lambda n: (min(table[n][a] for a in others),
                                                np.mean([table[n][a] for a in others])))
             best = max(table, key=lambda n: table[n][held])
-            cd_l = f"{auroc(torch.tensor(records[attacks.index(held)]['truth']).bool(), torch.tensor(records[attacks.index(held)]['scores']['cd-l'])):.3f}"
+            record = records[attacks.index(held)]
+            cd_l = (f"{auroc(torch.tensor(record['truth']).bool(), torch.tensor(record['scores']['cd-l'])):.3f}"
+                    if "cd-l" in scored else "not scored")
             lines.append(f"| {held} | {chosen} | {table[chosen][held]:.3f} | {best} ({table[best][held]:.3f}) | "
                          f"{cd_l} |")
         overall = max(table, key=lambda n: (min(table[n].values()), np.mean(list(table[n].values()))))
@@ -223,6 +245,10 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2, help="stratified fraction of the training set")
     parser.add_argument("--clean", type=int, default=0, help="every poisoned sample + this many clean (0: --fraction)")
     parser.add_argument("--steps", type=int, default=100, help="CD steps")
+    parser.add_argument("--poison-rate", type=float, default=None,
+                        help="poison rate, a fraction of the training set (default: the zoo's)")
+    parser.add_argument("--members", default=",".join(MEMBERS), type=parse_members,
+                        help="comma-separated ensemble members to score (default: all)")
     parser.add_argument("--fpr-attacks", nargs="*", default=["badnets"], help="attacks whose test split is scored")
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--splits", type=int, default=200)
@@ -235,7 +261,7 @@ def main() -> None:
         print(variants(args.attacks))
         return
     setting = (f"{'clean ' + str(args.clean) if args.clean else 'fraction ' + str(args.fraction)}, steps {args.steps}, "
-               f"seed {args.seed}")
+               f"seed {args.seed}" + ("" if args.poison_rate is None else f", poison rate {args.poison_rate:g}"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
