@@ -212,7 +212,13 @@ def test_screen_out_that_is_a_file(cli, expect_error, files, tmp_path):
     ("stepz=3", ("does not take", "stepz", "steps")),
 ])
 def test_screen_detector_option_values_are_named(cli, expect_error, files, tmp_path, option, words):
-    expect_error(cli(*screen_args(files, tmp_path, "--detector-option", option)), 1, *words)
+    expect_error(cli(*screen_args(files, tmp_path, "--detector", "cd", "--detector-option", option)), 1, *words)
+
+
+def test_screen_options_of_the_default_ensemble_are_named(cli, expect_error, files, tmp_path):
+    expect_error(cli(*screen_args(files, tmp_path, "--detector-option", "fusion=vote")), 1, "fusion", "vote")
+    expect_error(cli(*screen_args(files, tmp_path, "--detector-option", "lr=0.1")), 1, "does not take", "lr",
+                 "member_options")
 
 
 def test_detector_option_api():

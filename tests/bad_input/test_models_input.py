@@ -81,19 +81,23 @@ def _scores(results_csv):
 @pytest.mark.parametrize("kind", ["torchscript", "pt2"])
 def test_compiled_model_screens_like_its_state_dict(files, kind, cli, tmp_path):
     """CD needs forward + input gradient only: a compiled copy gives the state dict's scores; the features
-    detector runs on its output (a .pt2 exported at batch 2 serves batches of 8 through chunking)."""
+    detector and the ensemble run on its output (a .pt2 exported at batch 2 serves batches of 8 through chunking)."""
     paths, _ = files
     common = ("--data", paths["data"], "--threshold", "1", "--no-report")
-    reference = cli("screen", "--model", paths["safetensors"], "--arch", "small_cnn", "--steps", "3",
-                    "--out", tmp_path / "sd", *common)
-    compiled = cli("screen", "--model", paths[kind], "--steps", "3", "--out", tmp_path / kind, *common)
+    reference = cli("screen", "--model", paths["safetensors"], "--arch", "small_cnn", "--detector", "cd",
+                    "--steps", "3", "--out", tmp_path / "sd", *common)
+    compiled = cli("screen", "--model", paths[kind], "--detector", "cd", "--steps", "3", "--out", tmp_path / kind,
+                   *common)
     assert reference.code == 0 and compiled.code == 0, compiled.err
     expected, got = _scores(tmp_path / "sd" / "results.csv"), _scores(tmp_path / kind / "results.csv")
     assert got.keys() == expected.keys() and len(got) == 8
     assert all(got[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-6) for k in got)
-    features = cli("screen", "--model", paths[kind], "--detector", "features", "--out", tmp_path / "f", *common)
-    assert features.code == 0, features.err
-    assert len(_scores(tmp_path / "f" / "results.csv")) == 8
+    for detector in ("features", "ensemble"):  # the ensemble's feature members too read the logits
+        result = cli("screen", "--model", paths[kind], "--detector", detector, "--steps", "3", "--out",
+                     tmp_path / detector, *common) if detector == "ensemble" else \
+            cli("screen", "--model", paths[kind], "--detector", detector, "--out", tmp_path / detector, *common)
+        assert result.code == 0, result.err
+        assert len(_scores(tmp_path / detector / "results.csv")) == 8
 
 
 def test_compiled_model_uses_the_logits_as_features_and_stays_frozen(files):

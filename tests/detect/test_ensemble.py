@@ -114,6 +114,79 @@ def test_new_images_are_scored_by_every_member_and_calibrate_predict_explain_wor
     assert explained["masks"].shape == (3, 1, 16, 16) and explained["patterns"].shape == (3, 3, 16, 16)
 
 
+class Killed(Exception):
+    """Stands for a kill part-way through a fit."""
+
+
+def count_distilled(ensemble: Ensemble, fail_after: int | None = None) -> list[int]:
+    """Wrap the CD member's ``iter_distill`` to count the images it distils (one entry per call), raising
+    :class:`Killed` on the call after ``fail_after`` calls."""
+    cd = ensemble.detectors["cd-p"]
+    original, calls = cd.iter_distill, []
+
+    def counting(x, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise Killed
+        calls.append(len(x))
+        return original(x, **kwargs)
+
+    cd.iter_distill = counting
+    return calls
+
+
+def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted_fit(model, tmp_path):
+    x, checkpoint = random_images(48, seed=8), tmp_path / "fit.csv"
+    build = lambda: Ensemble(model, members="cd-p,features", steps=3, batch_size=16, show_progress=False)
+    whole = build().fit(x)
+    killed = build()
+    count_distilled(killed, fail_after=2)
+    with pytest.raises(Killed):
+        killed.fit(x, checkpoint=checkpoint)
+    with open(checkpoint, "a") as f:
+        f.write("cd-p,40,ab")  # a line cut short by the kill
+    resumed = build()
+    calls = count_distilled(resumed)
+    resumed.fit(x, checkpoint=checkpoint)
+    assert calls == [16]  # only the third batch is distilled
+    assert torch.allclose(resumed.reference_scores, whole.reference_scores, atol=1e-6)
+    again = build()
+    calls = count_distilled(again)
+    again.fit(x, checkpoint=checkpoint)
+    assert calls == []  # a complete checkpoint: nothing distilled
+    other = Ensemble(model, members="cd-p,features", steps=4, batch_size=16, show_progress=False)
+    calls = count_distilled(other)
+    other.fit(x, checkpoint=checkpoint)
+    assert sum(calls) == 48  # another CD setting: the file is started over
+
+
+def test_a_screen_killed_during_the_ensemble_fit_resumes_it(model, tmp_path, monkeypatch):
+    from trojanguard.detect.cognitive_distillation import CognitiveDistillation
+    from trojanguard.screening import screen
+    from trojanguard.screening.detectors import FIT_CHECKPOINT
+
+    images, options = random_images(40, seed=9), {"members": "cd-p,features", "steps": 2, "batch_size": 16}
+    run = lambda out: screen(model, images, detector_options=options, out_dir=out, threshold=0.5, batch_size=16,
+                             report=False, show_progress=False)
+    original, calls = CognitiveDistillation.iter_distill, []
+
+    def counting(self, x, fail_after=None, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise Killed
+        calls.append(len(x))
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(CognitiveDistillation, "iter_distill", lambda self, x, **kw: counting(self, x, 1, **kw))
+    with pytest.raises(Killed):
+        run(tmp_path)  # killed after the fit's first batch
+    assert (tmp_path / FIT_CHECKPOINT).is_file() and not (tmp_path / "results.csv").exists()
+    monkeypatch.setattr(CognitiveDistillation, "iter_distill", counting)
+    calls.clear()
+    result = run(tmp_path)  # the folder holds only the fit's checkpoint: accepted, and the fit resumed
+    assert sum(calls) == 24
+    monkeypatch.undo()
+    assert result.scores == pytest.approx(run(tmp_path / "fresh").scores, abs=1e-6)
+
+
 def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
     ensemble = Ensemble(model, members=("features", "spectral"), show_progress=False).fit(random_images(30, seed=6))
     assert ensemble.explain(random_images(2), [0, 1]) == {} and set(ensemble.member_seconds) == {"feature pass"}
@@ -139,7 +212,7 @@ def test_scoring_before_fit_says_to_fit(model):
 
 
 def test_registry_names_and_the_default(model):
-    assert {"spectral", "clustering", "ensemble"} <= set(DETECTORS) and DEFAULT_DETECTOR == "cd"
+    assert {"spectral", "clustering", "ensemble"} <= set(DETECTORS) and DEFAULT_DETECTOR == "ensemble"
     detector, scorer = build_detector("ensemble", model, {"members": "features,spectral", "fusion": "max"})
     assert isinstance(detector, Ensemble) and detector.members == ("features", "spectral") and scorer.needs_reference
     for name in ("spectral", "clustering"):

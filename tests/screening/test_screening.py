@@ -145,9 +145,9 @@ def test_features_screening_of_a_folder_with_a_corrupt_file(tmp_path, model, ima
 
 
 def test_results_do_not_depend_on_batch_size(tmp_path, model, images):
-    a = screen(model, images, out_dir=tmp_path / "a", detector_options=CD_FAST, batch_size=20, calibration=None,
+    a = screen(model, images, out_dir=tmp_path / "a", detector="cd", detector_options=CD_FAST, batch_size=20, calibration=None,
                report=False, show_progress=False)
-    b = screen(model, images, out_dir=tmp_path / "b", detector_options=CD_FAST, batch_size=7, calibration=None,
+    b = screen(model, images, out_dir=tmp_path / "b", detector="cd", detector_options=CD_FAST, batch_size=7, calibration=None,
                report=False, show_progress=False)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(a.predicted, b.predicted)
@@ -174,7 +174,7 @@ class _CrashingSource(TensorSource):
 def test_interrupted_run_resumes_to_the_uninterrupted_result_torn_line_included(tmp_path, model, images):
     """In-process: a run stops after 2 batches, a torn half row is appended (a kill during a write); the resumed
     run equals an uninterrupted one exactly. (tests/cli/test_screen_command.py really SIGKILLs a subprocess.)"""
-    options = {"detector_options": CD_FAST, "batch_size": 6, "calibration": None, "show_progress": False}
+    options = {"detector": "cd", "detector_options": CD_FAST, "batch_size": 6, "calibration": None, "show_progress": False}
     whole = screen(model, images, out_dir=tmp_path / "whole", **options)
     with pytest.raises(_Crash):
         screen(model, _CrashingSource(images, after=3), out_dir=tmp_path / "cut", **options)  # 1 check + 2 batches
@@ -192,7 +192,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result_torn_line_included(
 
 
 def test_resume_refuses_results_of_a_different_run(tmp_path, model, images):
-    options = {"detector_options": CD_FAST, "batch_size": 10, "calibration": None, "report": False,
+    options = {"detector": "cd", "detector_options": CD_FAST, "batch_size": 10, "calibration": None, "report": False,
                "show_progress": False}
     screen(model, images, out_dir=tmp_path, **options)
     with pytest.raises(ResumeError, match=r"data\..*different run|different run.*data"):
@@ -218,7 +218,7 @@ def test_robust_rule_flags_outliers_and_fills_flags_at_the_end(tmp_path, model, 
     assert 3.3 < threshold < 3.9  # median + 3.5 σ, barely moved by the outliers
     assert (clean > threshold).mean() < 0.002
     assert robust_threshold(np.array([1.0] * 10 + [2.0, 3.0])) > 1.0  # MAD = 0: mean absolute deviation
-    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=None, report=False,
+    result = screen(model, images, out_dir=tmp_path, detector="cd", detector_options=CD_FAST, calibration=None, report=False,
                     show_progress=False)
     assert result.rule == "robust_z" and result.threshold == pytest.approx(robust_threshold(result.scores))
     meta, rows = ResultsFile(result.results_path).read()
@@ -278,7 +278,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, model, images):
     with pytest.raises(ValueError, match="pass one of them"):
         screen(model, images, threshold=0.5, calibration=images, out_dir=out)
     with pytest.raises(ValueError, match="at least 2"):
-        screen(model, images, calibration=images[:1], detector_options=CD_FAST, out_dir=out, overwrite=True,
+        screen(model, images, calibration=images[:1], detector="cd", detector_options=CD_FAST, out_dir=out, overwrite=True,
                show_progress=False)
     with pytest.raises(ValueError, match="fpr"):
         screen(model, images, fpr=1.5, out_dir=out)
@@ -352,7 +352,7 @@ class _Links(HTMLParser):
 
 
 def test_report_files_exist_are_non_empty_and_the_page_links_resolve(tmp_path, model, images):
-    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
+    result = screen(model, images, out_dir=tmp_path, detector="cd", detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
                     top_k=5, show_progress=False, command="trojanguard screen --data 'my data.npz'")
     for name in ("results.csv", "calibration.csv", "summary.json", "histogram.png", "suspicious.png", "masks.png",
                  "index.html", "kept.txt"):
@@ -380,7 +380,7 @@ def test_report_files_exist_are_non_empty_and_the_page_links_resolve(tmp_path, m
 
 
 def test_run_times_are_split_and_end_to_end_throughput_includes_them(tmp_path, model, images):
-    result = screen(model, images, out_dir=tmp_path, detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
+    result = screen(model, images, out_dir=tmp_path, detector="cd", detector_options=CD_FAST, calibration=images[:10], fpr=0.2,
                     top_k=3, show_progress=False)
     run = result.summary["run"]
     assert run["calibration_seconds"] > 0 and run["report_seconds"] > 0 and run["fit_seconds"] >= 0

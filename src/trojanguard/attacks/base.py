@@ -55,7 +55,7 @@ class Attack:
         gen = torch.Generator().manual_seed(seed)
         candidates = (dataset.y == target).nonzero().flatten() if self.clean_label else \
             (dataset.y != target).nonzero().flatten()
-        n_poison = max(1, int(round(rate * (len(candidates) if self.clean_label else len(dataset)))))
+        n_poison = max(1, round(rate * (len(candidates) if self.clean_label else len(dataset))))
         if n_poison > len(candidates):
             raise DataError(
                 f"rate: {rate} asks for {n_poison} poisoned samples but only {len(candidates)} are eligible"

@@ -135,7 +135,7 @@ class WaNet(Attack):
         taken = torch.zeros(n, dtype=torch.bool)
         taken[chosen] = True
         free = (~taken).nonzero().flatten()
-        n_noise = min(len(free), int(round(self.noise_ratio * len(chosen))))
+        n_noise = min(len(free), round(self.noise_ratio * len(chosen)))
         noisy = free[torch.randperm(len(free), generator=gen)[:n_noise]]
         grid = self._grid(h, w).expand(n_noise, -1, -1, -1)
         grid = (grid + (torch.rand(n_noise, h, w, 2, generator=gen) * 2 - 1) / h).clamp(-1, 1)

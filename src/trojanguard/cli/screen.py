@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch / per durable write (default 64)")
     p.add_argument("--steps", type=int, help="CD optimisation steps (default 100)")
     p.add_argument("--detector-option", type=detector_option_arg, action="append", metavar="KEY=VALUE",
-                   help="a detector keyword argument, e.g. mode=logits or early_stop=0.01 (repeatable)")
+                   help="a detector keyword argument, e.g. fusion=rank or members=cd-p,features (ensemble), "
+                        "mode=logits (cd) (repeatable)")
     p.add_argument("--top-k", type=int, default=16, help="samples in the report's grid (default 16)")
     p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
     p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")

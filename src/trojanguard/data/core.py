@@ -88,5 +88,5 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor
     if not 0 < test_fraction < 1:
         raise DataError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     return perm[n_test:], perm[:n_test]

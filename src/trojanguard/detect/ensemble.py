@@ -6,37 +6,44 @@ feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) 
 member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
-on it, and every member scores it. Those *reference scores* define each member's empirical CDF ``F_m``; a sample's
-fused score combines its members' ``F_m(s_m)`` — where its score falls in the member's distribution over the
-reference set — by ``fusion`` (:data:`FUSIONS`):
+on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
+(:data:`FUSIONS`):
 
-- ``"rank"`` (default): the mean of ``F_m`` — on the reference set itself, the mean of the members' normalised
-  ranks (mid-ranks for ties), the classic rank fusion (Borda count);
-- ``"probit"``: the mean of ``Φ⁻¹(F_m)`` (van der Waerden scores; Stouffer's combination), which weighs a member
-  that puts a sample in its extreme tail more than the mean of ranks does;
-- ``"max"``: the largest ``F_m``, suspicious as soon as one member is;
-- ``"select"``: per dataset, the one member whose reference scores are the most bimodal (Sarle's bimodality
-  coefficient; a poisoned minority gives a detector that separates it a second mode), its ``F_m``;
-- ``"zscore"``: not a rank: the mean of the members' robust z-scores ``(s_m − median_m) / (1.4826 · MAD_m)`` over
-  the reference set. Ranks are bounded, so they cannot say *how far* out a sample lies and an outlier rule on
-  rank-fused scores (``screen``'s ``robust_z`` without clean data) flags nothing; z-scores keep that distance.
+- ``"zscore"`` (default): the mean of the members' robust z-scores ``(s_m − median_m) / (1.4826 · MAD_m)`` over the
+  reference set. It keeps how far out a sample lies, so ``screen``'s outlier rule without clean data
+  (``robust_z``) works on it; ranks are bounded, and that rule flags nothing on rank-fused scores.
+- the rank fusions (:data:`RANK_FUSIONS`) combine the members' empirical CDFs ``F_m(s_m)`` — where a score falls
+  in the member's distribution over the reference set: ``"rank"``, the mean of ``F_m`` (on the reference set
+  itself the mean normalised mid-rank, Borda count); ``"probit"``, the mean of ``Φ⁻¹(F_m)`` (Stouffer), which weighs
+  a member that puts a sample in its extreme tail more; ``"max"``, the largest ``F_m``; ``"select"``, per dataset
+  the one member whose reference scores are the most bimodal (Sarle's coefficient), its ``F_m``.
 
-Why empirical CDFs. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
-projection, a cluster's size); ranks are the label-free common scale. Ranks taken inside each scored batch would
-depend on the batch; ``F_m`` is fixed once the ensemble is fitted, so the fused score is a function of the sample
-alone: batch-independent, resumable, and meaningful to calibrate — ``calibrate(clean_x, fpr)`` puts the threshold
-at the ``1 − fpr`` quantile of clean reference images' fused scores (:mod:`trojanguard.thresholds`), which is then
-held on other clean images like every detector's. A score beyond the reference range maps to 0 or 1.
+The default members and fusion were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
+detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
+
+Why a common scale. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
+projection, a cluster's size); robust z-scores and ranks are label-free common scales. Both are fixed once the
+ensemble is fitted (not taken inside each scored batch), so the fused score is a function of the sample alone:
+batch-independent, resumable, and meaningful to calibrate — ``calibrate(clean_x, fpr)`` puts the threshold at the
+``1 − fpr`` quantile of clean reference images' fused scores (:mod:`trojanguard.thresholds`), which is then held on
+other clean images like every detector's. Beyond the reference range a rank maps towards 0 or 1.
 
 Scoring the fit data again costs nothing: fit keeps each image's scores under its content digest, and
 :meth:`Ensemble.score` reuses them (so ``fit(x)`` then ``score(x)`` runs CD once per image, and ``screen`` fitting
 on the screened set does not distil it twice). Other images are scored by every member.
+
+A fit is long (CD on every image), so it can be made resumable: ``fit(data, checkpoint=path)`` appends the CD
+members' scores to ``path`` as they are computed (:class:`FitCheckpoint`), and a fit killed part-way and started
+again with the same file distils only the images it does not hold. ``screen`` keeps that file in its output folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,21 +55,23 @@ from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device
+from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS)
-DEFAULT_MEMBERS = ("cd-p", "features", "spectral", "clustering")
+DEFAULT_MEMBERS = ("cd-p", "features", "clustering")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
+CHECKPOINT_MAGIC = "# trojanguard-ensemble-fit "  # first line of a FitCheckpoint file
 
 
 def _build_member(name: str, model: nn.Module, options: dict, show_progress: bool) -> Detector:
-    if name in CD_MODES:
+    if name in CD_MODES:  # its images are counted by the ensemble's own bar (Ensemble._score_cd)
         from trojanguard.detect.cognitive_distillation import CognitiveDistillation
 
-        return CognitiveDistillation(model, mode=CD_MODES[name], **{"show_progress": show_progress, **options})
+        return CognitiveDistillation(model, mode=CD_MODES[name], **{"show_progress": False, **options})
     if name == "features":
         from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis as cls
     elif name == "spectral":
@@ -110,7 +119,7 @@ class Ensemble(Detector):
 
     model_kind = Classifier
 
-    def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "rank",
+    def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "zscore",
                  layer: str | None = None, steps: int = 100, member_options: dict | None = None,
                  batch_size: int = 256, seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
@@ -165,10 +174,12 @@ class Ensemble(Detector):
         return tuple(n for n in self.members if n in CD_MODES)
 
     # ------------------------------------------------------------------------------------------ public API
-    def fit(self, data, labels: torch.Tensor | None = None) -> Ensemble:
+    def fit(self, data, labels: torch.Tensor | None = None, *, checkpoint: str | Path | None = None) -> Ensemble:
         """Fit the fitted members on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) —
         the screened set itself, or trusted reference data — and score it with every member; ``labels`` (N,) if
-        known (feature members), else the model's predictions. Returns ``self``."""
+        known (feature members), else the model's predictions. ``checkpoint``: a file the CD members' scores are
+        appended to as they are computed; a fit given the same file again distils only the images it does not hold
+        (:class:`FitCheckpoint`). Returns ``self``."""
         import time
 
         columns: dict[str, torch.Tensor] = {}
@@ -192,10 +203,20 @@ class Ensemble(Detector):
                 digests.extend(image_digests(xb))
                 shape = shape or tuple(xb.shape[1:])
         self.member_seconds["feature pass"] = time.perf_counter() - started
-        for name in self.cd_members:
-            started = time.perf_counter()
-            columns[name] = self.detectors[name].score(data).double()
-            self.member_seconds[name] = time.perf_counter() - started
+        log = None
+        if checkpoint is not None and self.cd_members:
+            from trojanguard.models.io import model_sha256
+
+            log = FitCheckpoint(checkpoint, {"model_sha256": model_sha256(self.model),
+                                             "members": {n: repr(self.detectors[n]) for n in self.cd_members}})
+        try:
+            for name in self.cd_members:
+                started = time.perf_counter()
+                columns[name] = self._score_cd(name, data, log, len(digests) or None)
+                self.member_seconds[name] = time.perf_counter() - started
+        finally:
+            if log is not None:
+                log.close()
         if len(digests) < MIN_REFERENCE:
             raise DataError(f"data: expected at least {MIN_REFERENCE} images to fit the ensemble on, got "
                             f"{len(digests)}")
@@ -253,6 +274,32 @@ class Ensemble(Detector):
         return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
 
     # ------------------------------------------------------------------------------------------ internals
+    def _score_cd(self, name: str, data, log: FitCheckpoint | None, total: int | None) -> torch.Tensor:
+        """CD member ``name``'s scores (n,) of the fit data, each image keyed by its position (its noise stream);
+        those ``log`` holds are read, the others distilled and appended to it batch by batch."""
+        detector, parts = self.detectors[name], []
+        bar = progress_bar(total, desc=f"ensemble {name}", unit="img", enable=self.show_progress)
+        try:
+            for xb, start in iter_image_batches(data, self.batch_size):
+                digests = image_digests(xb)
+                held = [None] * len(xb) if log is None else log.lookup(name, start, digests)
+                out = torch.tensor([math.nan if h is None else h for h in held], dtype=torch.float64)
+                missing = [i for i, h in enumerate(held) if h is None]
+                if missing:
+                    indices = torch.tensor(missing) + start
+                    scores = torch.cat([r.scores for _, r in detector.iter_distill(
+                        xb[missing], keep_masks=False, sample_indices=indices)]).double()
+                    out[missing] = scores
+                    if log is not None:
+                        log.append(name, indices.tolist(), [digests[i] for i in missing], scores.tolist())
+                parts.append(out)
+                bar.update(len(xb))
+        finally:
+            bar.close()
+        if not parts:
+            raise DataError("data: no images to fit the ensemble on")
+        return torch.cat(parts)
+
     def _require_fit(self, where: str) -> None:
         if not self.fitted:
             raise RuntimeError(f"{where}: call fit(data) first (the screened data itself, or reference data)")
@@ -272,6 +319,57 @@ class Ensemble(Detector):
                                                                           sample_indices=indices)]
             columns[name] = torch.cat(parts)
         return torch.stack([columns[n].double() for n in self.members], 1)
+
+
+class FitCheckpoint:
+    """The CD members' scores of one ensemble fit in a durable text file, so a fit killed part-way resumes.
+
+    The first line is :data:`CHECKPOINT_MAGIC` and the fit's identity (the model's SHA-256, each CD member's
+    settings); then one line ``member,index,digest,score`` per distilled image, appended and fsync'ed per batch. A
+    score is reused only for the same member, position (CD's noise stream) and image content (digest); a file of
+    another fit, or a line cut short by a kill, is dropped when the file is opened.
+    """
+
+    def __init__(self, path: str | Path, identity: dict):
+        self.path = Path(path)
+        header = CHECKPOINT_MAGIC + json.dumps(identity, sort_keys=True)
+        self.scores: dict[tuple[str, int, str], float] = {}
+        kept = []
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        lines = text.split("\n")
+        if lines[0] == header:
+            for line in lines[1:-1]:  # the last element follows the final newline: empty, or a line cut short
+                parts = line.split(",")
+                try:
+                    key, score = (parts[0], int(parts[1]), parts[2]), float(parts[3])
+                except (IndexError, ValueError):
+                    continue
+                if len(parts) == 4:
+                    self.scores[key] = score
+                    kept.append(line)
+        from trojanguard.screening.records import write_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, "\n".join([header, *kept]) + "\n")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
+
+    def lookup(self, member: str, start: int, digests: list[bytes]) -> list[float | None]:
+        """The held score of each image (positions ``start …``), or None."""
+        return [self.scores.get((member, start + i, d.hex())) for i, d in enumerate(digests)]
+
+    def append(self, member: str, indices: list[int], digests: list[bytes], scores: list[float]) -> None:
+        """Make one batch's scores durable (flush + fsync)."""
+        self._file.write("".join(f"{member},{i},{d.hex()},{s!r}\n" for i, d, s in zip(indices, digests, scores)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        for i, d, s in zip(indices, digests, scores):
+            self.scores[(member, i, d.hex())] = s
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class _SharedFeatures(FeatureTap):

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from trojanguard.detect.base import Explains, SampleSizeWarning
+from trojanguard.detect.ensemble import CHECKPOINT_MAGIC
 from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.io import check_finite_weights, model_sha256
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
-from trojanguard.screening.detectors import DEFAULT_DETECTOR, BatchScorer, build_detector
+from trojanguard.screening.detectors import DEFAULT_DETECTOR, FIT_CHECKPOINT, BatchScorer, build_detector
 from trojanguard.screening.records import (
     FORMAT,
     MAGIC,
@@ -243,6 +244,7 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
             raise ResumeError(f"{results.path} has {done} rows but the data has {len(source)} samples")
 
     fit_started = time.perf_counter()
+    scorer.work_dir = out_dir
     fit_info = _prepare(scorer, source, fit_source, detector_file, batch_size)
     fit_seconds = time.perf_counter() - fit_started
 
@@ -383,7 +385,8 @@ def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> Path:
 
 def _holds_screening_run(path: Path) -> bool:
     """True when ``path`` has a results or calibration file whose first line is trojanguard's."""
-    for name, magic in ((RESULTS_FILE, MAGIC), (CALIBRATION_FILE, CALIBRATION_MAGIC)):
+    for name, magic in ((RESULTS_FILE, MAGIC), (CALIBRATION_FILE, CALIBRATION_MAGIC),
+                        (FIT_CHECKPOINT, CHECKPOINT_MAGIC)):
         try:
             with open(path / name, encoding="utf-8", errors="replace") as f:
                 if f.readline(200).startswith(magic):

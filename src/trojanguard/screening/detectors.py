@@ -12,6 +12,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from trojanguard.detect.base import Detector, Fitted, OnePass, Scores
 from trojanguard.errors import TrojanGuardError
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import model_device, working_copy
+
+FIT_CHECKPOINT = "ensemble_fit.csv"  # the ensemble fit's CD scores in screen's output folder (resumable)
 
 
 class DetectorUnavailableError(TrojanGuardError, ValueError):
@@ -62,6 +65,9 @@ class BatchScorer:
 
     def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.detector.score(x).float().cpu(), self.predict(x)
+
+    # the run's output folder, where a scorer may keep files that let a killed run resume (set by ``screen``)
+    work_dir: Path | None = None
 
     # a scorer that makes pictures for the report's grid implements Explains: explain(images, indices) -> maps
     # while screening, ``screen`` sets this to the report's grid size: a scorer that makes pictures may keep those
@@ -130,7 +136,14 @@ class OnePassScorer(BatchScorer):
 
 class EnsembleScorer(BatchScorer):
     """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data, whose scores it keeps, so
-    the batches of the screened data cost no second CD pass; the report's grid shows its CD member's masks."""
+    the batches of the screened data cost no second CD pass; the report's grid shows its CD member's masks. With a
+    ``work_dir`` (screen's output folder) the fit's CD scores go to ``FIT_CHECKPOINT`` there as they are computed,
+    so a killed run resumes its fit instead of distilling everything again."""
+
+    def prepare(self, reference) -> None:
+        if self.needs_reference:
+            checkpoint = None if self.work_dir is None else self.work_dir / FIT_CHECKPOINT
+            self.detector.fit(reference, checkpoint=checkpoint)
 
     def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
         """``masks`` and ``patterns`` of the ensemble's first CD member for samples ``indices`` (images ``x``)."""
@@ -172,10 +185,10 @@ def _build_cd(model: nn.Module, **options) -> Detector:
     return CognitiveDistillation(model, **{"show_progress": False, **options})
 
 
-def _build_ensemble(model: nn.Module, **options) -> Detector:
-    from trojanguard.detect import Ensemble
+def _build_ensemble(model: nn.Module, show_progress: bool = True, **options) -> Detector:
+    from trojanguard.detect import Ensemble  # its fit (CD on every image) is long: it shows screen's bars
 
-    return Ensemble(model, **{"show_progress": False, **options})
+    return Ensemble(model, show_progress=show_progress, **options)
 
 
 def _build_features(model: nn.Module, **options) -> Detector:
@@ -234,7 +247,7 @@ OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD"),
                     "clustering": ("trojanguard.detect", "ActivationClustering")}
 # What ``screen`` and ``trojanguard screen --detector`` run when no detector is named. Switching the default (e.g. to
 # "ensemble", once chosen by leave-one-family-out on the wider zoo) is this one line.
-DEFAULT_DETECTOR = "cd"
+DEFAULT_DETECTOR = "ensemble"
 
 
 def available_detectors() -> dict[str, str | None]:
