@@ -31,7 +31,15 @@ import numpy as np
 import torch
 
 from trojanguard.attacks import ATTACKS
-from trojanguard.detect.ensemble import DEFAULT_MEMBERS, FUSIONS, MEMBERS, Ensemble, fuse, parse_members
+from trojanguard.detect.ensemble import (
+    DEFAULT_MEMBERS,
+    FUSIONS,
+    MEMBERS,
+    RANK_FUSIONS,
+    Ensemble,
+    fuse,
+    parse_members,
+)
 from trojanguard.metrics import auroc
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZooConfig, get_backdoored_model
@@ -176,42 +184,79 @@ def candidate_sets(admissible_only: bool, scored: tuple[str, ...]) -> dict[str, 
     return {"+".join(c): c for r in range(1, len(pool) + 1) for c in itertools.combinations(pool, r)}
 
 
+IMPLANTED_ASR = 0.9  # a family counts in model selection only if its backdoor implanted (the issue's bar)
+CRITERIA = {"mean": lambda values: (np.mean(values), min(values)),
+            "worst case": lambda values: (min(values), np.mean(values))}
+UNBOUNDED_FUSIONS = tuple(f for f in FUSIONS if f not in RANK_FUSIONS)  # screen's robust rule works on these
+# how the default is chosen (the first, with its full table) and the alternatives reported beside it:
+# (name, settings within the throughput bar only, fusions, criterion)
+PROCEDURES = [
+    ("default's procedure: within the throughput bar, fusions that work without clean data, mean", True,
+     UNBOUNDED_FUSIONS, "mean"),
+    ("within the throughput bar, every fusion, mean", True, FUSIONS, "mean"),
+    ("within the throughput bar, every fusion, worst case", True, FUSIONS, "worst case"),
+    ("within the throughput bar, fusions that work without clean data, worst case", True, UNBOUNDED_FUSIONS,
+     "worst case"),
+    ("every member subset, every fusion, mean", False, FUSIONS, "mean"),
+]
+
+
 def lofo(results: dict) -> str:
-    """Leave one family out: on all families but one, choose the setting (member subset × fusion rule) with the best
-    worst-case AUROC (ties: best mean); report the held-out family's AUROC with it. Twice: among settings within
-    the throughput bar, and among all."""
+    """Leave one family out, by each of ``PROCEDURES``: on the implanted families but the held-out one, choose the
+    setting (member subset × fusion rule) by the criterion over their AUROCs (``CRITERIA``: the mean, ties by the
+    worst case; or the worst case, ties by the mean); report the held-out family's AUROC with it, and the robust
+    rule's FPR / TPR on it (no clean data). Families whose attack did not implant (ASR < ``IMPLANTED_ASR``) are
+    reported but never used to choose."""
     records = list(results["attacks"].values())
     attacks = [r["attack"] for r in records]
-    if len(attacks) < 2:
-        return "Leave one family out: needs results of at least two attacks."
-    lines, scored = [], scored_members(records)
-    for admissible in (True, False):
-        table: dict[str, dict[str, float]] = {}
-        for r in records:
-            truth = torch.tensor(r["truth"]).bool()
-            reference = torch.tensor([r["scores"][m] for m in scored], dtype=torch.float64).T
-            for set_name, members in candidate_sets(admissible, scored).items():
-                columns = [scored.index(m) for m in members]
-                for fusion in FUSIONS if len(members) > 1 else ("rank",):
-                    fused = fuse(reference[:, columns], reference[:, columns], fusion)
-                    table.setdefault(f"{set_name} / {fusion}", {})[r["attack"]] = auroc(truth, fused)
-        title = "within the throughput bar (CD-P the only CD member)" if admissible else "all member subsets"
-        lines += [(f"Leave one family out, {len(table)} settings {title}; chosen on the others by worst-case AUROC, "
-                  "then mean:"), "", "| held out | chosen | AUROC held out | best setting on it | CD-L on it |",
-                  "|---|---|---|---|---|"]
+    implanted = [r["attack"] for r in records if r["attack_success_rate"] >= IMPLANTED_ASR]
+    if len(implanted) < 2:
+        return "Leave one family out: needs results of at least two implanted attacks."
+    scored = scored_members(records)
+    table: dict[str, dict[str, float]] = {}
+    robust: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in records:
+        truth = torch.tensor(r["truth"]).bool()
+        reference = torch.tensor([r["scores"][m] for m in scored], dtype=torch.float64).T
+        for set_name, members in candidate_sets(False, scored).items():
+            columns = [scored.index(m) for m in members]
+            for fusion in FUSIONS if len(members) > 1 else ("zscore",):
+                fused = fuse(reference[:, columns], reference[:, columns], fusion).numpy()
+                name = f"{set_name} / {fusion}"
+                table.setdefault(name, {})[r["attack"]] = auroc(truth, torch.from_numpy(fused))
+                flagged = fused > robust_threshold(fused)
+                robust.setdefault(name, {})[r["attack"]] = (flagged[~truth.numpy()].mean(), flagged[truth.numpy()].mean())
+    lines = []
+    for k, (title, admissible, fusions, criterion) in enumerate(PROCEDURES):
+        pool = candidate_sets(admissible, scored)
+        settings = [n for n in table if n.split(" / ")[0] in pool and n.split(" / ")[1] in (*fusions, "zscore")
+                    and (n.split(" / ")[1] in fusions or "+" not in n)]
+        key = CRITERIA[criterion]
+        rows, held_out = [], []
         for held in attacks:
-            others = [a for a in attacks if a != held]
-            chosen = max(table, key=lambda n: (min(table[n][a] for a in others),
-                                               np.mean([table[n][a] for a in others])))
-            best = max(table, key=lambda n: table[n][held])
+            others = [a for a in implanted if a != held]
+            chosen = max(settings, key=lambda n: key([table[n][a] for a in others]))
+            best = max(settings, key=lambda n: table[n][held])
             record = records[attacks.index(held)]
             cd_l = (f"{auroc(torch.tensor(record['truth']).bool(), torch.tensor(record['scores']['cd-l'])):.3f}"
                     if "cd-l" in scored else "not scored")
-            lines.append(f"| {held} | {chosen} | {table[chosen][held]:.3f} | {best} ({table[best][held]:.3f}) | "
-                         f"{cd_l} |")
-        overall = max(table, key=lambda n: (min(table[n].values()), np.mean(list(table[n].values()))))
-        lines += ["", f"Best worst-case on all families ({title}): {overall}: "
-                  + ", ".join(f"{a} {table[overall][a]:.3f}" for a in attacks), ""]
+            fpr, tpr = robust[chosen][held]
+            mark = "" if held in implanted else " (not implanted)"
+            rows.append(f"| {held}{mark} | {chosen} | {table[chosen][held]:.3f} | {fpr:.3f} / {tpr:.3f} | "
+                        f"{best} ({table[best][held]:.3f}) | {cd_l} |")
+            if held in implanted:
+                held_out.append(table[chosen][held])
+        overall = max(settings, key=lambda n: key([table[n][a] for a in implanted]))
+        summary = (f"held out: ≥ 0.95 on {sum(v >= 0.95 for v in held_out)} of {len(held_out)} implanted families, "
+                   f"≥ 0.9 on {sum(v >= 0.9 for v in held_out)}, mean {np.mean(held_out):.3f}, min "
+                   f"{min(held_out):.3f}; chosen on every implanted family: {overall}")
+        if k == 0:
+            lines += [f"Leave one family out, {title} ({len(settings)} settings):", "",
+                      "| held out | chosen | AUROC held out | robust rule FPR / TPR | best setting on it | CD-L on it |",
+                      "|---|---|---|---|---|---|", *rows, "", summary[0].upper() + summary[1:] + ": "
+                      + ", ".join(f"{a} {table[overall][a]:.3f}" for a in attacks), "", "Other procedures:", ""]
+        else:
+            lines.append(f"- {title} ({len(settings)} settings): {summary}")
     return "\n".join(lines)
 
 
