@@ -2,7 +2,7 @@
 the poisoned training set itself (no clean data), per zoo attack; plus FPR control and leave-one-family-out.
 
 Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
-[--poison-rate 0.01] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
+[--poison-rate 0.01] [--dataset colour_digits] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
 ``spectral`` and ``clustering`` fitted on the whole training set.
 
 - The screened set: a seeded stratified ``--fraction`` of the zoo model's poisoned training set (poisoned and clean
@@ -42,7 +42,7 @@ from trojanguard.detect.ensemble import (
 )
 from trojanguard.metrics import auroc
 from trojanguard.thresholds import quantile_threshold, robust_threshold
-from trojanguard.zoo import ZooConfig, get_backdoored_model
+from trojanguard.zoo import ZOO_DATASETS, ZooConfig, get_backdoored_model
 
 DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the training set × 10 = of the target class
 # member sets evaluated with every fusion rule (besides each member alone)
@@ -65,14 +65,15 @@ def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: i
     return torch.cat([pick(pos), pick(neg)]).sort().values
 
 
-def zoo_config(attack: str, poison_rate: float | None) -> ZooConfig:
+def zoo_config(attack: str, poison_rate: float | None, dataset: str = "digits") -> ZooConfig:
     """The zoo model of ``attack`` at ``poison_rate`` (a fraction of the training set; None: the zoo's default). A
     clean-label attack poisons only its target class, so its rate is converted to a fraction of that class (the
     digits' ten classes are balanced: ``10 × poison_rate``)."""
     if poison_rate is None:
-        return ZooConfig(attack=attack)
+        return ZooConfig(attack=attack, dataset=dataset)
     clean_label = ZooConfig(attack=attack).make_attack().clean_label
-    return ZooConfig(attack=attack, poison_rate=min(1.0, poison_rate * DIGIT_CLASSES) if clean_label else poison_rate)
+    return ZooConfig(attack=attack, dataset=dataset,
+                     poison_rate=min(1.0, poison_rate * DIGIT_CLASSES) if clean_label else poison_rate)
 
 
 def scored_members(records) -> tuple[str, ...]:
@@ -81,7 +82,7 @@ def scored_members(records) -> tuple[str, ...]:
 
 
 def run_attack(attack: str, args) -> dict:
-    entry = get_backdoored_model(zoo_config(attack, args.poison_rate), show_progress=False)
+    entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset), show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     x, truth = entry.train.dataset.x[index], entry.train.is_poisoned[index]
     ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
@@ -292,6 +293,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="CD steps")
     parser.add_argument("--poison-rate", type=float, default=None,
                         help="poison rate, a fraction of the training set (default: the zoo's)")
+    parser.add_argument("--dataset", default="digits", choices=ZOO_DATASETS, help="the zoo's training data")
     parser.add_argument("--members", default=",".join(MEMBERS), type=parse_members,
                         help="comma-separated ensemble members to score (default: all)")
     parser.add_argument("--fpr-attacks", nargs="*", default=["badnets"], help="attacks whose test split is scored")
@@ -306,7 +308,8 @@ def main() -> None:
         print(variants(args.attacks))
         return
     setting = (f"{'clean ' + str(args.clean) if args.clean else 'fraction ' + str(args.fraction)}, steps {args.steps}, "
-               f"seed {args.seed}" + ("" if args.poison_rate is None else f", poison rate {args.poison_rate:g}"))
+               f"seed {args.seed}" + ("" if args.poison_rate is None else f", poison rate {args.poison_rate:g}")
+               + ("" if args.dataset == "digits" else f", {args.dataset}"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "

@@ -23,6 +23,7 @@ from trojanguard.models import build_model, load_model, save_model
 from trojanguard.train import train_classifier
 
 ZOO_VERSION = 1  # bump when training or attacks change, so stale caches are not reused
+ZOO_DATASETS = ("digits", "colour_digits")  # colour_digits: each digit in a random ink and paper colour, textured
 DEFAULT_DIRTY_RATE = 0.1  # fraction of the training set (METHODS.md §6: 1–10 %)
 DEFAULT_CLEAN_LABEL_RATE = 0.8  # fraction of the target class (clean-label attacks can only poison it)
 
@@ -96,9 +97,9 @@ def cache_dir() -> Path:
 
 
 def load_dataset(name: str, image_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    if name == "digits":
-        return load_digits(size=image_size, seed=seed)
-    raise ValueError(f"dataset: the zoo knows only 'digits', got {name!r}")
+    if name in ZOO_DATASETS:
+        return load_digits(size=image_size, seed=seed, colour=name == "colour_digits")
+    raise ValueError(f"dataset: expected one of {', '.join(ZOO_DATASETS)}, got {name!r}")
 
 
 def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = False,

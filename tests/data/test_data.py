@@ -21,6 +21,25 @@ def test_digits_shape_range_and_deterministic_split():
     assert small.x.shape[1:] == (1, 16, 16)
 
 
+def test_colour_digits_vary_in_colour_keep_the_digit_and_are_deterministic():
+    grey, _ = load_digits(size=16)
+    colour, _ = load_digits(size=16, colour=True)
+    assert colour.x.shape == grey.x.shape and torch.equal(colour.y, grey.y)
+    assert 0 <= colour.x.min() and colour.x.max() <= 1
+    assert (grey.x[:, 0] == grey.x[:, 1]).all()  # grey: R = G = B, the cue colour triggers would give away
+    spread = colour.x.amax(1) - colour.x.amin(1)  # per-pixel colour spread
+    assert spread.mean() > 0.2
+    # the digit stays: ink pixels differ from paper pixels by at least the contrast, in each image
+    ink, paper = grey.x[:, :1] > 0.7, grey.x[:, :1] < 0.05
+    per_image = [(colour.x[i][:, ink[i, 0]].mean(1) - colour.x[i][:, paper[i, 0]].mean(1)).abs().mean()
+                 for i in range(50)]
+    assert min(per_image) > 0.2
+    again, _ = load_digits(size=16, colour=True)
+    assert torch.equal(colour.x, again.x)
+    with pytest.raises(ValueError, match="channels"):
+        load_digits(channels=1, colour=True)
+
+
 def test_ood_crops_are_natural_images_of_requested_size():
     crops = load_ood_crops(n=20, size=24, seed=3)
     assert crops.x.shape == (20, 3, 24, 24) and crops.y is None
