@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bcu_view_target.py --attacks badnets adaptive_blend adaptive_patch \
         --augments crop crop_flip --targets view source consistent
 
-In-distribution data (the clean half of the zoo model's training set, labels withheld), BCU defaults apart from
+In-distribution data (the clean half of the zoo model's training set, labels withheld; ``--data clean_half``: with
+the cover samples of the adaptive families, as before issue 16; ``untouched``: without), BCU defaults apart from
 ``augment`` and ``view_target``; CA / ASR before and after, the teacher's first-epoch target share (what the
 student is taught on the backdoor's class), the first-epoch share of views whose teacher class differs from the
 source's, and seconds. Results are kept in a JSON file (resume); markdown to stdout / ``--markdown``.
@@ -25,38 +26,35 @@ from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.distillation import VIEW_TARGETS
 from trojanguard.cleanse.unlabeled import clean_half
 from trojanguard.models import build_model
-from trojanguard.zoo import ZooConfig, get_backdoored_model, load_dataset
+from trojanguard.zoo import ZooConfig, get_backdoored_model
 
 DATA = ("clean_half", "untouched")
 
 
-def untouched_half(entry, seed: int) -> torch.Tensor:
-    """``clean_half`` without the images the attack changed but did not relabel (the cover samples of the adaptive
-    families carry the partial trigger with their true label, and ``is_poisoned`` does not mark them)."""
-    train, _ = load_dataset(entry.config.dataset, entry.config.image_size, entry.config.seed)
-    touched = (entry.train.dataset.x != train.x).flatten(1).any(1) | entry.train.is_poisoned
-    clean = (~entry.train.is_poisoned).nonzero().flatten()
-    order = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))]
-    keep = order[: max(1, int(len(clean) * 0.5))].sort().values  # the same draw as clean_half
-    keep = keep[~touched[keep]]
-    return entry.train.dataset.x[keep]
+def _views_module():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bcu_views
+
+    return bcu_views
 
 
 def run_one(attack: str, augment: str, view_target: str, seed: int, epochs: int | None,
-            source: str = "clean_half") -> dict:
+            source: str = "clean_half", teacher: str = "zoo") -> dict:
     entry = get_backdoored_model(ZooConfig(attack=attack, seed=seed), show_progress=False)
-    data = clean_half(entry, seed=seed) if source == "clean_half" else untouched_half(entry, seed)
+    data = clean_half(entry, seed=seed, untouched=source == "untouched")
     kwargs = {} if epochs is None else {"epochs": epochs}
-    bcu = BCU(augment=augment, view_target=view_target, seed=seed, show_progress=False,
-              init=lambda: build_model("small_cnn", num_classes=entry.test.num_classes), **kwargs)
+    views = _views_module()
+    model, ca, asr = views.teacher_model(entry, teacher)
+    init = views.FlatCNN if teacher == "flat_noshift" else lambda: build_model("small_cnn", num_classes=10)
+    bcu = BCU(augment=augment, view_target=view_target, seed=seed, show_progress=False, init=init, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cleansed = bcu.cleanse(entry.model, data)
+        cleansed = bcu.cleanse(model, data)
     after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
     d = bcu.report.details
     return {"attack": attack, "augment": augment, "view_target": view_target, "seed": seed, "data": source,
-            "images": len(data),
-            "ca_before": entry.clean_accuracy, "asr_before": entry.attack_success_rate,
+            "images": len(data), "teacher": teacher,
+            "ca_before": ca, "asr_before": asr,
             "ca_after": after["clean_accuracy"], "asr_after": after["attack_success_rate"],
             "teacher_target_share": d["teacher_class_share"][entry.config.target],
             "teacher_top_share": max(d["teacher_class_share"]), "view_change": d["view_prediction_change"],
@@ -68,7 +66,8 @@ def markdown(rows: list[dict]) -> str:
              "teacher target share (1st epoch) | view prediction change | s |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         change = "—" if r["view_change"] is None else f"{r['view_change']:.3f}"
-        lines.append(f"| {r['attack']} | {r.get('data', 'clean_half')} ({r.get('images', 647)}) | {r['augment']} | {r['view_target']} | {r['ca_before']:.3f} → "
+        name = r["attack"] if r.get("teacher", "zoo") == "zoo" else f"{r['attack']} ({r['teacher']})"
+        lines.append(f"| {name} | {r.get('data', 'clean_half')} ({r.get('images', 647)}) | {r['augment']} | {r['view_target']} | {r['ca_before']:.3f} → "
                      f"{r['ca_after']:.3f} | {r['asr_before']:.3f} → {r['asr_after']:.3f} | "
                      f"{r['teacher_target_share']:.3f} | {change} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -81,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augments", nargs="+", default=["crop"], choices=["crop", "crop_flip", "none"])
     parser.add_argument("--targets", nargs="+", default=list(VIEW_TARGETS[:2]), choices=VIEW_TARGETS)
     parser.add_argument("--data", nargs="+", default=["clean_half"], choices=DATA,
-                        help="clean_half: the benchmark's unlabeled data; untouched: without the attack's cover samples")
+                        help="clean_half: the clean half as it was before issue 16 (with the adaptive families' "
+                             "cover samples); untouched: clean_half's default now, without them")
+    parser.add_argument("--teacher", default="zoo", choices=("zoo", "noshift", "flat_noshift"),
+                        help="the zoo model, or one trained without random shifts (benchmarks/bcu_views.py)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=Path("bcu_view_target.json"))
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for attack, source, augment, target in itertools.product(args.attacks, args.data, args.augments, args.targets):
         key = f"{attack}/{augment}/{target}/{args.seed}/{args.epochs}"
-        key += "" if source == "clean_half" else f"/{source}"
+        key += ("" if source == "clean_half" else f"/{source}") + ("" if args.teacher == "zoo" else f"/{args.teacher}")
         if key not in done:
-            done[key] = run_one(attack, augment, target, args.seed, args.epochs, source)
+            done[key] = run_one(attack, augment, target, args.seed, args.epochs, source, args.teacher)
             args.results.write_text(json.dumps(done, indent=1))
             print(f"{key}: ASR {done[key]['asr_after']:.3f} CA {done[key]['ca_after']:.3f}",
                   file=sys.stderr, flush=True)

@@ -7,7 +7,8 @@ BCU distils the teacher's answers on *augmented* unlabeled images (``cleanse/aug
 crop, optionally a horizontal flip; the same view goes to teacher and student). A view that looks like a trigger
 to the backdoored teacher makes it answer with the target class, and the student then learns the backdoor from
 clean data. For every zoo family this applies each transformation, one at a time and exactly as BCU applies it,
-to BCU's in-distribution unlabeled data (``clean_half``, the benchmark's default) and to the clean test set, and
+to BCU's in-distribution unlabeled data (``clean_half(untouched=False)``: the benchmark's data before issue 16,
+with the adaptive families' cover samples) and to the clean test set, and
 measures on the views:
 
 * ``target``  — share of views the teacher assigns to the backdoor target (identity row: the clean share);
@@ -161,7 +162,7 @@ def run_family(attack: str, draws: int, seed: int, teacher: str = "zoo") -> dict
     entry = get_backdoored_model(ZooConfig(attack=attack, seed=seed), show_progress=False)
     model, ca, asr = teacher_model(entry, teacher)
     target = entry.config.target
-    half_idx_data = clean_half(entry, seed=seed)
+    half_idx_data = clean_half(entry, seed=seed, untouched=False)  # as measured: with the cover samples
     result = {"attack": attack, "teacher": teacher, "ca": ca, "asr": asr, "target": target, "sets": {}}
     for set_name, x, y in (("clean_half", half_idx_data, None), ("test", entry.test.x, entry.test.y)):
         result["sets"][set_name] = {t: measure(model, x, y, target, t, draws, seed) for t in TRANSFORMS}

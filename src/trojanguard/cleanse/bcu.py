@@ -428,7 +428,13 @@ class BCU(Cleanser):
     Augmentation is random crop only:
     the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
     meaning of digits, text and traffic signs, and on the digits zoo it left more of WaNet's backdoor than crop
-    only did (docs/cleansing.md).
+    only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
+    authors', default), on the un-augmented source image, or on the view with views that change its answer left
+    out: an augmentation can make clean images look like a trigger to the teacher (issue 16: a zero-padded crop
+    sends 18–29 % of clean digits to the target of a position-sensitive CNN trained without shifts, and BCU then
+    keeps WaNet's backdoor; ``benchmarks/bcu_views.py``, ``benchmarks/bcu_view_target.py``). The report's
+    ``view_prediction_change`` (share of first-epoch views whose teacher class differs from the source's) is the
+    label-free sign of it.
     """
 
     model_kind = Classifier  # BCU distils logits
