@@ -431,8 +431,8 @@ class BCU(Cleanser):
     only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
     authors', default), on the un-augmented source image, or on the view with views that change its answer left
     out: an augmentation can make clean images look like a trigger to the teacher (issue 16: a zero-padded crop
-    sends 18–29 % of clean digits to the target of a position-sensitive CNN trained without shifts, and BCU then
-    keeps WaNet's backdoor; ``benchmarks/bcu_views.py``, ``benchmarks/bcu_view_target.py``). The report's
+    sends 17–29 % of clean digits to the target of WaNet / random-patch models trained without random shifts, and
+    BCU then kept WaNet's backdoor, ASR 0.83, which ``"source"`` removed; benchmarks/RESULTS.md). The report's
     ``view_prediction_change`` (share of first-epoch views whose teacher class differs from the source's) is the
     label-free sign of it.
     """
