@@ -571,3 +571,57 @@ def test_warns_when_the_teacher_sends_most_data_to_one_class():
         bcu.cleanse(biased, _images(128))
     assert bcu.report.details["teacher_class_share"][3] == 1.0
     assert any("class 3" in w for w in bcu.report.details["warnings"])
+
+
+class _BorderTeacher(nn.Module):
+    """Class 1 when the image's outer ring holds zero pixels (the border a zero-padded crop adds), else class 0:
+    a teacher whose 'backdoor' is evoked by BCU's own augmentation (issue 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0, 5.0], [40.0, 0.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        ring = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
+        zero = (ring == 0).float().mean(dim=(1, 2))
+        return self.head(torch.stack([zero, torch.ones_like(zero)], 1))
+
+
+@pytest.mark.parametrize("view_target", ["view", "source", "consistent"])
+def test_view_target_keeps_an_augmentation_from_evoking_the_teachers_backdoor(view_target):
+    x = 0.1 + 0.9 * _images(256)  # no zero pixel: the teacher answers class 0 on every source image
+    teacher = _BorderTeacher()
+    bcu = BCU(epochs=4, batch_size=32, lr=0.1, reinit=1.0, augment="crop", view_target=view_target, show_progress=False)
+    student = bcu.cleanse(teacher, x)
+    details = bcu.report.details
+    assert details["view_prediction_change"] > 0.9  # label-free: nearly every crop changes the teacher's answer
+    views = torch.stack([torch.nn.functional.pad(img, (4, 0, 0, 0))[..., :32] for img in x[:64]])  # 4-px shift
+    with torch.no_grad():
+        evoked = float((student(views).argmax(1) == 1).double().mean())
+    if view_target == "view":  # the authors' step: the teacher's answer on the crop is taught
+        assert details["teacher_class_share"][1] > 0.9 and evoked > 0.9
+    else:  # the teacher's answer on the source (or no answer that differs from it) is taught
+        assert details["teacher_class_share"][1] < (0.05 if view_target == "source" else 1.0) and evoked < 0.1
+
+
+@pytest.mark.parametrize("attack", ["adaptive_blend", "badnets"])
+def test_clean_half_leaves_out_the_attacks_cover_samples(attack):
+    from types import SimpleNamespace
+
+    from trojanguard.data import load_digits
+
+    config = ZooConfig(attack=attack)
+    train, _ = load_digits(size=config.image_size, seed=config.seed)
+    poisoned = config.make_attack().poison(train, rate=config.rate(config.make_attack()), target=config.target,
+                                           seed=config.seed)
+    entry = SimpleNamespace(config=config, train=poisoned)
+    kept, before = clean_half(entry), clean_half(entry, untouched=False)
+    clean_images = {img.numpy().tobytes() for img in train.x}
+    assert all(img.numpy().tobytes() in clean_images for img in kept)  # no trigger-carrying image
+    if attack == "badnets":  # no cover samples: the data is what it was
+        assert torch.equal(kept, before)
+    else:  # covers (true label, partial trigger) were in the half before, and only they are gone
+        assert 0 < len(before) - len(kept) < 0.2 * len(before)

@@ -78,7 +78,7 @@ def test_distillation_through_the_loop_equals_a_hand_written_loop_exactly(norm_s
 
     student, reference = _tiny_cnn(2), _tiny_cnn(2)
     torch.manual_seed(5)
-    rows, images, shares = distill(student, copy.deepcopy(teacher), UnlabeledImages(x, 32, seed=3), settings,
+    rows, images, shares, _ = distill(student, copy.deepcopy(teacher), UnlabeledImages(x, 32, seed=3), settings,
                                    device=CPU, seed=3, augment=lambda t, g: random_crop_flip(t, g, flip=False),
                                    evaluation=evaluation, show_progress=False)
     torch.manual_seed(5)

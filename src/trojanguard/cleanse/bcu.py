@@ -70,6 +70,7 @@ from trojanguard.cleanse.distillation import (
     KEEP_MAX_GRAD_NORM,
     LOSSES,
     NORM_STATS,
+    VIEW_TARGETS,
     DistillSettings,
     batch_statistics_agreement,
     distill,
@@ -126,6 +127,10 @@ class BCUConfig:
     temperature: tuple[float, float] = _setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
     augment: object = _setting("crop", "crop (default), crop_flip (natural images only: flipping changes digits, "
                                "text, signs), none", choices=AUGMENTATIONS)
+    view_target: str = _setting("view", "the image the teacher answers on: view (default, the authors': the "
+                                "augmented view the student sees), source (the un-augmented image: an augmentation "
+                                "cannot evoke the backdoor) or consistent (the view, dropping views whose teacher "
+                                "class differs from the source's)", choices=VIEW_TARGETS)
     momentum: float = _setting(0.9, "SGD momentum")
     weight_decay: float = _setting(5e-4, "SGD weight decay")
     norm_stats: str = _setting("auto", "batch-norm statistics: auto (default: keep the model's when the data is far "
@@ -162,6 +167,8 @@ class BCUConfig:
             raise ValueError(f"weight_decay: expected ≥ 0, got {self.weight_decay}")
         if not (augment is None or callable(augment) or augment in AUGMENTATIONS):
             raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
+        if self.view_target not in VIEW_TARGETS:
+            raise ValueError(f"view_target: expected one of {VIEW_TARGETS}, got {self.view_target!r}")
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
         if self.loss != "auto" and self.loss not in LOSSES:
@@ -421,7 +428,13 @@ class BCU(Cleanser):
     Augmentation is random crop only:
     the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
     meaning of digits, text and traffic signs, and on the digits zoo it left more of WaNet's backdoor than crop
-    only did (docs/cleansing.md).
+    only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
+    authors', default), on the un-augmented source image, or on the view with views that change its answer left
+    out: an augmentation can make clean images look like a trigger to the teacher (issue 16: a zero-padded crop
+    sends 17–29 % of clean digits to the target of WaNet / random-patch models trained without random shifts, and
+    BCU then kept WaNet's backdoor, ASR 0.83, which ``"source"`` removed; benchmarks/RESULTS.md). The report's
+    ``view_prediction_change`` (share of first-epoch views whose teacher class differs from the source's) is the
+    label-free sign of it.
     """
 
     model_kind = Classifier  # BCU distils logits
@@ -478,9 +491,10 @@ class BCU(Cleanser):
         fork = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
             torch.manual_seed(config.seed)
-            rows, seen, shares = distill(student, teacher, images, settings, device=device, seed=config.seed,
-                                 augment=make_augment(config.augment), evaluation=evaluation,
-                                 show_progress=config.show_progress, desc="BCU")
+            rows, seen, shares, view_change = distill(
+                student, teacher, images, settings, device=device, seed=config.seed,
+                augment=make_augment(config.augment), view_target=config.view_target, evaluation=evaluation,
+                show_progress=config.show_progress, desc="BCU")
         student.eval()
         total = sum(layer.params for layer in layers)
         report.images, report.epochs = seen, rows
@@ -499,6 +513,7 @@ class BCU(Cleanser):
             "unused_layers": unused,
             "layers_without_initialiser": skipped,
             "teacher_class_share": [round(x, 4) for x in shares],
+            "view_prediction_change": view_change,
         }
         forced = config.norm_stats != "auto" or config.loss != "auto"
         found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares)) if w is not None]

@@ -165,18 +165,39 @@ def train_mode(student: nn.Module, norm_stats: str) -> None:
 # the step and the loop
 
 
+VIEW_TARGETS = ("view", "source", "consistent")  # what the student's view is distilled towards (DistillationStep)
+
+
 class DistillationStep:
-    """BCU's step: augment the batch once (generator seeded ``seed + 17``), the frozen teacher's logits on it are
-    the target of the student's, by ``settings.loss`` at the epoch's temperature. Counts the teacher's predicted
-    classes over the first epoch (:meth:`class_shares`, see :func:`dominant_class_warning`)."""
+    """BCU's step: augment the batch once (generator seeded ``seed + 17``); the frozen teacher's logits are the
+    target of the student's logits on the augmented view, by ``settings.loss`` at the epoch's temperature.
+
+    ``view_target`` says on which image the teacher answers (without augmentation all three are the same):
+
+    * ``"view"`` (the authors') — on the same augmented view the student sees;
+    * ``"source"`` — on the un-augmented source image: an augmentation that makes a clean image look like a
+      trigger to the backdoored teacher then cannot make it answer with its target (issue 16), and the student
+      learns the teacher's clean answer for the view;
+    * ``"consistent"`` — on the view, but views whose teacher class differs from the class on their source are
+      left out of the loss (the student still sees the whole batch, for batch norm).
+
+    Counts the classes of the teacher's targets over the first epoch (:meth:`class_shares`, see
+    :func:`dominant_class_warning`) and the share of views whose teacher class differs from the source's
+    (:attr:`view_change`, also measured for ``"view"``: a label-free sign that the augmentation is not
+    label-preserving for this teacher)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, settings: DistillSettings, *, seed: int,
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None):
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 view_target: str = "view"):
+        if view_target not in VIEW_TARGETS:
+            raise ValueError(f"view_target: expected one of {VIEW_TARGETS}, got {view_target!r}")
         self.student, self.teacher, self.settings, self.augment = student, teacher, settings, augment
+        self.view_target = view_target
         self.loss = LOSSES[settings.loss]
         self.generator = torch.Generator().manual_seed(seed + 17)
         self.tau = temperature_at(0, settings.epochs, settings.temperature)
         self.class_counts: torch.Tensor | None = None
+        self.changed, self.views = 0, 0  # first epoch: views whose teacher class differs from the source's
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         """The epoch's temperature, for the step and the report's row."""
@@ -184,23 +205,48 @@ class DistillationStep:
         return {"temperature": self.tau}
 
     def __call__(self, x: torch.Tensor, epoch: int, index: int) -> StepResult:
+        source = x
         if self.augment is not None:
             x = self.augment(x, self.generator)
-        with torch.no_grad():
-            target = self.teacher(x)
-        if epoch == 0:
-            counts = torch.bincount(target.argmax(1).cpu(), minlength=target.shape[1])
+        augmented = self.augment is not None
+        teach_source = augmented and self.view_target == "source"
+        with torch.no_grad():  # the first epoch measures both answers whatever the mode (view_change)
+            on_view = self.teacher(x) if not teach_source or epoch == 0 else None
+            on_source = self.teacher(source) if augmented and (self.view_target != "view" or epoch == 0) else None
+        keep = None
+        if on_source is not None and on_view is not None:
+            same = on_view.argmax(1) == on_source.argmax(1)
+            if epoch == 0:
+                self.changed += int((~same).sum())
+                self.views += len(same)
+            if self.view_target == "consistent":
+                keep = same
+        target = on_source if teach_source else on_view
+        if epoch == 0:  # the classes the student is taught (with "consistent": of the views kept)
+            taught = target if keep is None else target[keep]
+            counts = torch.bincount(taught.argmax(1).cpu(), minlength=target.shape[1])
             self.class_counts = counts if self.class_counts is None else self.class_counts + counts
-        return StepResult(self.loss(self.student(x), target, self.tau), len(x))
+        logits = self.student(x)
+        if keep is None:
+            return StepResult(self.loss(logits, target, self.tau), len(x))
+        kept = int(keep.sum())
+        if kept == 0:  # nothing to learn from this batch: a zero loss that still has a graph
+            return StepResult(logits.sum() * 0.0, 0)
+        return StepResult(self.loss(logits[keep], target[keep], self.tau), kept)
 
     def class_shares(self) -> list[float]:
         """Share of the first epoch's images the teacher assigned to each class."""
         counts = self.class_counts
         return [] if counts is None else (counts.double() / counts.sum()).tolist()
 
+    @property
+    def view_change(self) -> float | None:
+        """Share of the first epoch's views whose teacher class differs from the source's (None: no augmentation)."""
+        return self.changed / self.views if self.views else None
+
 
 def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, settings: DistillSettings, *,
-            device: torch.device, seed: int, augment=None,
+            device: torch.device, seed: int, augment=None, view_target: str = "view",
             evaluation: Callable[[nn.Module], dict[str, float]] | None = None,
             show_progress: bool = True, desc: str = "distil") -> tuple[list[EpochRow], int, list[float]]:
     """Train ``student`` (train mode) to match the frozen ``teacher`` (eval mode) on unlabeled batches.
@@ -208,8 +254,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, setti
     SGD + momentum + weight decay, cosine learning rate over the epochs (stepped per epoch), temperature
     ramped per epoch; ``augment`` is applied once per batch and the *same* augmented images go to teacher
     and student (:class:`DistillationStep`, run by :func:`~trojanguard.cleanse._training.train`). Returns the
-    per-epoch rows, the number of images seen in one epoch, and the share of the first epoch's images the teacher
-    assigns to each class (a diagnostic: see :func:`dominant_class_warning`). A non-finite loss stops training
+    per-epoch rows, the number of images seen in one epoch, the share of the first epoch's images the teacher
+    assigns to each class (a diagnostic: see :func:`dominant_class_warning`) and the share of the first epoch's
+    views whose teacher class differs from the source's (None without augmentation; ``view_target``: see
+    :class:`DistillationStep`). A non-finite loss stops training
     with :class:`CleanseError` (no half-trained model is returned).
     """
     teacher.eval().requires_grad_(False)
@@ -218,11 +266,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: UnlabeledImages, setti
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
-    step = DistillationStep(student, teacher, settings, seed=seed, augment=augment)
+    step = DistillationStep(student, teacher, settings, seed=seed, augment=augment, view_target=view_target)
     trained = train(student, step, data, optimizer=opt, scheduler=sched, epochs=settings.epochs, device=device,
                     evaluation=evaluation, on_epoch_start=step.start_epoch, max_grad_norm=settings.max_grad_norm,
                     loss_name="distillation loss", show_progress=show_progress, desc=desc)
-    return trained.rows, trained.images, step.class_shares()
+    return trained.rows, trained.images, step.class_shares(), step.view_change
 
 
 # ---------------------------------------------------------------------------------------------------------
