@@ -24,11 +24,11 @@ import torch
 from trojanguard.attacks import ATTACKS
 from trojanguard.cleanse import BCU, Evaluation
 from trojanguard.cleanse.distillation import VIEW_TARGETS
-from trojanguard.cleanse.unlabeled import clean_half
+from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.models import build_model
 from trojanguard.zoo import ZooConfig, get_backdoored_model
 
-DATA = ("clean_half", "untouched")
+DATA = ("clean_half", "untouched", "ood")  # ood: natural-photo crops adapted to the model (ood_images)
 
 
 def _views_module():
@@ -41,10 +41,10 @@ def _views_module():
 def run_one(attack: str, augment: str, view_target: str, seed: int, epochs: int | None,
             source: str = "clean_half", teacher: str = "zoo") -> dict:
     entry = get_backdoored_model(ZooConfig(attack=attack, seed=seed), show_progress=False)
-    data = clean_half(entry, seed=seed, untouched=source == "untouched")
     kwargs = {} if epochs is None else {"epochs": epochs}
     views = _views_module()
     model, ca, asr = views.teacher_model(entry, teacher)
+    data = ood_images(model=model) if source == "ood" else clean_half(entry, seed=seed, untouched=source == "untouched")
     init = views.FlatCNN if teacher == "flat_noshift" else lambda: build_model("small_cnn", num_classes=10)
     bcu = BCU(augment=augment, view_target=view_target, seed=seed, show_progress=False, init=init, **kwargs)
     with warnings.catch_warnings():
