@@ -590,7 +590,7 @@ class _BorderTeacher(nn.Module):
         return self.head(torch.stack([zero, torch.ones_like(zero)], 1))
 
 
-@pytest.mark.parametrize("view_target", ["view", "source", "consistent"])
+@pytest.mark.parametrize("view_target", ["view", "source", "consistent", "auto"])
 def test_view_target_keeps_an_augmentation_from_evoking_the_teachers_backdoor(view_target):
     x = 0.1 + 0.9 * _images(256)  # no zero pixel: the teacher answers class 0 on every source image
     teacher = _BorderTeacher()
@@ -598,6 +598,10 @@ def test_view_target_keeps_an_augmentation_from_evoking_the_teachers_backdoor(vi
     student = bcu.cleanse(teacher, x)
     details = bcu.report.details
     assert details["view_prediction_change"] > 0.9  # label-free: nearly every crop changes the teacher's answer
+    assert details["view_class_gain"] > 0.9  # ... and moves it into one class
+    if view_target == "auto":  # so auto has the teacher answer on the source
+        assert details["view_target"] == "source"
+        view_target = "source"
     views = torch.stack([torch.nn.functional.pad(img, (4, 0, 0, 0))[..., :32] for img in x[:64]])  # 4-px shift
     with torch.no_grad():
         evoked = float((student(views).argmax(1) == 1).double().mean())
@@ -605,6 +609,17 @@ def test_view_target_keeps_an_augmentation_from_evoking_the_teachers_backdoor(vi
         assert details["teacher_class_share"][1] > 0.9 and evoked > 0.9
     else:  # the teacher's answer on the source (or no answer that differs from it) is taught
         assert details["teacher_class_share"][1] < (0.05 if view_target == "source" else 1.0) and evoked < 0.1
+
+
+def test_auto_view_target_keeps_the_authors_view_when_augmenting_moves_no_class():
+    x = 0.1 + 0.9 * _images(256)
+    x[..., :4, :] = 0.0  # a zero band already: the teacher answers class 1 on the sources, and on every crop
+    bcu = BCU(epochs=1, batch_size=32, augment="crop", show_progress=False)
+    bcu.cleanse(_BorderTeacher(), x)
+    assert bcu.report.details["view_class_gain"] <= 0.05 and bcu.report.details["view_target"] == "view"
+    bcu = BCU(epochs=1, batch_size=32, augment="none", show_progress=False)
+    bcu.cleanse(_BorderTeacher(), x)
+    assert bcu.report.details["view_class_gain"] is None and bcu.report.details["view_target"] == "view"
 
 
 @pytest.mark.parametrize("attack", ["adaptive_blend", "badnets"])

@@ -166,6 +166,26 @@ def train_mode(student: nn.Module, norm_stats: str) -> None:
 
 
 VIEW_TARGETS = ("view", "source", "consistent")  # what the student's view is distilled towards (DistillationStep)
+EVOKED_CLASS_GAIN = 0.05  # view_target="auto": the teacher answers on the source when augmenting moves more than this
+# share of the data into one class (zoo teachers, label-preserving crops: <= 0.02; crops that evoked a backdoor: 0.07-0.19)
+
+
+@torch.no_grad()
+def evoked_class_gain(teacher: nn.Module, x: torch.Tensor,
+                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], seed: int) -> float:
+    """The largest net share of images ``x`` the augmentation moves into one class of the teacher: max over classes
+    of (share of augmented views in the class − share of the source images in it). Needs no labels. A
+    label-preserving augmentation moves few images and in no particular direction; one that makes clean images look
+    like a trigger to a backdoored teacher moves them into its target (issue 16: BCU's zero-padded crop on teachers
+    trained without random shifts). ``x: (N, C, H, W)`` on the teacher's device; the teacher is not modified."""
+    teacher = teacher.eval()
+    views = augment(x, torch.Generator().manual_seed(seed + 17))
+    classes = teacher(x).shape[1] if len(x) else 0
+    if not classes:
+        return 0.0
+    source = torch.bincount(teacher(x).argmax(1).cpu(), minlength=classes).double()
+    viewed = torch.bincount(teacher(views).argmax(1).cpu(), minlength=classes).double()
+    return float(((viewed - source) / len(x)).max())
 
 
 class DistillationStep:
