@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: ASR {done[key]['asr_after']:.3f} CA {done[key]['ca_after']:.3f}",
                   file=sys.stderr, flush=True)
         rows.append(done[key])
-    text = markdown(rows)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+    return _views_module().publish(markdown(rows), args.markdown)
 
 
 if __name__ == "__main__":

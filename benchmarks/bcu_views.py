@@ -45,6 +45,9 @@ from trojanguard.models import SmallCNN
 from trojanguard.train import train_classifier
 from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bcu_table import publish  # the benchmarks' shared print-and-write tail
+
 TEACHERS = ("zoo", "noshift", "flat_noshift")
 
 
@@ -232,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             done[key] = run_family(attack, args.draws, args.seed, args.teacher)
             args.results.write_text(json.dumps(done, indent=1))
             print(f"{key}: done", file=sys.stderr, flush=True)
-    text = markdown([done[k] for k in keys])
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+    return publish(markdown([done[k] for k in keys]), args.markdown)
 
 
 if __name__ == "__main__":
