@@ -180,10 +180,11 @@ def evoked_class_gain(teacher: nn.Module, x: torch.Tensor,
     trained without random shifts). ``x: (N, C, H, W)`` on the teacher's device; the teacher is not modified."""
     teacher = teacher.eval()
     views = augment(x, torch.Generator().manual_seed(seed + 17))
-    classes = teacher(x).shape[1] if len(x) else 0
-    if not classes:
+    if not len(x):
         return 0.0
-    source = torch.bincount(teacher(x).argmax(1).cpu(), minlength=classes).double()
+    logits = teacher(x)
+    classes = logits.shape[1]
+    source = torch.bincount(logits.argmax(1).cpu(), minlength=classes).double()
     viewed = torch.bincount(teacher(views).argmax(1).cpu(), minlength=classes).double()
     return float(((viewed - source) / len(x)).max())
 

@@ -212,7 +212,7 @@ class Ensemble(Detector):
         try:
             for name in self.cd_members:
                 started = time.perf_counter()
-                columns[name] = self._score_cd(name, data, log, len(digests) or None)
+                columns[name] = self._score_cd(name, data, log, digests)
                 self.member_seconds[name] = time.perf_counter() - started
         finally:
             if log is not None:
@@ -274,14 +274,19 @@ class Ensemble(Detector):
         return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
 
     # ------------------------------------------------------------------------------------------ internals
-    def _score_cd(self, name: str, data, log: FitCheckpoint | None, total: int | None) -> torch.Tensor:
-        """CD member ``name``'s scores (n,) of the fit data, each image keyed by its position (its noise stream);
-        those ``log`` holds are read, the others distilled and appended to it batch by batch."""
+    def _score_cd(self, name: str, data, log: FitCheckpoint | None, all_digests: list[bytes]) -> torch.Tensor:
+        """CD member ``name``'s scores (n,) of the fit data, each image keyed by its position (its noise stream)
+        and its digest (``all_digests``, from the fit's first pass); those ``log`` holds are read, the others
+        distilled and appended to it batch by batch."""
         detector, parts = self.detectors[name], []
-        bar = progress_bar(total, desc=f"ensemble {name}", unit="img", enable=self.show_progress)
+        bar = progress_bar(len(all_digests) or None, desc=f"ensemble {name}", unit="img", enable=self.show_progress)
         try:
             for xb, start in iter_image_batches(data, self.batch_size):
-                digests = image_digests(xb)
+                digests = all_digests[start : start + len(xb)]
+                if len(digests) != len(xb):
+                    raise DataError(f"data: member {name!r} read more images than the fit's first pass "
+                                    f"({len(all_digests)}); pass data that reads the same images every time it is "
+                                    "iterated")
                 held = [None] * len(xb) if log is None else log.lookup(name, start, digests)
                 out = torch.tensor([math.nan if h is None else h for h in held], dtype=torch.float64)
                 missing = [i for i, h in enumerate(held) if h is None]
