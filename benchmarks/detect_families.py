@@ -3,7 +3,9 @@ the poisoned training set itself (no clean data), per zoo attack; plus FPR contr
 
 Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
 [--poison-rate 0.01] [--dataset colour_digits] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
-``spectral`` and ``clustering`` fitted on the whole training set.
+``spectral`` and ``clustering`` fitted on the whole training set; ``--rescore features`` refits feature members on
+the results file's screened sets (its CD scores kept) after their fit changed; ``--lofo --lofo-with other.json ...``
+pools other settings' results (another dataset or poison rate) into leave-one-family-out.
 
 - The screened set: a seeded stratified ``--fraction`` of the zoo model's poisoned training set (poisoned and clean
   alike, so the poison rate is the zoo's), or with ``--clean N`` every poisoned sample plus N clean ones (as
@@ -81,10 +83,33 @@ def scored_members(records) -> tuple[str, ...]:
     return tuple(m for m in MEMBERS if all(m in r["scores"] for r in records))
 
 
-def run_attack(attack: str, args) -> dict:
+def screened(attack: str, args):
+    """The zoo entry of ``attack`` and its screened set: ``(entry, images, truth)``."""
     entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset), show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
-    x, truth = entry.train.dataset.x[index], entry.train.is_poisoned[index]
+    return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index]
+
+
+def rescore(record: dict, members: tuple[str, ...], args) -> None:
+    """Refit ``members`` (feature members: one shared pass) on ``record``'s screened set and replace their scores in
+    it, the other members' scores kept: a member whose fit changed is measured without rerunning CD."""
+    if any(m in ("cd-p", "cd-l", "cd-f") for m in members):
+        raise SystemExit("--rescore: only feature members (features, spectral, clustering) are rescored")
+    entry, x, truth = screened(record["attack"], args)
+    if truth.int().tolist() != record["truth"]:
+        raise SystemExit(f"--rescore: {record['attack']}: the screened set differs from the results file's")
+    ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(x)
+    for k, m in enumerate(ensemble.members):
+        record["scores"][m] = ensemble.reference_scores[:, k].tolist()
+    if "test_scores" in record:
+        test = ensemble.member_scores(entry.test.x)
+        for k, m in enumerate(ensemble.members):
+            record["test_scores"][m] = test[:, k].tolist()
+    record.setdefault("rescored", {}).update({m: f"{ensemble.detectors[m]!r}" for m in members})
+
+
+def run_attack(attack: str, args) -> dict:
+    entry, x, truth = screened(attack, args)
     ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
     started = time.perf_counter()
     ensemble.fit(x)
@@ -202,15 +227,20 @@ PROCEDURES = [
 ]
 
 
-def lofo(results: dict) -> str:
+def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
     """Leave one family out, by each of ``PROCEDURES``: on the implanted families but the held-out one, choose the
     setting (member subset × fusion rule) by the criterion over their AUROCs (``CRITERIA``: the mean, ties by the
     worst case; or the worst case, ties by the mean); report the held-out family's AUROC with it, and the robust
     rule's FPR / TPR on it (no clean data). Families whose attack did not implant (ASR < ``IMPLANTED_ASR``) are
-    reported but never used to choose."""
-    records = list(results["attacks"].values())
-    attacks = [r["attack"] for r in records]
-    implanted = [r["attack"] for r in records if r["attack_success_rate"] >= IMPLANTED_ASR]
+    reported but never used to choose. ``others``: results files of other settings (a dataset, a poison rate) whose
+    records join the pool as ``family @ setting``; holding out a family holds it out in every setting."""
+    records = [dict(r, unit=r["attack"]) for r in results["attacks"].values()]
+    for other in others:
+        label = other["setting"].split(", ")[-1]  # what differs: the dataset or the poison rate
+        records += [dict(r, unit=f"{r['attack']} @ {label}") for r in other["attacks"].values()]
+    attacks = [r["unit"] for r in records]
+    family = {r["unit"]: r["attack"] for r in records}
+    implanted = [r["unit"] for r in records if r["attack_success_rate"] >= IMPLANTED_ASR]
     if len(implanted) < 2:
         return "Leave one family out: needs results of at least two implanted attacks."
     scored = scored_members(records)
@@ -224,9 +254,9 @@ def lofo(results: dict) -> str:
             for fusion in FUSIONS if len(members) > 1 else ("zscore",):
                 fused = fuse(reference[:, columns], reference[:, columns], fusion).numpy()
                 name = f"{set_name} / {fusion}"
-                table.setdefault(name, {})[r["attack"]] = auroc(truth, torch.from_numpy(fused))
+                table.setdefault(name, {})[r["unit"]] = auroc(truth, torch.from_numpy(fused))
                 flagged = fused > robust_threshold(fused)
-                robust.setdefault(name, {})[r["attack"]] = (flagged[~truth.numpy()].mean(), flagged[truth.numpy()].mean())
+                robust.setdefault(name, {})[r["unit"]] = (flagged[~truth.numpy()].mean(), flagged[truth.numpy()].mean())
     lines = []
     for k, (title, admissible, fusions, criterion) in enumerate(PROCEDURES):
         pool = candidate_sets(admissible, scored)
@@ -235,7 +265,7 @@ def lofo(results: dict) -> str:
         key = CRITERIA[criterion]
         rows, held_out = [], []
         for held in attacks:
-            others = [a for a in implanted if a != held]
+            others = [a for a in implanted if family[a] != family[held]]
             chosen = max(settings, key=lambda n: key([table[n][a] for a in others]))
             best = max(settings, key=lambda n: table[n][held])
             record = records[attacks.index(held)]
@@ -248,7 +278,8 @@ def lofo(results: dict) -> str:
             if held in implanted:
                 held_out.append(table[chosen][held])
         overall = max(settings, key=lambda n: key([table[n][a] for a in implanted]))
-        summary = (f"held out: ≥ 0.95 on {sum(v >= 0.95 for v in held_out)} of {len(held_out)} implanted families, "
+        summary = (f"held out: ≥ 0.95 on {sum(v >= 0.95 for v in held_out)} of {len(held_out)} implanted "
+                   f"{'families' if not others else 'family settings'}, "
                    f"≥ 0.9 on {sum(v >= 0.9 for v in held_out)}, mean {np.mean(held_out):.3f}, min "
                    f"{min(held_out):.3f}; chosen on every implanted family: {overall}")
         if k == 0:
@@ -302,6 +333,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("detect_families.json"))
     parser.add_argument("--lofo", action="store_true", help="only report from the results file")
+    parser.add_argument("--lofo-with", nargs="*", type=Path, default=[],
+                        help="results files of other settings that join leave-one-family-out (with --lofo)")
+    parser.add_argument("--rescore", type=parse_members, default=None,
+                        help="refit these feature members on the results file's screened sets (CD scores kept)")
     parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")
     args = parser.parse_args()
     if args.variants:
@@ -314,7 +349,12 @@ def main() -> None:
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
                    f"{torch.__version__}, {torch.get_num_threads()} threads", "attacks": {}}
-    if not args.lofo:
+    if args.rescore:
+        for attack, record in results["attacks"].items():
+            rescore(record, args.rescore, args)
+            args.out.write_text(json.dumps(results))
+            print(f"{attack}: rescored {', '.join(args.rescore)}", flush=True)
+    elif not args.lofo:
         for attack in args.attacks:
             if attack in results["attacks"] and ("test_scores" in results["attacks"][attack]
                                                  or attack not in args.fpr_attacks):
@@ -324,7 +364,7 @@ def main() -> None:
             print(f"{attack}: done in {results['attacks'][attack]['seconds']:.0f} s", flush=True)
     print(report(results, args))
     print()
-    print(lofo(results))
+    print(lofo(results, tuple(json.loads(p.read_text()) for p in args.lofo_with)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
-from trojanguard.models.features import FeatureTap, model_device, module_by_name
+from trojanguard.models.features import (
+    FeatureTap,
+    global_average,
+    middle_feature_layer,
+    model_device,
+    module_by_name,
+)
 from trojanguard.progress import progress
 
 
@@ -40,6 +46,8 @@ class Features:
     layer: str
     shape: tuple[int, ...]
     digests: list[bytes] | None = None  # one per image (image_digest), when asked for
+    typical: torch.Tensor | None = None  # (n, D') float64: the pooled output of ``typical_layer``, when asked for
+    typical_layer: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +71,14 @@ class Features:
         return classes
 
 
+def _pooled(output, layer: str) -> torch.Tensor:
+    """A module's output as ``(B, D)`` float64 on the CPU: a map globally averaged, a vector as it is."""
+    if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
+        kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise DataError(f"typical_layer: module {layer!r} returns {kind}; expected a (N, D) or (N, C, H, W) tensor")
+    return (global_average(output) if output.dim() == 4 else output).double().cpu()
+
+
 class FeatureDetector(Detector):
     """Base of a fitted detector whose :meth:`as_module` returns ``x -> (logits (N, K), score (N,))``.
 
@@ -73,7 +89,7 @@ class FeatureDetector(Detector):
     FIT_CALL = "fit(data)"
     SCORE_DESCRIPTION = "scoring"
     model_kind = Classifier  # the kind of model the detector needs: logits, and a layer's features
-
+    typical_layer: str | None = None  # a second layer the fit reads (FeatureMahalanobis's typicality prefilter)
 
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
         model = as_classifier(model).module
@@ -94,7 +110,7 @@ class FeatureDetector(Detector):
     def fit(self, data, labels: torch.Tensor | None = None):
         """Fit on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]); ``labels`` ``(N,)`` if
         known, else the model's predictions. Returns ``self``: one feature pass, then :meth:`fit_features`."""
-        return self.fit_features(self.extract_features(data), labels)
+        return self.fit_features(self.extract_features(data, typical_layer=self.typical_layer), labels)
 
     def fit_features(self, features: Features, labels: torch.Tensor | None = None):
         """:meth:`fit` on features already extracted (shared with other detectors on the same layer)."""
@@ -120,25 +136,42 @@ class FeatureDetector(Detector):
         return torch.cat(parts)
 
     @torch.no_grad()
-    def extract_features(self, data, description: str = "reference features", *, digests: bool = False
-                         ) -> Features:
+    def extract_features(self, data, description: str = "reference features", *, digests: bool = False,
+                         typical_layer: str | None = None) -> Features:
         """Logits and the layer's pooled features of every image of ``data`` (one forward pass); sets ``layer``
-        to the layer used (the default one when it was None). ``digests``: also each image's content digest."""
+        to the layer used (the default one when it was None). ``digests``: also each image's content digest.
+        ``typical_layer``: also that module's pooled output, in the same pass (``"auto"``: the layer at half the
+        network's depth, :func:`~trojanguard.models.features.middle_feature_layer`; none for a compiled model)."""
         tap = FeatureTap(self.model, self.layer)
         features, logits, shape, digest_list = [], [], None, [] if digests else None
-        for xb, batch_logits, feature in self._tapped(tap, data, description):
-            if digest_list is not None:
-                digest_list.extend(image_digests(xb))
-            if shape is None:
-                shape = tuple(xb.shape[1:])
-            elif tuple(xb.shape[1:]) != shape:
-                raise DataError(f"reference_data: images of shape {tuple(xb.shape[1:])} after {shape}")
-            features.append(feature.double().cpu())
-            logits.append(batch_logits.float().cpu())
+        typical, handle, captured = [], None, []
+        try:
+            for xb, batch_logits, feature in self._tapped(tap, data, description):
+                if typical_layer == "auto":  # resolved on the first batch, which then runs again with the hook
+                    typical_layer = middle_feature_layer(tap.model, xb[:2].to(model_device(tap.model), torch.float32))
+                if handle is None and typical_layer is not None:
+                    handle = module_by_name(tap.model, typical_layer).register_forward_hook(
+                        lambda module, inputs, output: captured.append(output))
+                    tap(xb.to(model_device(tap.model), torch.float32))  # this first batch again, now with the hook
+                if handle is not None:
+                    typical.append(_pooled(captured[-1], typical_layer))
+                    captured.clear()
+                if digest_list is not None:
+                    digest_list.extend(image_digests(xb))
+                if shape is None:
+                    shape = tuple(xb.shape[1:])
+                elif tuple(xb.shape[1:]) != shape:
+                    raise DataError(f"reference_data: images of shape {tuple(xb.shape[1:])} after {shape}")
+                features.append(feature.double().cpu())
+                logits.append(batch_logits.float().cpu())
+        finally:
+            if handle is not None:
+                handle.remove()
         if not features:
             raise DataError("reference_data: no images to fit on")
         self.layer = tap.layer_name
-        return Features(torch.cat(features), torch.cat(logits), tap.layer_name, shape, digest_list)
+        return Features(torch.cat(features), torch.cat(logits), tap.layer_name, shape, digest_list,
+                        torch.cat(typical) if typical else None, typical_layer)
 
     def _check_layer(self, features: Features) -> None:
         """Adopt the layer of shared ``features`` (when none was chosen), or refuse features of another layer."""

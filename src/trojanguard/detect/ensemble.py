@@ -187,7 +187,10 @@ class Ensemble(Detector):
         started = time.perf_counter()
         if self.feature_members:
             lead = self.detectors[self.feature_members[0]]
-            features = lead.extract_features(data, "ensemble features", digests=True)
+            # the one feature member with a prefilter (FeatureMahalanobis) names the extra layer of the shared pass
+            typical_layer = next((self.detectors[n].typical_layer for n in self.feature_members
+                                  if self.detectors[n].typical_layer is not None), None)
+            features = lead.extract_features(data, "ensemble features", digests=True, typical_layer=typical_layer)
             digests, shape = features.digests, features.shape
             for name in self.feature_members:
                 member = self.detectors[name]

@@ -39,12 +39,9 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def default_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
-    """Name of the last module (in order of completion) whose output is a 4-D map and that is not a pooling
-    layer: the last convolutional stage before global pooling (the layer CD-F and feature detectors use).
-    A compiled model (TorchScript / torch.export) cannot be hooked inside: ``""``, its output, is the feature."""
-    if is_compiled(model):
-        return ""
+def feature_map_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules whose output is a 4-D map and that are not pooling layers, in the order their forward
+    passes complete on ``example``: the candidate feature layers, shallow to deep."""
     order: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = [
         m.register_forward_hook(lambda mod, inp, out, n=n: order.append((n, mod, out)))
@@ -59,7 +56,27 @@ def default_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
                   if isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(m, POOLING_TYPES)]
     if not candidates:
         raise ValueError("layer: the model has no module with a 4-D (N, C, H, W) output; pass layer=<name>")
-    return candidates[-1]
+    return candidates
+
+
+def default_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """Name of the last module (in order of completion) whose output is a 4-D map and that is not a pooling
+    layer: the last convolutional stage before global pooling (the layer CD-F and feature detectors use).
+    A compiled model (TorchScript / torch.export) cannot be hooked inside: ``""``, its output, is the feature."""
+    if is_compiled(model):
+        return ""
+    return feature_map_layers(model, example)[-1]
+
+
+def middle_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The candidate feature layer (:func:`feature_map_layers`) at half the network's depth: deep enough to
+    describe texture and parts, shallow enough that it is not yet organised by class (what
+    :class:`~trojanguard.detect.FeatureMahalanobis`'s class-agnostic typicality fit reads). None for a compiled
+    model (TorchScript / torch.export), which has no inner layer to hook."""
+    if is_compiled(model):
+        return None
+    candidates = feature_map_layers(model, example)
+    return candidates[(len(candidates) - 1) // 2]
 
 
 class LayerOutput(nn.Module):
