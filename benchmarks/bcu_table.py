@@ -6,7 +6,8 @@
 For every (architecture, attack, data source, rule) BCU runs with its defaults and reports CA / ASR before
 and after, DER (METHODS.md §6) and seconds. In-distribution data = the clean half of the zoo model's training
 set, labels withheld (:func:`trojanguard.cleanse.unlabeled.clean_half`); out-of-distribution data = 2 000 crops
-of natural photos adapted to the model (:func:`trojanguard.cleanse.unlabeled.ood_images` with ``model=``). Results are kept in a JSON file next to the
+of natural photos adapted to the model (:func:`trojanguard.cleanse.unlabeled.ood_images` with ``model=``);
+``ood:dead_leaves`` / ``ood:fractal``: 2 000 procedural images, adapted the same way. Results are kept in a JSON file next to the
 zoo cache, so an interrupted run resumes; the markdown tables go to stdout (and to ``--markdown``).
 """
 
@@ -34,7 +35,8 @@ from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 ATTACKS = ("badnets", "blended", "sig", "wanet", "trojan")
 SOURCES = ("in", "ood")
 RULES = ("none", "uniform", "authors", "adaptive")
-SOURCE_NAMES = {"in": "in-distribution", "ood": "out-of-distribution"}
+SOURCE_NAMES = {"in": "in-distribution", "ood": "out-of-distribution", "ood:dead_leaves": "OOD dead leaves",
+                "ood:fractal": "OOD fractal noise"}
 
 
 def reinit_rule(rule: str, model: torch.nn.Module):
@@ -52,9 +54,9 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
     channels = entry.test.x.shape[1]
     ood_info: dict = {}
     data_start = time.perf_counter()
-    data = clean_half(entry, seed=seed) if source == "in" else ood_images(size=entry.test.x.shape[-1],
-                                                                          channels=channels, seed=seed,
-                                                                          model=entry.model, info=ood_info)
+    data = clean_half(entry, seed=seed) if source == "in" else ood_images(
+        size=entry.test.x.shape[-1], channels=channels, seed=seed, model=entry.model, info=ood_info,
+        source=source.partition(":")[2] or "photos")
     data_seconds = time.perf_counter() - data_start
     kwargs = {} if epochs is None else {"epochs": epochs}
     bcu = BCU(reinit=reinit_rule(rule, entry.model), seed=seed, show_progress=False,
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="small_cnn")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCE_NAMES))
     parser.add_argument("--rules", nargs="+", default=list(RULES), type=rule_arg,
                         help="re-initialisation rules (none, uniform, authors, adaptive, or adaptive@F: the adaptive "
                              "shape with a fraction F of paths intact); the first table uses 'adaptive'")

@@ -427,17 +427,20 @@ def test_kept_statistics_are_unchanged_after_cleansing():
             assert torch.equal(a, b), name
 
 
-def test_ood_images_are_adapted_to_the_model_and_class_balanced():
+@pytest.mark.parametrize("source", ["photos", "dead_leaves", "fractal"])
+def test_ood_images_are_adapted_to_the_model_and_class_balanced(source):
     torch.manual_seed(0)
     model = SmallCNN()
     info: dict = {}
-    x = ood_images(120, model=model, pool_factor=3, info=info)
+    x = ood_images(120, model=model, pool_factor=3, info=info, source=source)
     assert x.shape == (120, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
-    assert info["view"] in {str(v) for v in VIEWS} and info["pool"] == 360
+    assert info["source"] == source and info["view"] in {str(v) for v in VIEWS} and info["pool"] == 360
     assert info["view_entropy"][info["view"]] == max(info["view_entropy"].values())
     assert len(ood_images(50, channels=1, model=SmallCNN(in_channels=1), pool_factor=2)[0]) == 1
     with pytest.raises(DataError, match="3 input channels"):
         ood_images(50, channels=1, model=model, pool_factor=2)
+    with pytest.raises(DataError, match="source: expected one of photos, dead_leaves, fractal, got 'noise'"):
+        ood_images(50, source="noise")
 
 
 def test_balanced_subset_takes_classes_round_robin():

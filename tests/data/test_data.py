@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from trojanguard.data import ImageDataset, load_digits, load_image_folder, load_npz, load_ood_crops
+from trojanguard.data import (
+    ImageDataset,
+    load_digits,
+    load_image_folder,
+    load_npz,
+    load_ood_crops,
+    load_procedural,
+)
 from trojanguard.errors import DataError
 
 
@@ -51,6 +58,46 @@ def test_ood_crops_are_natural_images_of_requested_size():
 
 def _save_png(path, value, size=10):
     Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path)
+
+
+def _spectral_slope(x: torch.Tensor) -> torch.Tensor:
+    """Per image: the slope of log power vs log radial frequency (natural images: about −2; 1/f^α noise: −2α)."""
+    size = x.shape[-1]
+    power = torch.fft.rfft2(x.mean(1)).abs().pow(2)
+    radius = torch.sqrt(torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None, :] ** 2)
+    band = (radius > 0.05) & (radius < 0.4)
+    logf, logp = radius[band].log(), power[:, band].log()
+    logf = logf - logf.mean()
+    return ((logp - logp.mean(1, keepdim=True)) * logf).sum(1) / (logf * logf).sum()
+
+
+def test_procedural_images_are_seeded_in_range_and_natural_like():
+    for kind in ("dead_leaves", "fractal"):
+        x = load_procedural(kind, 64, size=32, seed=3).x
+        assert x.shape == (64, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        assert torch.equal(x, load_procedural(kind, 64, size=32, seed=3).x)
+        assert not torch.equal(x, load_procedural(kind, 64, size=32, seed=4).x)
+        assert load_procedural(kind, 5, size=16, channels=1).x.shape == (5, 1, 16, 16)
+        slope = _spectral_slope(x)
+        assert -6.0 < float(slope.median()) < -1.0, kind  # falls with frequency as natural images do (white: 0)
+    fractal = load_procedural("fractal", 200, size=32, seed=0).x
+    assert -5.5 < float(_spectral_slope(fractal).min()) and float(_spectral_slope(fractal).max()) < -1.5  # −2α, α ∈ [1, 2.5]
+    leaves = load_procedural("dead_leaves", 32, size=32, seed=0).x
+    flat = (leaves[..., 1:] == leaves[..., :-1]).all(1).float().mean()
+    assert flat > 0.5  # opaque discs: most neighbouring pixels share one colour ...
+    colours = [len(torch.unique(image.flatten(1), dim=1).T) for image in leaves]
+    assert min(colours) >= 5  # ... and every image shows many discs
+
+
+def test_procedural_bad_inputs():
+    with pytest.raises(DataError, match="kind: expected 'dead_leaves' or 'fractal', got 'waves'"):
+        load_procedural("waves")
+    with pytest.raises(DataError, match="n: expected a positive"):
+        load_procedural("fractal", 0)
+    with pytest.raises(DataError, match="channels"):
+        load_procedural("fractal", 4, channels=2)
+    with pytest.raises(DataError, match="size"):
+        load_procedural("dead_leaves", 4, size=2)
 
 
 def test_image_folder_with_classes_skips_corrupt_files(tmp_path):

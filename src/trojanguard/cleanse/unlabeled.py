@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.cleanse.base import model_device, preflight
-from trojanguard.data import load_ood_crops
+from trojanguard.data import OOD_SOURCES, load_ood_crops, load_procedural
 from trojanguard.errors import DataError
 from trojanguard.zoo import load_dataset
 
@@ -164,21 +164,25 @@ def clean_half(entry, seed: int = 0, fraction: float = 0.5, untouched: bool = Tr
 
 def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, seed: int = 0,
                model: nn.Module | None = None, pool_factor: int = POOL_FACTOR,
-               info: dict | None = None) -> torch.Tensor:
-    """Out-of-distribution unlabeled images ``(n, channels, size, size)`` in [0, 1] from natural-photo crops.
+               info: dict | None = None, source: str = "photos") -> torch.Tensor:
+    """Out-of-distribution unlabeled images ``(n, channels, size, size)`` in [0, 1] from ``source``: ``photos``
+    (random crops of scikit-learn's sample photos), ``dead_leaves`` or ``fractal`` (procedural, generated from
+    ``seed``: :func:`trojanguard.data.load_procedural`).
 
-    Without ``model``: ``n`` raw random crops of scikit-learn's sample photos. With ``model`` (the suspicious
-    classifier): ``pool_factor · n`` crops rendered in the view the model spreads most evenly over its
-    classes, then a class-balanced subset of ``n`` by its predictions (see the module docstring). ``info``,
-    when given, receives the chosen view, every view's entropy and the class shares of the result.
+    Without ``model``: ``n`` raw images. With ``model`` (the suspicious classifier): ``pool_factor · n`` images
+    rendered in the view the model spreads most evenly over its classes, then a class-balanced subset of ``n`` by
+    its predictions (see the module docstring). ``info``, when given, receives the source, the chosen view, every
+    view's entropy and the class shares of the result.
     """
     if n <= 0:
         raise DataError(f"n: expected a positive number of images, got {n}")
+    if source not in OOD_SOURCES:
+        raise DataError(f"source: expected one of {', '.join(OOD_SOURCES)}, got {source!r}")
     if model is None:
-        return load_ood_crops(n=n, size=size, channels=channels, seed=seed).x
+        return _source_images(source, n, size, channels, seed)
     if pool_factor < 1:
         raise ValueError(f"pool_factor: expected ≥ 1, got {pool_factor}")
-    crops = load_ood_crops(n=n * pool_factor, size=size, channels=3, seed=seed).x
+    crops = _source_images(source, n * pool_factor, size, 3, seed)
     preflight(model, _channels(crops[:2], channels), model_device(model))  # clear error if the crops do not fit
     view, scores = choose_view(model, crops[:VIEW_SAMPLE], channels=channels)
     pool = _channels(view(crops), channels)
@@ -186,7 +190,13 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
     chosen = balanced_subset(classes, n, seed)
     if info is not None:
         shares = torch.bincount(classes[chosen]).double() / n
-        info.update(view=str(view), view_entropy=scores, pool=len(pool),
+        info.update(source=source, view=str(view), view_entropy=scores, pool=len(pool),
                     class_share=[round(float(s), 4) for s in shares], entropy=class_entropy(classes[chosen]),
                     max_entropy=math.log(max(2, int(classes.max()) + 1)))
     return pool[chosen].contiguous()
+
+
+def _source_images(source: str, n: int, size: int, channels: int, seed: int) -> torch.Tensor:
+    if source == "photos":
+        return load_ood_crops(n=n, size=size, channels=channels, seed=seed).x
+    return load_procedural(source, n=n, size=size, channels=channels, seed=seed).x

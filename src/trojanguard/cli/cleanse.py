@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     add_arch_option(p, required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>")
     p.add_argument("--data", required=True,
                    help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops adapted to the "
-                        "model) or 'digits'")
+                        "model; 'ood:dead_leaves' or 'ood:fractal': procedural images, generated) or 'digits'")
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(CLEANSERS),
                    help="cleansing method; " + registry_help(CLEANSERS, DEFAULT_METHOD))
@@ -105,15 +105,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
-    """--data: ood (natural-photo crops adapted to ``model``, see trojanguard.cleanse.unlabeled.ood_images; ``info``
-    receives the chosen view), digits (half of the embedded training split), a folder or an .npz."""
+    """--data: ood[:source] (natural-photo crops, or procedural images, adapted to ``model``, see
+    trojanguard.cleanse.unlabeled.ood_images; ``info`` receives the chosen view), digits (half of the embedded
+    training split), a folder or an .npz."""
     from trojanguard.cleanse.unlabeled import ood_images
     from trojanguard.data import load_digits, load_image_folder, load_npz
     from trojanguard.data.core import DEFAULT_IMAGE_SIZE
 
-    if spec == "ood":
+    if spec == "ood" or spec.startswith("ood:"):
+        from trojanguard.data import OOD_SOURCES
+        from trojanguard.errors import DataError
+
+        source = spec.partition(":")[2] or "photos"
+        if source not in OOD_SOURCES:
+            raise DataError(f"--data: expected ood or ood:<source> with a source of {', '.join(OOD_SOURCES)}, got "
+                            f"{spec!r}")
         return ood_images(args.ood_images, size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels,
-                          seed=args.data_seed, model=model, info=info)
+                          seed=args.data_seed, model=model, info=info, source=source)
     if spec == "digits":
         train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.data_seed)
         import torch

@@ -7,7 +7,16 @@ integer labels ``(N,)``.
 
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.data.digits import load_digits
-from trojanguard.data.ood import load_ood_crops
+from trojanguard.data.ood import OOD_SOURCES, load_ood_crops, load_procedural
 from trojanguard.data.user import load_image_folder, load_npz
 
-__all__ = ["ImageDataset", "check_images", "load_digits", "load_image_folder", "load_npz", "load_ood_crops"]
+__all__ = [
+           "OOD_SOURCES",
+           "ImageDataset",
+           "check_images",
+           "load_digits",
+           "load_image_folder",
+           "load_npz",
+           "load_ood_crops",
+           "load_procedural",
+]
