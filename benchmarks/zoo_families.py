@@ -56,9 +56,11 @@ def zoo_rate(attack: str, rate: float, config: ZooConfig) -> float:
     return min(DEFAULT_CLEAN_LABEL_RATE, rate * len(train) / in_target)
 
 
-def run_one(arch: str, attack: str, rate: float, seed: int, retrain: bool) -> dict:
-    base = ZooConfig(attack=attack, arch=arch, seed=seed)
-    config = ZooConfig(attack=attack, arch=arch, seed=seed, poison_rate=zoo_rate(attack, rate, base))
+def run_one(arch: str, attack: str, rate: float, seed: int, retrain: bool, image_size: int = ZooConfig.image_size
+            ) -> dict:
+    base = ZooConfig(attack=attack, arch=arch, seed=seed, image_size=image_size)
+    config = ZooConfig(attack=attack, arch=arch, seed=seed, poison_rate=zoo_rate(attack, rate, base),
+                       image_size=image_size)
     start = time.perf_counter()
     entry = get_backdoored_model(config, retrain=retrain, show_progress=False)
     return {"arch": arch, "attack": attack, "rate": rate, "zoo_poison_rate": config.poison_rate,
@@ -67,8 +69,9 @@ def run_one(arch: str, attack: str, rate: float, seed: int, retrain: bool) -> di
             "train_seconds": entry.train_seconds, "seconds": time.perf_counter() - start}
 
 
-def key(arch: str, attack: str, rate: float, seed: int) -> str:
-    return f"{arch}/{attack}/{rate:g}/{seed}"
+def key(arch: str, attack: str, rate: float, seed: int, image_size: int = ZooConfig.image_size) -> str:
+    size = "" if image_size == ZooConfig.image_size else f"/{image_size}px"
+    return f"{arch}/{attack}/{rate:g}/{seed}{size}"
 
 
 def table(rows: list[dict], rates: list[float]) -> str:
@@ -101,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--retrain", action="store_true", help="retrain zoo models even when cached")
     parser.add_argument("--cached-only", action="store_true", help="only tabulate finished runs, start none")
+    parser.add_argument("--image-size", type=int, default=ZooConfig.image_size,
+                        help="digits upscaled to this side (ResNet-18 on 2 cores: 16)")
     args = parser.parse_args(argv)
     results_path = args.results or cache_dir() / "zoo_families.json"
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows = []
     for attack in args.attacks:
         for rate in args.rates:
-            k = key(args.arch, attack, rate, args.seed)
+            k = key(args.arch, attack, rate, args.seed, args.image_size)
             expected = repr(ZooConfig(attack=attack).make_attack())
             stale = k in done and done[k]["attack_repr"] != expected  # the zoo setting changed since
             if (k not in done or stale or args.retrain) and not args.cached_only:
-                done[k] = run_one(args.arch, attack, rate, args.seed, args.retrain or stale)
+                done[k] = run_one(args.arch, attack, rate, args.seed, args.retrain or stale, args.image_size)
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(done, indent=1))
                 print(f"[{done[k]['seconds']:5.0f}s] {k}: CA {done[k]['ca']:.3f} ASR {done[k]['asr']:.3f}",
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(done[k])
     out = [machine_line(),
            f"Command: .venv/bin/python benchmarks/zoo_families.py {' '.join(argv if argv is not None else sys.argv[1:])}",
-           f"Seed {args.seed}, target 0, 32×32 digits, {ZooConfig.epochs} epochs; ✗: below CA {BAR_CA} or ASR {BAR_ASR}.",
+           f"Seed {args.seed}, target 0, {args.image_size}×{args.image_size} digits, {ZooConfig.epochs} epochs; ✗: below CA {BAR_CA} or ASR {BAR_ASR}.",
            "", f"### Attack zoo families on {args.arch}", "", table(rows, args.rates)]
     return publish("\n".join(out), args.markdown)
 
