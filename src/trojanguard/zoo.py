@@ -181,6 +181,7 @@ class SSLZooConfig:
     target: int = 0
     epochs: int = 30
     image_size: int = 32
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # SimCLR's random-resized-crop area range
     seed: int = 0
     attack_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
@@ -209,7 +210,7 @@ class SSLZooConfig:
     def simclr_config(self):
         from trojanguard.ssl import SimCLRAugmentation, SimCLRConfig
 
-        return SimCLRConfig(epochs=self.epochs, seed=self.seed, augmentation=SimCLRAugmentation(self.image_size))
+        return SimCLRConfig(epochs=self.epochs, seed=self.seed, augmentation=SimCLRAugmentation(self.image_size, tuple(self.crop_scale)))
 
 
 @dataclass

@@ -158,4 +158,4 @@ def train_simclr(data: torch.Tensor | ImageDataset, backbone: nn.Module | str = 
                     scheduler=scheduler, epochs=config.epochs, device=device, evaluation=evaluation,
                     loss_name="NT-Xent loss", show_progress=show_progress, desc="simclr")
     model.eval()
-    return SimCLRResult(as_encoder(model.backbone), model.head, trained.rows)
+    return SimCLRResult(as_encoder(model.backbone).eval(), model.head, trained.rows)
