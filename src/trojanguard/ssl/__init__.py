@@ -6,7 +6,14 @@ clean or trained on poisoned unlabeled data (:mod:`trojanguard.attacks.ssl`, zoo
 
 from trojanguard.ssl.augment import SimCLRAugmentation
 from trojanguard.ssl.backbones import BACKBONE_HEADS, build_backbone
-from trojanguard.ssl.simclr import ProjectionHead, SimCLRConfig, SimCLRModel, SimCLRResult, nt_xent, train_simclr
+from trojanguard.ssl.simclr import (
+           ProjectionHead,
+           SimCLRConfig,
+           SimCLRModel,
+           SimCLRResult,
+           nt_xent,
+           train_simclr,
+)
 
 __all__ = ["BACKBONE_HEADS", "ProjectionHead", "SimCLRAugmentation", "SimCLRConfig", "SimCLRModel", "SimCLRResult",
            "build_backbone", "nt_xent", "train_simclr"]
