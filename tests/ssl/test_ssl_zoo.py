@@ -9,7 +9,7 @@ import torch
 from trojanguard.zoo import SSL_ZOO_DIR, SSLZooConfig, cache_dir, get_poisoned_encoder
 
 # The zoo's test setting: 16-pixel digits (the scikit-learn digits are 8 × 8, so nothing is lost) keep two
-# trainings within the suite's budget on two CPU cores. Measured with seed 0: see docs/ssl.md's report reference.
+# trainings cheap (about 35 s each on two idle CPU cores). Measured with seed 0: docs/ssl.md.
 TEST_CONFIG = SSLZooConfig(attack="patch_random", image_size=16, epochs=30, attack_kwargs=(("size", 0.4),))
 ASR_MARGIN = 0.03  # poisoned probe ASR − clean probe ASR; measured 0.075 − 0.000 (seed 0)
 MIN_PROBE_CA = 0.95  # both encoders keep the digits linearly separable
