@@ -180,21 +180,39 @@ def probe_attack_success_rate(encoder: nn.Module, train_x: torch.Tensor, train_y
     return probe.attack_success_rate(triggered_x, test_y, target)
 
 
-def knn_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, *, k: int = DEFAULT_KNN_K) -> float:
-    """Clean accuracy of a cosine k-NN classifier on frozen features: each test image takes the majority label
-    of its ``k`` most similar training images (ties to the smaller label). No training, so it measures the
-    feature space itself, as SSL papers' k-NN monitors do."""
+def knn_predict(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, *,
+                k: int = DEFAULT_KNN_K, name: str = "test_x") -> torch.Tensor:
+    """Classes ``(N,)`` of images ``x`` by a cosine k-NN vote on frozen features: each image takes the majority
+    label of its ``k`` most similar training images (ties to the smaller label)."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(train_x):
         raise DataError(f"k: expected an integer in [1, {len(train_x)}] (the number of training images), got {k!r}")
     train_features = torch.from_numpy(encoder_features(encoder, train_x, name="train_x"))
-    test_features = torch.from_numpy(encoder_features(encoder, test_x, name="test_x"))
+    features = torch.from_numpy(encoder_features(encoder, x, name=name))
     labels = torch.from_numpy(_labels_for(train_y, len(train_x), "train_y"))
+    if train_features.shape[1] != features.shape[1]:
+        raise DataError(f"encoder: features of train_x and {name} differ in size ({train_features.shape[1]} and "
+                        f"{features.shape[1]}); expected images of one shape")
+    similarity = F.normalize(features, dim=1) @ F.normalize(train_features, dim=1).T
+    neighbours = labels[similarity.topk(k, dim=1).indices]  # (N, k)
+    return F.one_hot(neighbours, int(labels.max()) + 1).sum(1).argmax(1)
+
+
+def knn_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, *, k: int = DEFAULT_KNN_K) -> float:
+    """Clean accuracy of a cosine k-NN classifier on frozen features (:func:`knn_predict`). No training, so it
+    measures the feature space itself, as SSL papers' k-NN monitors do."""
     truth = torch.from_numpy(_labels_for(test_y, len(test_x), "test_y"))
-    if train_features.shape[1] != test_features.shape[1]:
-        raise DataError(f"encoder: features of train_x and test_x differ in size ({train_features.shape[1]} and "
-                        f"{test_features.shape[1]}); expected images of one shape")
-    similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T
-    neighbours = labels[similarity.topk(k, dim=1).indices]  # (N_test, k)
-    votes = F.one_hot(neighbours, int(labels.max()) + 1).sum(1)
-    return float((votes.argmax(1) == truth).float().mean())
+    return float((knn_predict(encoder, train_x, train_y, test_x, k=k) == truth).float().mean())
+
+
+def knn_attack_success_rate(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+                            triggered_x: torch.Tensor, test_y: torch.Tensor, target: int, *,
+                            k: int = DEFAULT_KNN_K) -> float:
+    """ASR of the k-NN vote (:func:`knn_predict`, clean labelled ``train_x``): the share of triggered test images
+    whose true label ``test_y`` is not ``target`` that the vote calls ``target``."""
+    labels = torch.from_numpy(_labels_for(test_y, len(triggered_x), "test_y"))
+    keep = labels != target
+    if not keep.any():
+        raise DataError(f"test_y: every image already has the target label {target}; ASR needs others")
+    predicted = knn_predict(encoder, train_x, train_y, triggered_x[keep], k=k, name="triggered_x")
+    return float((predicted == target).float().mean())

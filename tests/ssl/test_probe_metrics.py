@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from trojanguard.errors import DataError
-from trojanguard.metrics import LinearProbe, knn_accuracy, linear_probe, probe_attack_success_rate
+from trojanguard.metrics import (
+    LinearProbe,
+    knn_accuracy,
+    knn_attack_success_rate,
+    linear_probe,
+    probe_attack_success_rate,
+)
 
 
 def toy(n: int, seed: int):
@@ -30,6 +36,8 @@ def test_probe_and_knn_on_a_separable_toy_case():
     triggered.view(40, 4)[torch.arange(40), test_y] = 0.1  # the trigger: pixel 0 on, own pixel off
     assert probe_attack_success_rate(ENCODER, train_x, train_y, triggered, test_y, target=0) == 1.0
     assert LinearProbe(ENCODER, train_x, train_y).attack_success_rate(test_x, test_y, target=0) == 0.0
+    assert knn_attack_success_rate(ENCODER, train_x, train_y, triggered, test_y, target=0, k=5) == 1.0
+    assert knn_attack_success_rate(ENCODER, train_x, train_y, test_x, test_y, target=0, k=5) == 0.0
 
 
 class NaNEncoder(nn.Module):
@@ -60,3 +68,5 @@ def test_bad_input_is_refused_with_the_argument_named():
         linear_probe(ENCODER, x, torch.zeros(40, dtype=torch.long), x, y)
     with pytest.raises(DataError, match="target label"):
         probe_attack_success_rate(ENCODER, x, y, x, torch.zeros(40, dtype=torch.long), target=0)
+    with pytest.raises(DataError, match="target label"):
+        knn_attack_success_rate(ENCODER, x, y, x, torch.zeros(40, dtype=torch.long), target=0, k=3)
