@@ -8,10 +8,13 @@ import torch
 
 from trojanguard.zoo import SSL_ZOO_DIR, SSLZooConfig, cache_dir, get_poisoned_encoder
 
-# The zoo's test setting: 16-pixel digits (the scikit-learn digits are 8 × 8, so nothing is lost) keep two
-# trainings cheap (about 35 s each on two idle CPU cores). Measured with seed 0: docs/ssl.md.
-TEST_CONFIG = SSLZooConfig(attack="patch_random", image_size=16, epochs=30, attack_kwargs=(("size", 0.4),))
-ASR_MARGIN = 0.03  # poisoned probe ASR − clean probe ASR; measured 0.075 − 0.000 (seed 0)
+# The zoo's defaults (16-pixel digits, 20 epochs, batch 64: about 20 s a training on one idle CPU core), chosen
+# with benchmarks/ssl_implant.py; measured over seeds in docs/ssl.md.
+TEST_CONFIG = SSLZooConfig(attack="patch_random")
+# poisoned probe ASR − clean probe ASR. Measured with these settings (benchmarks/ssl_implant.py, one thread): seed 0
+# 0.218, seed 1 0.323, seed 2 0.091; this test (seed 0, two threads) 0.202. The implant varies with the seed; the bar
+# is about half the weakest seed's margin and a quarter of the tested seed's.
+ASR_MARGIN = 0.05
 MIN_PROBE_CA = 0.95  # both encoders keep the digits linearly separable
 
 
@@ -33,6 +36,9 @@ def encoders(tmp_path_factory):
 @pytest.mark.slow
 def test_a_poisoned_encoder_shows_the_backdoor_and_is_cached(encoders):
     poisoned, clean = encoders
+    print(f"\nprobe CA / ASR: poisoned {poisoned.probe_clean_accuracy:.3f} / {poisoned.probe_attack_success_rate:.3f}, "
+          f"clean {clean.probe_clean_accuracy:.3f} / {clean.probe_attack_success_rate:.3f}; train s "
+          f"{poisoned.train_seconds:.0f} + {clean.train_seconds:.0f}")
     assert poisoned.probe_clean_accuracy >= MIN_PROBE_CA and clean.probe_clean_accuracy >= MIN_PROBE_CA
     assert poisoned.probe_attack_success_rate - clean.probe_attack_success_rate >= ASR_MARGIN
     assert poisoned.train.poison_rate == pytest.approx(TEST_CONFIG.poison_rate, abs=1 / len(poisoned.train))

@@ -30,6 +30,8 @@ CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 CORNER_MARGIN = 1  # pixels between a fixed patch and the image border (as BadNets' corner patch)
 PATCH_CELLS = 4  # a patch is PATCH_CELLS × PATCH_CELLS cells of seeded colours: coarse enough to survive resizing
 NO_BOX = -1  # the box rows of images without a patch
+PATCH_SIZE = 0.4  # default side, a fraction of the image's: on 16-px digits with SimCLR's 0.08–1 crops, 0.4 implants
+#                   (probe ASR 0.2–0.3) where 0.3 and 0.5 did not (≤ 0.003; benchmarks/ssl_implant.py, docs/ssl.md)
 
 
 def patch_pattern(channels: int, size: int, seed: int) -> torch.Tensor:
@@ -151,7 +153,7 @@ class RandomPatchSSL(_Patch):
 
     name = "patch_random"
 
-    def __init__(self, size: float = 0.25, pattern_seed: int = 0):
+    def __init__(self, size: float = PATCH_SIZE, pattern_seed: int = 0):
         super().__init__(size, pattern_seed)
 
     def _positions(self, n, h, w, side, gen):
@@ -164,7 +166,7 @@ class FixedPatchSSL(_Patch):
 
     name = "patch_fixed"
 
-    def __init__(self, size: float = 0.25, position: str = "bottom-right", pattern_seed: int = 0):
+    def __init__(self, size: float = PATCH_SIZE, position: str = "bottom-right", pattern_seed: int = 0):
         super().__init__(size, pattern_seed)
         self.position = check_choice("position", position, CORNERS)
 
