@@ -31,7 +31,7 @@ CORNER_MARGIN = 1  # pixels between a fixed patch and the image border (as BadNe
 PATCH_CELLS = 4  # a patch is PATCH_CELLS × PATCH_CELLS cells of seeded colours: coarse enough to survive resizing
 NO_BOX = -1  # the box rows of images without a patch
 PATCH_SIZE = 0.4  # default side, a fraction of the image's: on 16-px digits with SimCLR's 0.08–1 crops, 0.4 implants
-#                   (probe ASR 0.2–0.3) where 0.3 and 0.5 did not (≤ 0.003; benchmarks/ssl_implant.py, docs/ssl.md)
+#                   (probe ASR 0.13–0.22, seed 0) where 0.3 and 0.5 did not (≤ 0.003; benchmarks/ssl_implant.py, docs/ssl.md)
 
 
 def patch_pattern(channels: int, size: int, seed: int) -> torch.Tensor:
