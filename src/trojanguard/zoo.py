@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -156,3 +156,142 @@ def cached_scores(detector, x: torch.Tensor, *, model: nn.Module | None = None) 
     save_file({"scores": scores}, str(temporary))
     temporary.replace(path)  # atomic: a concurrent reader never sees half a file
     return scores
+
+
+# --- poisoned self-supervised encoders (issue 17) -----------------------------------------------------------------
+
+SSL_ZOO_VERSION = 2  # bump when SimCLR training or the SSL attacks change (its own: the classifier zoo keeps its keys)
+SSL_ZOO_DIR = "ssl"  # the encoders' sub-folder of the cache
+
+
+@dataclass(frozen=True)
+class SSLZooConfig:
+    """What a SimCLR encoder is trained from: the unlabeled training split of ``dataset`` with ``poison_rate`` of
+    it (images of class ``target``) carrying the trigger of SSL attack ``attack`` (:data:`SSL_ATTACKS`).
+
+    ``poison_rate=0`` is the clean encoder of the same data and training (its probe ASR, measured with the same
+    trigger, is the baseline a poisoned encoder is compared with); all clean configs of one dataset, arch, SimCLR
+    settings and seed share one cached encoder. ``attack_kwargs`` override the attack's defaults.
+
+    The defaults implant the ``patch_random`` backdoor (probe ASR 0.09–0.32 over seeds 0–2 against 0.000 for a
+    clean encoder; 20 epochs, about 20 s of training on one CPU core); they were chosen on a small grid,
+    ``benchmarks/ssl_implant.py``, measured in docs/ssl.md: SimCLR's own crop range (0.08–1, so that some views hold
+    the patch and little of the digit), batch 64 (more steps for the same cost), no colour distortion (the digits
+    are grey, so saturation jitter and grayscale only act on the patch; brightness / contrast jitter went with them:
+    turning colour distortion off raised the ASR from 0.13 to 0.22, seed 0; this favours the attacker).
+    """
+
+    attack: str = "patch_random"
+    dataset: str = "digits"
+    arch: str = "small_cnn"
+    poison_rate: float = 0.09  # of the whole set; class 0 holds 9.7 % of the digits training split
+    target: int = 0
+    epochs: int = 20
+    image_size: int = 16  # the scikit-learn digits are 8 × 8: 16 px loses nothing and trains ~4× faster than 32
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # SimCLR's random-resized-crop area range (the paper's)
+    batch_size: int = 64
+    temperature: float = 0.5
+    jitter_p: float = 0.0  # colour jitter's probability (brightness / contrast / saturation 0.4, as SimCLR's)
+    grayscale_p: float = 0.0
+    seed: int = 0
+    attack_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    @property
+    def poisoned(self) -> bool:
+        return self.poison_rate > 0
+
+    def key(self) -> str:
+        """The cache key: the settings that change the encoder (a clean encoder's key leaves out the attack)."""
+        settings = {"v": SSL_ZOO_VERSION, **asdict(self)}
+        if not self.poisoned:
+            for name in ("attack", "target", "attack_kwargs"):
+                settings.pop(name)
+        blob = json.dumps(settings, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def clean(self) -> SSLZooConfig:
+        """The clean counterpart: same data, training and trigger for measuring, no poison."""
+        return replace(self, poison_rate=0.0)
+
+    def make_attack(self):
+        from trojanguard.attacks.ssl import make_ssl_attack
+
+        return make_ssl_attack(self.attack, **dict(self.attack_kwargs))
+
+    def simclr_config(self):
+        from trojanguard.ssl import SimCLRAugmentation, SimCLRConfig
+
+        augmentation = SimCLRAugmentation(self.image_size, tuple(self.crop_scale), jitter_p=self.jitter_p,
+                                          grayscale_p=self.grayscale_p)
+        return SimCLRConfig(epochs=self.epochs, batch_size=self.batch_size, temperature=self.temperature,
+                            seed=self.seed, augmentation=augmentation)
+
+
+@dataclass
+class SSLZooEntry:
+    """A SimCLR encoder with its data and measured numbers. ``train``: the unlabeled set it was trained on and the
+    ground truth (poison mask, patch boxes); ``probe_train`` / ``test``: the labelled clean splits the linear probe
+    is fitted on and measured on; probe CA / ASR and k-NN CA / ASR as :mod:`trojanguard.metrics` measures them."""
+
+    config: SSLZooConfig
+    encoder: nn.Module
+    attack: object
+    train: object  # SSLPoisonedData
+    probe_train: ImageDataset
+    test: ImageDataset
+    probe_clean_accuracy: float
+    probe_attack_success_rate: float
+    knn_accuracy: float
+    train_seconds: float
+    knn_attack_success_rate: float = 0.0
+
+    def triggered_test(self) -> torch.Tensor:
+        """The test images with the attack's test trigger (for a clean encoder too: the baseline ASR)."""
+        return self.attack.apply_test(self.test.x, seed=self.config.seed + 1)
+
+
+def get_poisoned_encoder(config: SSLZooConfig | None = None, *, retrain: bool = False,
+                         show_progress: bool = True, device: torch.device | str = "cpu") -> SSLZooEntry:
+    """Return the SimCLR encoder for ``config`` (poisoned, or clean with ``poison_rate=0``), training and caching
+    its backbone's weights (safetensors) on first use; probe CA / ASR and k-NN CA are measured on every call."""
+    from safetensors.torch import load_file
+
+    from trojanguard.attacks.ssl import SSLPoisonedData
+    from trojanguard.metrics import LinearProbe, knn_accuracy, knn_attack_success_rate
+    from trojanguard.models.adapters import as_encoder
+    from trojanguard.models.io import check_finite_weights
+    from trojanguard.ssl import build_backbone, train_simclr
+
+    config = config or SSLZooConfig()
+    train, test = load_dataset(config.dataset, config.image_size, config.seed)
+    attack = config.make_attack()
+    if config.poisoned:
+        data = attack.poison(train, rate=config.poison_rate, target=config.target, seed=config.seed)
+    else:
+        data = SSLPoisonedData(train.x.clone(), torch.zeros(0, dtype=torch.long), config.target)
+    root = cache_dir() / SSL_ZOO_DIR / config.key()
+    weights, meta_file = root / "encoder.safetensors", root / "meta.json"
+    if weights.is_file() and meta_file.is_file() and not retrain:
+        backbone = build_backbone(config.arch, in_channels=train.x.shape[1])
+        state = load_file(str(weights))
+        check_finite_weights(state, f"model file {str(weights)!r}")
+        backbone.load_state_dict(state)
+        encoder = as_encoder(backbone.to(device).eval())
+        seconds = json.loads(meta_file.read_text())["train_seconds"]
+    else:
+        start = time.perf_counter()
+        encoder = train_simclr(data.x, config.arch, config.simclr_config(), device=device,
+                               show_progress=show_progress).encoder
+        seconds = time.perf_counter() - start
+        save_model(encoder.module, weights)
+    probe = LinearProbe(encoder, train.x, train.y)
+    entry = SSLZooEntry(config, encoder, attack, data, train, test, probe.accuracy(test.x, test.y), 0.0,
+                        knn_accuracy(encoder, train.x, train.y, test.x, test.y), seconds)
+    triggered = entry.triggered_test()
+    entry.probe_attack_success_rate = probe.attack_success_rate(triggered, test.y, config.target)
+    entry.knn_attack_success_rate = knn_attack_success_rate(encoder, train.x, train.y, triggered, test.y, config.target)
+    meta = {"config": asdict(config), "probe_clean_accuracy": entry.probe_clean_accuracy,
+            "probe_attack_success_rate": entry.probe_attack_success_rate, "knn_accuracy": entry.knn_accuracy,
+            "knn_attack_success_rate": entry.knn_attack_success_rate, "train_seconds": seconds}
+    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    return entry
