@@ -67,15 +67,17 @@ def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: i
     return torch.cat([pick(pos), pick(neg)]).sort().values
 
 
-def zoo_config(attack: str, poison_rate: float | None, dataset: str = "digits") -> ZooConfig:
+def zoo_config(attack: str, poison_rate: float | None, dataset: str = "digits", arch: str = "small_cnn",
+               image_size: int = ZooConfig.image_size) -> ZooConfig:
     """The zoo model of ``attack`` at ``poison_rate`` (a fraction of the training set; None: the zoo's default). A
     clean-label attack poisons only its target class, so its rate is converted to a fraction of that class (the
     digits' ten classes are balanced: ``10 × poison_rate``)."""
+    model = {"dataset": dataset, "arch": arch, "image_size": image_size}
     if poison_rate is None:
-        return ZooConfig(attack=attack, dataset=dataset)
+        return ZooConfig(attack=attack, **model)
     clean_label = ZooConfig(attack=attack).make_attack().clean_label
-    return ZooConfig(attack=attack, dataset=dataset,
-                     poison_rate=min(1.0, poison_rate * DIGIT_CLASSES) if clean_label else poison_rate)
+    return ZooConfig(attack=attack, poison_rate=min(1.0, poison_rate * DIGIT_CLASSES) if clean_label else poison_rate,
+                     **model)
 
 
 def scored_members(records) -> tuple[str, ...]:
@@ -85,7 +87,8 @@ def scored_members(records) -> tuple[str, ...]:
 
 def screened(attack: str, args):
     """The zoo entry of ``attack`` and its screened set: ``(entry, images, truth)``."""
-    entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset), show_progress=False)
+    entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset, args.arch, args.image_size),
+                                 show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index]
 
@@ -325,6 +328,8 @@ def main() -> None:
     parser.add_argument("--poison-rate", type=float, default=None,
                         help="poison rate, a fraction of the training set (default: the zoo's)")
     parser.add_argument("--dataset", default="digits", choices=ZOO_DATASETS, help="the zoo's training data")
+    parser.add_argument("--arch", default="small_cnn", help="the zoo model's architecture (resnet18_cifar: 16 px)")
+    parser.add_argument("--image-size", type=int, default=ZooConfig.image_size, help="digits upscaled to this side")
     parser.add_argument("--members", default=",".join(MEMBERS), type=parse_members,
                         help="comma-separated ensemble members to score (default: all)")
     parser.add_argument("--fpr-attacks", nargs="*", default=["badnets"], help="attacks whose test split is scored")
@@ -344,7 +349,8 @@ def main() -> None:
         return
     setting = (f"{'clean ' + str(args.clean) if args.clean else 'fraction ' + str(args.fraction)}, steps {args.steps}, "
                f"seed {args.seed}" + ("" if args.poison_rate is None else f", poison rate {args.poison_rate:g}")
-               + ("" if args.dataset == "digits" else f", {args.dataset}"))
+               + ("" if args.dataset == "digits" else f", {args.dataset}")
+               + ("" if args.arch == "small_cnn" else f", {args.arch} at {args.image_size} px"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
