@@ -21,10 +21,10 @@ from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import (
     FeatureTap,
-    global_average,
     middle_feature_layer,
     model_device,
     module_by_name,
+    pooled_output,
 )
 from trojanguard.progress import progress
 
@@ -69,14 +69,6 @@ class Features:
             raise DataError(f"labels: expected classes in [0, {self.num_classes}), got "
                             f"[{int(classes.min())}, {int(classes.max())}]")
         return classes
-
-
-def _pooled(output, layer: str) -> torch.Tensor:
-    """A module's output as ``(B, D)`` float64 on the CPU: a map globally averaged, a vector as it is."""
-    if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
-        kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise DataError(f"typical_layer: module {layer!r} returns {kind}; expected a (N, D) or (N, C, H, W) tensor")
-    return (global_average(output) if output.dim() == 4 else output).double().cpu()
 
 
 class FeatureDetector(Detector):
@@ -154,7 +146,7 @@ class FeatureDetector(Detector):
                         lambda module, inputs, output: captured.append(output))
                     tap(xb.to(model_device(tap.model), torch.float32))  # this first batch again, now with the hook
                 if handle is not None:
-                    typical.append(_pooled(captured[-1], typical_layer))
+                    typical.append(pooled_output(captured[-1], typical_layer, "typical_layer").double().cpu())
                     captured.clear()
                 if digest_list is not None:
                     digest_list.extend(image_digests(xb))

@@ -126,6 +126,15 @@ def global_average(feature: torch.Tensor) -> torch.Tensor:
     return nn.functional.adaptive_avg_pool2d(feature, 1).flatten(1)
 
 
+def pooled_output(output, layer: str | None, argument: str = "layer") -> torch.Tensor:
+    """A hooked module's output as ``(N, D)``: a map ``(N, C, H, W)`` globally averaged, a vector as it is; anything
+    else is a DataError naming ``argument`` and the module ``layer``."""
+    if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
+        kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise DataError(f"{argument}: module {layer!r} returns {kind}; expected a (N, D) or (N, C, H, W) tensor")
+    return global_average(output) if output.dim() == 4 else output
+
+
 class FeatureTap(nn.Module):
     """``forward(x) -> (logits (N, K), pooled feature (N, D))`` in one forward pass of a private copy of
     ``model`` (a classifier: a module or a :class:`~trojanguard.models.adapters.Classifier`, whose logits are
@@ -167,14 +176,9 @@ class FeatureTap(nn.Module):
             raise RuntimeError(f"layer: module {self.layer_name!r} did not run in the model's forward pass")
         feature = self._captured[-1]  # a module run several times: its last output
         self._captured.clear()
-        if not isinstance(feature, torch.Tensor) or feature.dim() not in (2, 4):
-            kind = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
-            raise DataError(f"layer: module {self.layer_name!r} returns {kind}; expected a (N, D) or "
-                            "(N, C, H, W) tensor")
+        feature = pooled_output(feature, self.layer_name)
         self._logits(logits, x)
         self.num_classes = logits.shape[1]
-        if feature.dim() == 4:
-            feature = global_average(feature)
         return logits, feature if feature.dtype == torch.float32 else feature.float()
 
 
