@@ -1,8 +1,6 @@
 """The SSL encoder zoo: from an empty cache, a SimCLR encoder trained on poisoned digits carries the backdoor (its
 probe ASR exceeds a clean encoder's by a measured margin), and is cached and reloaded, not retrained."""
 
-import os
-
 import pytest
 import torch
 
@@ -19,22 +17,10 @@ MIN_PROBE_CA = 0.95  # both encoders keep the digits linearly separable
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    """Poisoned and clean encoders, trained from an empty cache (restored afterwards), on one torch thread: the
-    numbers are then the benchmark's (benchmarks/ssl_implant.py runs one thread), and a concurrent CPU job does not
-    stall two threads' synchronisation (on two shared cores it made an epoch ~6× slower)."""
-    before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
-    os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp("ssl-cache"))
-    torch.set_num_threads(1)
-    try:
-        yield (get_poisoned_encoder(TEST_CONFIG, show_progress=False),
-               get_poisoned_encoder(TEST_CONFIG.clean(), show_progress=False))
-    finally:
-        torch.set_num_threads(threads)
-        if before is None:
-            del os.environ["TROJANGUARD_CACHE"]
-        else:
-            os.environ["TROJANGUARD_CACHE"] = before
+def encoders(ssl_zoo):
+    """The session's zoo pair (tests/conftest.py), trained from an empty cache on one torch thread."""
+    assert ssl_zoo[0].config == TEST_CONFIG
+    return ssl_zoo
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ from trojanguard.detect.base import Detector
 from trojanguard.detect.cognitive_distillation import CognitiveDistillation, DistillationResult
 from trojanguard.detect.ensemble import Ensemble
 from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
+from trojanguard.detect.poisoncam import PoisonCAM
 from trojanguard.detect.spectral import SpectralSignature
 
 __all__ = ["ActivationClustering", "AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "Ensemble",
-           "FeatureMahalanobis", "SpectralSignature"]
+           "FeatureMahalanobis", "PoisonCAM",
+           "SpectralSignature"]
