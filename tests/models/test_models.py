@@ -58,3 +58,19 @@ def test_pickled_file_is_refused_unless_opted_in(tmp_path, monkeypatch):
 def test_missing_file():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model("/no/such/model.safetensors", "small_cnn")
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18_cifar"])
+def test_a_state_dict_without_its_head_loads_as_the_backbone(tmp_path, arch):
+    from trojanguard.ssl import BACKBONE_HEADS, build_backbone
+
+    backbone = build_backbone(arch).eval()
+    save_model(backbone, tmp_path / "encoder.safetensors")
+    loaded = load_model(tmp_path / "encoder.safetensors", arch)
+    x = torch.rand(2, 3, 16, 16)
+    assert loaded(x).shape == (2, BACKBONE_HEADS[arch][1]) and torch.allclose(loaded(x), backbone(x))
+    state = backbone.state_dict()
+    state.pop(next(iter(state)))  # a backbone missing another layer still does not fit
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ModelLoadError, match="does not fit architecture"):
+        load_model(tmp_path / "broken.pt", arch)

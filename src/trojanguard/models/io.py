@@ -185,6 +185,11 @@ def load_model(path: str | Path, arch: str | None = None, *, num_classes: int = 
     if arch is None:
         raise ModelLoadError(f"model file {str(path)!r} holds a state dict: pass arch= to say which architecture")
     model = build_model(arch, num_classes=num_classes, in_channels=in_channels, normalize=normalize)
+    from trojanguard.ssl.backbones import BACKBONE_HEADS, build_backbone
+
+    head = BACKBONE_HEADS.get(arch, (None, 0))[0]
+    if head is not None and not any(key.startswith(head + ".") for key in state):
+        model = build_backbone(arch, in_channels=in_channels)  # the arch without its head: an encoder's weights
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
