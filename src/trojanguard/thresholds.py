@@ -14,6 +14,8 @@ Rules of ``screen`` (:data:`THRESHOLD_RULES`):
   (heavy-tailed clean scores are flagged more often) and it misses poison that is not an outlier of the
   whole set — calibrate on clean data when you can.
 - ``fixed``: a threshold given by the caller.
+- ``detector``: the detector's own decision rule (its ``DECISION_THRESHOLD``: PoisonCAM's classifier flags
+  probability > 0.5), used when neither a threshold nor clean reference data is given.
 
 ``Detector.calibrate`` (:data:`CALIBRATION_RULES`) offers ``quantile`` and ``sigma`` (``μ + t·σ`` of clean scores).
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from trojanguard.errors import DataError
 
-THRESHOLD_RULES = ("quantile", "robust_z", "fixed")  # how screen sets its threshold
+THRESHOLD_RULES = ("quantile", "robust_z", "fixed", "detector")  # how screen sets its threshold
 CALIBRATION_RULES = ("quantile", "sigma")  # how Detector.calibrate sets one from clean scores
 ROBUST_Z = 3.5  # Iglewicz & Hoaglin's cut-off for the modified z-score
 MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): σ of a normal distribution from its median absolute deviation

@@ -160,13 +160,15 @@ def _option_type(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 
 def load_command_model(spec: str, args: argparse.Namespace):
-    """A model file (safe loading; --arch for state dicts) or zoo:<attack> (the zoo's backdoored model), on
-    --device in eval mode."""
+    """A model file (safe loading; --arch for state dicts), zoo:<attack> (the zoo's backdoored model) or
+    ssl-zoo:<attack> (the SSL zoo's poisoned encoder), on --device in eval mode."""
     from trojanguard.models import load_model
-    from trojanguard.screening.sources import ZOO_PREFIX, zoo_entry
+    from trojanguard.screening.sources import SSL_ZOO_PREFIX, ZOO_PREFIX, ssl_zoo_entry, zoo_entry
 
     if spec.startswith(ZOO_PREFIX):
         model = zoo_entry(spec[len(ZOO_PREFIX):]).model
+    elif spec.startswith(SSL_ZOO_PREFIX):
+        model = ssl_zoo_entry(spec[len(SSL_ZOO_PREFIX):]).encoder
     else:
         model = load_model(spec, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                            allow_pickle=args.allow_pickle)

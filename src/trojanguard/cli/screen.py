@@ -39,10 +39,13 @@ def add_parser(sub) -> None:
                        description="Screen a dataset for backdoor-triggered samples, batch by batch. One row per "
                                    "sample is appended durably to OUT/results.csv; run the same command again to "
                                    "resume a stopped run. The report is OUT/index.html.")
-    add_model_option(p, MODEL_FILE_HELP + " or zoo:<attack> (the zoo's backdoored digits model)")
+    add_model_option(p, MODEL_FILE_HELP + ", zoo:<attack> (the zoo's backdoored digits model) or "
+                        "ssl-zoo:<attack> (the SSL zoo's poisoned encoder, for --detector poisoncam)")
     add_arch_option(p)
-    p.add_argument("--data", required=True, help="image folder, .npz file (x: uint8 NHWC or float NCHW, optional y), "
-                                                 "digits (embedded) or zoo:<attack> (its poisoned training set)")
+    p.add_argument("--data", required=True,
+                   help="image folder, .npz file (x: uint8 NHWC or float NCHW, optional y), digits (embedded), "
+                        "zoo:<attack> (its poisoned training set) or ssl-zoo:<attack> (the SSL zoo encoder's "
+                        "unlabeled set)")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS),
                    help=registry_help(DETECTORS, DEFAULT_DETECTOR))
     p.add_argument("--out", required=True, help="output folder: results.csv, calibration.csv, flagged.txt, kept.txt "

@@ -202,6 +202,10 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
 
     detector_name = detector
     detector, scorer = build_detector(detector_name, model, detector_options, show_progress=show_progress)
+    own_threshold = getattr(detector, "DECISION_THRESHOLD", None)
+    own_rule = threshold is None and reference is None and own_threshold is not None
+    if own_rule:
+        threshold = own_threshold  # a detector with a decision rule of its own (PoisonCAM: probability > 0.5)
     if detector_file is not None:
         from trojanguard.detect import FeatureMahalanobis
 
@@ -217,7 +221,8 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
         _check_model_fits(scorer, reference, "calibration")
     if fit_source is not None:
         _check_model_fits(scorer, fit_source, "reference")
-    rule = "fixed" if threshold is not None else "quantile" if reference is not None else "robust_z"
+    rule = ("detector" if own_rule else "fixed" if threshold is not None else "quantile" if reference is not None
+            else "robust_z")
     run = _json_safe({
         "format": FORMAT,
         "model_sha256": model_sha256(model),
@@ -313,7 +318,8 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
         files["summary"] = reporting.write_summary(out_dir / "summary.json", summary)
         files["html"] = reporting.write_html(out_dir / "index.html", summary, histogram=figures["histogram"].name,
                                              grid=figures["grid"].name if "grid" in figures else None,
-                                             masks=figures["masks"].name if "masks" in figures else None)
+                                             masks=figures["masks"].name if "masks" in figures else None,
+                                             gallery=figures["gallery"].name if "gallery" in figures else None)
         report_path = files["html"]
     return ScreenResult(out_dir, results.path, report_path, summary, threshold_value, rule, rows.ids, rows.scores,
                         flagged, rows.predicted, readable, resumed_from, rate, files)
@@ -479,6 +485,7 @@ def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_i
         "robust_z": f"robust outlier rule on the screened scores: median + {ROBUST_Z} × 1.4826 × MAD "
                     "(no clean reference data; does not control the false-positive rate)",
         "fixed": "fixed by the caller",
+        "detector": f"the detector's own decision rule (score > {threshold:g})",
     }
     summary = {
         "trojanguard": trojanguard.__version__,
@@ -555,7 +562,13 @@ def _write_figures(out_dir, summary, rows, flagged, source, scorer, calibration_
         captions = [f"#{t['rank']} {reporting.short_id(t['id'])}\n{t['score']:.3g} → {t['predicted']}" for t in shown]
         files["grid"] = reporting.write_grid(out_dir / "suspicious.png", images[[position[i] for i in top]], captions,
                                              flagged=[t["flagged"] for t in shown], masks=pick("masks", top),
-                                             patterns=pick("patterns", top))
+                                             patterns=pick("patterns", top),
+                                             row_names=getattr(scorer, "PICTURE_ROWS", ("mask", "image × mask")))
+    gallery = scorer.gallery() if hasattr(scorer, "gallery") else None
+    if gallery is not None:
+        title, pictures, captions = gallery
+        files["gallery"] = reporting.write_grid(out_dir / "gallery.png", pictures, captions)
+        summary["gallery"] = {"title": title, "count": len(pictures)}
     if with_masks and explanation.get("masks") is not None:
         flagged_masks, unflagged_masks = pick("masks", groups["flagged"]), pick("masks", groups["unflagged"])
         files["masks"] = reporting.write_mask_means(out_dir / "masks.png", flagged_masks, unflagged_masks)

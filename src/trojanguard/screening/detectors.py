@@ -23,6 +23,7 @@ from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import model_device, working_copy
 
 FIT_CHECKPOINT = "ensemble_fit.csv"  # the ensemble fit's CD scores in screen's output folder (resumable)
+POISONCAM_FIT = "poisoncam_fit.safetensors"  # PoisonCAM's fit in screen's output folder (a resumed run loads it)
 
 
 class DetectorUnavailableError(TrojanGuardError, ValueError):
@@ -150,6 +151,57 @@ class EnsembleScorer(BatchScorer):
         return self.detector.explain(x, indices)
 
 
+class PoisonCAMScorer(BatchScorer):
+    """PoisonCAM (:class:`~trojanguard.detect.PoisonCAM`) screens the unlabeled set of a self-supervised *encoder*:
+    fitted on the screened data, then every batch scored by its poison classifier; a sample's ``predicted`` is its
+    k-means cluster (an encoder has no classes). With a ``work_dir`` the fit is saved there (``POISONCAM_FIT``) and
+    a resumed run loads it instead of fitting again."""
+
+    PICTURE_ROWS = ("heat map", "candidate box")  # how the report's grid labels explain()'s two rows
+
+    def __init__(self, detector, model: nn.Module):
+        self.detector, self.model = detector, model
+        self.device = model_device(model)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The k-means cluster of each image (before the fit: the encoder's output is checked, clusters are 0)."""
+        x = x.to(self.device, torch.float32)
+        if self.detector.centroids is None:
+            self.detector.check_encoder(x)
+            return torch.zeros(len(x), dtype=torch.long)
+        return self.detector.assign(self.detector.features(x)).cpu()
+
+    def prepare(self, reference) -> None:
+        if not self.needs_reference:
+            return
+        saved = None if self.work_dir is None else self.work_dir / POISONCAM_FIT
+        if saved is not None and saved.is_file():
+            self.detector.restore(saved)
+            return
+        self.detector.fit(reference)
+        if saved is not None:
+            self.detector.save(saved)
+
+    def __call__(self, x: torch.Tensor, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detector.score(x.to(self.device, torch.float32)).float().cpu(), self.predict(x)
+
+    def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Heat maps (as ``masks``) and the images with their candidate boxes (as ``patterns``)."""
+        return self.detector.explain(x.to(self.device, torch.float32), indices)
+
+    def gallery(self) -> tuple[str, torch.Tensor, list[str]] | None:
+        """The report's extra figure: the extracted candidate triggers, best first, each resized to the images'
+        size (caption: source sample index and poison score)."""
+        triggers = self.detector.result.triggers if self.detector.result is not None else []
+        if not triggers:
+            return None
+        size = self.detector.input_shape[1:]
+        crops = torch.stack([torch.nn.functional.interpolate(t.crop[None].float(), size=size, mode="nearest")[0]
+                             for t in triggers])
+        return ("Extracted candidate triggers", crops, [f"sample {t.index}\nscore {t.score:.2f}" for t in triggers])
+
+
 @dataclass(frozen=True)
 class ScreeningDetector:
     """A detector ``screen`` can run: ``build(model, **options) -> Detector`` and the scorer class that runs it."""
@@ -238,11 +290,16 @@ register_detector("ensemble", _build_ensemble,
                   "CD-P with the features, spectral and clustering detectors, fused by rank without labels (fitted on "
                   "the data; CD's cost plus two forward passes)", EnsembleScorer,
                   options_of=lambda: _import_optional("trojanguard.detect", "Ensemble"))
+register_detector("poisoncam", _optional("trojanguard.detect", "PoisonCAM", "poisoncam"),
+                  "PoisonCAM: cluster activation masking on a self-supervised ENCODER's features (--model is the "
+                  "encoder), candidate triggers, a poison classifier (fitted on the data; flags probability > 0.5)",
+                  PoisonCAMScorer, options_of=lambda: _import_optional("trojanguard.detect", "PoisonCAM"))
 register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "amortized"),
                   "amortised Cognitive Distillation: a head on the model's features, trained on CD's scores of a "
                   "subset of the screened data, scores in one pass",
                   options_of=lambda: _import_optional("trojanguard.detect", "AmortizedCD"))
 OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD"),
+                    "poisoncam": ("trojanguard.detect", "PoisonCAM"),
                     "spectral": ("trojanguard.detect", "SpectralSignature"),
                     "clustering": ("trojanguard.detect", "ActivationClustering")}
 # What ``screen`` and ``trojanguard screen --detector`` run when no detector is named. Switching the default (e.g. to

@@ -180,12 +180,14 @@ def _as_picture(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
 
 
 def write_grid(path: Path, images: torch.Tensor, captions: list[str], *, flagged: list[bool] | None = None,
-               masks: torch.Tensor | None = None, patterns: torch.Tensor | None = None) -> Path:
+               masks: torch.Tensor | None = None, patterns: torch.Tensor | None = None,
+               row_names: tuple[str, str] = ("mask", "image × mask")) -> Path:
     """The most suspicious samples in rows of GRID_COLUMNS; with ``masks`` / ``patterns`` each sample shows as a
-    column of three: image, mask (white = kept), pattern (image × mask). Captions of flagged samples are red."""
+    column of three: image, mask (white = kept), pattern (image × mask) — ``row_names`` label the last two rows
+    (PoisonCAM: heat map, candidate box). Captions of flagged samples are red."""
     count = len(images)
-    parts = [("image", images)] + ([("mask", masks)] if masks is not None else []) + (
-        [("image × mask", patterns)] if patterns is not None else [])
+    parts = [("image", images)] + ([(row_names[0], masks)] if masks is not None else []) + (
+        [(row_names[1], patterns)] if patterns is not None else [])
     columns = max(1, min(GRID_COLUMNS, count))
     groups = max(1, math.ceil(count / columns))
     figure = _figure(columns * CELL_INCHES + 0.5, groups * (len(parts) * CELL_INCHES + 0.3))
@@ -202,7 +204,7 @@ def write_grid(path: Path, images: torch.Tensor, captions: list[str], *, flagged
                 if i >= count:
                     ax.axis("off")
                     continue
-                if name == "mask":
+                if tensor is masks:
                     ax.imshow(tensor[i].detach().float().mean(0).cpu().numpy(), cmap="gray", vmin=0, vmax=1,
                               interpolation="nearest")
                 else:
@@ -332,8 +334,8 @@ ROBUST_BANNER = ("No clean calibration data: the threshold comes from the robust
                  "Pass clean reference images (--calibration / calibration=) for a threshold at a known rate.")
 
 
-def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | None, masks: str | None = None
-               ) -> Path:
+def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | None, masks: str | None = None,
+               gallery: str | None = None) -> Path:
     """The report page: verdict, chance and target lines, summary table, histogram, grid, mask means, flags per
     predicted label, top samples."""
     s = summary
@@ -401,11 +403,18 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     if grid:
         note = ("Each column: the image, the mask Cognitive Distillation learned (white = pixels the model needs "
                 "to keep its decision) and the cognitive pattern (image × mask). A trigger shows up as a small, "
-                "compact mask.") if s["detector"]["name"] == "cd" else "The most suspicious samples, highest first."
+                "compact mask.") if s["detector"]["name"] == "cd" else (
+            "Each column: the image, its cluster-masking heat map (bright = filling that region drops the image's "
+            "activation to its own cluster most) and its candidate trigger window (red). The predicted label is "
+            "the image's k-means cluster.") if s["detector"]["name"] == "poisoncam" else (
+            "The most suspicious samples, highest first.")
         parts += [f"<h2>The {len(s['top'][:s['grid_size']])} most suspicious samples</h2>",
                   f'<img src="{html.escape(grid)}" alt="grid of the most suspicious samples">',
                   (f'<p class="note">{html.escape(note)} Caption: rank and sample id, score → predicted label; '
                   "flagged samples in red.</p>")]
+    if gallery and s.get("gallery"):
+        parts += [f"<h2>{html.escape(s['gallery']['title'])}</h2>",
+                  f'<img src="{html.escape(gallery)}" alt="{html.escape(s["gallery"]["title"])}">']
     if masks and s.get("mask_means"):
         m = s["mask_means"]
         parts += ["<h2>Where the masks fall</h2>",

@@ -335,6 +335,7 @@ def fingerprint_digest(fingerprint: dict) -> str:
 
 EMBEDDED = ("digits", "digits-test")
 ZOO_PREFIX = "zoo:"
+SSL_ZOO_PREFIX = "ssl-zoo:"  # the SSL zoo: a poisoned SimCLR encoder (--model) and its unlabeled set (--data)
 
 
 def open_source(data, *, image_size: int | None = None, channels: int = 3, name: str = "data") -> ImageSource:
@@ -369,6 +370,12 @@ def open_source(data, *, image_size: int | None = None, channels: int = 3, name:
         return TensorSource(poisoned.dataset, truth=poisoned.is_poisoned, size=image_size,
                             description=f"poisoned training set of zoo model {spec} ({len(poisoned.dataset)} images, "
                                         f"{int(poisoned.is_poisoned.sum())} poisoned)")
+    if spec.startswith(SSL_ZOO_PREFIX):
+        entry = ssl_zoo_entry(spec[len(SSL_ZOO_PREFIX):])
+        poisoned = entry.train
+        return TensorSource(poisoned.x, truth=poisoned.is_poisoned, size=image_size,
+                            description=f"unlabeled training set of SSL zoo encoder {spec} ({len(poisoned)} images, "
+                                        f"{int(poisoned.is_poisoned.sum())} poisoned)")
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{name}: expected an image folder, an .npz file, one of {EMBEDDED} or 'zoo:<attack>', got "
@@ -390,3 +397,15 @@ def zoo_entry(attack: str):
     if attack not in ATTACKS:
         raise DataError(f"zoo: unknown attack {attack!r}; expected one of {sorted(ATTACKS)}")
     return get_backdoored_model(ZooConfig(attack=attack), show_progress=False)
+
+
+@functools.lru_cache(maxsize=4)
+def ssl_zoo_entry(attack: str):
+    """The SSL zoo's poisoned SimCLR encoder for ``attack`` (``SSLZooConfig(attack=attack)``: trained on first use,
+    then cached on disk), kept in memory so ``--model`` and ``--data`` share it."""
+    from trojanguard.attacks.ssl import SSL_ATTACKS
+    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
+
+    if attack not in SSL_ATTACKS:
+        raise DataError(f"ssl-zoo: unknown attack {attack!r}; expected one of {sorted(SSL_ATTACKS)}")
+    return get_poisoned_encoder(SSLZooConfig(attack=attack), show_progress=False)
