@@ -200,3 +200,24 @@ def test_a_fit_saves_and_loads_without_pickle(tmp_path):
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="unreadable"):
         PoisonCAM.load(truncated, encoder)
+
+
+def test_an_encoder_only_guard_exports_features_score_and_flag(tmp_path):
+    import numpy as np
+
+    from trojanguard.guard import Guard, GuardSession, export_onnx
+
+    x = toy_images(size=16)  # the poison classifier's adaptive pooling exports where the size divides evenly
+    detector = quick(toy_encoder()).fit(x)
+    guard = Guard(detector.encoder, detector)  # threshold: the detector's own (probability 0.5)
+    assert guard.output_names == ("features", "score", "flagged") and guard.threshold == 0.5
+    features, score, flagged = guard.run(x[:6])
+    assert torch.allclose(features, detector.encoder(x[:6])) and torch.allclose(score, detector.score(x[:6]))
+    path = export_onnx(guard, tmp_path / "guard.onnx", x[:2])
+    session = GuardSession(path)
+    out = session.run(x[:6].numpy())
+    assert np.allclose(out[0], features.numpy(), atol=1e-5) and np.allclose(out[1], score.numpy(), atol=1e-5)
+    assert (out[2] == flagged.numpy()).all()
+    bad = x[:2].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert session.run(bad.numpy())[2][0]  # a non-finite pixel is flagged inside the graph

@@ -26,13 +26,14 @@ from torch import nn
 
 from trojanguard.detect.base import OnePass
 from trojanguard.errors import check_choice
-from trojanguard.models.adapters import as_classifier, unwrap
+from trojanguard.models.adapters import Encoder, as_classifier, unwrap
 
 POLICIES = ("flag", "reject")
 
 
 class GuardOutput(NamedTuple):
-    """logits: (N, K); score: (N,) higher = more suspicious; flagged: bool (N,)."""
+    """logits: (N, K) (an encoder's guard: its features (N, D)); score: (N,) higher = more suspicious; flagged: bool
+    (N,)."""
 
     logits: torch.Tensor
     score: torch.Tensor
@@ -45,7 +46,9 @@ class Guard(nn.Module):
 
     Args:
         model: the classifier being served, a module or a :class:`~trojanguard.models.adapters.Classifier` (the
-            detector must have been fitted on the same weights).
+            detector must have been fitted on the same weights); or an
+            :class:`~trojanguard.models.adapters.Encoder` (e.g. PoisonCAM's ``detector.encoder``): an encoder-only
+            deployment, whose guard returns ``(features, score, flagged)`` (:attr:`output_names`).
         detector: a fitted one-pass detector (:class:`~trojanguard.detect.base.OnePass`: ``as_module(model)``
             returning ``x -> (logits, score)``), e.g. :class:`~trojanguard.detect.FeatureMahalanobis`.
         threshold: flag scores above it; None: the detector's calibrated threshold, if any (else call
@@ -58,7 +61,9 @@ class Guard(nn.Module):
     def __init__(self, model: nn.Module, detector, threshold: float | None = None, policy: str = "flag", *,
                  input_range: tuple[float, float] | None = (0.0, 1.0)):
         super().__init__()
-        model = as_classifier(model).module  # the Guard serves a Classifier; the user's module inside runs
+        # the Guard serves a Classifier (the user's module inside runs) or an Encoder (its features are served)
+        self.serves = "features" if isinstance(model, Encoder) else "logits"
+        model = model if isinstance(model, Encoder) else as_classifier(model).module
         check_choice("policy", policy, POLICIES)
         if not isinstance(detector, OnePass):
             raise TypeError(f"detector: Guard needs a one-pass detector (OnePass: as_module, input_shape; e.g. "
@@ -85,6 +90,11 @@ class Guard(nn.Module):
         if value is not None and not math.isfinite(float(value)):
             raise ValueError(f"threshold: expected a finite number or None, got {value}")
         self._threshold.fill_(math.nan if value is None else float(value))
+
+    @property
+    def output_names(self) -> tuple[str, str, str]:
+        """``("logits", "score", "flagged")``, or ``("features", …)`` for an encoder's guard (the ONNX outputs)."""
+        return (self.serves, "score", "flagged")
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:

@@ -30,6 +30,7 @@ from trojanguard.models import CompiledModel, Normalize
 DEFAULT_OPSET = 17  # ONNX Runtime ≥ 1.12 and every supported torch's TorchScript exporter
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "score", "flagged")
+ENCODER_OUTPUT_NAMES = ("features", "score", "flagged")  # an encoder-only guard (Guard(encoder, PoisonCAM))
 EXPORTERS = ("auto", "torchscript", "dynamo")
 METADATA_PREFIX = "trojanguard."
 REQUIRED_METADATA = ("threshold", "input_shape", "input_range", "policy")  # what a server needs to feed the graph
@@ -57,7 +58,8 @@ def check_opset(opset, name: str = "opset") -> int:
 
 def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_batch: bool = True,
                 opset: int = DEFAULT_OPSET, *, exporter: str = "auto", normalization: str | dict = "auto") -> Path:
-    """Write ``guard`` as one ONNX graph ``input -> (logits, score, flagged)`` to ``path`` and return the path.
+    """Write ``guard`` as one ONNX graph ``input -> (logits, score, flagged)`` (an encoder's guard: ``features``
+    first) to ``path`` and return the path.
 
     Args:
         guard: a calibrated :class:`Guard` (its threshold is baked into the graph).
@@ -115,7 +117,7 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
         "input_dtype": "float32",
         "normalization": json.dumps(_normalization(guard) if normalization == "auto" else normalization),
         "detector": repr(guard.detector),
-        "outputs": ",".join(OUTPUT_NAMES),
+        "outputs": ",".join(guard.output_names),
         "exporter": exporter,
         "torch": torch.__version__,
     }
@@ -167,8 +169,9 @@ def load_guard_graph(path: str | Path, name: str = "path"):
 def check_guard_graph(where: str, outputs: list[str], metadata: dict[str, object]) -> None:
     """A DataError unless ``outputs`` and ``metadata`` are those of a graph written by :func:`export_onnx`."""
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing or list(outputs) != list(OUTPUT_NAMES):
-        raise DataError(f"{where}: expected a trojanguard guard graph (outputs {', '.join(OUTPUT_NAMES)} and "
+    if missing or list(outputs) not in (list(OUTPUT_NAMES), list(ENCODER_OUTPUT_NAMES)):
+        raise DataError(f"{where}: expected a trojanguard guard graph (outputs {', '.join(OUTPUT_NAMES)} or "
+                        f"{', '.join(ENCODER_OUTPUT_NAMES)}, and "
                         f"trojanguard.* metadata, written by trojanguard export / export_onnx), got outputs "
                         f"{list(outputs)} and missing metadata {missing} — an ordinary classifier? Export the guard "
                         "from the model's weights first")
@@ -222,17 +225,17 @@ def _has_torchscript_exporter() -> bool:
 
 
 def _export_torchscript(guard: Guard, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *guard.output_names)} if dynamic_batch else None
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # chosen on purpose (module docstring)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(guard, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        torch.onnx.export(guard, (example,), str(path), input_names=[INPUT_NAME], output_names=list(guard.output_names),
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **kwargs)
 
 
 def _export_dynamo(guard: Guard, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     program = torch.onnx.export(guard, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                output_names=list(OUTPUT_NAMES), dynamic_shapes=shapes, opset_version=opset)
+                                output_names=list(guard.output_names), dynamic_shapes=shapes, opset_version=opset)
     program.save(str(path))

@@ -9,7 +9,7 @@ import numpy as np
 
 from trojanguard.errors import DataError
 from trojanguard.guard.module import GuardOutput
-from trojanguard.guard.onnx_export import INPUT_NAME, OUTPUT_NAMES, check_guard_graph, decode_metadata
+from trojanguard.guard.onnx_export import INPUT_NAME, check_guard_graph, decode_metadata
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -64,7 +64,7 @@ class GuardSession:
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         check_guard_graph(f"path: {str(path)!r}", [o.name for o in self.session.get_outputs()], self.metadata)
         self.input_shape = tuple(self.metadata["input_shape"])
-        self._outputs = list(OUTPUT_NAMES)
+        self._outputs = [o.name for o in self.session.get_outputs()]  # logits or features, score, flagged
         fixed_batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = fixed_batch if isinstance(fixed_batch, int) else None
 
@@ -86,7 +86,8 @@ class GuardSession:
                 f"policy={self.policy!r}, input_shape={self.input_shape})")
 
     def run(self, x) -> GuardOutput:
-        """``(logits (N, K) float32, score (N,) float32, flagged (N,) bool)`` as NumPy arrays."""
+        """``(logits (N, K) float32, score (N,) float32, flagged (N,) bool)`` as NumPy arrays (an encoder's guard:
+        features (N, D) first)."""
         x = self.validate(x)
         step = self.batch_size or len(x)
         if self.fixed_batch is not None:
@@ -94,7 +95,7 @@ class GuardSession:
         parts = [self.session.run(self._outputs, {INPUT_NAME: x[i : i + step]}) for i in range(0, len(x), step)]
         if len(parts) == 1:
             return GuardOutput(*parts[0])
-        return GuardOutput(*(np.concatenate([p[j] for p in parts]) for j in range(len(OUTPUT_NAMES))))
+        return GuardOutput(*(np.concatenate([p[j] for p in parts]) for j in range(len(self._outputs))))
 
     __call__ = run
 
