@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/poisoncam_zoo.py --out poisoncam_zoo.jsonl
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/poisoncam_zoo.py --rows patch_fixed:0 --heatmap gradcam
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/poisoncam_zoo.py --image-size 32 --rows patch_random:0
 
 Each row takes the zoo's poisoned SimCLR encoder (``SSLZooConfig(attack, seed)``: small CNN, 16-px digits, 9 % of
 the set poisoned), fits ``PoisonCAM`` on the poisoned unlabeled set (no labels, no clean data) and reports:
@@ -39,8 +40,9 @@ def locate_rate(boxes: torch.Tensor, truth: torch.Tensor, size: tuple[int, int])
     return float((cover >= 0.5).float().mean())
 
 
-def run_row(attack: str, seed: int, options: dict, retrain: bool) -> dict:
-    config = SSLZooConfig(attack=attack, seed=seed)
+def run_row(attack: str, seed: int, options: dict, retrain: bool, arch: str = "small_cnn", image_size: int = 16
+            ) -> dict:
+    config = SSLZooConfig(attack=attack, seed=seed, arch=arch, image_size=image_size)
     entry = get_poisoned_encoder(config, show_progress=False)
     clean = get_poisoned_encoder(config.clean(), show_progress=False)
     x, truth = entry.train.x, entry.train.is_poisoned
@@ -54,7 +56,7 @@ def run_row(attack: str, seed: int, options: dict, retrain: bool) -> dict:
     others = entry.test.y != config.target
     test_scores = detector.score(torch.cat([triggered[others], entry.test.x]))
     test_truth = torch.cat([torch.ones(int(others.sum())), torch.zeros(len(entry.test.x))])
-    row = {"attack": attack, "seed": seed, "options": options, "n": len(x), "poisoned": int(truth.sum()),
+    row = {"attack": attack, "seed": seed, "arch": arch, "image_size": image_size, "options": options, "n": len(x), "poisoned": int(truth.sum()),
            "flagged": int(flagged.sum()), "precision": hits / max(1, int(flagged.sum())), "recall": hits / int(truth.sum()),
            "auroc_set": roc_auc_score(truth.numpy(), result.poison_scores.numpy()),
            "auroc_test": roc_auc_score(test_truth.numpy(), test_scores.numpy()), "fit_seconds": seconds,
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="attack:seed pairs")
     parser.add_argument("--heatmap", default="mask", choices=["mask", "gradcam"])
     parser.add_argument("--options", default="{}", help="more PoisonCAM options, as JSON")
+    parser.add_argument("--arch", default="small_cnn", help="the encoders' backbone (SSLZooConfig.arch)")
+    parser.add_argument("--image-size", type=int, default=16, help="the encoders' image side (SSLZooConfig.image_size)")
     parser.add_argument("--no-retrain", action="store_true", help="skip retraining an encoder on the kept images")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per row here")
     args = parser.parse_args()
@@ -89,12 +93,13 @@ def main() -> None:
     if args.out is not None and args.out.exists():
         for line in args.out.read_text().splitlines():
             row = json.loads(line)
-            done.add((row["attack"], row["seed"], json.dumps(row["options"], sort_keys=True)))
+            done.add((row["attack"], row["seed"], row.get("arch", "small_cnn"), row.get("image_size", 16),
+                      json.dumps(row["options"], sort_keys=True)))
     for spec in args.rows:
         attack, seed = spec.split(":")
-        if (attack, int(seed), json.dumps(options, sort_keys=True)) in done:
+        if (attack, int(seed), args.arch, args.image_size, json.dumps(options, sort_keys=True)) in done:
             continue
-        row = run_row(attack, int(seed), options, not args.no_retrain)
+        row = run_row(attack, int(seed), options, not args.no_retrain, args.arch, args.image_size)
         print(json.dumps(row), flush=True)
         if args.out is not None:
             with args.out.open("a") as f:

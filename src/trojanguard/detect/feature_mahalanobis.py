@@ -74,7 +74,7 @@ from trojanguard.detect._feature_detector import FeatureDetector, Features
 from trojanguard.detect.base import SampleSizeWarning
 from trojanguard.errors import DataError, ModelLoadError, check_choice
 from trojanguard.models.features import FeatureTap, is_compiled, module_by_name
-from trojanguard.models.io import model_sha256
+from trojanguard.models.io import model_sha256, read_fit_file
 
 CLASS_RULES = ("predicted", "nearest")  # which class mean a sample is measured against
 DEFAULT_SUPPORT_FRACTION = 0.5  # MCD's maximal-breakdown h ≈ n/2
@@ -244,19 +244,7 @@ class FeatureMahalanobis(FeatureDetector):
              ) -> FeatureMahalanobis:
         """A fitted detector from a file written by :meth:`save`, for ``model`` (the same weights it was fitted
         on: checked by SHA-256). Never unpickles; a file of another kind is a ModelLoadError naming it."""
-        from safetensors import safe_open
-
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"detector_file: no file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("trojanguard", "null") or "null")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no items()
-        except Exception as exc:  # noqa: BLE001 — any parse failure of a foreign or truncated file
-            raise ModelLoadError(f"detector_file: {path}: expected a FeatureMahalanobis fit written by "
-                                 f"FeatureMahalanobis.save (.safetensors), got an unreadable file ({exc})") from None
+        meta, tensors = read_fit_file(path, "detector_file", "a FeatureMahalanobis fit written by FeatureMahalanobis.save")
         needed = ("class_means", "covariance", "present", "class_counts")
         if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT or any(k not in tensors for k in needed):
             raise ModelLoadError(f"detector_file: {path}: expected a FeatureMahalanobis fit ({FILE_FORMAT}), got a "

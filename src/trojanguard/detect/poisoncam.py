@@ -644,20 +644,9 @@ def outline_boxes(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 def read_fit(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The metadata and tensors of a PoisonCAM fit file (:meth:`PoisonCAM.save`), checked to be one."""
-    from safetensors import safe_open
+    from trojanguard.models.io import ModelLoadError, read_fit_file
 
-    from trojanguard.models.io import ModelLoadError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"path: no PoisonCAM fit at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("trojanguard", "null") or "null")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no items()
-    except Exception as exc:  # noqa: BLE001 — any parse failure of a foreign or truncated file
-        raise ModelLoadError(f"path: {path}: expected a PoisonCAM fit written by PoisonCAM.save (.safetensors), got "
-                             f"an unreadable file ({exc})") from None
+    meta, tensors = read_fit_file(path, "path", "a PoisonCAM fit written by PoisonCAM.save")
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT or "centroids" not in tensors:
         raise ModelLoadError(f"path: {path}: expected a PoisonCAM fit ({FILE_FORMAT}), got a safetensors file "
                              "without its metadata or tensors")

@@ -195,3 +195,24 @@ def load_model(path: str | Path, arch: str | None = None, *, num_classes: int = 
     except RuntimeError as exc:
         raise ModelLoadError(f"model file {str(path)!r} does not fit architecture {arch!r}: {exc}") from None
     return model.eval()
+
+
+def read_fit_file(path, argument: str, what: str) -> tuple[object, dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a detector fit written as safetensors with JSON metadata under ``"trojanguard"``
+    (never unpickled): the metadata as decoded (None when absent). A missing or unreadable file is a
+    ModelLoadError naming ``argument`` and ``what`` was expected ("a PoisonCAM fit written by PoisonCAM.save")."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{argument}: no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("trojanguard", "null") or "null")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no items()
+    except Exception as exc:  # noqa: BLE001 — any parse failure of a foreign or truncated file
+        raise ModelLoadError(f"{argument}: {path}: expected {what} (.safetensors), got an unreadable file "
+                             f"({exc})") from None
+    return meta, tensors
