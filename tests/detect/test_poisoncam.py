@@ -148,6 +148,11 @@ def test_a_toy_fit_runs_every_stage_and_scores_new_inputs():
                     heatmap="gradcam").fit(x)
     heat = gradcam.heatmaps(x[:3])
     assert heat.shape == (3, 12, 12) and torch.isfinite(heat).all() and (heat >= 0).all()
+    from trojanguard.models import as_encoder
+
+    conv = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Flatten())
+    layered = quick(as_encoder(conv, layer="1"), heatmap="gradcam").fit(x)  # a layer's pooled map
+    assert layered.heatmaps(x[:2]).shape == (2, 12, 12)
     assert auto_clusters(1437) == 22 and auto_clusters(30) == 10 and auto_clusters(10**7) == 1000
 
 

@@ -362,8 +362,8 @@ class PoisonCAM(Detector):
         from trojanguard.models.features import default_feature_layer, module_by_name
 
         user_module = unwrap(self.encoder.module)
-        try:
-            name = default_feature_layer(user_module, x[:1])
+        try:  # an Encoder naming a layer stops there: that layer's map, else the last map before pooling
+            name = self.encoder.layer or default_feature_layer(user_module, x[:1])
         except ValueError:
             name = ""
         if not name:
@@ -381,6 +381,9 @@ class PoisonCAM(Detector):
                     grads = torch.autograd.grad(similarity.sum(), store["a"])[0]
             finally:
                 handle.remove()
+            if store["a"].dim() != 4:
+                raise DataError(f"heatmap: 'gradcam' needs a 4-D feature map; layer {name!r} outputs "
+                                f"{tuple(store['a'].shape)}")
             cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True)).detach()
             maps.append(F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0])
         return torch.cat(maps)
