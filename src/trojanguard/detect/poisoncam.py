@@ -21,7 +21,8 @@ PatchSearch's published code (Tejankar et al., CVPR 2023) and what is ours (meas
    scores ``candidates_per_round`` unsearched images of every surviving cluster, a cluster's score is its best
    image's, and the lowest ``drop_fraction`` of clusters are dropped, until every survivor is searched.
 4. **Poison classifier** [PatchSearch]: negatives are the images outside the top ``exclude_fraction`` by poison
-   score; half of each batch gets one of the ``top_triggers`` best candidates pasted at a random scale and place
+   score (an image the search did not reach counts with its cluster's best score [ours]: at 32 px the search
+   reached fewer images and 54 poisoned ones stayed among the negatives); half of each batch gets one of the ``top_triggers`` best candidates pasted at a random scale and place
    (positives). An ensemble of ``ensemble`` small CNNs trained from scratch [ours; PatchSearch: [1,1,1,1]
    ResNet-18s, 2000 iterations], **cross-fitted** [ours]: member ``m`` never sees fold ``m`` of the negatives,
    which it scores, so a poisoned image left among the negatives is not memorised as benign. Up to ``rounds``
@@ -418,7 +419,7 @@ class PoisonCAM(Detector):
                             crop_box(x[i], boxes[i])) for i in order[: self.top_triggers]]
 
         start = time.perf_counter()
-        ranked = search_scores.nan_to_num(-math.inf).argsort(descending=True)
+        ranked = exclusion_scores(search_scores, clusters).argsort(descending=True)
         keep = ranked[round(self.exclude_fraction * n):]
         self.input_shape = tuple(x.shape[1:])
         rounds = 0
@@ -654,6 +655,16 @@ def read_fit(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelLoadError(f"path: {path}: expected a PoisonCAM fit ({FILE_FORMAT}), got a safetensors file "
                              "without its metadata or tensors")
     return meta, tensors
+
+
+def exclusion_scores(search_scores: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """What the classifier's negatives are chosen by: a searched image's poison score, and for an image the search
+    did not reach, the best score found in its cluster (a cluster the search dropped early may still hold poison
+    its first candidates missed; its members should not be the classifier's clean examples) [ours]."""
+    searched = ~search_scores.isnan()
+    best = torch.full((int(clusters.max()) + 1,), -math.inf)
+    best.scatter_reduce_(0, clusters[searched], search_scores[searched], reduce="amax")
+    return torch.where(searched, search_scores, best[clusters])
 
 
 def crop_box(image: torch.Tensor, box) -> torch.Tensor:
