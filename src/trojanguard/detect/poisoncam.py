@@ -54,9 +54,9 @@ from trojanguard.ops.cluster_mask import (
     box_masks,
     cluster_mask_sweep_reference,
     fill_values,
-    masked_copies,
     own_similarity,
     sweep_windows,
+    window_drops_reference,
 )
 from trojanguard.progress import progress_bar
 
@@ -316,19 +316,9 @@ class PoisonCAM(Detector):
         x = self._check_inputs(x)
         return self._locate(x, self.own_targets(self.features(x)))
 
-    @torch.no_grad()
     def _window_drops(self, x: torch.Tensor, own: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """``(N, W)`` own-centroid similarity drops of filling each window (one window list for all images)."""
-        masks = box_masks(windows, *x.shape[2:])
-        per_chunk = max(1, (self.batch_size * 4) // len(masks))
-        drops = []
-        for s in range(0, len(x), per_chunk):
-            xs, cs = x[s : s + per_chunk], own[s : s + per_chunk]
-            base = own_similarity(self.encoder(xs), cs)
-            copies = masked_copies(xs, masks, fill_values(xs, self.fill))
-            masked = own_similarity(self.encoder(copies), cs.repeat_interleave(len(masks), 0))
-            drops.append(base[:, None] - masked.view(len(xs), len(masks)))
-        return torch.cat(drops)
+        """``(N, W)`` own-target similarity drops of filling each window (one window list for all images)."""
+        return window_drops_reference(self.encoder, x, own, windows, fill=self.fill, batch_size=self.batch_size * 4)
 
     def _locate(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[2:]

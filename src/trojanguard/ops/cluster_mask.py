@@ -80,21 +80,29 @@ def scatter_mean(drops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cluster_mask_sweep_reference(encoder, x: torch.Tensor, centroids: torch.Tensor, *, window: int, stride: int,
-                                 fill: float | str = "mean", batch_size: int = 4096) -> torch.Tensor:
-    """Heat maps ``(N, H, W)`` of the exhaustive cluster-masking sweep (module docstring).
+def window_drops_reference(encoder, x: torch.Tensor, centroids: torch.Tensor, windows: torch.Tensor, *,
+                           fill: float | str = "mean", batch_size: int = 4096) -> torch.Tensor:
+    """``(N, W)``: ``a(x) − a(x with window n filled)`` for every image and every box of ``windows (W, 4)``.
 
     ``encoder`` maps ``(B, C, H, W)`` to ``(B, D)`` features; ``batch_size`` bounds the masked copies per forward
     (images are processed ``max(1, batch_size // W)`` at a time).
     """
-    n, _, h, w = x.shape
-    masks = box_masks(sweep_windows(h, w, window, stride), h, w)
+    masks = box_masks(windows, *x.shape[2:])
     per_chunk = max(1, batch_size // len(masks))
-    heat = torch.empty(n, h, w, dtype=torch.float32, device=x.device)
-    for start in range(0, n, per_chunk):
+    drops = []
+    for start in range(0, len(x), per_chunk):
         xs, cs = x[start : start + per_chunk], centroids[start : start + per_chunk]
         base = own_similarity(encoder(xs), cs)
         copies = masked_copies(xs, masks, fill_values(xs, fill))
         masked = own_similarity(encoder(copies), cs.repeat_interleave(len(masks), 0)).view(len(xs), len(masks))
-        heat[start : start + len(xs)] = scatter_mean(base[:, None] - masked, masks)
-    return heat
+        drops.append(base[:, None] - masked)
+    return torch.cat(drops)
+
+
+def cluster_mask_sweep_reference(encoder, x: torch.Tensor, centroids: torch.Tensor, *, window: int, stride: int,
+                                 fill: float | str = "mean", batch_size: int = 4096) -> torch.Tensor:
+    """Heat maps ``(N, H, W)`` of the exhaustive cluster-masking sweep (module docstring): the window drops of
+    :func:`sweep_windows`, scatter-averaged over the pixels each window covers."""
+    windows = sweep_windows(*x.shape[2:], window, stride)
+    drops = window_drops_reference(encoder, x, centroids, windows, fill=fill, batch_size=batch_size)
+    return scatter_mean(drops, box_masks(windows, *x.shape[2:]))
