@@ -298,7 +298,7 @@ class PoisonCAM(Detector):
     def heatmaps(self, x, *, window: int | None = None, stride: int | None = None,
                  fill: float | str | None = None) -> torch.Tensor:
         """``(N, H, W)`` heat maps of the exhaustive cluster-masking sweep (or Grad-CAM with
-        ``heatmap="gradcam"``), each image against its own (nearest) centroid."""
+        ``heatmap="gradcam"``), each image against its own target (:meth:`own_targets`)."""
         self._require_fit("heatmaps")
         x = self._check_inputs(x)
         default_window, default_stride = self.window_for(*x.shape[2:])
@@ -412,9 +412,7 @@ class PoisonCAM(Detector):
         ranked = exclusion_scores(search_scores, clusters).argsort(descending=True)
         keep = ranked[round(self.exclude_fraction * n):]
         self.input_shape = tuple(x.shape[1:])
-        rounds = 0
-        for _ in range(self.rounds):
-            rounds += 1
+        for rounds in range(1, self.rounds + 1):
             folds = torch.randperm(len(keep), generator=gen) % self.ensemble if self.ensemble > 1 else None
             self.classifiers = self._train_classifiers(x, keep, folds, triggers, gen)
             poison_scores = self._member_probabilities(x)  # (members, N)
