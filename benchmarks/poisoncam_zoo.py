@@ -40,9 +40,9 @@ def locate_rate(boxes: torch.Tensor, truth: torch.Tensor, size: tuple[int, int])
     return float((cover >= 0.5).float().mean())
 
 
-def run_row(attack: str, seed: int, options: dict, retrain: bool, arch: str = "small_cnn", image_size: int = 16
-            ) -> dict:
-    config = SSLZooConfig(attack=attack, seed=seed, arch=arch, image_size=image_size)
+def run_row(attack: str, seed: int, options: dict, retrain: bool, arch: str = "small_cnn", image_size: int = 16,
+            poison_rate: float = SSLZooConfig.poison_rate) -> dict:
+    config = SSLZooConfig(attack=attack, seed=seed, arch=arch, image_size=image_size, poison_rate=poison_rate)
     entry = get_poisoned_encoder(config, show_progress=False)
     clean = get_poisoned_encoder(config.clean(), show_progress=False)
     x, truth = entry.train.x, entry.train.is_poisoned
@@ -56,7 +56,8 @@ def run_row(attack: str, seed: int, options: dict, retrain: bool, arch: str = "s
     others = entry.test.y != config.target
     test_scores = detector.score(torch.cat([triggered[others], entry.test.x]))
     test_truth = torch.cat([torch.ones(int(others.sum())), torch.zeros(len(entry.test.x))])
-    row = {"attack": attack, "seed": seed, "arch": arch, "image_size": image_size, "options": options, "n": len(x), "poisoned": int(truth.sum()),
+    row = {"attack": attack, "seed": seed, "arch": arch, "image_size": image_size,
+           "poison_rate": poison_rate, "options": options, "n": len(x), "poisoned": int(truth.sum()),
            "flagged": int(flagged.sum()), "precision": hits / max(1, int(flagged.sum())), "recall": hits / int(truth.sum()),
            "auroc_set": roc_auc_score(truth.numpy(), result.poison_scores.numpy()),
            "auroc_test": roc_auc_score(test_truth.numpy(), test_scores.numpy()), "fit_seconds": seconds,
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="more PoisonCAM options, as JSON")
     parser.add_argument("--arch", default="small_cnn", help="the encoders' backbone (SSLZooConfig.arch)")
     parser.add_argument("--image-size", type=int, default=16, help="the encoders' image side (SSLZooConfig.image_size)")
+    parser.add_argument("--poison-rate", type=float, default=SSLZooConfig.poison_rate,
+                        help=f"share of the set poisoned (SSLZooConfig.poison_rate, default {SSLZooConfig.poison_rate})")
     parser.add_argument("--no-retrain", action="store_true", help="skip retraining an encoder on the kept images")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per row here")
     args = parser.parse_args()
@@ -94,12 +97,13 @@ def main() -> None:
         for line in args.out.read_text().splitlines():
             row = json.loads(line)
             done.add((row["attack"], row["seed"], row.get("arch", "small_cnn"), row.get("image_size", 16),
-                      json.dumps(row["options"], sort_keys=True)))
+                      row.get("poison_rate", SSLZooConfig.poison_rate), json.dumps(row["options"], sort_keys=True)))
     for spec in args.rows:
         attack, seed = spec.split(":")
-        if (attack, int(seed), args.arch, args.image_size, json.dumps(options, sort_keys=True)) in done:
+        if (attack, int(seed), args.arch, args.image_size, args.poison_rate,
+                json.dumps(options, sort_keys=True)) in done:
             continue
-        row = run_row(attack, int(seed), options, not args.no_retrain, args.arch, args.image_size)
+        row = run_row(attack, int(seed), options, not args.no_retrain, args.arch, args.image_size, args.poison_rate)
         print(json.dumps(row), flush=True)
         if args.out is not None:
             with args.out.open("a") as f:

@@ -1,5 +1,6 @@
-"""trojanguard export: a guard (model + feature-space detector) as one ONNX graph and/or a Triton Inference Server
-model repository."""
+"""trojanguard export: a guard (model + one-pass detector) as one ONNX graph and/or a Triton Inference Server model
+repository. The detector is the feature-space one (a classifier's guard: logits, score, flag) or PoisonCAM's poison
+classifier (an encoder's guard: features, score, flag; fitted on --reference or taken from a saved fit)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from trojanguard.cli._options import (
 )
 
 OUTPUTS = (("out", "file"), ("triton_repo", "folder"))
+DETECTORS = ("features", "poisoncam")  # the one-pass detectors a guard graph can carry
 # the names check_triton_options' errors start with -> the options that set them (errors name the option)
 TRITON_ARGUMENTS = {"model_name": "--triton-name", "max_batch_size": "--max-batch-size",
                     "max_queue_delay_microseconds": "--queue-delay-us"}
@@ -42,20 +44,28 @@ def add_parser(sub) -> None:
         INSTANCE_KINDS,
     )
 
-    p = sub.add_parser("export", help="export a guard (model + feature-space detector) to ONNX and/or a Triton "
+    p = sub.add_parser("export", help="export a guard (model + one-pass detector) to ONNX and/or a Triton "
                                       "model repository",
-                       description="Fit the feature-space detector on --reference data, calibrate its threshold on "
-                                   "--calibration data, and write one ONNX graph input -> (logits, score, flagged); "
-                                   "with --triton-repo also a Triton Inference Server model repository "
-                                   "(config.pbtxt with dynamic batching, 1/model.onnx). --model may also be an "
-                                   "exported .onnx guard graph (then only the repository is written).")
-    add_model_option(p, "model file, zoo:<attack>, or an exported guard graph (.onnx)")
+                       description="Fit the detector on --reference data, calibrate its threshold on --calibration "
+                                   "data, and write one ONNX graph input -> (logits, score, flagged) — or, for an "
+                                   "encoder with --detector poisoncam, input -> (features, score, flagged); with "
+                                   "--triton-repo also a Triton Inference Server model repository (config.pbtxt with "
+                                   "dynamic batching, 1/model.onnx). --model may also be an exported .onnx guard "
+                                   "graph (then only the repository is written).")
+    add_model_option(p, "model file, zoo:<attack>, ssl-zoo:<attack> (an encoder, for --detector poisoncam), or an "
+                        "exported guard graph (.onnx)")
     add_arch_option(p)
     p.add_argument("--out", help="the ONNX file to write")
+    p.add_argument("--detector", choices=DETECTORS, default="features",
+                   help="features: the feature-space distance of a classifier (default); poisoncam: PoisonCAM's "
+                        "poison classifier in front of an encoder (docs/poisoncam.md)")
+    p.add_argument("--fit", help="--detector poisoncam: a saved PoisonCAM fit (screen --detector poisoncam writes "
+                                 "OUT/poisoncam_fit.safetensors) instead of fitting on --reference (minutes)")
     p.add_argument("--reference", help="data the detector is fitted on (folder, .npz, digits; default for zoo models: "
-                                       "their poisoned training set — the robust fit tolerates the poison)")
+                                       "their poisoned training set — the robust fit tolerates the poison; for "
+                                       "ssl-zoo encoders: their poisoned unlabeled set, which PoisonCAM screens)")
     p.add_argument("--calibration", help="clean data for the threshold (folder, .npz, digits-test; default for zoo "
-                                         "models: digits-test)")
+                                         "models: digits-test; --detector poisoncam without it: its own 0.5 rule)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     p.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
     p.add_argument("--policy", choices=("flag", "reject"), default="flag",
@@ -82,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
     if args.triton_repo is not None:
         _check_triton_arguments(args)
+    if args.fit is not None and args.detector != "poisoncam":
+        raise UsageError(f"--fit: a saved fit is PoisonCAM's; expected --detector poisoncam with it, got --detector "
+                         f"{args.detector}")
     if Path(args.model).suffix == ".onnx":  # an exported guard graph: only the Triton repository to write
         if args.triton_repo is None:
             raise UsageError("--triton-repo: --model is an .onnx file (an exported guard graph), so only a Triton "
@@ -123,38 +136,63 @@ def _export_guard(args: argparse.Namespace):
     from trojanguard.detect import FeatureMahalanobis
     from trojanguard.detect.base import SampleSizeWarning
     from trojanguard.guard import Guard, export_onnx
-    from trojanguard.screening.sources import ZOO_PREFIX, SourceImages, open_source
+    from trojanguard.screening.sources import SSL_ZOO_PREFIX, ZOO_PREFIX, SourceImages, open_source
     from trojanguard.thresholds import check_calibration_size
 
+    poisoncam = args.detector == "poisoncam"
     zoo = args.model if args.model.startswith(ZOO_PREFIX) else None
-    reference_spec = args.reference or zoo
-    if reference_spec is None:
-        raise UsageError("--reference: expected the data the guard's feature statistics are fitted on (folder, "
-                         ".npz, digits), got none")
+    if args.model.startswith(SSL_ZOO_PREFIX) and not poisoncam:
+        raise UsageError(f"--detector: {args.model} is an encoder (no logits), whose guard is PoisonCAM's; expected "
+                         "--detector poisoncam, got --detector features")
+    reference_spec = args.reference or zoo or (args.model if args.model.startswith(SSL_ZOO_PREFIX) else None)
+    if reference_spec is None and not (poisoncam and args.fit is not None):
+        what = ("the unlabeled set PoisonCAM is fitted on (folder, .npz), or --fit" if poisoncam else
+                "the data the guard's feature statistics are fitted on (folder, .npz, digits)")
+        raise UsageError(f"--reference: expected {what}, got none")
     calibration_spec = args.calibration or ("digits-test" if zoo and args.threshold is None else None)
-    if calibration_spec is None and args.threshold is None:
+    if calibration_spec is None and args.threshold is None and not poisoncam:
         raise UsageError("--calibration: expected clean data to set the threshold on (folder, .npz, digits-test), "
                          "or --threshold; got neither")
     model = load_command_model(args.model, args)
-    reference = open_source(reference_spec, image_size=args.image_size, channels=args.in_channels, name="--reference")
-    calibration = None if args.threshold is not None else open_source(
+    reference = None if reference_spec is None else open_source(
+        reference_spec, image_size=args.image_size, channels=args.in_channels, name="--reference")
+    calibration = None if args.threshold is not None or calibration_spec is None else open_source(
         calibration_spec, image_size=args.image_size, channels=args.in_channels, name="--calibration")
     if calibration is not None:  # before the fit: too few clean images cannot give the asked false-positive rate
         check_calibration_size(len(calibration), args.fpr, "--calibration")
-    with warnings.catch_warnings(record=True) as caught:  # sample-size warnings become plain CLI lines
-        warnings.simplefilter("always", SampleSizeWarning)
-        detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SampleSizeWarning)):
-        print(f"trojanguard export: warning: {message}", file=sys.stderr)
+    if poisoncam:
+        detector = _poisoncam_detector(model, reference, args.fit)
+        model = detector.encoder  # the Encoder kind: the guard serves its features
+    else:
+        with warnings.catch_warnings(record=True) as caught:  # sample-size warnings become plain CLI lines
+            warnings.simplefilter("always", SampleSizeWarning)
+            detector = FeatureMahalanobis(model, show_progress=False).fit(SourceImages(reference))
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SampleSizeWarning)):
+            print(f"trojanguard export: warning: {message}", file=sys.stderr)
     guard = Guard(model, detector, threshold=args.threshold, policy=args.policy)
     if calibration is not None:
         guard.calibrate(SourceImages(calibration), fpr=args.fpr)
-    example = torch.stack(list(SourceImages(reference, limit=2)))
+    if reference is not None:
+        example = torch.stack(list(SourceImages(reference, limit=2)))
+    else:  # a saved fit alone: its recorded input shape is the graph's
+        example = torch.rand(2, *detector.input_shape)
     if args.out is not None:
         out = Path(args.out)
     else:
         out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "model.onnx"
     path = export_onnx(guard.cpu(), out, example, opset=args.opset)
-    print(f"guard graph: {path} (threshold {guard.threshold:.6g}, policy {args.policy}, reference "
-          f"{reference.description})")
+    fitted_on = f"fit {args.fit}" if args.fit is not None else f"reference {reference.description}"
+    print(f"guard graph: {path} ({args.detector}, threshold {guard.threshold:.6g}, policy {args.policy}, "
+          f"{fitted_on})")
     return path
+
+
+def _poisoncam_detector(encoder, reference, fit_path):
+    """PoisonCAM on ``encoder``: loaded from a saved fit (checked to be of this encoder) or fitted on the
+    reference set with its defaults (progress on stderr)."""
+    from trojanguard.detect import PoisonCAM
+    from trojanguard.screening.sources import SourceImages
+
+    if fit_path is not None:
+        return PoisonCAM.load(fit_path, encoder, show_progress=False)
+    return PoisonCAM(encoder).fit(SourceImages(reference))
