@@ -54,3 +54,17 @@ def ssl_zoo(tmp_path_factory):
             del os.environ["TROJANGUARD_CACHE"]
         else:
             os.environ["TROJANGUARD_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def badencoder_zoo(ssl_zoo):
+    """The SSL zoo's BadEncoder (``SSLZooConfig(attack="badencoder")``, 16 px): the clean encoder of ``ssl_zoo``
+    (same session cache, so it is not trained twice) fine-tuned by BadEncoder, on one torch thread."""
+    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield get_poisoned_encoder(SSLZooConfig(attack="badencoder"), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)

@@ -278,6 +278,13 @@ def get_poisoned_encoder(config: SSLZooConfig | None = None, *, retrain: bool = 
         backbone.load_state_dict(state)
         encoder = as_encoder(backbone.to(device).eval())
         seconds = json.loads(meta_file.read_text())["train_seconds"]
+    elif config.poisoned and not getattr(attack, "poisons_data", True):  # BadEncoder: backdoor a clean encoder
+        clean = get_poisoned_encoder(config.clean(), show_progress=show_progress, device=device)
+        start = time.perf_counter()
+        encoder = attack.implant(clean.encoder, train.x, attack.reference_images(train, config.target, config.seed),
+                                 seed=config.seed, device=device, show_progress=show_progress)
+        seconds = time.perf_counter() - start
+        save_model(encoder.module, weights)
     else:
         start = time.perf_counter()
         encoder = train_simclr(data.x, config.arch, config.simclr_config(), device=device,

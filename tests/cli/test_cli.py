@@ -137,6 +137,34 @@ def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):
     assert done.returncode == 2 and "--reinit" in done.stderr and "ratio" in done.stderr
 
 
+def test_cleanse_command_runs_mimic_on_an_encoder(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from trojanguard.models import SmallCNN, load_model, save_model
+    from trojanguard.ssl import build_backbone
+
+    torch.manual_seed(0)
+    encoder = save_model(build_backbone("small_cnn"), tmp_path / "encoder.safetensors")
+    np.savez(tmp_path / "clean.npz", x=torch.rand(64, 3, 16, 16).numpy())
+    out = tmp_path / "cleansed.safetensors"
+    rc = main(["cleanse", "--method", "mimic", "--model", str(encoder), "--arch", "small_cnn", "--data",
+               str(tmp_path / "clean.npz"), "--epochs", "2", "--mi-epochs", "3", "--batch-size", "32", "--out", str(out),
+               "--eval", "digits", "--attack", "badencoder", "--image-size", "16"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["method"] == "MIMIC" and report["images"] == 64 and len(report["epochs"]) == 2
+    assert report["details"]["stages"] == ["features.0.2", "features.1.2", "features.2.2", "features"]
+    assert set(report["after"]) == {"clean_accuracy", "attack_success_rate"}
+    assert "with MIMIC on 64 unlabeled images" in printed.err
+    assert load_model(out, "small_cnn")(torch.rand(2, 3, 16, 16)).shape == (2, 256)  # an encoder again
+    classifier = save_model(SmallCNN(), tmp_path / "classifier.safetensors")  # BCU measures with classifier attacks
+    assert main(["cleanse", "--model", str(classifier), "--arch", "small_cnn", "--data", "digits", "--out", str(out),
+                 "--eval", "digits", "--attack", "badencoder"]) == 2
+    assert "--attack: 'badencoder' is an SSL attack" in capsys.readouterr().err
+
+
 HELP_COMMANDS = [[], ["info"], ["demo"], ["screen"], ["export"], ["cleanse"]]
 
 
@@ -176,5 +204,5 @@ def test_cleanse_method_choices_come_from_the_registry(capsys, monkeypatch):
         text = squeezed(_help_text(capsys, "cleanse"))
     finally:
         del CLEANSERS["plain"]
-    assert "--method{bcu,plain}" in text and squeezed("plain distillation, for this test") in text
+    assert "--method{bcu,mimic,plain}" in text and squeezed("plain distillation, for this test") in text
     assert squeezed(CLEANSERS["bcu"].summary) in text

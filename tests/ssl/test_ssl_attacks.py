@@ -23,7 +23,7 @@ def labelled():
     return ImageDataset(torch.rand(200, 3, 32, 32, generator=g) * 0.5, torch.arange(200) % 4)
 
 
-@pytest.mark.parametrize("name", sorted(SSL_ATTACKS))
+@pytest.mark.parametrize("name", sorted(n for n, cls in SSL_ATTACKS.items() if getattr(cls, "poisons_data", True)))
 def test_poison_share_target_class_and_untouched_rest(labelled, name):
     poisoned = make_ssl_attack(name).poison(labelled, rate=0.1, target=2, seed=0)
     assert len(poisoned.poison_indices) == 20 and poisoned.poison_rate == pytest.approx(0.1)
@@ -80,5 +80,36 @@ def test_bad_input_is_refused_with_the_argument_named(labelled):
 
 
 def test_the_ssl_registry_is_apart_from_the_classifier_attacks():
-    assert set(SSL_ATTACKS) == {"patch_random", "patch_fixed", "blended"}
+    assert set(SSL_ATTACKS) == {"patch_random", "patch_fixed", "blended", "badencoder"}
     assert not any(cls in ATTACKS.values() for cls in SSL_ATTACKS.values())
+
+
+def test_badencoder_poisons_no_data_and_its_implant_ties_the_trigger_to_the_references(labelled):
+    """BadEncoder leaves the data as it is; a short implant on a toy encoder moves triggered images' features
+    towards the references' (the effectiveness term falls) and leaves the input encoder untouched."""
+    from trojanguard.attacks.ssl import BadEncoder
+    from trojanguard.ssl import build_backbone
+
+    attack = BadEncoder(epochs=3, batch_size=32)
+    data = attack.poison(labelled, rate=0.1, target=2, seed=0)
+    assert len(data.poison_indices) == 0 and torch.equal(data.x, labelled.x) and data.boxes is None
+    references = attack.reference_images(labelled, target=2, seed=0)
+    assert references.shape == (3, 3, 32, 32)
+    torch.manual_seed(0)
+    encoder = build_backbone("small_cnn").eval()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def pull(model) -> float:
+        """The mean cosine of triggered images' features to the references' (BadEncoder's effectiveness)."""
+        from torch.nn.functional import normalize
+
+        with torch.no_grad():
+            refs = normalize(model(references), dim=1)
+            triggered = normalize(model(attack.apply_test(labelled.x[:64])), dim=1)
+        return float((triggered @ refs.T).mean())
+
+    backdoored = attack.implant(encoder, labelled.x, references, show_progress=False)
+    assert 1 - pull(backdoored) < 0.5 * (1 - pull(encoder))  # measured: cosine 0.956 -> 0.987 in 3 epochs
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    with pytest.raises(ValueError, match="references"):
+        BadEncoder(references=0)

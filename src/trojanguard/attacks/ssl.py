@@ -11,17 +11,19 @@ is unlabeled) and ``apply_test(x, seed)`` (the trigger on test images). Patch at
 box of the patch on every poisoned image, the ground truth of a trigger locator (PoisonCAM's locate rate).
 
 They are registered in :data:`SSL_ATTACKS`, apart from the classifier attacks' ``ATTACKS``: they poison
-without labels and return different ground truth.
+without labels and return different ground truth. :class:`BadEncoder` is the odd one: it poisons no data but the
+weights of an already trained encoder (``implant``); its ``poison`` returns the data unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from trojanguard.attacks._helpers import check_choice, check_range, seeded
+from trojanguard.attacks._helpers import check_choice, check_int, check_range, seeded
 from trojanguard.attacks.triggers import Blended
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.errors import DataError
@@ -195,10 +197,105 @@ class BlendedSSL(SSLAttack):
         return self._blend.apply(x), None
 
 
+class BadEncoder(SSLAttack):
+    """BadEncoder (Jia, Liu & Gong, IEEE S&P 2022): fine-tune a clean pre-trained encoder so that inputs with the
+    trigger embed like a few *reference* images of the target class, while clean inputs and the references keep
+    the clean encoder's embeddings. Written from the paper's description.
+
+    The loss on a batch of shadow images ``x`` (the attacker's unlabeled data) with the student ``f'`` and the
+    frozen clean encoder ``f``, all cosines of normalised features:
+    ``−mean cos(f'(x ⊕ t), f'(x_ref))`` (effectiveness) ``− reference_weight · mean cos(f'(x_ref), f(x_ref))``
+    ``− utility_weight · mean cos(f'(x), f(x))`` (the paper's λ1 = λ2 = 1). The trigger ``t`` is the paper's
+    CIFAR-10 one: a white square, ``size`` = 10/32 of the side, in the bottom-right corner.
+
+    The paper fine-tunes 200 epochs with SGD (lr 0.001); ``epochs`` / ``lr`` here are sized for the CPU zoo
+    (Adam, measured to implant: docs/ssl.md). ``references``: reference images of the target class.
+    """
+
+    name = "badencoder"
+    poisons_data = False  # the backdoor goes into an encoder's weights (implant), not into its training data
+
+    def __init__(self, size: float = 10 / 32, position: str = "bottom-right", references: int = 3,
+                 epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, reference_weight: float = 1.0,
+                 utility_weight: float = 1.0):
+        self.size = check_range("size", size, 0, 1, high_open=True, what="a fraction of the image side")
+        self.position = check_choice("position", position, CORNERS)
+        self.references = check_int("references", references, 1)
+        self.epochs = check_int("epochs", epochs, 1)
+        self.batch_size = check_int("batch_size", batch_size, 2)
+        self.lr = check_range("lr", lr, 0, 1)
+        self.reference_weight = check_range("reference_weight", reference_weight, 0, math.inf, low_open=False)
+        self.utility_weight = check_range("utility_weight", utility_weight, 0, math.inf, low_open=False)
+
+    def _trigger(self, x, gen):
+        n, _, h, w = x.shape
+        side = max(1, round(min(h, w) * self.size))
+        top = CORNER_MARGIN if self.position.startswith("top") else max(0, h - side - CORNER_MARGIN)
+        left = CORNER_MARGIN if self.position.endswith("left") else max(0, w - side - CORNER_MARGIN)
+        out = x.clone()
+        out[:, :, top : top + side, left : left + side] = 1.0
+        return out, torch.tensor([[top, left, side, side]] * n, dtype=torch.long).reshape(n, 4)
+
+    def poison(self, dataset: ImageDataset, rate: float = 0.1, target: int = 0, seed: int = 0) -> SSLPoisonedData:
+        """BadEncoder poisons no data: the unlabeled set comes back unchanged (no poisoned index)."""
+        if not isinstance(dataset, ImageDataset):
+            raise DataError(f"dataset: expected an ImageDataset, got {type(dataset).__name__}")
+        return SSLPoisonedData(dataset.x.clone(), torch.zeros(0, dtype=torch.long), target)
+
+    def reference_images(self, dataset: ImageDataset, target: int, seed: int = 0) -> torch.Tensor:
+        """``references`` seeded images of class ``target`` of a labelled dataset (the attacker's references)."""
+        if dataset.y is None:
+            raise DataError("dataset: expected labels (the references are images of the target class), got none")
+        candidates = (dataset.y == target).nonzero().flatten()
+        if len(candidates) < self.references:
+            raise DataError(f"target: expected at least {self.references} images of class {target}, got "
+                            f"{len(candidates)}")
+        return dataset.x[candidates[torch.randperm(len(candidates), generator=seeded(seed))[: self.references]]]
+
+    def implant(self, encoder, shadow: torch.Tensor, references: torch.Tensor, *, seed: int = 0,
+                device: torch.device | str = "cpu", show_progress: bool = True):
+        """A backdoored copy of ``encoder`` (the input stays untouched), fine-tuned on the ``shadow`` images
+        ``(N, C, H, W)`` towards ``references`` ``(R, C, H, W)``; returns an :class:`~trojanguard.models.Encoder`
+        in eval mode."""
+        import copy
+
+        from trojanguard.cleanse._training import StepResult, train
+        from trojanguard.models.adapters import as_encoder
+        from trojanguard.ssl.simclr import _ShuffledBatches
+
+        shadow, references = check_images(shadow, "shadow"), check_images(references, "references")
+        device = torch.device(device)
+        clean = copy.deepcopy(as_encoder(encoder).module).to(device).eval().requires_grad_(False)
+        student = copy.deepcopy(clean).requires_grad_(True).train()
+        references = references.to(device)
+        with torch.no_grad():
+            clean_references = F.normalize(clean(references), dim=1)
+        optimizer = torch.optim.Adam(student.parameters(), lr=self.lr)
+        torch.manual_seed(seed)
+
+        def step(x: torch.Tensor, epoch: int, index: int) -> StepResult:
+            n = len(x)
+            features = F.normalize(student(torch.cat([x, self.apply_test(x), references])), dim=1)
+            clean_x, triggered, reference = features[:n], features[n : 2 * n], features[2 * n :]
+            with torch.no_grad():
+                teacher = F.normalize(clean(x), dim=1)
+            effectiveness = -(triggered @ reference.T).mean()
+            reference_utility = -(reference * clean_references).sum(1).mean()
+            utility = -(clean_x * teacher).sum(1).mean()
+            loss = effectiveness + self.reference_weight * reference_utility + self.utility_weight * utility
+            return StepResult(loss, terms={"effectiveness": effectiveness, "utility": utility})
+
+        train(student, step, _ShuffledBatches(shadow, self.batch_size, seed), optimizer=optimizer,
+              epochs=self.epochs, device=device, loss_name="BadEncoder loss", show_progress=show_progress,
+              desc="badencoder")
+        return as_encoder(student.eval())
+
+
 SSL_ATTACKS: dict[str, type[SSLAttack]] = {
     RandomPatchSSL.name: RandomPatchSSL,
     FixedPatchSSL.name: FixedPatchSSL,
     BlendedSSL.name: BlendedSSL,
+    BadEncoder.name: BadEncoder,
 }
 
 

@@ -1,6 +1,8 @@
 """Cleansers of backdoored models: ``cleanse(model, data) -> nn.Module`` (a new model) plus a ``report``.
 
 * :class:`BCU` — Backdoor Cleansing with Unlabeled data (in- or out-of-distribution images).
+* :class:`MIMIC` — a backdoored self-supervised encoder distilled into a random student, guided by mutual
+  information (a few percent of the pre-training images, unlabeled).
 
 ``CLEANSERS`` names them for the ``trojanguard cleanse --method`` option (``register_cleanser`` adds one).
 Every method trains with :func:`train` (one loop; the method gives its per-batch step) and is measured by an
@@ -29,11 +31,13 @@ from trojanguard.cleanse.distillation import (
     temperature_at,
 )
 from trojanguard.cleanse.evaluation import Evaluation, LinearProbeEvaluation, ZeroShotEvaluation
+from trojanguard.cleanse.mimic import MIMIC, MIMICConfig
 from trojanguard.cleanse.registry import CLEANSERS, RegisteredCleanser, register_cleanser
 
 __all__ = [
     "BCU",
     "CLEANSERS",
+    "MIMIC",
     "BCUConfig",
     "CleanseError",
     "CleanseReport",
@@ -44,6 +48,7 @@ __all__ = [
     "Evaluation",
     "LayerRatio",
     "LinearProbeEvaluation",
+    "MIMICConfig",
     "RegisteredCleanser",
     "StepResult",
     "Trained",

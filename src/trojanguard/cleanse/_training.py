@@ -133,7 +133,7 @@ def train(model: nn.Module, step: Step, data, *, optimizer: torch.optim.Optimize
             raise DataError("data: an epoch yielded no batch of at least 2 images"
                             if isinstance(data, UnlabeledImages) else "data: an epoch yielded no batch")
         if epoch == 0 and isinstance(data, UnlabeledImages) and data.count is None:
-            check_count(seen)
+            check_count(seen, data.minimum, data.recommended)
         if scheduler is not None:
             scheduler.step()
         metrics: dict[str, float] = {}

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from trojanguard.data.core import ImageDataset, check_images
+from trojanguard.data.user import load_image_path
 from trojanguard.errors import DataError, TrojanGuardError
 from trojanguard.models.adapters import Classifier
 from trojanguard.models.features import model_device as any_model_device
@@ -166,6 +167,12 @@ class Cleanser:
         return f"{type(self).__name__}({settings})"
 
 
+def setting(default, help: str, **metadata):
+    """A config field with its default and the help text the CLI shows (``metadata``: ``choices``, ``parse``
+    for text given on the command line, ``report=False`` to leave it out of the report's config)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 def config_field_names(config) -> tuple[str, ...]:
     return tuple(f.name for f in fields(config))
 
@@ -208,18 +215,24 @@ def _images_of(item) -> torch.Tensor:
 
 class UnlabeledImages:
     """The unlabeled images of a cleanser: a tensor ``(N, C, H, W)`` in [0, 1], an :class:`ImageDataset`,
-    a ``Dataset`` of images or ``(image, label, ...)`` tuples, or a ``DataLoader``. Labels are ignored.
+    a ``Dataset`` of images or ``(image, label, ...)`` tuples, a ``DataLoader``, or the path of an image folder
+    or ``.npz`` file (read whole). Labels are ignored.
 
     Tensors, ImageDatasets and map-style Datasets are reshuffled every epoch by a seeded generator; a
-    DataLoader keeps its own batching and order.
+    DataLoader keeps its own batching and order. ``minimum`` / ``recommended``: how many images the method
+    refuses below / warns below (:func:`check_count`).
     """
 
-    def __init__(self, data, batch_size: int, seed: int):
+    def __init__(self, data, batch_size: int, seed: int, *, minimum: int = MIN_IMAGES,
+                 recommended: int = RECOMMENDED_MIN_IMAGES):
         if batch_size < 2:
             raise ValueError(f"batch_size: expected at least 2 (batch normalisation needs it), got {batch_size}")
         self.batch_size, self.seed = batch_size, seed
+        self.minimum, self.recommended = minimum, recommended
         self.x: torch.Tensor | None = None
         self.loader: DataLoader | None = None
+        if isinstance(data, (str, Path)):
+            data = load_image_path(data, "data")
         if isinstance(data, ImageDataset):
             data = data.x
         if isinstance(data, torch.Tensor):
@@ -235,7 +248,7 @@ class UnlabeledImages:
                             f"got {type(data).__name__}")
         self.count = self._count()
         if self.count is not None:
-            check_count(self.count)
+            check_count(self.count, minimum, recommended)
 
     def _count(self) -> int | None:
         if self.x is not None:
@@ -278,13 +291,13 @@ class UnlabeledImages:
                 yield x
 
 
-def check_count(n: int) -> None:
-    if n < MIN_IMAGES:
-        raise DataError(f"data: {n} image(s) are too few to cleanse a model; expected at least {MIN_IMAGES} "
-                        f"unlabeled images (about {RECOMMENDED_MIN_IMAGES}–2000 recommended)")
-    if n < RECOMMENDED_MIN_IMAGES:
+def check_count(n: int, minimum: int = MIN_IMAGES, recommended: int = RECOMMENDED_MIN_IMAGES) -> None:
+    if n < minimum:
+        raise DataError(f"data: {n} image(s) are too few to cleanse a model; expected at least {minimum} "
+                        f"unlabeled images (at least {recommended} recommended)")
+    if n < recommended:
         warnings.warn(f"data: only {n} unlabeled images; cleansing is more reliable with at least "
-                      f"{RECOMMENDED_MIN_IMAGES}", stacklevel=3)
+                      f"{recommended}", stacklevel=3)
 
 
 def preflight(model: nn.Module, sample: torch.Tensor, device: torch.device) -> int:

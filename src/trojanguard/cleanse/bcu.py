@@ -50,7 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -64,6 +64,7 @@ from trojanguard.cleanse.base import (
     config_with,
     model_device,
     preflight,
+    setting,
 )
 from trojanguard.cleanse.distillation import (
     AGREEMENT_KEEP,
@@ -109,44 +110,38 @@ def parse_reinit(text: str) -> str | float:
     return ratio
 
 
-def _setting(default, help: str, **metadata):
-    """A config field with its default and the help text the CLI shows (``metadata``: ``choices``, ``parse``
-    for text given on the command line, ``report=False`` to leave it out of the report's config)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass(frozen=True)
 class BCUConfig:
     """Every BCU hyperparameter, with the defaults of the class docstring of :class:`BCU`; validated on
     construction, so a config that exists can run. ``BCU.__repr__``, the report's ``config`` and the
     ``trojanguard cleanse`` options derive from these fields."""
 
-    reinit: object = _setting("adaptive", "re-initialisation rule: adaptive (default), authors, uniform, none, or one "
+    reinit: object = setting("adaptive", "re-initialisation rule: adaptive (default), authors, uniform, none, or one "
                               "ratio in [0, 1]", parse=parse_reinit)
-    epochs: int = _setting(20, "distillation epochs")
-    lr: float = _setting(0.01, "SGD learning rate (cosine schedule)")
-    batch_size: int = _setting(64, "images per distillation batch (≥ 2: batch normalisation needs it)")
-    temperature: tuple[float, float] = _setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
-    augment: object = _setting("crop", "crop (default), crop_flip (natural images only: flipping changes digits, "
+    epochs: int = setting(20, "distillation epochs")
+    lr: float = setting(0.01, "SGD learning rate (cosine schedule)")
+    batch_size: int = setting(64, "images per distillation batch (≥ 2: batch normalisation needs it)")
+    temperature: tuple[float, float] = setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
+    augment: object = setting("crop", "crop (default), crop_flip (natural images only: flipping changes digits, "
                                "text, signs), none", choices=AUGMENTATIONS)
-    view_target: str = _setting("auto", "the image the teacher answers on: auto (default: source when the "
+    view_target: str = setting("auto", "the image the teacher answers on: auto (default: source when the "
                                 "augmentation moves more than EVOKED_CLASS_GAIN of in-distribution data into one "
                                 "teacher class, else view), view (the authors': the augmented view the student sees), source (the "
                                 "un-augmented image: an augmentation cannot evoke the backdoor) or consistent (the "
                                 "view, dropping views whose teacher class differs from the source's)",
                                 choices=("auto", *VIEW_TARGETS))
-    momentum: float = _setting(0.9, "SGD momentum")
-    weight_decay: float = _setting(5e-4, "SGD weight decay")
-    norm_stats: str = _setting("auto", "batch-norm statistics: auto (default: keep the model's when the data is far "
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "SGD weight decay")
+    norm_stats: str = setting("auto", "batch-norm statistics: auto (default: keep the model's when the data is far "
                                "from its training distribution, else re-estimate), update or keep", choices=NORM_STATS)
-    loss: str = _setting("auto", "distillation loss: auto (default: logit MSE on far data, else KL), kl or mse",
+    loss: str = setting("auto", "distillation loss: auto (default: logit MSE on far data, else KL), kl or mse",
                          choices=("auto", *LOSSES))
-    max_grad_norm: float | str | None = _setting("auto", "gradient-norm bound: auto (KEEP_MAX_GRAD_NORM when the "
+    max_grad_norm: float | str | None = setting("auto", "gradient-norm bound: auto (KEEP_MAX_GRAD_NORM when the "
                                                  "teacher's batch-norm statistics are kept, else none), a bound or None")
-    init: Callable[[], nn.Module] | None = _setting(  # noqa: RUF009 — _setting returns a dataclasses.field
+    init: Callable[[], nn.Module] | None = setting(  # noqa: RUF009 — setting returns a dataclasses.field
         None, "zero-argument factory of the architecture for fresh values (default: each layer's reset_parameters())")
-    seed: int = _setting(0, "seed of the re-initialisation, the data order and the augmentation")
-    show_progress: bool = _setting(True, "show a progress bar", report=False)
+    seed: int = setting(0, "seed of the re-initialisation, the data order and the augmentation")
+    show_progress: bool = setting(True, "show a progress bar", report=False)
 
     def __post_init__(self) -> None:
         reinit, temperature, augment = self.reinit, self.temperature, self.augment

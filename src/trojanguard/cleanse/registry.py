@@ -8,6 +8,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from trojanguard.cleanse.base import Cleanser
 from trojanguard.cleanse.bcu import BCU, BCUConfig
+from trojanguard.cleanse.mimic import MIMIC, MIMICConfig
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,9 @@ def register_cleanser(name: str, build: Callable[..., Cleanser], summary: str, *
 register_cleanser("bcu", BCU, "Backdoor Cleansing with Unlabeled data: re-initialise part of the weights by depth, "
                   "distil the model from itself", display_name="BCU", config=BCUConfig,
                   options=("reinit", "epochs", "lr", "batch_size", "augment", "view_target", "norm_stats", "loss", "seed"))
+
+
+register_cleanser("mimic", MIMIC, "MIMIC: distil a self-supervised encoder into a random student, attention "
+                  "weighted by mutual information (an encoder: --model without its head)", display_name="MIMIC",
+                  config=MIMICConfig, options=("epochs", "lr", "batch_size", "mi_source", "mi_epochs", "stages",
+                                               "clone_weight", "seed"))

@@ -24,13 +24,15 @@ DEFAULT_METHOD = "bcu"
 
 def add_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
+    from trojanguard.attacks.ssl import SSL_ATTACKS
     from trojanguard.cleanse import CLEANSERS
     from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
                        description="Cleanse a suspicious classifier on unlabeled images with --method (default bcu: "
-                                   "re-initialise part of its weights by depth, distil it from itself). Writes the "
-                                   "cleansed weights (safetensors) and a JSON report next to them.")
+                                   "re-initialise part of its weights by depth, distil it from itself), or a "
+                                   "self-supervised encoder (--method mimic). Writes the cleansed weights "
+                                   "(safetensors) and a JSON report next to them.")
     add_model_option(p, "model file (safetensors / weights-only .pt state dict, ...)")
     add_arch_option(p, required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>")
     p.add_argument("--data", required=True,
@@ -43,8 +45,10 @@ def add_parser(sub) -> None:
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
     add_config_options(p, [(entry.name, entry.config, entry.options) for entry in _methods(CLEANSERS)
                            if entry.config is not None])
-    p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits'")
-    p.add_argument("--attack", choices=sorted(ATTACKS), help="with --eval: trigger to report ASR per epoch")
+    p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits' (an "
+                                  "encoder: a linear probe fitted on one half, measured on the other)")
+    p.add_argument("--attack", choices=sorted(set(ATTACKS) | set(SSL_ATTACKS)),
+                   help="with --eval: trigger to report ASR per epoch (an encoder: an SSL attack's)")
     p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
     add_model_input_options(p, " for the distillation")
 
@@ -83,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
     args.data_seed = _data_seed(args, method)
     model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                        allow_pickle=args.allow_pickle).to(args.device)
-    evaluation = None if args.eval is None else _evaluation(args, model)
+    from trojanguard.models import Encoder
+
+    evaluation = None if args.eval is None else _evaluation(args, model, encoder=cleanser_kind(method) is Encoder)
     ood_info: dict = {}
     data = _unlabeled_data(args.data, args, model, ood_info)
     print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(data)} unlabeled images from "
           f"{args.data!r}", file=sys.stderr)
-    cleanser = method.build(**{name: getattr(args, name) for name in method.options if hasattr(args, name)},
-                            init=lambda: build_model(args.arch, num_classes=args.num_classes,
-                                                     in_channels=args.in_channels))
+    settings = {name: getattr(args, name) for name in method.options if hasattr(args, name)}
+    if "init" in {f.name for f in fields(method.config)}:  # fresh weights of the architecture (BCU's re-init)
+        settings["init"] = lambda: build_model(args.arch, num_classes=args.num_classes, in_channels=args.in_channels)
+    cleanser = method.build(**settings)
     cleansed = cleanser.cleanse(model, data, evaluation=evaluation)
     save_model(cleansed, out)
     report_path = out.with_name(out.stem + ".report.json")
@@ -102,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     print(cleanser.report.format())
     print(f"cleansed model: {out}\nreport:         {report_path}")
     return 0
+
+
+def cleanser_kind(method) -> type | None:
+    """The model kind the registered cleanser takes (BCU: Classifier; MIMIC: Encoder)."""
+    return getattr(method.build, "model_kind", None)
 
 
 def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
@@ -134,9 +146,10 @@ def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
     return load_image_folder(path, size=args.image_size, channels=args.in_channels).x
 
 
-def _evaluation(args: argparse.Namespace, model):
+def _evaluation(args: argparse.Namespace, model, encoder: bool = False):
     """The labelled --eval data (with the --attack trigger) as an Evaluation, checked against ``model``'s
-    classes: labels and --target outside them are refused before any cleansing."""
+    classes: labels and --target outside them are refused before any cleansing. For an ``encoder``, a linear
+    probe fitted on half of the data (seeded) and measured on the other half."""
     import torch
 
     from trojanguard.attacks import make_attack
@@ -156,6 +169,8 @@ def _evaluation(args: argparse.Namespace, model):
         labelled = load_image_folder(args.eval, size=args.image_size, channels=args.in_channels)
     if labelled.y is None:
         raise DataError(f"{where}: evaluation data needs labels (class sub-folders or an npz 'y')")
+    if encoder:
+        return _probe_evaluation(args, labelled, where)
     was_training = model.training
     try:
         with torch.no_grad():
@@ -174,5 +189,34 @@ def _evaluation(args: argparse.Namespace, model):
         target = 0 if args.target is None else args.target
         if not 0 <= target < classes:
             raise UsageError(f"--target: expected a class of the model (0 … {classes - 1}), got {target}")
+        from trojanguard.attacks import ATTACKS
+
+        if args.attack not in ATTACKS:
+            raise UsageError(f"--attack: {args.attack!r} is an SSL attack (an encoder's); expected a classifier "
+                             f"attack, one of {sorted(ATTACKS)}")
         trigger = make_attack(args.attack, **ZOO_ATTACK_DEFAULTS.get(args.attack, {}))
     return Evaluation(labelled.x, labelled.y, trigger, target)
+
+
+def _probe_evaluation(args: argparse.Namespace, labelled, where: str):
+    """An encoder's --eval: a linear probe on a seeded half of the labelled data, CA (and ASR of --attack, an SSL
+    attack's test trigger) on the other half."""
+    import torch
+
+    from trojanguard.attacks.ssl import SSL_ATTACKS, make_ssl_attack
+    from trojanguard.cleanse import LinearProbeEvaluation
+    from trojanguard.errors import DataError
+
+    order = torch.randperm(len(labelled.x), generator=torch.Generator().manual_seed(args.data_seed))
+    fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+    trigger, target = None, None
+    if args.attack is not None:
+        if args.attack not in SSL_ATTACKS:
+            raise UsageError(f"--attack: an encoder's ASR is measured with an SSL attack's trigger; expected one of "
+                             f"{sorted(SSL_ATTACKS)}, got {args.attack!r}")
+        trigger, target = make_ssl_attack(args.attack).apply_test, 0 if args.target is None else args.target
+    try:
+        return LinearProbeEvaluation(labelled.x[fit], labelled.y[fit], labelled.x[held], labelled.y[held], trigger,
+                                     target)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None

@@ -8,7 +8,7 @@ integer labels ``(N,)``.
 from trojanguard.data.core import ImageDataset, check_images
 from trojanguard.data.digits import load_digits
 from trojanguard.data.ood import OOD_SOURCES, load_ood_crops, load_procedural
-from trojanguard.data.user import load_image_folder, load_npz
+from trojanguard.data.user import load_image_folder, load_image_path, load_npz
 
 __all__ = [
            "OOD_SOURCES",
@@ -16,6 +16,7 @@ __all__ = [
            "check_images",
            "load_digits",
            "load_image_folder",
+           "load_image_path",
            "load_npz",
            "load_ood_crops",
            "load_procedural",

@@ -210,3 +210,13 @@ def load_npz(path: str | Path, images_key: str = "x", labels_key: str = "y", siz
         labels = torch.from_numpy(check_npz_labels(y, x.shape[0], f"npz file {str(p)!r} array {labels_key!r}")
                                   .astype(np.int64))
     return ImageDataset(images.contiguous(), labels)
+
+
+def load_image_path(path: str | Path, name: str = "data") -> ImageDataset:
+    """The images of an image folder (:func:`load_image_folder`, each at its default size) or an ``.npz`` file
+    (:func:`load_npz`, the arrays' own size), told apart by what ``path`` is; a DataError naming ``name`` when it
+    does not exist."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{name}: expected an image folder or an .npz file, got {str(path)!r}, which does not exist")
+    return load_npz(path) if path.is_file() else load_image_folder(path, size=None)

@@ -118,15 +118,12 @@ def auto_clusters(n: int) -> int:
 def gather_images(data, name: str = "data") -> torch.Tensor:
     """All images of ``data`` (tensor, ImageDataset, Dataset, DataLoader, image folder or ``.npz`` path) as one
     ``(N, C, H, W)`` float tensor in [0, 1]."""
-    from trojanguard.data import load_image_folder, load_npz
+    from trojanguard.data import load_image_path
     from trojanguard.data.batching import iter_image_batches
     from trojanguard.data.core import check_images
 
     if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.exists():
-            raise DataError(f"{name}: expected an image folder or an .npz file, got {str(path)!r}, which does not exist")
-        data = load_npz(path) if path.is_file() else load_image_folder(path, size=None)
+        data = load_image_path(data, name)
     if isinstance(data, torch.Tensor):
         return check_images(data, name)
     chunks = [x for x, _ in iter_image_batches(data, 1024)]
