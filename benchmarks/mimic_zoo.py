@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from jsonl_rows import emit, read_rows
 
 from trojanguard.cleanse import MIMIC, LinearProbeEvaluation
 from trojanguard.cleanse.mimic import random_student
@@ -142,12 +143,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per row here")
     args = parser.parse_args()
     options = json.loads(args.options)
-    done = set()
-    if args.out is not None and args.out.exists():
-        for line in args.out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["attack"], r["seed"], r["arch"], r["image_size"], r["method"], r["fraction"],
-                      json.dumps(r["options"], sort_keys=True)))
+    done = {(r["attack"], r["seed"], r["arch"], r["image_size"], r["method"], r["fraction"],
+             json.dumps(r["options"], sort_keys=True)) for r in read_rows(args.out)}
     for spec in args.rows:
         attack, seed = spec.split(":")
         for fraction in args.fractions:
@@ -155,11 +152,7 @@ def main() -> None:
                 key = (attack, int(seed), args.arch, args.image_size, method, fraction, json.dumps(options, sort_keys=True))
                 if key in done:
                     continue
-                row = run_row(attack, int(seed), method, fraction, options, args.arch, args.image_size)
-                print(json.dumps(row), flush=True)
-                if args.out is not None:
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                emit(run_row(attack, int(seed), method, fraction, options, args.arch, args.image_size), args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from jsonl_rows import emit, read_rows
 from sklearn.metrics import roc_auc_score
 
 from trojanguard.detect.poisoncam import PoisonCAM
@@ -92,22 +93,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per row here")
     args = parser.parse_args()
     options = {"heatmap": args.heatmap, **json.loads(args.options)}
-    done = set()
-    if args.out is not None and args.out.exists():
-        for line in args.out.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["attack"], row["seed"], row.get("arch", "small_cnn"), row.get("image_size", 16),
-                      row.get("poison_rate", SSLZooConfig.poison_rate), json.dumps(row["options"], sort_keys=True)))
+    done = {(row["attack"], row["seed"], row.get("arch", "small_cnn"), row.get("image_size", 16),
+             row.get("poison_rate", SSLZooConfig.poison_rate), json.dumps(row["options"], sort_keys=True))
+            for row in read_rows(args.out)}
     for spec in args.rows:
         attack, seed = spec.split(":")
         if (attack, int(seed), args.arch, args.image_size, args.poison_rate,
                 json.dumps(options, sort_keys=True)) in done:
             continue
-        row = run_row(attack, int(seed), options, not args.no_retrain, args.arch, args.image_size, args.poison_rate)
-        print(json.dumps(row), flush=True)
-        if args.out is not None:
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(run_row(attack, int(seed), options, not args.no_retrain, args.arch, args.image_size, args.poison_rate),
+             args.out)
 
 
 if __name__ == "__main__":
