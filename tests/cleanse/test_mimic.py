@@ -10,6 +10,7 @@ from torch import nn
 from trojanguard.cleanse import MIMIC, LinearProbeEvaluation
 from trojanguard.cleanse.mimic import (
     auto_stages,
+    kept_parameters,
     mine_estimate,
     random_student,
     stage_weights,
@@ -84,6 +85,15 @@ def test_the_student_starts_from_random_weights_and_the_teacher_is_untouched():
         if value.is_floating_point() and value.numel() > 1 and not name.endswith("running_var"):
             assert not torch.equal(value, before[name]) or (value == 0).all() or (value == 1).all(), name
     assert all(p.requires_grad for p in student.parameters())
+    assert kept_parameters(student) == []  # every parametrised module of the small CNN resets itself
+
+    class WithToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.ones(4))
+            self.linear = nn.Linear(4, 4)
+
+    assert kept_parameters(WithToken()) == ["token"]
     again = random_student(teacher, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values(), strict=True))
 

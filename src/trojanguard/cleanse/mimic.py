@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,6 +140,10 @@ class MIMIC(Cleanser):
         dim = teacher.check(sample, argument="model", needed_by="MIMIC")
         stages = resolve_stages(teacher.module, teacher, sample, config.stages)
         student = random_student(teacher, config.seed).to(device)
+        kept = kept_parameters(student)
+        if kept:
+            warnings.warn(f"model: {len(kept)} parameter(s) have no reset_parameters and start from the suspicious "
+                          f"weights ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})", stacklevel=2)
         report = CleanseReport("MIMIC", self.report_config())
         if evaluation is not None:
             report.before = evaluation(teacher)
@@ -161,7 +166,7 @@ class MIMIC(Cleanser):
 
         def step(batch: torch.Tensor, epoch: int, index: int) -> StepResult:
             n = len(batch)
-            views = torch.cat([augment(batch.cpu(), generator), augment(batch.cpu(), generator)]).to(device)
+            views = torch.cat([augment(batch, generator), augment(batch, generator)])
             features = model_s(views)
             nt = nt_xent(model_s.head(features[:n]), model_s.head(features[n:]), config.temperature)
             with torch.no_grad():
@@ -186,7 +191,7 @@ class MIMIC(Cleanser):
         student.eval()
         report.images, report.epochs = trained.images, trained.rows
         report.details = {"stages": list(stages), "mutual_information": information, "weights": weights,
-                          "mi_source": config.mi_source}
+                          "mi_source": config.mi_source, "kept_parameters": kept}
         if evaluation is not None:
             report.after = evaluation(student)
         report.seconds = time.perf_counter() - start
@@ -294,7 +299,7 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 def random_student(teacher: nn.Module, seed: int) -> nn.Module:
     """A trainable copy of ``teacher`` with every module that has ``reset_parameters`` reset (normalisation
     layers' affine weights and running statistics included), seeded; nothing of the teacher's weights is left
-    in a module that can reset itself."""
+    in a module that can reset itself (:func:`kept_parameters` names what could not be reset)."""
     student = copy.deepcopy(teacher)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -303,6 +308,14 @@ def random_student(teacher: nn.Module, seed: int) -> nn.Module:
             if callable(reset):
                 reset()
     return student.requires_grad_(True).train()
+
+
+def kept_parameters(model: nn.Module) -> list[str]:
+    """The parameters :func:`random_student` cannot re-initialise: those a module owns directly without a
+    ``reset_parameters`` (a ViT's class token or position embedding); the student starts with the teacher's."""
+    return [f"{name}.{p}" if name else p for name, module in model.named_modules()
+            if not callable(getattr(module, "reset_parameters", None))
+            for p, _ in module.named_parameters(recurse=False)]
 
 
 class MINEStatistics(nn.Sequential):
