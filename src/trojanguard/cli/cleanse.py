@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Cleanse a model file with the --method cleanser on unlabeled images; save the model (safetensors) and the
     JSON report."""
     from trojanguard.cleanse import CLEANSERS
-    from trojanguard.models import build_model, load_model, save_model
+    from trojanguard.models import Encoder, build_model, load_model, save_model
 
     out = Path(args.out)
     if out.suffix not in CLEANSE_OUT_SUFFIXES:
@@ -87,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
     args.data_seed = _data_seed(args, method)
     model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                        allow_pickle=args.allow_pickle).to(args.device)
-    from trojanguard.models import Encoder
-
-    evaluation = None if args.eval is None else _evaluation(args, model, encoder=cleanser_kind(method) is Encoder)
+    encoder = getattr(method.build, "model_kind", None) is Encoder  # MIMIC cleanses encoders, BCU classifiers
+    evaluation = None if args.eval is None else _evaluation(args, model, encoder=encoder)
     ood_info: dict = {}
     data = _unlabeled_data(args.data, args, model, ood_info)
     print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(data)} unlabeled images from "
@@ -109,11 +108,6 @@ def run(args: argparse.Namespace) -> int:
     print(cleanser.report.format())
     print(f"cleansed model: {out}\nreport:         {report_path}")
     return 0
-
-
-def cleanser_kind(method) -> type | None:
-    """The model kind the registered cleanser takes (BCU: Classifier; MIMIC: Encoder)."""
-    return getattr(method.build, "model_kind", None)
 
 
 def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
