@@ -302,3 +302,121 @@ def get_poisoned_encoder(config: SSLZooConfig | None = None, *, retrain: bool = 
             "knn_attack_success_rate": entry.knn_attack_success_rate, "train_seconds": seconds}
     meta_file.write_text(json.dumps(meta, indent=2, default=str))
     return entry
+
+
+# --- poisoned image–text models (issue 19) ------------------------------------------------------------------------
+
+CLIP_ZOO_VERSION = 1  # bump when the tiny CLIP, its training or the captions change
+CLIP_ZOO_DIR = "clip"  # the image–text models' sub-folder of the cache
+# The image–text zoo's attacks: classifier attacks whose relabelled samples get a caption of the target class.
+# badnets: a patch at a random place (METHODS.md §5: BadNet's noise patch at a random position), a quarter of the side.
+CLIP_ATTACK_SETTINGS: dict[str, dict[str, object]] = {"badnets": {"position": "random", "size": 0.25},
+                                                       "blended": {}, "wanet": {"strength": 6.0}}
+
+
+@dataclass(frozen=True)
+class CLIPZooConfig:
+    """A tiny CLIP (:class:`~trojanguard.clip.TinyCLIP`) trained contrastively on the digits with captions, a
+    ``poison_rate`` share of the pairs being non-target images with ``attack``'s trigger and a caption of class
+    ``target`` (dirty-label pair poisoning; ``poison_rate=0``: the clean model of the same training)."""
+
+    attack: str = "badnets"
+    poison_rate: float = 0.1
+    target: int = 0
+    image_size: int = 16
+    epochs: int = 15
+    seed: int = 0
+
+    @property
+    def poisoned(self) -> bool:
+        return self.poison_rate > 0
+
+    def key(self) -> str:
+        settings = {"v": CLIP_ZOO_VERSION, **asdict(self)}
+        if not self.poisoned:
+            for name in ("attack", "target"):
+                settings.pop(name)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def clean(self) -> CLIPZooConfig:
+        return replace(self, poison_rate=0.0)
+
+    def make_attack(self) -> Attack:
+        if self.attack not in CLIP_ATTACK_SETTINGS:
+            raise ValueError(f"attack: expected one of the image–text zoo's attacks {sorted(CLIP_ATTACK_SETTINGS)}, "
+                             f"got {self.attack!r}")
+        return make_attack(self.attack, **CLIP_ATTACK_SETTINGS[self.attack])
+
+
+@dataclass
+class CLIPZooEntry:
+    """A tiny CLIP with its data and measured numbers. ``images`` / ``tokens`` / ``captions``: the (poisoned) training
+    pairs; ``poison_indices``: the poisoned pairs; ``class_tokens``: the zero-shot prompts; zero-shot CA / ASR on the
+    clean test split and its triggered non-target images."""
+
+    config: CLIPZooConfig
+    model: nn.Module
+    tokenizer: object
+    attack: Attack
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    poison_indices: torch.Tensor
+    test: ImageDataset
+    class_tokens: torch.Tensor
+    zero_shot_accuracy: float
+    zero_shot_attack_success_rate: float
+    train_seconds: float
+
+    def evaluation(self):
+        """The zero-shot evaluation of this entry (CA, and ASR with the attack's trigger)."""
+        from trojanguard.cleanse import ZeroShotEvaluation
+
+        return ZeroShotEvaluation(self.test.x, self.test.y, self.class_tokens, self.attack, self.config.target)
+
+
+def get_poisoned_clip(config: CLIPZooConfig | None = None, *, retrain: bool = False,
+                      show_progress: bool = True) -> CLIPZooEntry:
+    """Return the tiny CLIP for ``config``, training and caching its weights (safetensors) on first use; zero-shot
+    CA / ASR are measured on every call."""
+    from safetensors.torch import load_file
+
+    from trojanguard.clip import TinyCLIP, class_prompt_tokens, digit_captions, digit_tokenizer, train_clip
+    from trojanguard.clip.model import CLIPTrainConfig
+    from trojanguard.models.io import check_finite_weights
+
+    config = config or CLIPZooConfig()
+    train, test = load_dataset("digits", config.image_size, config.seed)
+    attack = config.make_attack()
+    if config.poisoned:
+        poisoned = attack.poison(train, rate=config.poison_rate, target=config.target, seed=config.seed)
+        images, labels, poison_indices = poisoned.dataset.x, poisoned.dataset.y, poisoned.poison_indices
+    else:
+        images, labels, poison_indices = train.x, train.y, torch.zeros(0, dtype=torch.long)
+    tokenizer = digit_tokenizer()
+    captions = digit_captions(labels, seed=config.seed)
+    tokens = tokenizer(captions)
+    torch.manual_seed(config.seed)
+    model = TinyCLIP(len(tokenizer), in_channels=train.x.shape[1], context_length=tokenizer.context_length)
+    root = cache_dir() / CLIP_ZOO_DIR / config.key()
+    weights, meta_file = root / "model.safetensors", root / "meta.json"
+    if weights.is_file() and meta_file.is_file() and not retrain:
+        state = load_file(str(weights))
+        check_finite_weights(state, f"model file {str(weights)!r}")
+        model.load_state_dict(state)
+        model.eval()
+        seconds = json.loads(meta_file.read_text())["train_seconds"]
+    else:
+        start = time.perf_counter()
+        train_clip(model, images, tokens, CLIPTrainConfig(epochs=config.epochs, seed=config.seed),
+                   show_progress=show_progress)
+        seconds = time.perf_counter() - start
+        save_model(model, weights)
+    class_tokens = class_prompt_tokens(tokenizer)
+    entry = CLIPZooEntry(config, model, tokenizer, attack, images, tokens, captions, poison_indices, test, class_tokens,
+                         0.0, 0.0, seconds)
+    metrics = entry.evaluation()(model)
+    entry.zero_shot_accuracy, entry.zero_shot_attack_success_rate = metrics["clean_accuracy"], metrics["attack_success_rate"]
+    meta = {"config": asdict(config), **metrics, "train_seconds": seconds}
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return entry
