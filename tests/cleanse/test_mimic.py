@@ -36,7 +36,7 @@ def test_mimic_removes_the_badencoder_backdoor_with_a_tenth_of_the_images(badenc
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cleanser = MIMIC(show_progress=False)
+        cleanser = MIMIC(evaluate_every=25, show_progress=False)  # before / after are what the bars read
         student = cleanser.cleanse(entry.encoder, subset, evaluation=evaluation)
     finally:
         torch.set_num_threads(threads)
@@ -50,6 +50,7 @@ def test_mimic_removes_the_badencoder_backdoor_with_a_tenth_of_the_images(badenc
     assert isinstance(student, type(entry.encoder)) and student is not entry.encoder
     assert student(entry.test.x[:3]).shape == entry.encoder(entry.test.x[:3]).shape
     assert len(report.epochs) == cleanser.epochs and {"nt_xent", "attention", "clone"} <= set(report.epochs[0].extras)
+    assert [row.epoch for row in report.epochs if row.metrics] == [25, 50, 75, 100]
 
 
 # ------------------------------------------------------------------------------------------------------------ fast
@@ -143,8 +144,12 @@ def test_a_quick_cleanse_returns_a_new_encoder_from_every_kind_of_input(tmp_path
     assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())  # the input stays as it was
     hooks = [m for m in list(teacher.modules()) + list(student.modules()) if m._forward_hooks]
     assert not hooks  # registered once per cleanse, removed after
-    wrapped = quick().cleanse(as_encoder(teacher), x)
+    calls = []
+    cleanser = quick()
+    wrapped = cleanser.cleanse(as_encoder(teacher), x, evaluation=lambda model: calls.append(model) or {"probe": 1.0})
     assert wrapped.__class__.__name__ == "Encoder"  # an Encoder in, an Encoder out
+    assert [row.metrics for row in cleanser.report.epochs] == [{"probe": 1.0}] * 2  # every epoch by default
+    assert len(calls) == 4 and cleanser.report.before == cleanser.report.after == {"probe": 1.0}
 
 
 def test_bad_input_gets_a_one_line_error_naming_the_argument(tmp_path):
