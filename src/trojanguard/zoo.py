@@ -158,6 +158,14 @@ def cached_scores(detector, x: torch.Tensor, *, model: nn.Module | None = None) 
     return scores
 
 
+def settings_key(version: int, config, leave_out: tuple[str, ...] = ()) -> str:
+    """A cache key of a zoo config: the hash of its fields (but ``leave_out``) and the zoo's ``version``."""
+    settings = {"v": version, **asdict(config)}
+    for name in leave_out:
+        settings.pop(name)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # --- poisoned self-supervised encoders (issue 17) -----------------------------------------------------------------
 
 SSL_ZOO_VERSION = 2  # bump when SimCLR training or the SSL attacks change (its own: the classifier zoo keeps its keys)
@@ -202,12 +210,7 @@ class SSLZooConfig:
 
     def key(self) -> str:
         """The cache key: the settings that change the encoder (a clean encoder's key leaves out the attack)."""
-        settings = {"v": SSL_ZOO_VERSION, **asdict(self)}
-        if not self.poisoned:
-            for name in ("attack", "target", "attack_kwargs"):
-                settings.pop(name)
-        blob = json.dumps(settings, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return settings_key(SSL_ZOO_VERSION, self, () if self.poisoned else ("attack", "target", "attack_kwargs"))
 
     def clean(self) -> SSLZooConfig:
         """The clean counterpart: same data, training and trigger for measuring, no poison."""
@@ -332,11 +335,8 @@ class CLIPZooConfig:
         return self.poison_rate > 0
 
     def key(self) -> str:
-        settings = {"v": CLIP_ZOO_VERSION, **asdict(self)}
-        if not self.poisoned:
-            for name in ("attack", "target"):
-                settings.pop(name)
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        """The cache key: the settings that change the model (a clean model's key leaves out the attack)."""
+        return settings_key(CLIP_ZOO_VERSION, self, () if self.poisoned else ("attack", "target"))
 
     def clean(self) -> CLIPZooConfig:
         return replace(self, poison_rate=0.0)
