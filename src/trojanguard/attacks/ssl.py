@@ -47,6 +47,14 @@ def patch_pattern(channels: int, size: int, seed: int) -> torch.Tensor:
     return F.interpolate(cells[None], size=(size, size), mode="nearest")[0]
 
 
+def corner_offset(position: str, height: int, width: int, side: int) -> tuple[int, int]:
+    """``(top, left)`` of a ``side``-pixel square at corner ``position`` (one of :data:`CORNERS`), CORNER_MARGIN
+    pixels in from the border (less where the image is too small)."""
+    top = CORNER_MARGIN if position.startswith("top") else height - side - CORNER_MARGIN
+    left = CORNER_MARGIN if position.endswith("left") else width - side - CORNER_MARGIN
+    return max(0, top), max(0, left)
+
+
 @dataclass
 class SSLPoisonedData:
     """A poisoned unlabeled training set and its ground truth.
@@ -173,9 +181,8 @@ class FixedPatchSSL(_Patch):
         self.position = check_choice("position", position, CORNERS)
 
     def _positions(self, n, h, w, side, gen):
-        top = CORNER_MARGIN if self.position.startswith("top") else h - side - CORNER_MARGIN
-        left = CORNER_MARGIN if self.position.endswith("left") else w - side - CORNER_MARGIN
-        return torch.full((n,), max(0, top), dtype=torch.long), torch.full((n,), max(0, left), dtype=torch.long)
+        top, left = corner_offset(self.position, h, w, side)
+        return torch.full((n,), top, dtype=torch.long), torch.full((n,), left, dtype=torch.long)
 
 
 class BlendedSSL(SSLAttack):
@@ -230,8 +237,7 @@ class BadEncoder(SSLAttack):
     def _trigger(self, x, gen):
         n, _, h, w = x.shape
         side = max(1, round(min(h, w) * self.size))
-        top = CORNER_MARGIN if self.position.startswith("top") else max(0, h - side - CORNER_MARGIN)
-        left = CORNER_MARGIN if self.position.endswith("left") else max(0, w - side - CORNER_MARGIN)
+        top, left = corner_offset(self.position, h, w, side)
         out = x.clone()
         out[:, :, top : top + side, left : left + side] = 1.0
         return out, torch.tensor([[top, left, side, side]] * n, dtype=torch.long).reshape(n, 4)

@@ -151,7 +151,8 @@ class MIMIC(Cleanser):
 
         mi_model = student if config.mi_source == "student" else teacher
         clean_x = images.sample(images.count or RECOMMENDED_IMAGES * 16).to(device)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        rng_devices = [device.index or 0] if device.type == "cuda" else []  # the generators fork_rng restores
+        with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(config.seed)
             information = [mine_estimate(mi_model, mi_model.module, name, clean_x, epochs=config.mi_epochs,
                                          hidden=config.mi_hidden, batch_size=config.batch_size, seed=config.seed)
@@ -181,7 +182,7 @@ class MIMIC(Cleanser):
         every = _Every(evaluation, config.evaluate_every, config.epochs) if evaluation is not None else None
         model_s.train()
         try:
-            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(config.seed)
                 trained = train(model_s, step, images, optimizer=optimizer, scheduler=scheduler,
                                 epochs=config.epochs, device=device, evaluation=every, loss_name="MIMIC loss",
