@@ -313,8 +313,10 @@ CLIP_ZOO_VERSION = 1  # bump when the tiny CLIP, its training or the captions ch
 CLIP_ZOO_DIR = "clip"  # the image–text models' sub-folder of the cache
 # The image–text zoo's attacks: classifier attacks whose relabelled samples get a caption of the target class.
 # badnets: a patch at a random place (METHODS.md §5: BadNet's noise patch at a random position), a quarter of the side.
+# issba, filter, lowfreq: families UBT's defaults were not chosen on (its held-out rows, docs/ubt.md).
 CLIP_ATTACK_SETTINGS: dict[str, dict[str, object]] = {"badnets": {"position": "random", "size": 0.25},
-                                                       "blended": {}, "wanet": {"strength": 6.0}}
+                                                       "blended": {}, "wanet": {"strength": 6.0},
+                                                       "issba": {}, "filter": {}, "lowfreq": {}}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ from dataclasses import MISSING, dataclass, fields
 
 from trojanguard.cleanse.base import Cleanser
 from trojanguard.cleanse.bcu import BCU, BCUConfig
+from trojanguard.cleanse.cleanclip import CleanCLIP, CleanCLIPConfig
 from trojanguard.cleanse.mimic import MIMIC, MIMICConfig
+from trojanguard.cleanse.ubt import UBT, UBTConfig
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,15 @@ register_cleanser("mimic", MIMIC, "MIMIC: distil a self-supervised encoder into 
                   "weighted by mutual information (an encoder: --model without its head)", display_name="MIMIC",
                   config=MIMICConfig, options=("epochs", "lr", "batch_size", "mi_source", "mi_epochs", "stages",
                                                "clone_weight", "seed"))
+
+
+register_cleanser("ubt", UBT, "UBT: find the suspicious image–caption pairs of the (poisoned) fine-tuning set, unlearn "
+                  "them in token-level parameters only (an image–text model: --arch tiny_clip or open_clip:<name>, "
+                  "--data pairs)", display_name="UBT", config=UBTConfig,
+                  options=("suspicious_fraction", "perturbations", "overfit_epochs", "unfreeze", "epochs", "lr",
+                           "retain_loss", "retain_weight", "seed"))
+
+
+register_cleanser("cleanclip", CleanCLIP, "CleanCLIP: fine-tune an image–text model with CLIP's loss plus in-modal "
+                  "self-supervision (UBT's baseline; best with clean pairs)", display_name="CleanCLIP",
+                  config=CleanCLIPConfig, options=("epochs", "lr", "weight_decay", "inmodal_weight", "seed"))

@@ -31,13 +31,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
                        description="Cleanse a suspicious classifier on unlabeled images with --method (default bcu: "
                                    "re-initialise part of its weights by depth, distil it from itself), or a "
-                                   "self-supervised encoder (--method mimic). Writes the cleansed weights "
+                                   "self-supervised encoder (--method mimic), or an image–text model on its "
+                                   "(poisoned) image–caption pairs (--method ubt, cleanclip). Writes the cleansed weights "
                                    "(safetensors) and a JSON report next to them.")
     add_model_option(p, "model file (safetensors / weights-only .pt state dict, ...)")
-    add_arch_option(p, required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>")
+    add_arch_option(p, required=True, help="architecture: small_cnn, resnet18_cifar or torchvision:<name>; an "
+                    "image–text model (--method ubt / cleanclip): tiny_clip or open_clip:<name>, whose tokenizer "
+                    "reads the captions")
     p.add_argument("--data", required=True,
                    help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops adapted to the "
-                        "model; 'ood:dead_leaves' or 'ood:fractal': procedural images, generated) or 'digits'")
+                        "model; 'ood:dead_leaves' or 'ood:fractal': procedural images, generated) or 'digits'; "
+                        "image–caption pairs for ubt / cleanclip: an .npz with 'images' and 'captions', or a folder "
+                        "with captions.csv (file, caption)")
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(CLEANSERS),
                    help="cleansing method; " + registry_help(CLEANSERS, DEFAULT_METHOD))
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Cleanse a model file with the --method cleanser on unlabeled images; save the model (safetensors) and the
     JSON report."""
     from trojanguard.cleanse import CLEANSERS
-    from trojanguard.models import Encoder, build_model, load_model, save_model
+    from trojanguard.models import Encoder, ImageText, build_model, load_model, save_model
 
     out = Path(args.out)
     if out.suffix not in CLEANSE_OUT_SUFFIXES:
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.target} alone")
     method = CLEANSERS[args.method]
     args.data_seed = _data_seed(args, method)
+    if getattr(method.build, "model_kind", None) is ImageText:
+        return _run_image_text(args, method, out)
     model = load_model(args.model, args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                        allow_pickle=args.allow_pickle).to(args.device)
     encoder = getattr(method.build, "model_kind", None) is Encoder  # MIMIC cleanses encoders, BCU classifiers
@@ -108,6 +115,77 @@ def run(args: argparse.Namespace) -> int:
     print(cleanser.report.format())
     print(f"cleansed model: {out}\nreport:         {report_path}")
     return 0
+
+
+def _run_image_text(args: argparse.Namespace, method, out: Path) -> int:
+    """An image–text cleanser (UBT, CleanCLIP): --arch tiny_clip or open_clip:<name> (its tokenizer), --data a pairs
+    file; --eval digits measures zero-shot CA (and ASR of --attack) with the digits' class prompts. UBT also writes
+    every pair's suspicion score (<out>.pairs.csv)."""
+    import torch
+
+    from trojanguard.clip.loading import get_tokenizer, is_image_text_arch
+    from trojanguard.data.pairs import load_pairs
+    from trojanguard.models import load_model, save_model
+
+    if not is_image_text_arch(args.arch):
+        raise UsageError(f"--arch: {method.display_name} cleanses image–text models; expected tiny_clip or "
+                         f"open_clip:<name>, got {args.arch!r}")
+    if args.data in ("ood", "digits") or args.data.startswith("ood:"):
+        raise UsageError(f"--data: {method.display_name} needs image–caption pairs (an .npz with images and captions, "
+                         f"or a folder with captions.csv), got {args.data!r}")
+    model = load_model(args.model, args.arch, in_channels=args.in_channels,
+                       allow_pickle=args.allow_pickle).to(args.device)
+    tokenizer = get_tokenizer(args.arch)
+    loaded = load_pairs(args.data, size=args.image_size, channels=args.in_channels)
+    if loaded.skipped:
+        print(f"skipped {len(loaded.skipped)} unreadable image(s), e.g. {loaded.skipped[0][0]}", file=sys.stderr)
+    tokens = torch.as_tensor(tokenizer(loaded.captions)).long()
+    evaluation = None if args.eval is None else _zero_shot_evaluation(args, tokenizer, int(loaded.images.shape[-1]))
+    print(f"cleansing {args.model} ({args.arch}) with {method.display_name} on {len(tokens)} image–caption pairs from "
+          f"{args.data!r}", file=sys.stderr)
+    settings = {name: getattr(args, name) for name in method.options if hasattr(args, name)}
+    cleanser = method.build(**settings)
+    cleansed = cleanser.cleanse(model, (loaded.images, tokens), evaluation=evaluation)
+    save_model(cleansed, out)
+    report_path = out.with_name(out.stem + ".report.json")
+    cleanser.report.details["model"] = str(args.model)
+    cleanser.report.details["data"] = str(args.data)
+    written = [f"report:         {report_path}"]
+    screening = getattr(cleanser, "screening", None)
+    if screening is not None:
+        pairs_path = screening.to_csv(out.with_name(out.stem + ".pairs.csv"))
+        written.append(f"pair scores:    {pairs_path}")
+    cleanser.report.to_json(report_path)
+    print(cleanser.report.format())
+    print(f"cleansed model: {out}\n" + "\n".join(written))
+    return 0
+
+
+def _zero_shot_evaluation(args: argparse.Namespace, tokenizer, size: int):
+    """--eval digits for an image–text model: zero-shot CA on the digits' test split with the digits' class prompts
+    (and ASR of --attack, with the image–text zoo's settings of that attack)."""
+    import torch
+
+    from trojanguard.attacks import ATTACKS, make_attack
+    from trojanguard.cleanse import ZeroShotEvaluation
+    from trojanguard.clip import class_prompt_tokens
+    from trojanguard.data import load_digits
+    from trojanguard.zoo import CLIP_ATTACK_SETTINGS
+
+    if args.eval != "digits":
+        raise UsageError(f"--eval: an image–text model is measured by zero-shot classification with class prompts; "
+                         f"expected 'digits' (its prompts are built in), got {args.eval!r}")
+    test = load_digits(size=size, channels=args.in_channels, seed=args.data_seed)[1]
+    trigger, target = None, None
+    if args.attack is not None:
+        if args.attack not in ATTACKS:
+            raise UsageError(f"--attack: expected a classifier attack (its trigger on the images), one of "
+                             f"{sorted(ATTACKS)}, got {args.attack!r}")
+        trigger = make_attack(args.attack, **CLIP_ATTACK_SETTINGS.get(args.attack, {}))
+        target = 0 if args.target is None else args.target
+        if not 0 <= target < 10:
+            raise UsageError(f"--target: expected a digit class (0 … 9), got {target}")
+    return ZeroShotEvaluation(test.x, test.y, torch.as_tensor(class_prompt_tokens(tokenizer)), trigger, target)
 
 
 def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):

@@ -81,12 +81,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet18_
 
 def build_model(arch: str, num_classes: int = 10, in_channels: int = 3,
                 normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> nn.Module:
-    """Build ``arch``: a trojanguard name (``small_cnn``, ``resnet18_cifar``) or ``torchvision:<name>``.
+    """Build ``arch``: a trojanguard name (``small_cnn``, ``resnet18_cifar``), ``torchvision:<name>``, or an
+    image–text model (``tiny_clip``, ``open_clip:<name>``; :mod:`trojanguard.clip.loading`).
 
     ``normalize=(mean, std)`` prepends a :class:`Normalize` layer so the model takes pixels in [0, 1].
     """
+    from trojanguard.clip.loading import build_image_text, is_image_text_arch
+
     if arch in MODELS:
         net = MODELS[arch](num_classes=num_classes, in_channels=in_channels)
+    elif is_image_text_arch(arch):  # an image–text model: its classes are its prompts
+        net = build_image_text(arch, in_channels=in_channels)
     elif arch.startswith("torchvision:"):
         import torchvision
 
@@ -96,8 +101,8 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 3,
         except ValueError as exc:
             raise ValueError(f"arch: torchvision has no model {name!r}: {exc}") from None
     else:
-        raise ValueError(f"arch: unknown architecture {arch!r}; expected one of {sorted(MODELS)} "
-                         "or 'torchvision:<name>'")
+        raise ValueError(f"arch: unknown architecture {arch!r}; expected one of {sorted(MODELS)}, "
+                         "'torchvision:<name>', or an image–text model: tiny_clip, 'open_clip:<name>'")
     if normalize is not None:
         net = nn.Sequential(Normalize(*normalize), net)
     return net
