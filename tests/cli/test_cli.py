@@ -204,5 +204,5 @@ def test_cleanse_method_choices_come_from_the_registry(capsys, monkeypatch):
         text = squeezed(_help_text(capsys, "cleanse"))
     finally:
         del CLEANSERS["plain"]
-    assert "--method{bcu,mimic,plain}" in text and squeezed("plain distillation, for this test") in text
+    assert "--method{bcu,cleanclip,mimic,plain,ubt}" in text and squeezed("plain distillation, for this test") in text
     assert squeezed(CLEANSERS["bcu"].summary) in text
