@@ -73,17 +73,18 @@ def badencoder_zoo(ssl_zoo):
 @pytest.fixture(scope="session")
 def clip_zoo(tmp_path_factory):
     """The image–text zoo's BadNet and blended tiny CLIPs (16 px, 10 % poisoned pairs), trained once per session from
-    an empty cache on one torch thread (~7 s each). The cache directory is restored afterwards."""
+    an empty cache on one torch thread (~7 s each); the cache setting is restored as soon as they are built."""
     from trojanguard.zoo import CLIPZooConfig, get_poisoned_clip
 
     before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
     os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp("clip-cache"))
     torch.set_num_threads(1)
-    try:
-        yield {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}
+    try:  # the models live in memory: the cache is restored before any test runs (the SSL zoo's tests read theirs)
+        entries = {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}
     finally:
         torch.set_num_threads(threads)
         if before is None:
             del os.environ["TROJANGUARD_CACHE"]
         else:
             os.environ["TROJANGUARD_CACHE"] = before
+    return entries

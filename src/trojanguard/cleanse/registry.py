@@ -69,4 +69,4 @@ register_cleanser("ubt", UBT, "UBT: find the suspicious image–caption pairs of
 
 register_cleanser("cleanclip", CleanCLIP, "CleanCLIP: fine-tune an image–text model with CLIP's loss plus in-modal "
                   "self-supervision (UBT's baseline; best with clean pairs)", display_name="CleanCLIP",
-                  config=CleanCLIPConfig, options=("epochs", "lr", "weight_decay", "inmodal_weight", "seed"))
+                  config=CleanCLIPConfig, options=("epochs", "lr", "inmodal_weight", "seed"))
