@@ -3,7 +3,8 @@
 # just-in-time build of the CUDA extension, the GPU tests, the roofline, the op-level and end-to-end
 # benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
 # whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
-#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests cli roofline sweep ncu ops cd auroc screen cpu spread (default: env build tests roofline ops cd auroc)
+#   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests cli roofline sweep ncu ops cd auroc screen cpu spread
+#     clusterops clustersweep (default: env build tests roofline ops cd auroc clusterops clustersweep)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-out}")
@@ -14,7 +15,7 @@ mkdir -p "$TROJANGUARD_CACHE"
 [ -d .devcache ] && cp -rn .devcache/. "$TROJANGUARD_CACHE"/  # trained zoo models carried from a CPU machine
 PY=${PYTHON:-python3}
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env build tests roofline ops cd auroc)
+[ ${#parts[@]} -eq 0 ] && parts=(env build tests roofline ops cd auroc clusterops clustersweep)
 
 run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
   local name=$1 seconds=$2
@@ -34,7 +35,8 @@ ort.get_available_providers()); print(torch.cuda.get_device_name(0))'" ;;
     build) run build 300 $PY -c "import time; t=time.time(); from trojanguard import _native
 print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); print(f'{time.time()-t:.0f} s')" ;;
     tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/ops/test_native.py tests/kernels/test_mask_step_kernel.py \
-             tests/ops/test_mask_step.py tests/detect/test_cognitive_distillation.py tests/guard/test_guard.py ;;
+             tests/ops/test_mask_step.py tests/ops/test_cluster_sweep.py tests/detect/test_cognitive_distillation.py \
+             tests/guard/test_guard.py ;;
     cli) run cli 360 env TROJANGUARD_NO_JIT=1 $PY -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/bad_input \
            tests/cli tests/screening tests/guard/test_guard.py ;;  # --device auto = cuda
     roofline) run roofline 180 $PY benchmarks/roofline.py ;;
@@ -44,6 +46,10 @@ print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); pri
            $PY benchmarks/roofline.py --shapes 64x3x224x224 --dtypes float32 --backends cuda triton --repeats 3 ;;
     ops) TAIL=14 run ops 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_mask_step.py --benchmark-only ;;
     cd) TAIL=24 run cd 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only ;;
+    clusterops) TAIL=30 run clusterops 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cluster_sweep.py \
+                  --benchmark-only ;;  # issue 22: the sweep's ops on every backend vs their references
+    clustersweep) TAIL=6 run clustersweep 420 bash -c "$PY benchmarks/sweep_end_to_end.py --arch small_cnn --size 32 --images 256
+                  $PY benchmarks/sweep_end_to_end.py --arch resnet18_cifar --size 32 --images 256" ;;  # end to end vs eager
     auroc) (cd benchmarks && TAIL=40 run auroc 420 $PY cd_effectiveness.py --device cuda --clean 0) ;;
     screen) TAIL=20 run screen 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_screen.py --benchmark-only ;;
     cpu) CUDA_VISIBLE_DEVICES= TAIL=22 run cpu 420 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; lscpu | grep -o -E 'amx_bf16|avx512_bf16' | sort -u

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cluster_sweep.h"
 #include "mask_step.h"
 
 namespace py = pybind11;
@@ -15,7 +16,7 @@ namespace py = pybind11;
 namespace {
 
 // Bumped whenever a signature below changes; _native.py refuses (and rebuilds) a stale extension.
-constexpr int kApiVersion = 1;
+constexpr int kApiVersion = 2;
 
 #ifndef TROJANGUARD_CUDA_NOTE
 #define TROJANGUARD_CUDA_NOTE ""
@@ -58,6 +59,75 @@ trojanguard::MaskStepArgs mask_step_args(const py::dict& d) {
   return a;
 }
 
+trojanguard::OccludeArgs occlude_args(const py::dict& d) {
+  trojanguard::OccludeArgs a{};
+  a.x = pointer<const void>(d, "x");
+  a.windows = pointer<const int64_t>(d, "windows");
+  a.values = pointer<const float>(d, "values");
+  a.out = pointer<void>(d, "out");
+  a.x_dtype = d["x_dtype"].cast<int>();
+  a.batch = d["batch"].cast<int64_t>();
+  a.channels = d["channels"].cast<int64_t>();
+  a.height = d["height"].cast<int64_t>();
+  a.width = d["width"].cast<int64_t>();
+  a.windows_count = d["windows_count"].cast<int64_t>();
+  return a;
+}
+
+trojanguard::ClusterDropArgs cluster_drop_args(const py::dict& d) {
+  trojanguard::ClusterDropArgs a{};
+  a.features = pointer<const void>(d, "features");
+  a.centroids = pointer<const float>(d, "centroids");
+  a.base = pointer<const float>(d, "base");
+  a.out = pointer<float>(d, "out");
+  a.features_dtype = d["features_dtype"].cast<int>();
+  a.batch = d["batch"].cast<int64_t>();
+  a.windows_count = d["windows_count"].cast<int64_t>();
+  a.dim = d["dim"].cast<int64_t>();
+  return a;
+}
+
+trojanguard::OcclusionHeatArgs occlusion_heat_args(const py::dict& d) {
+  trojanguard::OcclusionHeatArgs a{};
+  a.drops = pointer<const float>(d, "drops");
+  a.windows = pointer<const int64_t>(d, "windows");
+  a.out = pointer<float>(d, "out");
+  a.batch = d["batch"].cast<int64_t>();
+  a.windows_count = d["windows_count"].cast<int64_t>();
+  a.height = d["height"].cast<int64_t>();
+  a.width = d["width"].cast<int64_t>();
+  return a;
+}
+
+// The sweep's ops take no workspace; each binding builds its Args from the dict while holding the GIL and runs
+// the kernel without it. <op>_cpu(args, num_threads):
+template <typename Args>
+void bind_cpu(py::module_& m, const std::string& op, Args (*parse)(const py::dict&), void (*cpu)(const Args&, int),
+              const std::string& doc) {
+  m.def((op + "_cpu").c_str(), [parse, cpu](const py::dict& args, int num_threads) {
+    const Args a = parse(args);
+    py::gil_scoped_release release;
+    cpu(a, num_threads);
+  }, py::arg("args"), py::arg("num_threads"), (doc + " On CPU memory.").c_str());
+}
+
+#ifdef TROJANGUARD_WITH_CUDA
+// <op>_cuda_workspace_bytes(args, device) (always 0) and <op>_cuda(args, device, stream, workspace).
+template <typename Args>
+void bind_cuda(py::module_& m, const std::string& op, Args (*parse)(const py::dict&),
+               void (*cuda)(const Args&, int, std::uintptr_t), const std::string& doc) {
+  m.def((op + "_cuda_workspace_bytes").c_str(), [](const py::dict&, int) { return int64_t{0}; },
+        py::arg("args"), py::arg("device"), ("Scratch bytes that " + op + "_cuda needs: none.").c_str());
+  m.def((op + "_cuda").c_str(), [parse, cuda](const py::dict& args, int device, std::uintptr_t stream,
+                                               std::uintptr_t /*workspace*/) {
+    const Args a = parse(args);
+    py::gil_scoped_release release;
+    cuda(a, device, stream);
+  }, py::arg("args"), py::arg("device"), py::arg("stream"), py::arg("workspace"),
+  (doc + " Enqueued on a CUDA stream (device memory; asynchronous).").c_str());
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -85,6 +155,19 @@ PYBIND11_MODULE(_C, m) {
     trojanguard::mask_step_cpu(a, num_threads);
   }, py::arg("args"), py::arg("num_threads"),
   "One fused mask step on CPU memory; the dict's keys are the fields of MaskStepArgs (csrc/mask_step.h).");
+
+  // The cluster-masking sweep (csrc/cluster_sweep.h); each dict's keys are the fields of the op's Args struct.
+  const char* occlude_doc = "Every image with every window filled (OccludeArgs).";
+  const char* cluster_drop_doc = "base − cos(feature row, own centroid) per masked copy (ClusterDropArgs).";
+  const char* occlusion_heat_doc = "Heat maps: the mean drop of the windows covering each pixel (OcclusionHeatArgs).";
+  bind_cpu(m, "occlude", occlude_args, trojanguard::occlude_cpu, occlude_doc);
+  bind_cpu(m, "cluster_drop", cluster_drop_args, trojanguard::cluster_drop_cpu, cluster_drop_doc);
+  bind_cpu(m, "occlusion_heat", occlusion_heat_args, trojanguard::occlusion_heat_cpu, occlusion_heat_doc);
+#ifdef TROJANGUARD_WITH_CUDA
+  bind_cuda(m, "occlude", occlude_args, trojanguard::occlude_cuda, occlude_doc);
+  bind_cuda(m, "cluster_drop", cluster_drop_args, trojanguard::cluster_drop_cuda, cluster_drop_doc);
+  bind_cuda(m, "occlusion_heat", occlusion_heat_args, trojanguard::occlusion_heat_cuda, occlusion_heat_doc);
+#endif
 
 #ifdef TROJANGUARD_WITH_CUDA
   m.def("cuda_probe", &trojanguard::cuda_probe,

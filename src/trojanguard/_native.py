@@ -34,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-API_VERSION = 1  # must equal kApiVersion in csrc/bindings.cpp
+API_VERSION = 2  # must equal kApiVersion in csrc/bindings.cpp
 NO_JIT_ENV = "TROJANGUARD_NO_JIT"
 CACHE_ENV = "TROJANGUARD_CACHE"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source tree, not in an installed wheel

@@ -50,14 +50,8 @@ from torch import nn
 
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_choice, check_positive_int
-from trojanguard.ops.cluster_mask import (
-    box_masks,
-    cluster_mask_sweep_reference,
-    fill_values,
-    own_similarity,
-    sweep_windows,
-    window_drops_reference,
-)
+from trojanguard.ops.cluster_mask import box_masks, fill_values, own_similarity, sweep_windows
+from trojanguard.ops.cluster_sweep import SweepEncoder, sweep_drops, sweep_heatmaps
 from trojanguard.progress import progress_bar
 
 HEATMAPS = ("mask", "gradcam")
@@ -219,6 +213,7 @@ class PoisonCAM(Detector):
         self.top_triggers, self.exclude_fraction = top_triggers, exclude_fraction
         self.ensemble, self.iterations, self.classifier_batch, self.lr = ensemble, iterations, classifier_batch, lr
         self.rounds = rounds
+        self._sweeper: SweepEncoder | None = None  # the encoder prepared for the sweeps, made on first use
         self.batch_size, self.seed, self.show_progress = batch_size, seed, show_progress
         self.threshold: float | None = FLAG_PROBABILITY
         self.centroids: torch.Tensor | None = None
@@ -304,8 +299,8 @@ class PoisonCAM(Detector):
         own = self.own_targets(self.features(x))
         if self.heatmap == "gradcam":
             return self._gradcam(x, own)
-        return cluster_mask_sweep_reference(self.encoder, x, own, window=window, stride=stride,
-                                            fill=self.fill if fill is None else fill, batch_size=self.batch_size * 4)
+        return sweep_heatmaps(self._sweep_encoder(), x, own, sweep_windows(*x.shape[2:], window, stride),
+                              fill=self.fill if fill is None else fill, batch_size=self.batch_size * 4)
 
     def locate(self, x) -> torch.Tensor:
         """``(N, 4)`` boxes ``(top, left, height, width)``: each image's candidate trigger window."""
@@ -315,7 +310,16 @@ class PoisonCAM(Detector):
 
     def _window_drops(self, x: torch.Tensor, own: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """``(N, W)`` own-target similarity drops of filling each window (one window list for all images)."""
-        return window_drops_reference(self.encoder, x, own, windows, fill=self.fill, batch_size=self.batch_size * 4)
+        return sweep_drops(self._sweep_encoder(), x, own, windows, fill=self.fill, batch_size=self.batch_size * 4)
+
+    def _sweep_encoder(self) -> SweepEncoder:
+        """The encoder prepared for the sweeps' many forward passes (conv–BN folded, channels-last, CPU forwards of
+        128 images); float32 always, so a screening's flags do not depend on whether the CPU has bfloat16."""
+        if self._sweeper is None:
+            from trojanguard.models.features import model_device
+
+            self._sweeper = SweepEncoder(self.encoder, model_device(self.encoder), low_precision=False)
+        return self._sweeper
 
     def _locate(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[2:]
