@@ -226,3 +226,34 @@ def test_an_encoder_only_guard_exports_features_score_and_flag(tmp_path):
     bad = x[:2].clone()
     bad[0, 0, 0, 0] = float("nan")
     assert session.run(bad.numpy())[2][0]  # a non-finite pixel is flagged inside the graph
+
+
+def test_the_coarse_to_fine_search_finds_a_single_peak_with_fewer_windows(tmp_path):
+    """On a drop surface with one peak, the coarse-then-fine search lands on the exhaustive search's box having
+    evaluated fewer windows; the option is recorded in a fit and an older fit (without it) still loads."""
+    detector = PoisonCAM(toy_encoder(), coarse_to_fine=True, show_progress=False)
+    peak = torch.tensor([11, 4])
+    evaluated = []
+
+    def drops(x, own, windows):  # higher near the peak, the same for every image
+        evaluated.append(len(windows) * len(x))
+        return -(windows[:, :2] - peak).pow(2).sum(1).float().expand(len(x), -1)
+
+    detector._window_drops = drops
+    x, own = torch.rand(3, 3, 32, 32), torch.randn(3, 8)
+    boxes = detector._coarse_then_fine(x, own, window=13, stride=1)
+    assert boxes.tolist() == [[11, 4, 13, 13]] * 3
+    assert sum(evaluated) < 3 * 20 * 20 / 2  # the exhaustive stride-1 search evaluates 20 × 20 windows per image
+    assert detector.fit_options()["coarse_to_fine"] is True and "coarse_to_fine=True" in repr(detector)
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    encoder = toy_encoder()
+    path = quick(encoder).fit(toy_images()).save(tmp_path / "fit.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["trojanguard"])
+    del meta["options"]["coarse_to_fine"]  # as a fit saved before the option existed
+    save_file(load_file(str(path)), str(path), metadata={"trojanguard": json.dumps(meta)})
+    assert PoisonCAM.load(path, encoder, show_progress=False).coarse_to_fine is False
