@@ -26,6 +26,16 @@ EPS = 1e-12  # F.normalize's floor on a norm
 
 
 @triton.jit
+def _covers(windows_ptr, n, y, x):
+    """Whether box ``n`` of ``windows`` (rows: top, left, height, width) covers the pixels at rows ``y``, columns ``x``."""
+    top = tl.load(windows_ptr + n * 4)
+    left = tl.load(windows_ptr + n * 4 + 1)
+    height = tl.load(windows_ptr + n * 4 + 2)
+    width = tl.load(windows_ptr + n * 4 + 3)
+    return (y >= top) & (y < top + height) & (x >= left) & (x < left + width)
+
+
+@triton.jit
 def _occlude_kernel(x_ptr, windows_ptr, values_ptr, out_ptr, C, HW, Wd, W, TILES, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid % TILES
@@ -38,11 +48,7 @@ def _occlude_kernel(x_ptr, windows_ptr, values_ptr, out_ptr, C, HW, Wd, W, TILES
     valid = p < HW
     y = p // Wd
     x = p % Wd
-    top = tl.load(windows_ptr + n * 4)
-    left = tl.load(windows_ptr + n * 4 + 1)
-    height = tl.load(windows_ptr + n * 4 + 2)
-    width = tl.load(windows_ptr + n * 4 + 3)
-    inside = (y >= top) & (y < top + height) & (x >= left) & (x < left + width)
+    inside = _covers(windows_ptr, n, y, x)
     pixels = tl.load(x_ptr + (i * C + c).to(tl.int64) * HW + p, mask=valid, other=0.0)
     value = tl.load(values_ptr + i * C + c)
     tl.store(out_ptr + plane.to(tl.int64) * HW + p, tl.where(inside, value, pixels), mask=valid)
@@ -82,11 +88,7 @@ def _occlusion_heat_kernel(drops_ptr, windows_ptr, out_ptr, HW, Wd, W, TILES, BL
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     count = tl.zeros((BLOCK,), dtype=tl.float32)
     for n in range(W):
-        top = tl.load(windows_ptr + n * 4)
-        left = tl.load(windows_ptr + n * 4 + 1)
-        height = tl.load(windows_ptr + n * 4 + 2)
-        width = tl.load(windows_ptr + n * 4 + 3)
-        inside = (y >= top) & (y < top + height) & (x >= left) & (x < left + width)
+        inside = _covers(windows_ptr, n, y, x)
         drop = tl.load(drops_ptr + i * W + n)
         total += tl.where(inside, drop, 0.0)
         count += tl.where(inside, 1.0, 0.0)

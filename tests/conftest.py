@@ -1,3 +1,4 @@
+import contextlib
 import os
 import tempfile
 
@@ -34,6 +35,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def empty_cache_one_thread(tmp_path_factory, name: str):
+    """Within the block: a new, empty TROJANGUARD_CACHE folder and one torch thread; both restored after it."""
+    before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
+    os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp(name))
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if before is None:
+            del os.environ["TROJANGUARD_CACHE"]
+        else:
+            os.environ["TROJANGUARD_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def ssl_zoo(tmp_path_factory):
     """The SSL zoo's default poisoned encoder and its clean twin (``SSLZooConfig()``), trained once per test session
@@ -42,18 +59,9 @@ def ssl_zoo(tmp_path_factory):
     slower). The cache directory is restored afterwards."""
     from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
 
-    before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
-    os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp("ssl-cache"))
-    torch.set_num_threads(1)
-    try:
+    with empty_cache_one_thread(tmp_path_factory, "ssl-cache"):
         config = SSLZooConfig()
         yield get_poisoned_encoder(config, show_progress=False), get_poisoned_encoder(config.clean(), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-        if before is None:
-            del os.environ["TROJANGUARD_CACHE"]
-        else:
-            os.environ["TROJANGUARD_CACHE"] = before
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +84,5 @@ def clip_zoo(tmp_path_factory):
     an empty cache on one torch thread (~7 s each); the cache setting is restored as soon as they are built."""
     from trojanguard.zoo import CLIPZooConfig, get_poisoned_clip
 
-    before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
-    os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp("clip-cache"))
-    torch.set_num_threads(1)
-    try:  # the models live in memory: the cache is restored before any test runs (the SSL zoo's tests read theirs)
-        entries = {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}
-    finally:
-        torch.set_num_threads(threads)
-        if before is None:
-            del os.environ["TROJANGUARD_CACHE"]
-        else:
-            os.environ["TROJANGUARD_CACHE"] = before
-    return entries
+    with empty_cache_one_thread(tmp_path_factory, "clip-cache"):  # restored before any test runs: the models are
+        return {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}

@@ -344,36 +344,33 @@ class PoisonCAM(Detector):
             boxes = windows[self._window_drops(x, own, windows).argmax(1)]
         if not self.refine or stride == 1:
             return boxes
-        # stride-1 windows within one coarse step of the best coarse window, per image (offsets shared)
-        reach = stride - 1
-        offsets = torch.tensor([(dt, dl) for dt in range(-reach, reach + 1) for dl in range(-reach, reach + 1)])
-        refined = torch.empty_like(boxes)
-        for i in range(len(x)):
-            tops = (boxes[i, 0] + offsets[:, 0]).clamp(0, height - window)
-            lefts = (boxes[i, 1] + offsets[:, 1]).clamp(0, width - window)
-            near = torch.unique(torch.stack([tops, lefts, torch.full_like(tops, window),
-                                             torch.full_like(tops, window)], 1), dim=0)
-            refined[i] = near[self._window_drops(x[i : i + 1], own[i : i + 1], near)[0].argmax()]
-        return refined
+        return self._best_near(x, own, boxes, window, reach=stride - 1, step=1)  # stride 1 within one step
 
     def _coarse_then_fine(self, x: torch.Tensor, own: torch.Tensor, window: int, stride: int) -> torch.Tensor:
         """``(N, 4)`` best boxes of a search at stride ``window / 2``, refined at ``stride`` within one coarse step of
         each image's best coarse window."""
-        height, width = x.shape[2:]
         coarse_stride = max(stride, window // 2)
-        coarse = sweep_windows(height, width, window, coarse_stride)
+        coarse = sweep_windows(*x.shape[2:], window, coarse_stride)
         boxes = coarse[self._window_drops(x, own, coarse).argmax(1)]
         if coarse_stride == stride:
             return boxes
-        steps = torch.arange(-(coarse_stride - 1), coarse_stride, stride)
+        return self._best_near(x, own, boxes, window, reach=coarse_stride - 1, step=stride)
+
+    def _best_near(self, x: torch.Tensor, own: torch.Tensor, boxes: torch.Tensor, window: int, *, reach: int,
+                   step: int) -> torch.Tensor:
+        """Per image, the best window among those offset from its box by up to ``reach`` pixels in steps of
+        ``step`` (kept inside the image; offsets shared by every image)."""
+        height, width = x.shape[2:]
+        steps = torch.arange(-reach, reach + 1, step)
         offsets = torch.cartesian_prod(steps, steps)
+        best = torch.empty_like(boxes)
         for i in range(len(x)):
             tops = (boxes[i, 0] + offsets[:, 0]).clamp(0, height - window)
             lefts = (boxes[i, 1] + offsets[:, 1]).clamp(0, width - window)
             near = torch.unique(torch.stack([tops, lefts, torch.full_like(tops, window),
                                              torch.full_like(tops, window)], 1), dim=0)
-            boxes[i] = near[self._window_drops(x[i : i + 1], own[i : i + 1], near)[0].argmax()]
-        return boxes
+            best[i] = near[self._window_drops(x[i : i + 1], own[i : i + 1], near)[0].argmax()]
+        return best
 
     def _gradcam(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """PatchSearch's baseline: Grad-CAM of ``cos(f(x), own centroid)`` on the encoder's last 4-D feature map,
