@@ -67,6 +67,9 @@ class GuardSession:
         self._outputs = [o.name for o in self.session.get_outputs()]  # logits or features, score, flagged
         fixed_batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = fixed_batch if isinstance(fixed_batch, int) else None
+        bounds = self.metadata.get("input_range")  # 0–255 pixels are refused above 2 × high of a [0, high] range
+        self._pixel_cutoff = 2 * float(bounds[1]) if bounds and bounds[0] == 0 and bounds[1] > 0 else None
+        self._one_run = self.fixed_batch is None and batch_size is None  # run() makes one session call
 
     @property
     def providers(self) -> list[str]:
@@ -89,6 +92,8 @@ class GuardSession:
         """``(logits (N, K) float32, score (N,) float32, flagged (N,) bool)`` as NumPy arrays (an encoder's guard:
         features (N, D) first)."""
         x = self.validate(x)
+        if self._one_run or (self.fixed_batch is None and len(x) <= self.batch_size):  # batch 1: no slicing, no copies
+            return GuardOutput(*self.session.run(self._outputs, {INPUT_NAME: x}))
         step = self.batch_size or len(x)
         if self.fixed_batch is not None:
             step = self.fixed_batch
@@ -107,6 +112,10 @@ class GuardSession:
         with finite values above ``2 × high`` of the input range — 0–255 pixels, which would otherwise all be
         flagged (score ``inf``) with no hint. Single NaN, ±Inf or out-of-range values are not errors: the graph
         flags those inputs, so one bad image does not fail the batch."""
+        if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.input_shape and len(x)
+                and x.flags.c_contiguous and (self.fixed_batch is None or len(x) % self.fixed_batch == 0)):
+            self._check_pixel_scale(x)  # the common case: one comparison of the shape, one pass for the range
+            return x
         shape = f"(N, {', '.join(map(str, self.input_shape))})"
         if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
             x = x.detach().cpu().numpy()
@@ -132,16 +141,15 @@ class GuardSession:
     def _check_pixel_scale(self, x: np.ndarray) -> None:
         """DataError for 0–255 pixels: a finite value above ``2 × high`` of the input range (only for a range
         starting at 0; values just above ``high`` are flagged per input by the graph)."""
-        bounds = self.metadata.get("input_range")
-        if not bounds or bounds[0] != 0 or bounds[1] <= 0:
+        cutoff = self._pixel_cutoff
+        if cutoff is None:
             return
-        cutoff = 2 * float(bounds[1])
-        largest = float(np.max(x))  # one pass; NaN or inf only send us to the slower finite-only maximum
+        largest = float(x.max())  # one pass; NaN or inf only send us to the slower finite-only maximum
         if not np.isfinite(largest):
             finite = x[np.isfinite(x)]
             largest = float(finite.max()) if finite.size else -np.inf
         if largest > cutoff:
-            raise DataError(f"x: expected float32 pixels in [{bounds[0]:g}, {bounds[1]:g}], got values up to "
+            raise DataError(f"x: expected float32 pixels in [0, {cutoff / 2:g}], got values up to "
                             f"{largest:.4g} (0–255 pixels? divide by 255)")
 
 
