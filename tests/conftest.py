@@ -86,3 +86,13 @@ def clip_zoo(tmp_path_factory):
 
     with empty_cache_one_thread(tmp_path_factory, "clip-cache"):  # restored before any test runs: the models are
         return {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs on one torch thread (restored after): its numbers are then the benchmarks', which run one
+    thread, whatever ran before it (float sums split over two threads round differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

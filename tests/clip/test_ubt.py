@@ -102,7 +102,7 @@ def _precision(entry, indices) -> float:
 
 
 @pytest.mark.slow
-def test_the_suspicious_set_is_mostly_poisoned_pairs(clip_zoo):
+def test_the_suspicious_set_is_mostly_poisoned_pairs(clip_zoo, one_thread):
     """Issue 19's bar: precision ≥ 0.8 on the patch attack. Measured (seed 0): 1.000 on BadNet and blended (8 pairs)."""
     for attack, entry in clip_zoo.items():
         screening = screen_pairs(entry.model, (entry.images, entry.tokens), show_progress=False)
@@ -113,10 +113,11 @@ def test_the_suspicious_set_is_mostly_poisoned_pairs(clip_zoo):
 
 
 @pytest.mark.slow
-def test_ubt_removes_the_patch_backdoor_and_keeps_clean_accuracy(clip_zoo):
+def test_ubt_removes_the_patch_backdoor_and_keeps_clean_accuracy(clip_zoo, one_thread):
     """Issue 19's bar on the poisoned fine-tuning set itself: zero-shot ASR ≤ 5 % at a CA drop ≤ 1 point, under 3
-    minutes; asserted on the median of three seeds (one seed's CA moves by a test image or two). Measured (seeds 0, 1,
-    2; ~6 s each): ASR 0.012 / 0.025 / 0.019, CA 0.981 → 0.972 / 0.978 / 0.978."""
+    minutes; asserted on the median of three seeds (one seed's CA moves by a test image or two). Measured (one thread,
+    seeds 0, 1, 2; ~5 s each): ASR 0.012 / 0.025 / 0.019, CA 0.981 → 0.972 / 0.978 / 0.978 (two threads: seed 0 ASR
+    0.009)."""
     entry = clip_zoo["badnets"]
     runs = []
     for seed in range(3):
@@ -135,10 +136,11 @@ def test_ubt_removes_the_patch_backdoor_and_keeps_clean_accuracy(clip_zoo):
 
 
 @pytest.mark.slow
-def test_ubt_beats_cleanclip_given_clean_pairs_on_the_patch_attack(clip_zoo):
+def test_ubt_beats_cleanclip_given_clean_pairs_on_the_patch_attack(clip_zoo, one_thread):
     """UBT on the poisoned set (no clean data) against CleanCLIP fine-tuning on 700 clean pairs at lr 1e-2, the rate
     that removes the backdoor at the least CA cost of those measured (docs/ubt.md): lower ASR at equal or better CA.
-    Measured (seed 0): UBT CA 0.972, ASR 0.012; CleanCLIP CA 0.972, ASR 0.056."""
+    Measured (seed 0, one thread): UBT CA 0.972, ASR 0.012; CleanCLIP CA 0.972, ASR 0.056 (two threads: UBT 0.972 /
+    0.009, CleanCLIP 0.967 / 0.090)."""
     entry = clip_zoo["badnets"]
     clean = torch.ones(len(entry.images), dtype=torch.bool)
     clean[entry.poison_indices] = False
@@ -176,3 +178,8 @@ def test_an_open_clip_vit_b_32_goes_through_both_stages():
     assert "token_embedding.weight" in ubt.report.details["unfrozen"]
     assert any(n.startswith("visual.conv1") for n in ubt.report.details["unfrozen"])
     assert "visual.positional_embedding" in ubt.report.details["unfrozen"]
+    plain = open_clip.create_model("ViT-B-32", pretrained=None)  # the same weights, no normalisation inside
+    plain.load_state_dict(model.state_dict())
+    mean, std = torch.tensor(plain.visual.image_mean).view(1, 3, 1, 1), torch.tensor(plain.visual.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():  # the built model takes [0, 1] pixels and normalises them as open_clip's preprocessing does
+        torch.testing.assert_close(model.eval().encode_image(images[:2]), plain.eval().encode_image((images[:2] - mean) / std))

@@ -245,6 +245,9 @@ def test_the_coarse_to_fine_search_finds_a_single_peak_with_fewer_windows(tmp_pa
     assert boxes.tolist() == [[11, 4, 13, 13]] * 3
     assert sum(evaluated) < 3 * 20 * 20 / 2  # the exhaustive stride-1 search evaluates 20 × 20 windows per image
     assert detector.fit_options()["coarse_to_fine"] is True and "coarse_to_fine=True" in repr(detector)
+    peak = torch.tensor([20, 20])  # a larger window: the fine grid (stride 5) must include the coarse best box itself
+    far = detector._coarse_then_fine(torch.rand(1, 3, 64, 64), own[:1], window=40, stride=5)
+    assert far.tolist() == [[20, 20, 40, 40]]
     import json
 
     from safetensors import safe_open

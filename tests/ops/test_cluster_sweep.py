@@ -150,3 +150,33 @@ def test_the_sweep_encoder_gives_the_encoders_features_faster_shaped():
     assert torch.nn.functional.cosine_similarity(low, expected).min() > 0.99
     fixed = SweepEncoder(encoder, low_precision=False, forward_batch=7, fold_batchnorm=False, channels_last=False)
     torch.testing.assert_close(fixed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sweep_encoder_falls_back_where_a_preparation_changes_the_features():
+    """An Encoder wrapper that pools a 4-D map (the traced graph would skip the pooling) keeps it; a module that
+    flattens with view() (which channels-last memory breaks) runs without channels-last; both give the encoder's
+    features, and nothing is printed."""
+    from torch import nn
+
+    from trojanguard.models import as_encoder
+    from trojanguard.ops.cluster_sweep import SweepEncoder
+
+    torch.manual_seed(0)
+    pooled = as_encoder(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1)).eval())
+
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).view(x.size(0), -1)
+
+    x = torch.rand(5, 3, 12, 12)
+    for encoder in (pooled, Flattening().eval()):
+        prepared = SweepEncoder(encoder, low_precision=False)
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), encoder(x), atol=1e-4, rtol=1e-4)
+    assert "conv-bn folded" in SweepEncoder(pooled, low_precision=False).steps
+    assert "channels_last" not in prepared.steps and prepared.model is not prepared.encoder

@@ -76,6 +76,8 @@ class UBTConfig:
     batch_size: int = setting(64, "retained pairs per step")
     image_views: int = setting(4, "views of each suspicious image in the Cartesian product")
     caption_views: int = setting(4, "views of each suspicious caption in the Cartesian product")
+    forget_batch: int = setting(64, "at most this many image views (and caption views) in one step's forget term: "
+                                "a random subset of the suspicious pairs when they are more")
     cartesian: bool = setting(True, "forget on every image view × caption view (False: the suspicious pairs as "
                               "they are)")
     retain_fraction: float = setting(0.5, "share of the pairs (the least suspicious) the retention loss trains on")
@@ -87,7 +89,7 @@ class UBTConfig:
     show_progress: bool = setting(True, "progress lines", report=False)
 
     def __post_init__(self) -> None:
-        for name in ("min_suspicious", "draws", "epochs", "batch_size", "image_views", "caption_views"):
+        for name in ("min_suspicious", "draws", "epochs", "batch_size", "image_views", "caption_views", "forget_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -338,17 +340,25 @@ class ForgetSet:
         self.pad = padding_id(tokens)
         self.config, self.generator = config, generator
 
+    def _some(self, count: int, most: int) -> torch.Tensor:
+        """Indices of ``most`` of ``count`` rows at random (all of them, in order, when they are not more)."""
+        return torch.arange(count) if count <= most else torch.randperm(count, generator=self.generator)[:most]
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image views, caption views)``: every suspicious image ``image_views`` times, cropped; every distinct
-        suspicious caption ``caption_views`` times, edited (the first view of each is the original)."""
+        """``(image views, caption views)``: each suspicious image ``image_views`` times, cropped; each distinct
+        suspicious caption ``caption_views`` times, edited (the first view of each is the original); at most
+        ``forget_batch`` views of each side (a random subset of the pairs when they are more)."""
         from trojanguard.clip.augment import caption_views, image_views
 
-        if not self.config.cartesian:  # the suspicious pairs as they are, matched row by row
-            return self.images, self.tokens
-        images = torch.cat([self.images] + [image_views(self.images, self.generator)
-                                            for _ in range(self.config.image_views - 1)])
-        captions = torch.cat([self.captions] + [caption_views(self.captions, self.generator, self.pad)
-                                                for _ in range(self.config.caption_views - 1)])
+        config = self.config
+        if not config.cartesian:  # the suspicious pairs as they are, matched row by row
+            pick = self._some(len(self.images), config.forget_batch)
+            return self.images[pick], self.tokens[pick]
+        images = self.images[self._some(len(self.images), max(1, config.forget_batch // config.image_views))]
+        captions = self.captions[self._some(len(self.captions), max(1, config.forget_batch // config.caption_views))]
+        images = torch.cat([images] + [image_views(images, self.generator) for _ in range(config.image_views - 1)])
+        captions = torch.cat([captions] + [caption_views(captions, self.generator, self.pad)
+                                           for _ in range(config.caption_views - 1)])
         return images, captions
 
 

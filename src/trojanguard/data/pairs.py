@@ -65,7 +65,11 @@ def _load_npz(path: Path, size: int | None) -> CaptionedImages:
     if captions.dtype.kind not in "US" or captions.shape != (x.shape[0],):
         raise DataError(f"pairs {str(path)!r} array 'captions': expected {x.shape[0]} strings (one per image), got "
                         f"dtype {captions.dtype} of shape {captions.shape}")
-    texts = [c.decode() if isinstance(c, bytes) else str(c) for c in captions.tolist()]
+    try:
+        texts = [c.decode() if isinstance(c, bytes) else str(c) for c in captions.tolist()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"pairs {str(path)!r} array 'captions': expected UTF-8 text, got bytes that are not ({exc})"
+                        ) from None
     images = resize_images(npz_images_to_tensor(x, f"pairs {str(path)!r} array 'images'"), size)
     return CaptionedImages(images.contiguous(), texts, [])
 
@@ -76,7 +80,7 @@ def _load_folder(root: Path, size: int | None, channels: int) -> CaptionedImages
         raise DataError(f"pairs {str(root)!r}: expected a folder with {CAPTIONS_CSV} (columns file, caption), got a "
                         f"folder without it")
     try:
-        with table.open(newline="", encoding="utf-8") as f:
+        with table.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"pairs {str(table)!r}: expected a UTF-8 CSV, got {type(exc).__name__}: {exc}") from None

@@ -319,12 +319,14 @@ class PoisonCAM(Detector):
         return sweep_drops(self._sweep_encoder(), x, own, windows, fill=self.fill, batch_size=self.batch_size * 4)
 
     def _sweep_encoder(self) -> SweepEncoder:
-        """The encoder prepared for the sweeps' many forward passes (conv–BN folded, channels-last, CPU forwards of
-        128 images); float32 always, so a screening's flags do not depend on whether the CPU has bfloat16."""
-        if self._sweeper is None:
-            from trojanguard.models.features import model_device
+        """The encoder prepared for the sweeps' many forward passes (:class:`SweepEncoder`: conv–BN folded,
+        channels-last, cache-sized CPU passes); float32 always, so a screening's flags do not depend on whether the
+        CPU has bfloat16. Rebuilt when the encoder has moved to another device."""
+        from trojanguard.models.features import model_device
 
-            self._sweeper = SweepEncoder(self.encoder, model_device(self.encoder), low_precision=False)
+        device = model_device(self.encoder)
+        if self._sweeper is None or self._sweeper.device != device:
+            self._sweeper = SweepEncoder(self.encoder, device, low_precision=False)
         return self._sweeper
 
     def _locate(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -361,7 +363,7 @@ class PoisonCAM(Detector):
         """Per image, the best window among those offset from its box by up to ``reach`` pixels in steps of
         ``step`` (kept inside the image; offsets shared by every image)."""
         height, width = x.shape[2:]
-        steps = torch.arange(-reach, reach + 1, step)
+        steps = torch.arange(-(reach // step), reach // step + 1) * step  # on the fine grid, through the box itself
         offsets = torch.cartesian_prod(steps, steps)
         best = torch.empty_like(boxes)
         for i in range(len(x)):

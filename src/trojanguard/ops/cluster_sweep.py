@@ -16,7 +16,9 @@ encoder's forward passes, in chunks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 
 import torch
 
@@ -256,38 +258,87 @@ class SweepEncoder:
     forward passes of ``forward_batch`` images (``"auto"``: on a GPU the whole chunk; on a CPU the power of two that
     keeps the largest layer output of one pass within :data:`CPU_ACTIVATION_BUDGET`, measured on one image per input
     shape — a small CNN at 32 px gets 32, a ResNet-18 16: 3–5× the throughput of 4096-image passes, RESULTS.md).
-    Calls return float32 features. A module that cannot be copied or traced is run as it is."""
+    Calls return float32 features. Each preparation is checked against the encoder on the first batch of each input
+    shape, falling back (no folding, then no channels-last, then the encoder as given) where it does not give the
+    encoder's features — a traced graph that skips a shape-dependent step, a ``view`` that channels-last breaks."""
 
     def __init__(self, encoder, device: torch.device | str = "cpu", *, fold_batchnorm: bool = True,
                  channels_last: bool = True, low_precision: bool | str = "auto", forward_batch: int | str = "auto"):
-        import copy
-
         self.device = torch.device(device)
+        self.encoder = encoder
         self.forward_batch = forward_batch if forward_batch == "auto" else int(forward_batch)
         self._batch_for: dict[tuple[int, ...], int] = {}  # "auto" on a CPU: images per pass, per input shape
-        self.steps: list[str] = []
-        try:
-            model = copy.deepcopy(encoder).eval().requires_grad_(False)
-        except Exception:  # noqa: BLE001 — e.g. a TorchScript module: run the original, unchanged
-            model = encoder
-        if fold_batchnorm and isinstance(model, torch.nn.Module) and model is not encoder:
-            try:
-                from torch.fx.experimental.optimization import fuse
-
-                model = fuse(model)
-                self.steps.append("conv-bn folded")
-            except Exception as exc:  # noqa: BLE001 — not traceable (data-dependent control flow, hooks): keep it
-                self.steps.append(f"conv-bn not folded ({type(exc).__name__})")
-        self.channels_last = channels_last and isinstance(model, torch.nn.Module) and model is not encoder
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            self.steps.append("channels_last")
+        self._verified: set[tuple[int, ...]] = set()  # input shapes on which the prepared model matched the encoder
+        # what to try, best first: the first that builds and matches the encoder on the first batch of a shape is run
+        self._plans = [(f, c) for f, c in ((fold_batchnorm, channels_last), (False, channels_last), (False, False))]
+        self._plans = list(dict.fromkeys(self._plans))
         self.low_precision = native_bf16(self.device) if low_precision == "auto" else bool(low_precision)
+        self._use_next_plan()
+
+    def _use_next_plan(self) -> None:
+        """Build the next plan's model (a copy of the encoder; the encoder itself when none is left)."""
+        import copy
+
+        from trojanguard.models.adapters import Encoder
+
+        self.model, self.channels_last, self.steps = self.encoder, False, ["as given"]
+        self.skipped: list[str] = getattr(self, "skipped", [])  # plans that could not be built, and why
+        while self._plans:
+            fold, channels_last = self._plans.pop(0)
+            try:
+                model = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+                steps = []
+                if fold:
+                    from torch.fx.experimental.optimization import fuse
+
+                    if isinstance(model, Encoder):  # fold the user's module; the wrapper's pooling stays eager
+                        if model.layer is not None:
+                            raise ValueError("a named layer's hook needs the module's own structure")
+                        model.module = fuse(model.module)
+                    else:
+                        model = fuse(model)
+                    steps.append("conv-bn folded")
+                if channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                    steps.append("channels_last")
+            except Exception as exc:  # noqa: BLE001 — cannot be copied or traced (TorchScript, control flow)
+                self.skipped.append(f"fold={fold}, channels_last={channels_last}: {type(exc).__name__}")
+            else:
+                self.model, self.channels_last, self.steps = model, channels_last, steps
+                break
         if self.low_precision:
             self.steps.append("bf16 autocast")
-        self.model = model
+
+    def _check_on(self, x: torch.Tensor) -> None:
+        """On the first batch of each input shape: the prepared model must give the encoder's features (shape, and
+        values within 1e-3 in float32: folding reorders the arithmetic); otherwise fall back to the next plan."""
+        shape = tuple(x.shape[1:])
+        while shape not in self._verified and self.model is not self.encoder:
+            sample = x[:2]
+            modes = {m: m.training for m in self.encoder.modules()} if isinstance(self.encoder, torch.nn.Module) else {}
+            try:  # a traced module prints its own traceback before raising: kept off the user's stderr
+                with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+                    if modes:
+                        self.encoder.eval()  # the user's encoder, compared in eval mode and restored after
+                    expected = self.encoder(sample).float()
+                    got = self.model(sample.contiguous(memory_format=torch.channels_last) if self.channels_last
+                                     and sample.dim() == 4 else sample).float()
+                same = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
+            except Exception:  # noqa: BLE001 — e.g. a view() that channels-last memory breaks
+                same = False
+            finally:
+                for module, training in modes.items():
+                    module.training = training
+            if same:
+                self._verified.add(shape)
+            else:
+                self._use_next_plan()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 0:
+            with torch.inference_mode():
+                return self.encoder(x).float()
+        self._check_on(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
