@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     for name, reasons in backends.items():
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
     print("ops (backends in the op's order of preference):")
+    width = max(map(len, ops), default=10)
     for op, by_backend in ops.items():
         usable = [name for name, reasons in by_backend.items() if not reasons]
-        print(f"  {op:10s} {', '.join(usable)}")
+        print(f"  {op:{width}s} {', '.join(usable)}")
     return 0
