@@ -8,6 +8,7 @@ holds what happened (per-epoch loss, and CA / ASR per epoch when the caller pass
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -202,6 +203,16 @@ def _report_value(value):
 
 # ---------------------------------------------------------------------------------------------------------
 # input checks
+
+
+def copy_of(model: nn.Module, why: str) -> nn.Module:
+    """A deep copy of the caller's model (cleansers never change it); a one-line CleanseError when it cannot be
+    copied. ``why``: what the method needs the copy for ("BCU needs a frozen teacher copy")."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 — whatever deepcopy raises: the model cannot be used
+        raise CleanseError(f"model: it cannot be copied (copy.deepcopy failed: {exc}); {why} and never changes your "
+                           "model") from None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -62,6 +62,7 @@ from trojanguard.cleanse.base import (
     CleanseReport,
     UnlabeledImages,
     config_with,
+    copy_of,
     model_device,
     preflight,
     setting,
@@ -466,11 +467,7 @@ class BCU(Cleanser):
         self.report = None
         device = model_device(model)
         images = UnlabeledImages(data, config.batch_size, config.seed)
-        try:
-            teacher = copy.deepcopy(model)
-        except Exception as exc:  # noqa: BLE001
-            raise CleanseError(f"model: it cannot be copied (copy.deepcopy failed: {exc}); BCU needs a frozen "
-                               "teacher copy and never changes your model") from None
+        teacher = copy_of(model, "BCU needs a frozen teacher copy")
         teacher.eval().requires_grad_(False)
         sample = images.sample()
         preflight(teacher, sample, device)

@@ -11,7 +11,6 @@ small model trained from scratch needs a larger rate (the zoo's comparison says 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -22,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.cleanse._training import StepResult, train
-from trojanguard.cleanse.base import CleanseError, Cleanser, CleanseReport, config_with, model_device, setting
+from trojanguard.cleanse.base import (
+    Cleanser,
+    CleanseReport,
+    config_with,
+    copy_of,
+    model_device,
+    setting,
+)
 from trojanguard.cleanse.pairs import Pairs
 from trojanguard.models.adapters import ImageText, as_image_text
 
@@ -86,11 +92,7 @@ class CleanCLIP(Cleanser):
         report = CleanseReport("CleanCLIP", self.report_config(), images=len(pairs))
         if evaluation is not None:
             report.before = evaluation(original)
-        try:
-            student = copy.deepcopy(original).requires_grad_(True).train()
-        except Exception as exc:  # noqa: BLE001
-            raise CleanseError(f"model: it cannot be copied (copy.deepcopy failed: {exc}); CleanCLIP fine-tunes a "
-                               "copy and never changes your model") from None
+        student = copy_of(original, "CleanCLIP fine-tunes a copy").requires_grad_(True).train()
         log_scale = getattr(student.module, "logit_scale", None)
         if not isinstance(log_scale, torch.Tensor):
             log_scale = torch.tensor(math.log(1 / 0.07), device=device)

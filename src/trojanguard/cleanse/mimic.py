@@ -35,11 +35,11 @@ from torch import nn
 
 from trojanguard.cleanse._training import StepResult, train
 from trojanguard.cleanse.base import (
-    CleanseError,
     Cleanser,
     CleanseReport,
     UnlabeledImages,
     config_with,
+    copy_of,
     model_device,
     setting,
 )
@@ -132,11 +132,7 @@ class MIMIC(Cleanser):
         device = model_device(encoder)
         images = UnlabeledImages(data, config.batch_size, config.seed, minimum=MIN_IMAGES,
                                  recommended=RECOMMENDED_IMAGES)
-        try:
-            teacher = copy.deepcopy(encoder).eval().requires_grad_(False)
-        except Exception as exc:  # noqa: BLE001
-            raise CleanseError(f"model: it cannot be copied (copy.deepcopy failed: {exc}); MIMIC needs a frozen "
-                               "teacher copy and never changes your model") from None
+        teacher = copy_of(encoder, "MIMIC needs a frozen teacher copy").eval().requires_grad_(False)
         sample = images.sample().to(device)
         dim = teacher.check(sample, argument="model", needed_by="MIMIC")
         stages = resolve_stages(teacher.module, teacher, sample, config.stages)

@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.cleanse._training import StepResult, train
-from trojanguard.cleanse.base import CleanseError, Cleanser, CleanseReport, config_with, model_device, setting
+from trojanguard.cleanse.base import (
+    Cleanser,
+    CleanseReport,
+    config_with,
+    copy_of,
+    model_device,
+    setting,
+)
 from trojanguard.cleanse.pairs import Pairs
 from trojanguard.errors import DataError
 from trojanguard.models.adapters import ImageText, as_image_text
@@ -417,11 +424,7 @@ class UBT(Cleanser):
         retained = screening.score.argsort()[:keep]
         retained = retained[~torch.isin(retained, suspicious)]
 
-        try:
-            student = copy.deepcopy(original)
-        except Exception as exc:  # noqa: BLE001
-            raise CleanseError(f"model: it cannot be copied (copy.deepcopy failed: {exc}); UBT trains a copy and never "
-                               "changes your model") from None
+        student = copy_of(original, "UBT trains a copy")
         student.requires_grad_(False).eval()  # token-level parameters only; normalisation statistics stay
         level = unrelated_level(student, pairs, config.seed)
         frozen = copy.deepcopy(student) if config.retain_loss == "distill" else None  # the embeddings to retain
