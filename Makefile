@@ -14,6 +14,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.py csrc/*.h csrc/*.cpp csrc/
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# the serving tests' Triton server: the tritonserver binary inside the nvidia-pytriton wheel, unpacked into
+	@# .venv/tritonserver without installing its Python package (which would pin numpy < 2); optional
+	@rm -rf $(VENV)/tritonserver $(VENV)/wheels
+	@$(BIN)/python -m pip download -q --no-deps "nvidia-pytriton==0.7.0" -d $(VENV)/wheels \
+	  && $(BIN)/python -m trojanguard.guard.triton_runtime unpack $(VENV)/wheels/nvidia_pytriton-*.whl $(VENV)/tritonserver \
+	  || echo "tritonserver: not installed here (the tests that start a Triton server will skip)"
+	@rm -rf $(VENV)/wheels
 	touch $(STAMP)
 
 venv: $(STAMP)

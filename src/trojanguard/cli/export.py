@@ -38,6 +38,7 @@ def opset_arg(text: str) -> int:
 def add_parser(sub) -> None:
     from trojanguard.guard.onnx_export import DEFAULT_OPSET
     from trojanguard.guard.triton_server import (
+        BACKENDS,
         DEFAULT_MAX_BATCH_SIZE,
         DEFAULT_MODEL_NAME,
         DEFAULT_QUEUE_DELAY_US,
@@ -50,8 +51,10 @@ def add_parser(sub) -> None:
                                    "data, and write one ONNX graph input -> (logits, score, flagged) — or, for an "
                                    "encoder with --detector poisoncam, input -> (features, score, flagged); with "
                                    "--triton-repo also a Triton Inference Server model repository (config.pbtxt with "
-                                   "dynamic batching, 1/model.onnx). --model may also be an exported .onnx guard "
-                                   "graph (then only the repository is written).")
+                                   "dynamic batching, 1/model.onnx; --triton-backend python for a server with only "
+                                   "the Python backend; --production-model to serve a model behind the guard). "
+                                   "--model may also be an exported .onnx guard graph (then only the repository is "
+                                   "written).")
     add_model_option(p, "model file, zoo:<attack>, ssl-zoo:<attack> (an encoder, for --detector poisoncam), or an "
                         "exported guard graph (.onnx)")
     add_arch_option(p)
@@ -80,6 +83,14 @@ def add_parser(sub) -> None:
                    help=f"dynamic batching max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="auto",
                    help="auto (Triton's placement, default), cpu or gpu")
+    p.add_argument("--triton-backend", choices=BACKENDS, default="onnxruntime",
+                   help="onnxruntime: Triton's ONNX Runtime backend, as in NVIDIA's containers (default); python: a "
+                        "model.py running the graph with ONNX Runtime in Triton's Python backend")
+    p.add_argument("--production-model",
+                   help="also serve this model behind the guard: an ONNX classifier taking the same input, or a model "
+                        "file / zoo:<attack> (exported to ONNX here; --arch as for --model). Adds the models "
+                        "<name>_production and <name>_pipeline (guard first; --policy reject never sends a flagged "
+                        "input to the production model)")
     add_model_input_options(p, " for fitting")
 
 
@@ -87,11 +98,15 @@ def run(args: argparse.Namespace) -> int:
     """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
     from trojanguard.guard import write_triton_repository
     from trojanguard.guard.onnx_export import load_guard_graph
+    from trojanguard.guard.triton_server import PIPELINE_SUFFIX, PRODUCTION_SUFFIX
 
     if args.out is None and args.triton_repo is None:
         raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
     if args.triton_repo is not None:
         _check_triton_arguments(args)
+    if args.production_model is not None and args.triton_repo is None:
+        raise UsageError(f"--production-model: it is served behind the guard in a Triton repository; expected "
+                         f"--triton-repo DIR with it, got --production-model {args.production_model!r} alone")
     if args.fit is not None and args.detector != "poisoncam":
         raise UsageError(f"--fit: a saved fit is PoisonCAM's; expected --detector poisoncam with it, got --detector "
                          f"{args.detector}")
@@ -107,12 +122,34 @@ def run(args: argparse.Namespace) -> int:
     else:
         onnx_path = _export_guard(args)
     if args.triton_repo is not None:
+        production = None if args.production_model is None else _production_graph(args, onnx_path)
         model_dir = write_triton_repository(
             onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
-            max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind)
-        print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir})")
+            max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind,
+            backend=args.triton_backend, production_model=production)
+        print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir}, backend "
+              f"{args.triton_backend})")
+        if production is not None:
+            print(f"pipeline: {args.triton_name}{PIPELINE_SUFFIX} (the guard in front of "
+                  f"{args.triton_name}{PRODUCTION_SUFFIX}, from {args.production_model})")
         print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
     return 0
+
+
+def _production_graph(args: argparse.Namespace, guard_path: Path) -> Path:
+    """--production-model as an ONNX file: as given, or a model exported beside the guard graph's input."""
+    import tempfile
+
+    import torch
+
+    from trojanguard.guard.onnx_export import export_model_onnx, read_metadata
+
+    if Path(args.production_model).suffix == ".onnx":
+        return Path(args.production_model)
+    model = load_command_model(args.production_model, args).cpu()
+    example = torch.rand(2, *read_metadata(guard_path)["input_shape"])
+    out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "production.onnx"
+    return export_model_onnx(model, out, example, opset=args.opset)
 
 
 def _check_triton_arguments(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from trojanguard.data.core import check_images
 from trojanguard.errors import DataError, ModelLoadError, check_choice
@@ -84,9 +85,7 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
         raise RuntimeError("guard: no threshold to bake into the graph; call guard.calibrate(clean_x, fpr=...) first")
     check_choice("exporter", exporter, EXPORTERS)
     check_opset(opset)
-    if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.dtype != torch.float32:
-        shown = f"{example.dtype} {tuple(example.shape)}" if isinstance(example, torch.Tensor) else type(example).__name__
-        raise DataError(f"example: expected a float32 tensor (N, C, H, W), got {shown}")
+    _check_example(example)
     if guard.input_range == (0.0, 1.0):
         check_images(example, "example")
     if guard.input_shape is not None and tuple(example.shape[1:]) != tuple(guard.input_shape):
@@ -130,6 +129,25 @@ def export_onnx(guard: Guard, path: str | Path, example: torch.Tensor, dynamic_b
             model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+    return path
+
+
+def export_model_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
+                      output_name: str = "logits") -> Path:
+    """Write a plain model (a classifier: ``input -> logits``) as an ONNX graph with a dynamic batch axis — the
+    production model a served guard is put in front of (``write_triton_repository(production_model=...)``)."""
+    check_opset(opset)
+    _check_example(example)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = example.to(next(iter(model.parameters())).device)
+    with torch.no_grad():
+        model(example)  # fails here, with the model's own message, if the model cannot take the example
+        if _has_torchscript_exporter():
+            _export_torchscript(model, example, path, True, opset, [output_name])
+        else:
+            _export_dynamo(model, example, path, True, opset, [output_name])
     return path
 
 
@@ -215,6 +233,12 @@ def _example_for_compiled(guard: Guard, example: torch.Tensor) -> torch.Tensor:
     return example[torch.arange(batch) % len(example)]
 
 
+def _check_example(example) -> None:
+    if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.dtype != torch.float32:
+        shown = f"{example.dtype} {tuple(example.shape)}" if isinstance(example, torch.Tensor) else type(example).__name__
+        raise DataError(f"example: expected a float32 tensor (N, C, H, W), got {shown}")
+
+
 def _has_torchscript_exporter() -> bool:
     """The TorchScript-based exporter lives in ``torch.onnx.utils`` (deprecated since torch 2.9)."""
     try:
@@ -224,18 +248,21 @@ def _has_torchscript_exporter() -> bool:
     return True
 
 
-def _export_torchscript(guard: Guard, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *guard.output_names)} if dynamic_batch else None
+def _export_torchscript(guard: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int,
+                        output_names=None) -> None:
+    output_names = list(guard.output_names if output_names is None else output_names)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # chosen on purpose (module docstring)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(guard, (example,), str(path), input_names=[INPUT_NAME], output_names=list(guard.output_names),
+        torch.onnx.export(guard, (example,), str(path), input_names=[INPUT_NAME], output_names=output_names,
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **kwargs)
 
 
-def _export_dynamo(guard: Guard, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+def _export_dynamo(guard: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int,
+                   output_names=None) -> None:
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     program = torch.onnx.export(guard, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                output_names=list(guard.output_names), dynamic_shapes=shapes, opset_version=opset)
+                                output_names=list(guard.output_names if output_names is None else output_names), dynamic_shapes=shapes, opset_version=opset)
     program.save(str(path))
