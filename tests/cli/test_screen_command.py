@@ -185,3 +185,36 @@ def test_export_cli_writes_a_valid_triton_repository(files, tmp_path, capsys):
     assert main(["export", "--model", str(files / "model.safetensors"), "--arch", "small_cnn", "--num-classes", "4",
                  "--out", str(tmp_path / "g.onnx")]) == 2  # a command line that cannot work: usage error
     assert "--reference" in capsys.readouterr().err
+
+
+def test_export_cli_writes_a_python_backend_repository_with_a_production_pipeline(files, tmp_path, capsys):
+    """--triton-backend python --production-model: the guard, the production model (exported from its weights)
+    and the pipeline, each valid against Triton's schema; usage errors name the option."""
+    from trojanguard.guard import check_triton_repository
+
+    np.savez(files / "reference.npz", x=torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(4)).numpy())
+    common = ["--reference", str(files / "reference.npz"), "--calibration", str(files / "clean.npz"), "--fpr", "0.1"]
+    model = ["--model", str(files / "model.safetensors"), "--arch", "small_cnn", "--num-classes", "4"]
+    argv = ["export", *model, *common, "--triton-repo", str(tmp_path / "repo"), "--triton-backend", "python",
+            "--production-model", str(files / "model.safetensors"), "--policy", "reject", "--pipeline", "bls"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "trojanguard_guard_pipeline" in capsys.readouterr().out
+    for name in ("trojanguard_guard", "trojanguard_guard_production", "trojanguard_guard_pipeline"):
+        config = check_triton_repository(tmp_path / "repo", name)
+        assert config.backend == "python" and (tmp_path / "repo" / name / "1" / "model.py").is_file()
+    pipeline = check_triton_repository(tmp_path / "repo", "trojanguard_guard_pipeline")
+    assert pipeline.parameters["policy"].string_value == "reject"
+    assert pipeline.parameters["pipeline_mode"].string_value == "bls"
+    assert [o.name for o in pipeline.output] == ["logits", "score", "flagged"]
+    # an .onnx production model of another input shape: refused, naming the option
+    plain = tmp_path / "other.onnx"
+    from trojanguard.guard.onnx_export import export_model_onnx
+
+    export_model_onnx(build_model("small_cnn", num_classes=4).eval(), plain, torch.rand(2, 3, 20, 20))
+    argv = ["export", *model, *common, "--triton-repo", str(tmp_path / "repo2"), "--production-model", str(plain)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--production-model" in err and "[3, 16, 16]" in err and "[3, 20, 20]" in err, err
+    assert main(["export", *model, *common, "--out", str(tmp_path / "g.onnx"), "--production-model",
+                 str(plain)]) == 2  # a production model needs a repository to be served from
+    assert "--triton-repo" in capsys.readouterr().err

@@ -111,3 +111,50 @@ def test_broken_configs_and_graphs_are_refused(guard_graph, tmp_path):
         write_triton_repository(graph_path, tmp_path, max_batch_size=0)
     with pytest.raises(ValueError, match="model_name"):
         write_triton_repository(graph_path, tmp_path, model_name="bad name")
+
+
+def test_python_backend_repository_with_a_pipeline(guard_graph, tmp_path):
+    """backend="python": each model is config + model.py + its graph; the pipeline (in_process) holds both graphs
+    and names the models, policy and input check it needs; every config parses with Triton's schema."""
+    from trojanguard.guard.onnx_export import export_model_onnx
+
+    graph_path, x = guard_graph
+    production = export_model_onnx(build_model("small_cnn", num_classes=3, in_channels=1).eval(),
+                                   tmp_path / "production.onnx", x[:2])
+    write_triton_repository(graph_path, tmp_path / "repo", model_name="g", backend="python",
+                            production_model=production, python_path=["/nowhere", str(tmp_path)])
+    for name in ("g", "g_production", "g_pipeline"):
+        config = check_triton_repository(tmp_path / "repo", name)
+        assert config.backend == "python" and config.parameters["python_path"].string_value.startswith("/nowhere")
+    pipeline = check_triton_repository(tmp_path / "repo", "g_pipeline")
+    parameters = {key: value.string_value for key, value in pipeline.parameters.items()}
+    assert parameters["guard_model"] == "g" and parameters["production_model"] == "g_production"
+    assert parameters["policy"] == "flag" and parameters["pipeline_mode"] == "in_process"
+    assert float(parameters["pixel_cutoff"]) == 2.0  # the guard's [0, 1] input range, as GuardSession refuses
+    assert [tuple(o.dims) for o in pipeline.output] == [(3,), (1,), (1,)]  # the production model's logits
+    folder = tmp_path / "repo" / "g_pipeline" / "1"
+    assert (folder / "guard.onnx").read_bytes() == graph_path.read_bytes()
+    assert (folder / "production.onnx").read_bytes() == production.read_bytes()
+    (folder / "production.onnx").unlink()
+    with pytest.raises(DataError, match="missing .*production.onnx"):
+        check_triton_repository(tmp_path / "repo", "g_pipeline")
+
+
+def test_production_models_the_pipeline_cannot_feed_are_refused(guard_graph, tmp_path):
+    from trojanguard.guard.onnx_export import export_model_onnx
+
+    graph_path, _ = guard_graph
+    model = build_model("small_cnn", num_classes=3, in_channels=1).eval()
+    other_size = export_model_onnx(model, tmp_path / "other.onnx", torch.rand(2, 1, 16, 16))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(other_size.read_bytes()[:100])
+    cases = [(other_size, r"TYPE_FP32 \[1, 20, 20\].*got TYPE_FP32 \[1, 16, 16\]"), (broken, "cannot read"),
+             (tmp_path / "missing.onnx", "no such file")]
+    for path, message in cases:
+        with pytest.raises(DataError, match=f"production_model: .*{message}"):
+            write_triton_repository(graph_path, tmp_path / "repo", backend="python", production_model=path)
+        assert not (tmp_path / "repo").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="pipeline: expected one of"):
+        write_triton_repository(graph_path, tmp_path / "repo", pipeline="ensemble")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        write_triton_repository(graph_path, tmp_path / "repo", backend="tensorrt")

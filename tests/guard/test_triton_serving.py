@@ -38,12 +38,16 @@ CALIBRATION = 180
 PARITY_RTOL = 1e-4  # the issue's bar: served logits vs GuardSession's, relative
 OUTPUTS = ("logits", "score", "flagged")
 MAX_BATCH = 64
+# flag: the pipeline runs both graphs itself (the default); reject: it calls the served models, so Triton's own
+# statistics show which inputs reached the production model (the decision code is the same in both modes)
+PIPELINES = {"flag": "in_process", "reject": "bls"}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The BadNets zoo model behind a feature guard (flag and reject policies), each with the model itself as the
-    production model, in one repository on one running server; plus the exported graphs for reference sessions."""
+    production model (pipelines as PIPELINES), in one repository on one running server; plus the exported graphs
+    for reference sessions."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
     entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
@@ -57,7 +61,7 @@ def served(tmp_path_factory):
         graphs[policy] = export_onnx(guard, folder / f"guard_{policy}.onnx", entry.test.x[:2])
         write_triton_repository(graphs[policy], folder / "repo", model_name=f"guard_{policy}", backend="python",
                                 production_model=production, max_batch_size=MAX_BATCH, intra_op_threads=1,
-                                max_queue_delay_microseconds=2000)
+                                max_queue_delay_microseconds=2000, pipeline=PIPELINES[policy])
     x, triggered = held_out_clean_and_triggered(entry, start=CALIBRATION)
     with LocalTritonServer(folder / "repo") as server:
         client = http.InferenceServerClient(server.url)

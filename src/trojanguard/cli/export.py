@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
         DEFAULT_MODEL_NAME,
         DEFAULT_QUEUE_DELAY_US,
         INSTANCE_KINDS,
+        PIPELINE_MODES,
     )
 
     p = sub.add_parser("export", help="export a guard (model + one-pass detector) to ONNX and/or a Triton "
@@ -91,6 +92,9 @@ def add_parser(sub) -> None:
                         "file / zoo:<attack> (exported to ONNX here; --arch as for --model). Adds the models "
                         "<name>_production and <name>_pipeline (guard first; --policy reject never sends a flagged "
                         "input to the production model)")
+    p.add_argument("--pipeline", choices=PIPELINE_MODES, default="in_process",
+                   help="in_process: the pipeline runs the guard and the production graph itself (one server hop, "
+                        "default); bls: it calls the two served models (which may then run on any backend)")
     add_model_input_options(p, " for fitting")
 
 
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir = write_triton_repository(
             onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
             max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind,
-            backend=args.triton_backend, production_model=production)
+            backend=args.triton_backend, production_model=production, pipeline=args.pipeline)
         print(f"Triton model repository: {args.triton_repo} (model {args.triton_name}: {model_dir}, backend "
               f"{args.triton_backend})")
         if production is not None:
@@ -142,9 +146,12 @@ def _production_graph(args: argparse.Namespace, guard_path: Path) -> Path:
 
     import torch
 
-    from trojanguard.guard.onnx_export import export_model_onnx, read_metadata
+    from trojanguard.guard.onnx_export import export_model_onnx, load_guard_graph, read_metadata
+    from trojanguard.guard.triton_server import graph_tensors, load_production_graph
 
-    if Path(args.production_model).suffix == ".onnx":
+    if Path(args.production_model).suffix == ".onnx":  # checked here, so that errors name the option
+        guard_input = graph_tensors(load_guard_graph(guard_path))[0][0]
+        load_production_graph(Path(args.production_model), guard_input, "--production-model")
         return Path(args.production_model)
     model = load_command_model(args.production_model, args).cpu()
     example = torch.rand(2, *read_metadata(guard_path)["input_shape"])

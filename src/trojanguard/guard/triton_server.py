@@ -45,6 +45,8 @@ MODEL_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 PRODUCTION_SUFFIX, PIPELINE_SUFFIX = "_production", "_pipeline"  # the added models' names: model_name + suffix
 GUARD_OUTPUTS = ("score", "flagged")  # what the pipeline reads from the guard
+PIPELINE_MODES = ("in_process", "bls")  # the pipeline runs both graphs itself, or calls the two served models
+PIPELINE_GRAPHS = ("guard.onnx", "production.onnx")  # beside an in_process pipeline's model.py
 # ONNX TensorProto element types -> Triton data types
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
                 7: "TYPE_INT64", 8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 12: "TYPE_UINT32",
@@ -146,8 +148,8 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
                             max_queue_delay_microseconds: int = DEFAULT_QUEUE_DELAY_US,
                             preferred_batch_sizes: list[int] | None = None, instance_kind: str = "auto",
                             instance_count: int = 1, backend: str = "onnxruntime",
-                            production_model: str | Path | None = None, python_path: str | list[str] = "auto",
-                            intra_op_threads: int = 0) -> Path:
+                            production_model: str | Path | None = None, pipeline: str = "in_process",
+                            python_path: str | list[str] = "auto", intra_op_threads: int = 0) -> Path:
     """Write a Triton model repository serving the guard graph at ``onnx_path``; return the guard model's folder.
 
     Args:
@@ -167,6 +169,9 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
             models ``<model_name>_production`` (same backend) and ``<model_name>_pipeline`` (the guard in front
             of it, policy from the guard graph: ``flag`` passes every input on, ``reject`` never sends a
             flagged input to the production model).
+        pipeline: ``"in_process"`` (the pipeline runs both graphs in its own ONNX Runtime sessions: one server
+            hop, the lowest latency) or ``"bls"`` (it calls the two served models: they may run on any backend
+            or device, at the cost of two more hops; measured in benchmarks/triton_serving.py).
         python_path: directories the Python-backend models put on ``sys.path`` to find NumPy and ONNX Runtime
             (``"auto"``: this interpreter's site-packages; missing directories are skipped at load time, so a
             container's own packages are used there).
@@ -180,6 +185,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     check_positive_int("version", version)
     check_triton_options(model_name, max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes,
                          instance_kind, instance_count, backend)
+    check_choice("pipeline", pipeline, PIPELINE_MODES)
     if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 0:
         raise ValueError(f"intra_op_threads: expected an integer >= 0, got {intra_op_threads!r}")
     graph = load_guard_graph(onnx_path, "onnx_path")  # an ordinary classifier or a broken file stops here
@@ -208,7 +214,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
         parameters = {"guard_model": model_name, "guard_input": guard_inputs[0].name,
                       "production_model": production_name, "production_input": production_input.name,
                       "production_output": production_outputs[0].name, "policy": str(metadata["policy"]),
-                      "python_path": python["python_path"], "pixel_cutoff": guard_python["pixel_cutoff"]}
+                      "pipeline_mode": pipeline, **guard_python}
         comment = [(f"# Written by trojanguard: the guard {model_name} in front of the production model "
                    f"{production_name} (policy {metadata['policy']})."),
                    (f"# Outputs: {served.name} (the production model's; NaN where the policy withheld it), score, "
@@ -216,6 +222,11 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
         pipeline_dir = repository / pipeline_name / str(version)
         pipeline_dir.mkdir(parents=True, exist_ok=True)
         _copy_python_files(pipeline_dir, triton_models.PIPELINE_MODEL)
+        for source, name in zip((onnx_path, production_model), PIPELINE_GRAPHS):
+            if pipeline == "in_process":
+                shutil.copyfile(source, pipeline_dir / name)
+            else:
+                (pipeline_dir / name).unlink(missing_ok=True)
         text = _config_text(comment, pipeline_name, "python", guard_inputs, [served, *guard_outputs[1:]],
                             max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, "KIND_CPU", 1,
                             parameters)
@@ -327,7 +338,12 @@ def check_triton_repository(repository: str | Path, model_name: str = DEFAULT_MO
         for file in (PYTHON_MODEL_FILE, triton_models.COMMON_NAME + ".py"):
             if not (model_dir / str(version) / file).is_file():
                 raise DataError(f"Triton repository: missing {model_dir / str(version) / file}")
-        if "production_model" in config.parameters:  # a pipeline: no graph of its own, two models to call
+        if "production_model" in config.parameters:  # a pipeline: its two graphs, or the two models it calls
+            if config.parameters["pipeline_mode"].string_value == "in_process":
+                for name in PIPELINE_GRAPHS:
+                    if not (model_dir / str(version) / name).is_file():
+                        raise DataError(f"Triton repository: missing {model_dir / str(version) / name}")
+                return config
             for key in ("guard_model", "production_model"):
                 called = config.parameters[key].string_value
                 if not (Path(repository) / called / "config.pbtxt").is_file():

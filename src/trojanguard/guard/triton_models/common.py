@@ -117,6 +117,20 @@ def respond(pb_utils, requests, counts, errors, names, results):
     return responses
 
 
+def onnx_session(path: str, parameters: dict, args: dict):
+    """An ONNX Runtime session of the graph at ``path``: ``intra_op_threads`` from the parameters (0: ONNX
+    Runtime's default); on a GPU instance the CUDA provider (of that device) when installed, else the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(parameters.get("intra_op_threads") or 0)
+    providers = ["CPUExecutionProvider"]
+    if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = [("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}),
+                     "CPUExecutionProvider"]
+    return ort.InferenceSession(path, options, providers=providers)
+
+
 def pixel_cutoff(parameters: dict) -> float | None:
     """``pixel_cutoff`` parameter as a float (empty: no check)."""
     text = parameters.get("pixel_cutoff", "")

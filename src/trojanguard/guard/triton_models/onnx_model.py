@@ -22,17 +22,10 @@ class TritonPythonModel:
         global np, pb_utils
         config, parameters = common.read_config(args)
         import numpy as np
-        import onnxruntime as ort
         import triton_python_backend_utils as pb_utils
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_threads") or 0)
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = [("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}),
-                         "CPUExecutionProvider"]
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.onnx")
-        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.session = common.onnx_session(path, parameters, args)
         self.input_name = config["input"][0]["name"]
         self.output_names = [output["name"] for output in config["output"]]
         self.pixel_cutoff = common.pixel_cutoff(parameters)

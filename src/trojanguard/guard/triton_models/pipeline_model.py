@@ -1,20 +1,24 @@
 """Triton Python-backend model written by trojanguard: the guard in front of the production model.
 
-Business-logic scripting: each dynamic batch goes to the guard model (``score``, ``flagged``) and, by the
-``policy`` parameter, to the production model —
+Each dynamic batch goes to the guard (``score``, ``flagged``) and, by the ``policy`` parameter, to the
+production model —
 
-- ``flag``: every input is passed on; the guard and the production model run concurrently, so the guard adds
-  latency only where it is slower than the production model;
+- ``flag``: every input is passed on to both (the guard first);
 - ``reject``: the guard runs first and the production model sees only the inputs it did not flag; flagged rows
   are answered with NaN outputs (withheld, as a guard graph's ``reject`` policy does) and never reach it.
+
+``pipeline_mode``: ``in_process`` runs both graphs (``guard.onnx``, ``production.onnx`` beside this file) in this
+model's own ONNX Runtime sessions — one server hop, as the production model alone; ``bls`` calls the models
+``guard_model`` and ``production_model`` of the repository (business-logic scripting: any backend or device can
+serve them, at the cost of two more hops).
 
 One request in; the production model's output (named as the guard's first output), ``score`` and ``flagged``
 out. A request whose images are not finite (or 0–255 pixels) gets an error of its own; an error of either model
 fails the batch with that model's message. Parameters: ``guard_model``, ``guard_input``, ``production_model``,
-``production_input``, ``production_output``, ``policy``, ``python_path``, ``pixel_cutoff``.
+``production_input``, ``production_output``, ``policy``, ``pipeline_mode``, ``python_path``, ``pixel_cutoff``,
+``intra_op_threads``.
 """
 
-import asyncio
 import os
 import sys
 
@@ -25,6 +29,7 @@ common.extend_sys_path(__file__)
 common.quiet_consumed_capsules()
 
 GUARD_OUTPUTS = ("score", "flagged")
+GUARD_FILE, PRODUCTION_FILE = "guard.onnx", "production.onnx"  # the graphs an in_process pipeline runs itself
 
 
 class PipelineError(Exception):
@@ -48,29 +53,34 @@ class TritonPythonModel:
         if self.policy not in ("flag", "reject"):
             raise ValueError(f"policy: expected 'flag' or 'reject', got {self.policy!r}")
         self.pixel_cutoff = common.pixel_cutoff(parameters)
+        self.mode = parameters.get("pipeline_mode", "bls")
+        self.sessions = {}
+        if self.mode == "in_process":  # both graphs beside this file, run here: no in-server call, no extra hop
+            folder = os.path.dirname(os.path.abspath(__file__))
+            self.sessions = {name: common.onnx_session(os.path.join(folder, file), parameters, args)
+                             for name, file in ((self.guard, GUARD_FILE), (self.production, PRODUCTION_FILE))}
+        elif self.mode != "bls":
+            raise ValueError(f"pipeline_mode: expected 'bls' or 'in_process', got {self.mode!r}")
 
-    async def execute(self, requests):
+    def execute(self, requests):
         batch, counts, errors = common.split_requests(pb_utils, np, requests, self.input_name, self.pixel_cutoff)
         results = None
         if batch is not None:
             try:
-                results = await self.serve(batch)
+                results = self.serve(batch)
             except PipelineError as exc:
                 errors[None] = str(exc)
         return common.respond(pb_utils, requests, counts, errors, self.output_names, results)
 
-    async def serve(self, x):
+    def serve(self, x):
         """``[production output, score, flagged]`` for the batch ``x``."""
-        guard = self.call(self.guard, self.guard_input, x, GUARD_OUTPUTS)
+        score, flagged = self.call(self.guard, self.guard_input, x, GUARD_OUTPUTS)
         if self.policy == "flag":
-            (score, flagged), (served,) = await asyncio.gather(
-                guard, self.call(self.production, self.production_input, x, (self.production_output,)))
+            (served,) = self.call(self.production, self.production_input, x, (self.production_output,))
             return [served, score, flagged]
-        score, flagged = await guard
         keep = ~flagged
-        served = None
         if keep.any():
-            (answered,) = await self.call(self.production, self.production_input, np.ascontiguousarray(x[keep]),
+            (answered,) = self.call(self.production, self.production_input, np.ascontiguousarray(x[keep]),
                                           (self.production_output,))
             served = np.full((len(x), *answered.shape[1:]), np.nan, dtype=answered.dtype)
             served[keep] = answered
@@ -78,11 +88,18 @@ class TritonPythonModel:
             served = np.full((len(x), *self.output_dims), np.nan, dtype=np.float32)
         return [served, score, flagged]
 
-    async def call(self, model, input_name, x, outputs):
-        """The named outputs of ``model`` on ``x`` (Triton's in-server call); its error raises PipelineError."""
+    def call(self, model, input_name, x, outputs):
+        """The named outputs of ``model`` on ``x`` — its own session (``in_process``) or Triton's in-server call
+        (``bls``); an error raises PipelineError."""
+        if self.sessions:
+            try:
+                values = self.sessions[model].run(list(outputs), {input_name: x})
+            except Exception as exc:  # noqa: BLE001 — the runtime's message becomes the requests' error
+                raise PipelineError(f"{model}: onnxruntime: {' '.join(str(exc).split())[:300]}") from None
+            return [v.reshape(len(x)) if name in GUARD_OUTPUTS else v for name, v in zip(outputs, values)]
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=list(outputs),
                                             inputs=[common.to_tensor(pb_utils, input_name, x)])
-        response = await request.async_exec()
+        response = request.exec()
         if response.has_error():
             raise PipelineError(f"{model}: {response.error().message()}")
         values = [common.to_numpy(np, pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
