@@ -4,7 +4,8 @@ model alone vs the same model behind the feature guard — the pipeline (guard +
 and flag).
 
 The server is the nvidia-pytriton wheel's tritonserver (Python backend; every model runs its ONNX graph with ONNX
-Runtime, one intra-op thread). Model: the digits zoo's BadNets small CNN. Measured in one run, interleaved:
+Runtime, one intra-op thread). Model (``--arch``): the digits zoo's BadNets small CNN (3x32x32 digits), or
+a CIFAR-style ResNet-18 at 3x32x32. Measured in one run, interleaved:
 - batch 1, one client: ``--requests`` requests per model and round, rounds alternating the models; p50 / p99;
 - 8 concurrent clients (a thread and a connection each), batch 1: requests/s over ``--seconds`` per model.
 
@@ -25,25 +26,40 @@ from pathlib import Path
 import numpy as np
 
 
-def build_repository(folder: Path) -> dict[str, str]:
-    """The zoo model, its feature guard (calibrated at 1 % FPR on clean test images) and the repository; returns
-    the served names by role."""
+def build_repository(folder: Path, arch: str) -> tuple[dict[str, str], np.ndarray]:
+    """The model, its feature guard and the repository; returns the served names by role and request images.
+
+    ``small_cnn``: the digits zoo's BadNets model, its guard fitted on the poisoned training set and calibrated
+    at 1 % FPR on clean test images. ``resnet18_cifar``: an untrained CIFAR-style ResNet-18 at 3x32x32 with a
+    guard fitted on random images — latency does not depend on the weights, and no zoo model of that size is
+    trained on 2 cores for a benchmark."""
+    import torch
+
     from trojanguard.detect import FeatureMahalanobis
     from trojanguard.guard import Guard, export_onnx, write_triton_repository
     from trojanguard.guard.onnx_export import export_model_onnx
+    from trojanguard.models import build_model
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
-    entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
-    detector = FeatureMahalanobis(entry.model, show_progress=False).fit(entry.train.dataset.x)
-    guard = Guard(entry.model, detector)
-    guard.calibrate(entry.test.x[:180], fpr=0.01)
-    graph = export_onnx(guard, folder / "guard.onnx", entry.test.x[:2])
-    production = export_model_onnx(entry.model, folder / "production.onnx", entry.test.x[:2])
+    if arch == "small_cnn":
+        entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
+        model, reference, labels, clean = entry.model, entry.train.dataset.x, None, entry.test.x
+    else:
+        torch.manual_seed(0)
+        model = build_model(arch, num_classes=10, in_channels=3).eval()
+        reference = torch.rand(400, 3, 32, 32)
+        labels, clean = torch.arange(400) % 10, torch.rand(200, 3, 32, 32)
+    detector = FeatureMahalanobis(model, show_progress=False).fit(reference, labels=labels)
+    guard = Guard(model, detector)
+    guard.calibrate(clean[:180], fpr=0.01)
+    graph = export_onnx(guard, folder / "guard.onnx", clean[:2])
+    production = export_model_onnx(model, folder / "production.onnx", clean[:2])
     for name, pipeline in (("guard", "in_process"), ("guardbls", "bls")):
         write_triton_repository(graph, folder / "repo", model_name=name, backend="python", production_model=production,
                                 pipeline=pipeline, intra_op_threads=1)
-    return {"production alone": "guard_production", "pipeline in_process (flag)": "guard_pipeline",
-            "pipeline bls (flag)": "guardbls_pipeline", "guard graph alone": "guard"}
+    roles = {"production alone": "guard_production", "pipeline in_process (flag)": "guard_pipeline",
+             "pipeline bls (flag)": "guardbls_pipeline", "guard graph alone": "guard"}
+    return roles, clean[180:244].numpy()
 
 
 def request_for(http, x: np.ndarray):
@@ -90,6 +106,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--arch", choices=("small_cnn", "resnet18_cifar"), default="small_cnn")
     parser.add_argument("--out", default=str(Path(__file__).with_name("triton_serving_results.jsonl")))
     args = parser.parse_args()
 
@@ -98,11 +115,9 @@ def main() -> None:
     from tritonclient import http
 
     from trojanguard.guard.triton_runtime import LocalTritonServer, find_server_home
-    from trojanguard.zoo import ZooConfig, get_backdoored_model
 
-    images = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False).test.x[:64].numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        models = build_repository(Path(tmp))
+        models, images = build_repository(Path(tmp), args.arch)
         with LocalTritonServer(Path(tmp) / "repo") as server:
             for model in models.values():  # warm-up: first requests load sessions' caches
                 latencies(http, server.url, model, images, 50)
@@ -118,7 +133,7 @@ def main() -> None:
         p50, p99 = (float(np.percentile(samples[role], q)) for q in (50, 99))
         rows.append({"role": role, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "p50_vs_production": p50 / base,
                      "requests_per_s_8_clients": rates[role]})
-    context = {"machine": platform.processor() or platform.machine(), "server": str(find_server_home()),
+    context = {"arch": args.arch, "input_shape": list(images.shape[1:]), "machine": platform.processor() or platform.machine(), "server": str(find_server_home()),
                "onnxruntime": onnxruntime.__version__, "tritonclient": getattr(tritonclient, "__version__", "?"),
                "requests": args.requests * args.rounds, "clients": args.clients, "seconds": args.seconds,
                "date": time.strftime("%Y-%m-%d")}
