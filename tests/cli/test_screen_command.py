@@ -218,3 +218,21 @@ def test_export_cli_writes_a_python_backend_repository_with_a_production_pipelin
     assert main(["export", *model, *common, "--out", str(tmp_path / "g.onnx"), "--production-model",
                  str(plain)]) == 2  # a production model needs a repository to be served from
     assert "--triton-repo" in capsys.readouterr().err
+
+
+def test_engine_options_are_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
+    """--engine ray's options are usage errors with --engine local; without Ray installed, --engine ray says how
+    to install it (one line, exit 1) — nothing is written in either case."""
+    base = ["screen", "--model", str(files / "model.safetensors"), "--arch", "small_cnn", "--num-classes", "4",
+            "--data", str(files / "data.npz"), "--detector", "features", "--out", str(tmp_path / "run")]
+    for extra, needle in ((["--workers", "2"], "--workers: an option of --engine ray"),
+                          (["--gpus-per-worker", "0.5"], "--gpus-per-worker: an option of --engine ray"),
+                          (["--engine", "ray", "--workers", "0"], "--workers: expected a positive integer"),
+                          (["--engine", "ray", "--block-size", "100"], "--block-size: expected a multiple of")):
+        assert main(base + extra) == 2
+        assert needle in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: import ray fails
+    assert main(base + ["--engine", "ray"]) == 1
+    err = capsys.readouterr().err
+    assert "needs Ray Data" in err and "pip install 'trojanguard[ray]'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -26,15 +26,28 @@ def run(args: argparse.Namespace) -> int:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "not installed"
+    from importlib import metadata
+
+    for name in ("ray", "tritonclient"):  # optional extras, read without importing them (Ray's import is slow)
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    from trojanguard.guard.triton_runtime import find_server_home, unavailable_reason
+
+    reason = unavailable_reason()
+    server = f"{find_server_home()} (Python backend)" if reason is None else f"unavailable: {reason}"
     devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
     backends, ops = backend_availability(), op_backend_availability()
     if args.json:
-        print(json.dumps({"versions": versions, "devices": devices, "backends": backends, "ops": ops}, indent=2))
+        print(json.dumps({"versions": versions, "devices": devices, "backends": backends, "ops": ops,
+                          "tritonserver": server}, indent=2))
         return 0
     print("versions:")
     for k, v in versions.items():
         print(f"  {k:12s} {v}")
     print("devices:  " + ", ".join(devices))
+    print(f"tritonserver: {server}")
     print("backends:")
     for name, reasons in backends.items():
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")

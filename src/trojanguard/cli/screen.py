@@ -67,6 +67,18 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=16, help="samples in the report's grid (default 16)")
     p.add_argument("--restart", action="store_true", help="discard results of a different run in --out and start over")
     p.add_argument("--no-report", action="store_true", help="only results.csv (no summary, figures, HTML)")
+    engine = p.add_argument_group("engine", "where the data's blocks are scored (docs/screening.md)")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process (default); ray: an actor pool on Ray Data (pip install "
+                             "'trojanguard[ray]'), same rows, resume and report")
+    engine.add_argument("--address", help="--engine ray: the cluster (auto: the one this machine is in; "
+                                          "ray://HOST:PORT; default: the running one, else a local one)")
+    engine.add_argument("--workers", type=int, help="--engine ray: scoring actors (default: one per CPU)")
+    engine.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="--engine ray: GPUs per actor (fractions share one; default 0: CPU actors)")
+    engine.add_argument("--block-size", type=int,
+                        help="--engine ray: samples per committed block, a multiple of --batch-size (default 4 "
+                             "batches)")
     add_model_input_options(p)
 
 
@@ -84,6 +96,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--detector-file: only for --detector features, got --detector {args.detector}")
     if args.reference is not None and args.detector == "cd":
         raise UsageError("--reference: cd is not fitted on data (only features, amortized), got --detector cd")
+    ray = None
+    if args.engine == "ray":
+        from trojanguard.screening.ray_engine import RayOptions, require_ray
+
+        ray = RayOptions(args.address, args.workers, args.gpus_per_worker, args.block_size)
+        try:
+            ray.check(args.batch_size)
+        except ValueError as exc:
+            name, _, rest = str(exc).partition(": ")
+            raise UsageError(f"--{name.replace('_', '-')}: {rest}") from None
+        require_ray()
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in ("address", "workers", "block_size") if getattr(args, n)]
+        given += ["--gpus-per-worker"] if args.gpus_per_worker else []
+        if given:
+            raise UsageError(f"{given[0]}: an option of --engine ray, got --engine local")
     calibration = {"auto": "auto", "none": None}.get(args.calibration, args.calibration)
     check_out_dir(args.out, "--out")  # before the model is loaded: a wrong folder fails at once
     model = load_command_model(args.model, args)
@@ -92,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                     detector_options=options, top_k=args.top_k, image_size=args.image_size,
                     channels=args.in_channels, overwrite=args.restart, report=not args.no_report,
                     reference=args.reference, detector_file=args.detector_file,
-                    command=shlex.join(["trojanguard", *args.argv]))
+                    command=shlex.join(["trojanguard", *args.argv]), engine=args.engine, ray=ray)
     _print_summary(args, result)
     return 0
 

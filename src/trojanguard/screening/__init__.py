@@ -14,11 +14,12 @@ from trojanguard.screening.detectors import (
     available_detectors,
     register_detector,
 )
+from trojanguard.screening.ray_engine import EngineUnavailableError, RayOptions
 from trojanguard.screening.records import ResumeError
 from trojanguard.screening.sources import FolderSource, ImageSource, NpzSource, TensorSource, open_source
 
 __all__ = [
-    "DETECTORS", "BatchScorer", "DetectorUnavailableError", "FolderSource", "ImageSource", "NpzSource",
-    "ResumeError", "ScreenResult", "TensorSource", "available_detectors", "model_sha256", "open_source",
+    "DETECTORS", "BatchScorer", "DetectorUnavailableError", "EngineUnavailableError", "FolderSource", "ImageSource",
+    "NpzSource", "RayOptions", "ResumeError", "ScreenResult", "TensorSource", "available_detectors", "model_sha256", "open_source",
     "register_detector", "screen",
 ]

@@ -19,11 +19,12 @@ from torch import nn
 
 from trojanguard.detect.base import Explains, SampleSizeWarning
 from trojanguard.detect.ensemble import CHECKPOINT_MAGIC
-from trojanguard.errors import DataError, check_positive_int
+from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.io import check_finite_weights, model_sha256
 from trojanguard.progress import progress_bar
 from trojanguard.screening import report as reporting
 from trojanguard.screening.detectors import DEFAULT_DETECTOR, FIT_CHECKPOINT, BatchScorer, build_detector
+from trojanguard.screening.ray_engine import RayOptions, clear_blocks, require_ray, stream_ray
 from trojanguard.screening.records import (
     FORMAT,
     MAGIC,
@@ -43,6 +44,8 @@ from trojanguard.screening.sources import (
     open_source,
 )
 from trojanguard.thresholds import ROBUST_Z, check_calibration_size, quantile_threshold, robust_threshold
+
+ENGINES = ("local", "ray")  # where the blocks of a run are scored: this process, or a Ray actor pool
 
 RESULTS_FILE = "results.csv"
 CALIBRATION_FILE = "calibration.csv"
@@ -131,7 +134,8 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
            threshold: float | None = None, calibration="auto", batch_size: int = 64,
            detector_options: dict | None = None, top_k: int = 16, image_size: int | None = None, channels: int = 3,
            overwrite: bool = False, report: bool = True, show_progress: bool = True, reference=None,
-           detector_file: str | Path | None = None, command: str | None = None) -> ScreenResult:
+           detector_file: str | Path | None = None, command: str | None = None, engine: str = "local",
+           ray: RayOptions | dict | None = None) -> ScreenResult:
     """Screen ``data`` for backdoor-triggered samples with ``model`` and the detector ``detector``.
 
     Args:
@@ -170,6 +174,11 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
             self-fit (a predicted class rare or mostly poison; ``summary["fit"]`` says so).
         detector_file: a fitted ``features`` detector written by ``FeatureMahalanobis.save`` (safetensors), for
             the same model; replaces the fit.
+        engine: ``"local"`` (this process, the default) or ``"ray"``: the blocks of the data scored by an actor
+            pool on Ray Data (:mod:`trojanguard.screening.ray_engine`; needs ``trojanguard[ray]``), with the same
+            rows, resume and report.
+        ray: :class:`~trojanguard.screening.ray_engine.RayOptions` (or a dict of them: ``address``, ``workers``,
+            ``gpus_per_worker``, ``block_size``) for ``engine="ray"``.
     """
     started_total = time.perf_counter()
     check_positive_int("batch_size", batch_size)
@@ -182,6 +191,13 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_finite_weights(model.state_dict(), "model")  # NaN weights would 'screen' every sample as class 0
+    check_choice("engine", engine, ENGINES)
+    if ray is not None and engine != "ray":
+        raise ValueError(f"ray: options for engine='ray', got engine={engine!r}")
+    ray_options = ray if isinstance(ray, RayOptions) else RayOptions(**(ray or {}))
+    if engine == "ray":
+        ray_options.check(batch_size)
+        require_ray()  # before any work: how to install it
     out_dir = check_out_dir(out_dir)
     calibration = _resolve_calibration(calibration, data, threshold)
     source = open_source(data, image_size=image_size, channels=channels)
@@ -266,6 +282,7 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
                 "data_description": source.description,
                 "calibration_description": None if reference is None else reference.description}
         results.create(meta)
+        clear_blocks(out_dir)  # committed blocks of an earlier run (ray engine) belong to that run
     elif rule == "quantile":
         calibration_scores = _read_calibration(out_dir, run)
 
@@ -273,7 +290,12 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
     resumed_from = done
     started = time.perf_counter()
     scorer.keep_top = top_k if report else 0
-    _stream(scorer, source, results, done, batch_size, threshold_value, detector_name, show_progress)
+    engine_info = {"engine": "local"}
+    if engine == "ray":
+        engine_info = stream_ray(scorer, source, results, done, batch_size, threshold_value, detector_name,
+                                 show_progress, ray_options, out_dir)
+    else:
+        _stream(scorer, source, results, done, batch_size, threshold_value, detector_name, show_progress)
     scorer.keep_top = 0
     seconds = time.perf_counter() - started
     screened_now = len(source) - resumed_from
@@ -296,7 +318,7 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
         results.rewrite(meta, rows)
 
     rate = screened_now / seconds if screened_now and seconds > 0 else None
-    run_info = {"resumed_from": resumed_from, "screened_now": screened_now, "seconds": seconds,
+    run_info = {**engine_info, "resumed_from": resumed_from, "screened_now": screened_now, "seconds": seconds,
                 "images_per_second": rate, "batch_size": batch_size, "fit_seconds": fit_seconds,
                 "calibration_seconds": calibration_seconds}
     summary = _summary(rows, flagged, source, meta, run, rule, fpr, threshold_value, run_info, top_k, detector,
@@ -441,21 +463,29 @@ def _stream(scorer, source, results, done, batch_size, threshold, detector_name,
                        enable=show_progress)
     try:
         for batch in source.batches(batch_size, start=done):
-            ok = batch.readable
-            scores = torch.full((len(batch),), math.nan, dtype=torch.float64)
-            predicted = torch.full((len(batch),), -1, dtype=torch.int64)
-            if ok.any():  # unreadable samples keep their (zero) slot, so every sample keeps its index
-                batch_scores, batch_predicted = scorer(batch.x, batch.start)
-                scores[ok] = batch_scores[ok].double()
-                predicted[ok] = batch_predicted[ok]
-            errors = [batch.errors.get(i, "") for i in range(len(batch))]
-            for i in (ok & torch.isnan(scores)).nonzero().flatten().tolist():  # never a silent NaN; inf is a score
-                errors[i] = f"{NOT_SCORED}: {detector_name} returned {scores[i].item()} for this image"
-            flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores.tolist()]
-            results.append(batch.start, batch.ids, batch.labels, predicted.tolist(), scores.tolist(), flags, errors)
+            predicted, scores, errors = score_batch(scorer, batch, detector_name)
+            flags = [None] * len(batch) if threshold is None else [int(s > threshold) for s in scores]
+            results.append(batch.start, batch.ids, batch.labels, predicted, scores, flags, errors)
             bar.update(len(batch))
     finally:
         bar.close()
+
+
+def score_batch(scorer, batch, detector_name: str) -> tuple[list[int], list[float], list[str]]:
+    """Predicted class, score and error text of every sample of ``batch`` — the rows' content, the same for
+    every engine. Unreadable samples keep their (zero) slot, so every sample keeps its index; a NaN score is
+    never silent (it becomes the row's error; inf is a score)."""
+    ok = batch.readable
+    scores = torch.full((len(batch),), math.nan, dtype=torch.float64)
+    predicted = torch.full((len(batch),), -1, dtype=torch.int64)
+    if ok.any():
+        batch_scores, batch_predicted = scorer(batch.x, batch.start)
+        scores[ok] = batch_scores[ok].double()
+        predicted[ok] = batch_predicted[ok]
+    errors = [batch.errors.get(i, "") for i in range(len(batch))]
+    for i in (ok & torch.isnan(scores)).nonzero().flatten().tolist():
+        errors[i] = f"{NOT_SCORED}: {detector_name} returned {scores[i].item()} for this image"
+    return predicted.tolist(), scores.tolist(), errors
 
 
 def _summary(rows: Rows, flagged, source, meta, run, rule, fpr, threshold, run_info, top_k, detector,

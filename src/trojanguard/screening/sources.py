@@ -79,11 +79,12 @@ class ImageSource:
     def fingerprint(self) -> dict:
         raise NotImplementedError
 
-    def batches(self, batch_size: int, start: int = 0):
-        """Yield consecutive :class:`Batch` es of ``batch_size`` samples from ``start`` to the end."""
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None):
+        """Yield consecutive :class:`Batch` es of ``batch_size`` samples from ``start`` to ``stop`` (the end)."""
         check_positive_int("batch_size", batch_size)
-        for first in range(start, len(self), batch_size):
-            yield self.read(first, min(first + batch_size, len(self)))
+        stop = len(self) if stop is None else min(stop, len(self))
+        for first in range(start, stop, batch_size):
+            yield self.read(first, min(first + batch_size, stop))
 
     def take(self, indices: list[int]) -> torch.Tensor:
         """Images ``(len(indices), C, H, W)`` of the given samples (read one by one, in increasing order)."""
