@@ -3,6 +3,7 @@ as the local engine for cd and features on the zoo's poisoned set; a worker kill
 mid-run both end in the rows of an uninterrupted run; committed blocks are skipped on resume; bad input and
 options are refused as locally. Skipped, with the reason, where Ray Data is not installed."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,6 +48,15 @@ def zoo_data():
     return entry.model, x
 
 
+@pytest.fixture(scope="module")
+def local_cd_rows(zoo_data, tmp_path_factory):
+    """The local engine's rows for cd (15 steps) on the zoo images: what every interrupted Ray run must end in."""
+    model, x = zoo_data
+    out = tmp_path_factory.mktemp("local-cd")
+    local_run(model, x, out, "cd", {"steps": 15})
+    return rows_of(out)
+
+
 def rows_of(out_dir: Path):
     """The rows of a finished run's results.csv (the header's creation time aside)."""
     _, rows = ResultsFile(Path(out_dir) / "results.csv").read()
@@ -60,14 +70,21 @@ def assert_same_rows(a, b) -> None:
     np.testing.assert_array_equal(a.scores, b.scores)  # bit for bit: the same batches, one thread each
 
 
-def local_run(model, x, out_dir, detector, options=None):
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread, as each Ray actor runs: so the float sums, and the scores, are the same."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray actor: so the float sums are the same
+    torch.set_num_threads(1)
     try:
-        return screen(model, x, detector=detector, out_dir=out_dir, calibration=None, batch_size=BATCH,
-                      detector_options=options, report=False, show_progress=False)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def local_run(model, x, out_dir, detector, options=None):
+    with one_thread():
+        return screen(model, x, detector=detector, out_dir=out_dir, calibration=None, batch_size=BATCH,
+                      detector_options=options, report=False, show_progress=False)
 
 
 def test_ray_rows_equal_the_local_engine(cluster, zoo_data, tmp_path):
@@ -102,9 +119,8 @@ def _kill_a_worker_after_the_first_block(out_dir: Path, killed: list) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's worker processes in /proc")
-def test_a_worker_killed_mid_run_ends_in_the_same_rows(cluster, zoo_data, tmp_path):
+def test_a_worker_killed_mid_run_ends_in_the_same_rows(cluster, zoo_data, local_cd_rows, tmp_path):
     model, x = zoo_data
-    local_run(model, x, tmp_path / "local", "cd", {"steps": 15})
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_the_first_block, args=(tmp_path / "ray", killed))
     killer.start()
@@ -113,7 +129,7 @@ def test_a_worker_killed_mid_run_ends_in_the_same_rows(cluster, zoo_data, tmp_pa
            ray=RayOptions(workers=2, block_size=BATCH))
     killer.join()
     assert killed, "no scoring worker was found to kill"
-    assert_same_rows(rows_of(tmp_path / "local"), rows_of(tmp_path / "ray"))
+    assert_same_rows(local_cd_rows, rows_of(tmp_path / "ray"))
 
 
 DRIVER = textwrap.dedent("""
@@ -127,9 +143,8 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_a_driver_killed_mid_run_resumes_to_the_same_rows(cluster, zoo_data, tmp_path):
+def test_a_driver_killed_mid_run_resumes_to_the_same_rows(cluster, zoo_data, local_cd_rows, tmp_path):
     model, x = zoo_data
-    local_run(model, x, tmp_path / "local", "cd", {"steps": 15})
     out = tmp_path / "ray"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(samples=SAMPLES, batch=BATCH), encoding="utf-8")
@@ -151,7 +166,7 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_rows(cluster, zoo_data, tmp
                     ray={"workers": 2, "block_size": 4 * BATCH})  # a new block size: the recorded one is kept
     assert result.summary["run"]["blocks_committed_before"] == committed
     assert result.summary["run"]["block_size"] == BATCH
-    assert_same_rows(rows_of(tmp_path / "local"), rows_of(out))
+    assert_same_rows(local_cd_rows, rows_of(out))
 
 
 def test_bad_input_and_options_are_refused_as_locally(cluster, zoo_data, tmp_path):
@@ -170,3 +185,30 @@ def test_bad_input_and_options_are_refused_as_locally(cluster, zoo_data, tmp_pat
     with pytest.raises(DataError, match="model: cannot take the data's images"):
         screen(model, torch.rand(8, 1, 7, 7), detector="features", out_dir=tmp_path / "e", calibration=None,
                engine="ray", show_progress=False, report=False)
+
+
+def test_folder_and_npz_sources_with_unreadable_files_give_the_local_rows(cluster, zoo_data, tmp_path):
+    """Actors read their own blocks from the paths (an .npz, a folder with a corrupt and an empty image); the rows,
+    unreadable ones with their errors, equal the local engine's."""
+    from PIL import Image
+
+    model, x = zoo_data
+    pixels = (x[:40].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    np.savez(tmp_path / "data.npz", x=pixels)
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True)
+    for i, image in enumerate(pixels[:30]):
+        Image.fromarray(image).save(folder / "a" / f"{i:03d}.png")
+    (folder / "a" / "010.png").write_bytes(b"not a png")
+    (folder / "a" / "020.png").write_bytes(b"")
+    for name, data in (("npz", tmp_path / "data.npz"), ("folder", folder)):
+        options = {"detector": "features", "calibration": None, "batch_size": 8, "report": False,
+                   "show_progress": False, "reference": x[:200]}
+        with one_thread():
+            screen(model, data, out_dir=tmp_path / f"{name}-local", **options)
+        screen(model, data, out_dir=tmp_path / f"{name}-ray", engine="ray", ray={"workers": 2, "block_size": 16},
+               **options)
+        local, remote = rows_of(tmp_path / f"{name}-local"), rows_of(tmp_path / f"{name}-ray")
+        assert_same_rows(local, remote)
+        if name == "folder":
+            assert sum(bool(e) for e in remote.errors) == 2 and remote.errors[10] and remote.errors[20]
