@@ -3,7 +3,6 @@ as the local engine for cd and features on the zoo's poisoned set; a worker kill
 mid-run both end in the rows of an uninterrupted run; committed blocks are skipped on resume; bad input and
 options are refused as locally. Skipped, with the reason, where Ray Data is not installed."""
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from trojanguard.detect.feature_mahalanobis import single_thread as one_thread  # as each Ray actor runs
 from trojanguard.screening import screen
 from trojanguard.screening.ray_engine import BLOCKS_DIR, RayOptions
 from trojanguard.screening.records import ResultsFile
@@ -68,17 +68,6 @@ def assert_same_rows(a, b) -> None:
     np.testing.assert_array_equal(a.predicted, b.predicted)
     np.testing.assert_array_equal(a.flagged, b.flagged)
     np.testing.assert_array_equal(a.scores, b.scores)  # bit for bit: the same batches, one thread each
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One torch thread, as each Ray actor runs: so the float sums, and the scores, are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def local_run(model, x, out_dir, detector, options=None):
@@ -134,7 +123,8 @@ def test_a_worker_killed_mid_run_ends_in_the_same_rows(cluster, zoo_data, local_
 
 DRIVER = textwrap.dedent("""
     import sys, torch
-    from trojanguard.screening import screen
+    from trojanguard.detect.feature_mahalanobis import single_thread as one_thread  # as each Ray actor runs
+from trojanguard.screening import screen
     from trojanguard.zoo import ZooConfig, get_backdoored_model
     entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
     screen(entry.model, entry.train.dataset.x[:{samples}], detector="cd", detector_options={{"steps": 15}},

@@ -160,22 +160,29 @@ def read_metadata(model_or_path) -> dict[str, object]:
     return decode_metadata({p.key: p.value for p in model.metadata_props})
 
 
-def load_guard_graph(path: str | Path, name: str = "path"):
-    """The ``onnx.ModelProto`` at ``path`` when it is a guard graph written by :func:`export_onnx`; a missing,
-    empty, truncated or corrupt file, or an ordinary (unguarded) ONNX model, raises a DataError naming ``name``."""
+def load_onnx_file(path: str | Path, name: str, what: str = "an ONNX model"):
+    """The checked ``onnx.ModelProto`` at ``path``; a missing, empty, truncated or corrupt file raises a DataError
+    naming ``name`` and ``what`` was expected."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{name}: expected an ONNX guard graph file, got {str(path)!r} ("
+        raise DataError(f"{name}: expected {what} file, got {str(path)!r} ("
                         f"{'a folder' if path.is_dir() else 'no such file'})")
     try:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 — protobuf / checker errors of every kind mean an unreadable graph
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise DataError(f"{name}: expected an ONNX guard graph, got {str(path)!r}, which ONNX cannot read "
+        raise DataError(f"{name}: expected {what}, got {str(path)!r}, which ONNX cannot read "
                         f"(empty, truncated or not ONNX: {reason})") from None
+    return model
+
+
+def load_guard_graph(path: str | Path, name: str = "path"):
+    """The ``onnx.ModelProto`` at ``path`` when it is a guard graph written by :func:`export_onnx`; a missing,
+    empty, truncated or corrupt file, or an ordinary (unguarded) ONNX model, raises a DataError naming ``name``."""
+    model = load_onnx_file(path, name, "an ONNX guard graph")
     try:
         metadata = read_metadata(model)
     except ValueError as exc:  # a JSON value that does not decode

@@ -276,18 +276,9 @@ def load_production_graph(path: Path, guard_input: TensorSpec, name: str = "prod
     """The ONNX classifier at ``path`` when the pipeline can feed it the guard's input: one input of the guard's
     shape (without the batch axis) and float32, a symbolic batch axis, a float32 first output. Anything else
     (a missing, broken or non-ONNX file, another shape) raises a DataError naming ``name``."""
-    import onnx
+    from trojanguard.guard.onnx_export import load_onnx_file
 
-    if not path.is_file():
-        raise DataError(f"{name}: expected an ONNX model file, got {str(path)!r} ("
-                        f"{'a folder' if path.is_dir() else 'no such file'})")
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(graph)
-    except Exception as exc:  # noqa: BLE001 — protobuf / checker errors of every kind mean an unreadable model
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise DataError(f"{name}: expected an ONNX model, got {str(path)!r}, which ONNX cannot read (empty, "
-                        f"truncated or not ONNX: {reason})") from None
+    graph = load_onnx_file(path, name)
     try:
         inputs, outputs = graph_tensors(graph)
     except DataError as exc:
