@@ -25,6 +25,7 @@ from trojanguard.guard.triton_runtime import (
     LocalTritonServer,
     TritonServerError,
     port_is_free,
+    probe_failure,
     unavailable_reason,
 )
 
@@ -50,6 +51,9 @@ def served(tmp_path_factory):
     for reference sessions."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
+    failure = probe_failure()  # a binary that cannot start here (libraries, Python) is a skip, with the reason
+    if failure is not None:
+        pytest.skip(failure)
     entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
     detector = FeatureMahalanobis(entry.model, show_progress=False).fit(entry.train.dataset.x)
     folder = tmp_path_factory.mktemp("serving")
@@ -62,6 +66,8 @@ def served(tmp_path_factory):
         write_triton_repository(graphs[policy], folder / "repo", model_name=f"guard_{policy}", backend="python",
                                 production_model=production, max_batch_size=MAX_BATCH, intra_op_threads=1,
                                 max_queue_delay_microseconds=2000, pipeline=PIPELINES[policy])
+    write_triton_repository(graphs["reject"], folder / "repo", model_name="inproc_reject", backend="python",
+                            production_model=production, max_batch_size=MAX_BATCH, intra_op_threads=1)
     x, triggered = held_out_clean_and_triggered(entry, start=CALIBRATION)
     with LocalTritonServer(folder / "repo") as server:
         client = http.InferenceServerClient(server.url)
@@ -125,6 +131,24 @@ def test_pipeline_reject_never_calls_the_production_model_for_a_flagged_input(se
     before = inference_count(client, "guard_reject_production")
     _, _, all_flagged = infer(client, "guard_reject_pipeline", x[served["triggered"] & flagged][:4])
     assert all_flagged.all() and inference_count(client, "guard_reject_production") == before
+
+
+def test_in_process_reject_pipeline_withholds_what_the_guard_flags(served):
+    """The default pipeline (in_process) under reject: flagged rows NaN, the others the production model's logits,
+    the same answer as the bls pipeline (whose calls Triton counts, above); a batch all flagged is answered."""
+    client, x = served["client"], served["x"]
+    logits, _, flagged = infer(client, "inproc_reject_pipeline", x)
+    expected = GuardSession(served["graphs"]["reject"], providers="cpu").run(x)
+    np.testing.assert_array_equal(flagged, expected.flagged)
+    assert flagged.any() and not flagged.all()
+    assert np.isnan(logits[flagged]).all() and np.isfinite(logits[~flagged]).all()
+    production = ort.InferenceSession(str(served["production"]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(logits[~flagged], production.run(None, {"input": x[~flagged]})[0], rtol=PARITY_RTOL,
+                               atol=1e-6)
+    bls_logits, _, _ = infer(client, "guard_reject_pipeline", x)
+    np.testing.assert_array_equal(np.isnan(bls_logits), np.isnan(logits))
+    all_flagged, _, every = infer(client, "inproc_reject_pipeline", x[served["triggered"] & flagged][:4])
+    assert every.all() and all_flagged.shape == (4, logits.shape[1]) and np.isnan(all_flagged).all()
 
 
 def test_dynamic_batching_merges_concurrent_requests(served):

@@ -89,13 +89,13 @@ def test_ray_rows_equal_the_local_engine(cluster, zoo_data, tmp_path):
     assert result.threshold == local.threshold and result.flagged.sum() == local.flagged.sum()
     run = result.summary["run"]
     assert run["engine"] == "ray" and run["blocks"] == SAMPLES // (2 * BATCH) and run["workers"] == 2
-    assert len(list((tmp_path / "ray" / BLOCKS_DIR).glob("rows-*.jsonl"))) == run["blocks"]
+    assert len(list((tmp_path / "ray" / BLOCKS_DIR).glob("rows-*.csv"))) == run["blocks"]
 
 
 def _kill_a_worker_after_the_first_block(out_dir: Path, killed: list) -> None:
     """Wait until a block is committed, then SIGKILL one scoring actor's process (found by its command line)."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((out_dir / BLOCKS_DIR).glob("rows-*.jsonl")):
+    while time.monotonic() < deadline and not list((out_dir / BLOCKS_DIR).glob("rows-*.csv")):
         time.sleep(0.05)
     for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -143,14 +143,14 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_rows(cluster, zoo_data, loc
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list((out / BLOCKS_DIR).glob("rows-*.jsonl"))) < 2:
+        while time.monotonic() < deadline and len(list((out / BLOCKS_DIR).glob("rows-*.csv"))) < 2:
             assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
             time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the driver (its actors end with its job; the cluster stays)
         driver.wait()
-    committed = len(list((out / BLOCKS_DIR).glob("rows-*.jsonl")))
+    committed = len(list((out / BLOCKS_DIR).glob("rows-*.csv")))
     assert 2 <= committed < SAMPLES // BATCH, "the driver finished before it could be killed mid-run"
     result = screen(model, x, detector="cd", detector_options={"steps": 15}, out_dir=out, calibration=None,
                     batch_size=BATCH, report=False, show_progress=False, engine="ray",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -100,9 +101,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fit the feature-space guard, calibrate it, export ONNX; optionally write a Triton model repository."""
-    from trojanguard.guard import write_triton_repository
     from trojanguard.guard.onnx_export import load_guard_graph
-    from trojanguard.guard.triton_server import PIPELINE_SUFFIX, PRODUCTION_SUFFIX
 
     if args.out is None and args.triton_repo is None:
         raise UsageError("--out, --triton-repo: expected --out FILE.onnx and/or --triton-repo DIR, got neither")
@@ -122,11 +121,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--out: --model is already an exported guard graph (.onnx), there is no graph to "
                              f"write; expected only --triton-repo DIR, got --out {args.out!r}")
         load_guard_graph(args.model, "--model")  # an ordinary classifier or a broken file: refused, nothing written
-        onnx_path = Path(args.model)
-    else:
-        onnx_path = _export_guard(args)
+    with tempfile.TemporaryDirectory(prefix="trojanguard-export-") as scratch:  # graphs only the repository keeps
+        _write_outputs(args, Path(scratch))
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, scratch: Path) -> None:
+    """The guard graph (--out, or ``scratch`` when only the repository is asked for) and the repository."""
+    from trojanguard.guard import write_triton_repository
+    from trojanguard.guard.triton_server import PIPELINE_SUFFIX, PRODUCTION_SUFFIX
+
+    onnx_path = Path(args.model) if Path(args.model).suffix == ".onnx" else _export_guard(args, scratch)
     if args.triton_repo is not None:
-        production = None if args.production_model is None else _production_graph(args, onnx_path)
+        production = None if args.production_model is None else _production_graph(args, onnx_path, scratch)
         model_dir = write_triton_repository(
             onnx_path, args.triton_repo, model_name=args.triton_name, max_batch_size=args.max_batch_size,
             max_queue_delay_microseconds=args.queue_delay_us, instance_kind=args.instance_kind,
@@ -137,15 +144,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"pipeline: {args.triton_name}{PIPELINE_SUFFIX} (the guard in front of "
                   f"{args.triton_name}{PRODUCTION_SUFFIX}, from {args.production_model})")
         print(f"serve it with: tritonserver --model-repository {Path(args.triton_repo).resolve()}")
-    return 0
 
 
-def _production_graph(args: argparse.Namespace, guard_path: Path) -> Path:
-    """--production-model as an ONNX file: as given, or a model exported beside the guard graph's input."""
-    import tempfile
-
+def _production_graph(args: argparse.Namespace, guard_path: Path, scratch: Path) -> Path:
+    """--production-model as an ONNX file: as given, or a model exported (into ``scratch``) for the guard graph's
+    input; a model that cannot take that input is a one-line error naming the option."""
     import torch
 
+    from trojanguard.errors import DataError
     from trojanguard.guard.onnx_export import export_model_onnx, load_guard_graph, read_metadata
     from trojanguard.guard.triton_server import graph_tensors, load_production_graph
 
@@ -154,9 +160,12 @@ def _production_graph(args: argparse.Namespace, guard_path: Path) -> Path:
         load_production_graph(Path(args.production_model), guard_input, "--production-model")
         return Path(args.production_model)
     model = load_command_model(args.production_model, args).cpu()
-    example = torch.rand(2, *read_metadata(guard_path)["input_shape"])
-    out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "production.onnx"
-    return export_model_onnx(model, out, example, opset=args.opset)
+    shape = read_metadata(guard_path)["input_shape"]
+    try:
+        return export_model_onnx(model, scratch / "production.onnx", torch.rand(2, *shape), opset=args.opset)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DataError(f"--production-model: expected a model that takes the guard's input {tuple(shape)}, got "
+                        f"{args.production_model!r}, which fails on it ({type(exc).__name__}: {exc})") from None
 
 
 def _check_triton_arguments(args: argparse.Namespace) -> None:
@@ -171,10 +180,8 @@ def _check_triton_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"{TRITON_ARGUMENTS.get(name, name)}: {rest}") from None
 
 
-def _export_guard(args: argparse.Namespace):
-    """Fit, calibrate and write the guard graph (to a temporary file when only --triton-repo is asked for)."""
-    import tempfile
-
+def _export_guard(args: argparse.Namespace, scratch: Path):
+    """Fit, calibrate and write the guard graph (into ``scratch`` when only --triton-repo is asked for)."""
     import torch
 
     from trojanguard.detect import FeatureMahalanobis
@@ -223,7 +230,7 @@ def _export_guard(args: argparse.Namespace):
     if args.out is not None:
         out = Path(args.out)
     else:
-        out = Path(tempfile.mkdtemp(prefix="trojanguard-export-")) / "model.onnx"
+        out = scratch / "model.onnx"
     path = export_onnx(guard.cpu(), out, example, opset=args.opset)
     fitted_on = f"fit {args.fit}" if args.fit is not None else f"reference {reference.description}"
     print(f"guard graph: {path} ({args.detector}, threshold {guard.threshold:.6g}, policy {args.policy}, "

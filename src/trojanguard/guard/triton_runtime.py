@@ -20,6 +20,7 @@ The server runs in its own process group; :meth:`LocalTritonServer.stop` (also o
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -37,6 +38,9 @@ from typing import Self
 ENV_VARIABLE = "TROJANGUARD_TRITONSERVER"
 PYTRITON_WHEEL = "nvidia-pytriton==0.7.0"  # the wheel make unpacks (Makefile); its server has the Python backend
 SERVER = Path("bin") / "tritonserver"
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through HTTP_PROXY
 
 
 class TritonServerError(RuntimeError):
@@ -83,6 +87,35 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def probe_failure(timeout: float = 60.0) -> str | None:
+    """Why a local server cannot serve a Python-backend ONNX model here, or None when it can: starts one on a
+    one-node identity graph (the binary, the stub's libpython, NumPy and ONNX Runtime in the embedded
+    interpreter). The tests skip on a reason, so a machine without what the binary needs is not a failure."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    import onnx
+    from onnx import TensorProto, helper
+
+    from trojanguard.guard.triton_server import _python_path, _write_onnx_model
+
+    with tempfile.TemporaryDirectory(prefix="trojanguard-probe-") as folder:
+        folder = Path(folder)
+        tensor = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 1]) for n in ("input", "output")]
+        graph = helper.make_model(helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "probe",
+                                                    tensor[:1], tensor[1:]), opset_imports=[helper.make_opsetid("", 13)])
+        onnx.save(graph, str(folder / "probe.onnx"))
+        batching = {"max_batch_size": 4, "max_queue_delay_microseconds": 0, "preferred_batch_sizes": None,
+                    "instance_kind": "cpu", "instance_count": 1, "backend": "python"}
+        python = {"python_path": _python_path("auto"), "intra_op_threads": "1", "pixel_cutoff": ""}
+        _write_onnx_model(folder / "repo", "probe", 1, folder / "probe.onnx", graph, batching, python)
+        try:
+            with LocalTritonServer(folder / "repo", startup_timeout=timeout):
+                return None
+        except TritonServerError as exc:
+            return f"the local tritonserver cannot serve a Python-backend model here: {' '.join(str(exc).split())[-400:]}"
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -111,6 +144,7 @@ class LocalTritonServer:
         home: the server's folder (None: :func:`find_server_home`).
         startup_timeout: seconds to wait for readiness before giving up (and stopping the server).
         log_path: where the server's output goes (None: a file in the temporary backend folder, removed on stop).
+            The server's process group is also ended when this Python process exits without :meth:`stop`.
     """
 
     def __init__(self, repository: str | Path, *, http_port: int | None = None, home: str | Path | None = None,
@@ -143,24 +177,31 @@ class LocalTritonServer:
         """Start the server and wait until it reports ready; a failed start stops it and raises TritonServerError."""
         if self.process is not None:
             return self
+        if not port_is_free(self.http_port):  # else readiness could be another server's answer
+            raise TritonServerError(f"http_port: expected a free port, got {self.http_port}, which is in use")
         self._workdir = Path(tempfile.mkdtemp(prefix="trojanguard-triton-"))
-        backends = self._workdir / "backends"
-        shutil.copytree(self.home / "backends", backends, symlinks=True)
-        stub = python_stub(self.home)
-        if stub is not None and stub.parent != self.home / "backends" / "python":
-            shutil.copy2(stub, backends / "python" / stub.name)
-        log_path = self.log_path or self._workdir / "server.log"
-        env = dict(os.environ)
-        libraries = [str(p) for p in (self.home.parent.parent / "nvidia_pytriton.libs", self.home / "lib") if p.is_dir()]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
-        command = [str(self.home / SERVER), "--model-repository", str(self.repository.resolve()),
-                   "--backend-directory", str(backends), "--http-port", str(self.http_port),
-                   "--http-address", "127.0.0.1", "--allow-grpc", "false", "--allow-metrics", "false",
-                   "--exit-timeout-secs", "3", "--strict-readiness", "true"]
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-        self._log = log_path
+        try:
+            backends = self._workdir / "backends"
+            shutil.copytree(self.home / "backends", backends, symlinks=True)
+            stub = python_stub(self.home)
+            if stub is not None and stub.parent != self.home / "backends" / "python":
+                shutil.copy2(stub, backends / "python" / stub.name)
+            self._log = self.log_path or self._workdir / "server.log"
+            env = dict(os.environ)
+            libraries = [str(p) for p in (self.home.parent.parent / "nvidia_pytriton.libs", self.home / "lib")
+                         if p.is_dir()]
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+            command = [str(self.home / SERVER), "--model-repository", str(self.repository.resolve()),
+                       "--backend-directory", str(backends), "--http-port", str(self.http_port),
+                       "--http-address", "127.0.0.1", "--allow-grpc", "false", "--allow-metrics", "false",
+                       "--exit-timeout-secs", "3", "--strict-readiness", "true"]
+            with open(self._log, "wb") as log:
+                self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True)
+        except OSError as exc:
+            self.stop()
+            raise TritonServerError(f"tritonserver could not be started: {exc}") from None
+        atexit.register(self.stop)  # a Python process that ends without stop() still ends its server
         try:
             self._wait_ready()
         except BaseException:
@@ -183,7 +224,7 @@ class LocalTritonServer:
     def ready(self) -> bool:
         """The server answers ``/v2/health/ready`` with 200 (every model loaded)."""
         try:
-            with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
+            with _NO_PROXY.open(f"http://{self.url}/v2/health/ready", timeout=1) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -200,6 +241,7 @@ class LocalTritonServer:
         """End the server's process group (SIGTERM, then SIGKILL after ``timeout``) and wait until its port is
         free; idempotent."""
         process, self.process = self.process, None
+        atexit.unregister(self.stop)
         if process is not None:
             for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
                 try:
@@ -218,7 +260,7 @@ class LocalTritonServer:
             deadline = time.monotonic() + 10
             while not port_is_free(self.http_port) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        if self._workdir is not None and self.log_path is None:
+        if self._workdir is not None:  # the backend copy and, unless log_path was given, the log
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 

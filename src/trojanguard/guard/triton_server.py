@@ -227,9 +227,11 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
                 shutil.copyfile(source, pipeline_dir / name)
             else:
                 (pipeline_dir / name).unlink(missing_ok=True)
+        # in_process runs both graphs itself: it goes where the models would (instance_kind); bls only calls them
+        kind = INSTANCE_KINDS[instance_kind] if pipeline == "in_process" else "KIND_CPU"
         text = _config_text(comment, pipeline_name, "python", guard_inputs, [served, *guard_outputs[1:]],
-                            max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, "KIND_CPU", 1,
-                            parameters)
+                            max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, kind,
+                            instance_count, parameters)
         (repository / pipeline_name / "config.pbtxt").write_text(text, encoding="utf-8")
         check_triton_repository(repository, production_name, version=version)
         check_triton_repository(repository, pipeline_name, version=version)
@@ -288,9 +290,10 @@ def load_production_graph(path: Path, guard_input: TensorSpec, name: str = "prod
     if (inputs[0].data_type, inputs[0].dims) != (guard_input.data_type, guard_input.dims):
         raise DataError(f"{name}: expected an input of {guard_input.data_type} {list(guard_input.dims)} (the "
                         f"guard's, without the batch axis), got {inputs[0].data_type} {list(inputs[0].dims)}")
-    if not outputs or outputs[0].data_type != "TYPE_FP32":
-        shown = outputs[0].data_type if outputs else "no output"
-        raise DataError(f"{name}: expected a float32 first output (logits or features), got {shown}")
+    if not outputs or outputs[0].data_type != "TYPE_FP32" or -1 in outputs[0].dims:
+        shown = f"{outputs[0].data_type} {list(outputs[0].dims)}" if outputs else "no output"
+        raise DataError(f"{name}: expected a float32 first output of fixed size (logits or features: the pipeline "
+                        f"answers withheld rows with NaN of that shape), got {shown}")
     return graph
 
 

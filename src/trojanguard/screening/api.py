@@ -281,8 +281,8 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "data_description": source.description,
                 "calibration_description": None if reference is None else reference.description}
+        clear_blocks(out_dir)  # committed blocks of an earlier run (ray engine) belong to that run: first
         results.create(meta)
-        clear_blocks(out_dir)  # committed blocks of an earlier run (ray engine) belong to that run
     elif rule == "quantile":
         calibration_scores = _read_calibration(out_dir, run)
 

@@ -8,7 +8,7 @@ How a run goes:
 - The samples are cut into **blocks** of whole batches (``block_size``, a multiple of ``batch_size``; a block's
   batches start where the local engine's do, so its rows are computed on the same batches). A Ray dataset of block
   descriptions runs through ``map_batches`` on an actor pool (``workers`` actors, ``gpus_per_worker`` GPUs each).
-- Each finished block is **committed atomically** by the driver to ``OUT/blocks/rows-<start>-<stop>.jsonl``
+- Each finished block is **committed atomically** by the driver to ``OUT/blocks/rows-<start>-<stop>.csv``
   (temporary file, fsync, rename): a killed driver or worker loses at most the blocks in flight, and a re-run
   skips the committed ones. Ray restarts a killed actor and retries its block.
 - When every block is committed, their rows are appended to ``results.csv`` in index order, and the run ends as a
@@ -20,6 +20,8 @@ visible at the same path on every node, or in-memory data shipped through the ob
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -28,9 +30,10 @@ from pathlib import Path
 
 from trojanguard.errors import TrojanGuardError, check_positive_int
 from trojanguard.progress import progress_bar
-from trojanguard.screening.records import write_atomic
+from trojanguard.screening.records import ResumeError, escape_cell, unescape_cell, write_atomic, write_row
 
 BLOCKS_DIR = "blocks"
+BLOCK_COLUMNS = ("index", "id", "label", "predicted", "score", "error")  # a block file; flags come at the end
 LAYOUT_FILE = "layout.json"
 INSTALL_HINT = "pip install 'trojanguard[ray]' (Ray Data: ray[data])"
 DEFAULT_BATCHES_PER_BLOCK = 4
@@ -38,6 +41,10 @@ DEFAULT_BATCHES_PER_BLOCK = 4
 
 class EngineUnavailableError(TrojanGuardError, ValueError):
     """The requested engine cannot run here (Ray not installed, or no cluster at the address)."""
+
+
+class EngineError(TrojanGuardError, RuntimeError):
+    """The engine failed during the run (the blocks committed so far are kept)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def block_ranges(samples: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def block_path(folder: Path, start: int, stop: int) -> Path:
-    return folder / f"rows-{start:012d}-{stop:012d}.jsonl"
+    return folder / f"rows-{start:012d}-{stop:012d}.csv"
 
 
 class _BlockScorer:
@@ -103,7 +110,7 @@ class _BlockScorer:
         self.scorer = ray.get(scorer_ref) if isinstance(scorer_ref, ray.ObjectRef) else scorer_ref
         self.source = ray.get(source_ref) if isinstance(source_ref, ray.ObjectRef) else source_ref
         self.batch_size, self.detector_name = batch_size, detector_name
-        if torch.cuda.is_available() and ray.get_gpu_ids():  # a GPU actor: the scorer's modules move there
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # a GPU actor: the scorer moves to its GPU
             _move_scorer(self.scorer, torch.device("cuda"))
 
     def __call__(self, blocks: dict) -> dict:
@@ -134,6 +141,7 @@ def stream_ray(scorer, source, results, done: int, batch_size: int, threshold, d
     what the summary reports about the engine (workers, blocks scored now and skipped)."""
     ray = require_ray()
     folder = out_dir / BLOCKS_DIR
+    source = _with_absolute_paths(source)  # actors do not share the driver's working directory
     block_size = _block_size(folder, options, batch_size)
     blocks = [(k, start, stop) for k, (start, stop) in enumerate(block_ranges(len(source), block_size)) if stop > done]
     pending = [b for b in blocks if not block_path(folder, b[1], b[2]).is_file()]
@@ -148,9 +156,11 @@ def stream_ray(scorer, source, results, done: int, batch_size: int, threshold, d
             if started_here:
                 ray.shutdown()
     for _, start, stop in blocks:  # every block is committed now: into results.csv, in index order
-        rows = [row for row in _read_block(block_path(folder, start, stop)) if row[0] >= done]
-        if not rows:
-            continue
+        path = block_path(folder, start, stop)
+        rows = [row for row in _read_block(path) if row[0] >= done]
+        if [row[0] for row in rows] != list(range(max(start, done), stop)):
+            raise ResumeError(f"{path}: expected the rows {max(start, done)}…{stop - 1}, got "
+                              f"{len(rows)} rows; the file was changed by hand? pass overwrite=True (CLI: --restart)")
         index, ids, labels, predicted, scores, errors = (list(column) for column in zip(*rows))
         flags = [None] * len(rows) if threshold is None else [int(s > threshold) for s in scores]
         results.append(index[0], ids, labels, predicted, scores, flags, errors)
@@ -181,9 +191,13 @@ def _block_size(folder: Path, options: RayOptions, batch_size: int) -> int:
     """The run's block size: the one its committed blocks were cut with (kept on resume), else the option's."""
     layout = folder / LAYOUT_FILE
     if layout.is_file():
-        recorded = json.loads(layout.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(layout.read_text(encoding="utf-8"))
+        except ValueError:
+            recorded = {}
         if recorded.get("batch_size") == batch_size:
             return int(recorded["block_size"])
+        clear_blocks(folder.parent)  # cut with another batch size: their batches are not this run's
     options.check(batch_size)
     size = options.block_size or DEFAULT_BATCHES_PER_BLOCK * batch_size
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,9 +224,11 @@ def _run_blocks(ray, scorer, source, pending, folder: Path, batch_size: int, det
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below counts images, on a terminal or in a log
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = min(options.workers or cpus, len(pending))
-    scorer_ref, source_ref = ray.put(scorer), ray.put(source)
+    resources = ray.cluster_resources()
+    fits = (int(resources.get("GPU", 0) / options.gpus_per_worker) if options.gpus_per_worker
+            else int(resources.get("CPU", 1)))
+    workers = max(1, min(options.workers or fits, len(pending)))
+    scorer_ref, source_ref = ray.put(_portable_scorer(scorer)), ray.put(source)
     items = [{"block": k, "start": start, "stop": stop} for k, start, stop in pending]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     resources = {"num_gpus": options.gpus_per_worker} if options.gpus_per_worker else {"num_cpus": 1}
@@ -226,7 +242,7 @@ def _run_blocks(ray, scorer, source, pending, folder: Path, batch_size: int, det
     bar = progress_bar(sum(expected.values()), desc=f"screening ({detector_name}, ray, {workers} workers)",
                        unit="img", enable=show_progress)
     try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _iterate(ray, scored):
             for k in np.unique(batch["block"]):
                 mine = batch["block"] == k
                 rows = partial.setdefault(int(k), [])
@@ -239,18 +255,79 @@ def _run_blocks(ray, scorer, source, pending, folder: Path, batch_size: int, det
     finally:
         bar.close()
     if partial:
-        raise RuntimeError(f"ray engine: blocks {sorted(partial)} came back incomplete")
+        raise EngineError(f"engine: ray returned blocks {sorted(partial)} incomplete; run the same command again to "
+                          "score them (committed blocks are kept)")
     return workers
 
 
+def _iterate(ray, dataset):
+    """The dataset's output batches; a failure of Ray's (a task that kept failing, a lost cluster) becomes one
+    EngineError line — the blocks committed so far are kept."""
+    failures = (ray.exceptions.RayError, getattr(getattr(ray.data, "exceptions", None), "UserCodeException", ()))
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except failures as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, TrojanGuardError):  # a bad-input error of an actor
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise EngineError(f"engine: ray failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); committed "
+                          "blocks are kept — run the same command again to resume") from None
+
+
+def _portable_scorer(scorer):
+    """The scorer as the actors get it: on the CPU (a GPU actor moves it to its own GPU; a CPU actor on a node
+    without CUDA could not even unpickle CUDA tensors) and keeping no report pictures (the driver makes those)."""
+    import copy
+
+    import torch
+
+    keep_top, scorer.keep_top = scorer.keep_top, 0
+    try:
+        if getattr(scorer, "device", torch.device("cpu")).type == "cpu":
+            return copy.copy(scorer)
+        portable = copy.deepcopy(scorer)
+        _move_scorer(portable, torch.device("cpu"))
+        return portable
+    finally:
+        scorer.keep_top = keep_top
+
+
+def _with_absolute_paths(source):
+    """A copy of a folder or ``.npz`` source whose paths are absolute (ids unchanged), for actors elsewhere."""
+    import copy
+
+    source = copy.copy(source)
+    if hasattr(source, "root"):
+        source.root = Path(source.root).absolute()
+        source.entries = [(Path(file).absolute(), label) for file, label in source.entries]
+    if hasattr(source, "path"):
+        source.path = Path(source.path).absolute()
+    return source
+
+
 def _commit_block(path: Path, rows: list) -> None:
-    """One block's rows, durable and whole or absent: ``[index, id, label, predicted, score, error]`` per line."""
-    write_atomic(path, "".join(json.dumps(list(row)) + "\n" for row in rows))
+    """One block's rows, durable and whole or absent: a CSV of BLOCK_COLUMNS, cells as in ``results.csv``
+    (formula-safe text, ``repr`` scores: an exact round trip; score and prediction empty for an error row)."""
+    buffer = io.StringIO()
+    buffer.write(",".join(BLOCK_COLUMNS) + "\n")
+    for index, sample_id, label, predicted, score, error in rows:
+        write_row(buffer, [index, escape_cell(sample_id), escape_cell(label), "" if error else predicted,
+                           "" if error else repr(float(score)), escape_cell(error)])
+    write_atomic(path, buffer.getvalue())
 
 
 def _read_block(path: Path) -> list:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The rows of a committed block (see :func:`_commit_block`)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        if tuple(next(reader, ())) != BLOCK_COLUMNS:
+            raise ResumeError(f"{path}: not a block of this version (expected the columns {','.join(BLOCK_COLUMNS)});"
+                              " pass overwrite=True (CLI: --restart) to start over")
+        return [(int(index), unescape_cell(sample_id), unescape_cell(label), int(predicted) if predicted else -1,
+                 float(score) if score else math.nan, unescape_cell(error))
+                for index, sample_id, label, predicted, score, error in reader]
 
 
 def describe() -> str:

@@ -47,7 +47,9 @@ class TritonPythonModel:
 
         self.input_name = config["input"][0]["name"]
         self.output_names = [output["name"] for output in config["output"]]
-        self.output_dims = [int(d) for d in config["output"][0]["dims"]]
+        served = config["output"][0]  # a batch-axis-only output is declared dims [1] with reshape []
+        batch_only = "reshape" in served and not served["reshape"].get("shape")
+        self.output_dims = [] if batch_only else [int(d) for d in served["dims"]]
         self.guard, self.guard_input = parameters["guard_model"], parameters["guard_input"]
         self.production, self.production_input = parameters["production_model"], parameters["production_input"]
         self.production_output = parameters["production_output"]
@@ -92,7 +94,7 @@ class TritonPythonModel:
         if self.policy == "flag":
             (served,) = self.call(self.production, self.production_input, x, (self.production_output,))
             return [served, score, flagged]
-        keep = ~flagged
+        keep = ~flagged.astype(bool)
         if keep.any():
             (answered,) = self.call(self.production, self.production_input, np.ascontiguousarray(x[keep]),
                                           (self.production_output,))
