@@ -1,7 +1,8 @@
 """Serving latency and throughput on a real Triton Inference Server (loopback HTTP, tritonclient): the production
-model alone vs the same model behind the feature guard — the pipeline (guard + production model, policy flag;
-``in_process`` and ``bls``) and the guard graph alone (which serves the guarded model's own logits with the score
-and flag).
+model alone vs the same model behind the feature guard — the guard graph alone (the guarded model's own logits
+with the score and flag) and the pipeline (policy flag): ``in_process`` in front of the guarded model itself (one
+forward pass: ``shared_forward``) and in front of a separate production model of the same architecture (two
+forward passes, the guard on its own thread), and ``bls``.
 
 The server is the nvidia-pytriton wheel's tritonserver (Python backend; every model runs its ONNX graph with ONNX
 Runtime, one intra-op thread). Model (``--arch``): the digits zoo's BadNets small CNN (3x32x32 digits), or
@@ -49,16 +50,22 @@ def build_repository(folder: Path, arch: str) -> tuple[dict[str, str], np.ndarra
         model = build_model(arch, num_classes=10, in_channels=3).eval()
         reference = torch.rand(400, 3, 32, 32)
         labels, clean = torch.arange(400) % 10, torch.rand(200, 3, 32, 32)
+    torch.manual_seed(1)
+    other = build_model(arch, num_classes=10, in_channels=3).eval()  # a separate production model, same cost
     detector = FeatureMahalanobis(model, show_progress=False).fit(reference, labels=labels)
     guard = Guard(model, detector)
     guard.calibrate(clean[:180], fpr=0.01)
     graph = export_onnx(guard, folder / "guard.onnx", clean[:2])
-    production = export_model_onnx(model, folder / "production.onnx", clean[:2])
-    for name, pipeline in (("guard", "in_process"), ("guardbls", "bls")):
+    itself = export_model_onnx(model, folder / "production.onnx", clean[:2])
+    separate = export_model_onnx(other, folder / "other.onnx", clean[:2])
+    for name, production, pipeline in (("guard", itself, "in_process"), ("guardsep", separate, "in_process"),
+                                       ("guardbls", itself, "bls")):
         write_triton_repository(graph, folder / "repo", model_name=name, backend="python", production_model=production,
                                 pipeline=pipeline, intra_op_threads=1)
-    roles = {"production alone": "guard_production", "pipeline in_process (flag)": "guard_pipeline",
-             "pipeline bls (flag)": "guardbls_pipeline", "guard graph alone": "guard"}
+    roles = {"production alone": "guard_production", "guard graph alone": "guard",
+             "pipeline in_process, the guarded model (shared forward)": "guard_pipeline",
+             "pipeline in_process, a separate production model": "guardsep_pipeline",
+             "pipeline bls, the guarded model": "guardbls_pipeline"}
     return roles, clean[180:244].numpy()
 
 
@@ -137,10 +144,10 @@ def main() -> None:
                "onnxruntime": onnxruntime.__version__, "tritonclient": getattr(tritonclient, "__version__", "?"),
                "requests": args.requests * args.rounds, "clients": args.clients, "seconds": args.seconds,
                "date": time.strftime("%Y-%m-%d")}
-    print(f"{'model':<26} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'req/s (' + str(args.clients) + ' clients)':>20}")
+    print(f"{'model':<58} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'req/s (' + str(args.clients) + ' clients)':>20}")
     with open(args.out, "a", encoding="utf-8") as out:
         for row in rows:
-            print(f"{row['role']:<26} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['p50_vs_production']:>10.3f} "
+            print(f"{row['role']:<58} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['p50_vs_production']:>10.3f} "
                   f"{row['requests_per_s_8_clients']:>20.0f}")
             out.write(json.dumps({**row, **context}) + "\n")
 

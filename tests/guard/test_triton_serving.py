@@ -28,6 +28,7 @@ from trojanguard.guard.triton_runtime import (
     probe_failure,
     unavailable_reason,
 )
+from trojanguard.models import build_model
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (pip install -e '.[dev]')")
 from tritonclient.utils import InferenceServerException
@@ -46,9 +47,10 @@ PIPELINES = {"flag": "in_process", "reject": "bls"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The BadNets zoo model behind a feature guard (flag and reject policies), each with the model itself as the
-    production model (pipelines as PIPELINES), in one repository on one running server; plus the exported graphs
-    for reference sessions."""
+    """The BadNets zoo model behind a feature guard (flag and reject policies) in front of another network as the
+    production model (pipelines as PIPELINES; ``inproc_reject``: reject, in_process), and in front of itself
+    (``shared``: flag, in_process, one forward pass), in one repository on one running server; plus the exported
+    graphs for reference sessions."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
     failure = probe_failure()  # a binary that cannot start here (libraries, Python) is a skip, with the reason
@@ -57,7 +59,8 @@ def served(tmp_path_factory):
     entry = get_backdoored_model(ZooConfig(attack="badnets"), show_progress=False)
     detector = FeatureMahalanobis(entry.model, show_progress=False).fit(entry.train.dataset.x)
     folder = tmp_path_factory.mktemp("serving")
-    production = export_model_onnx(entry.model, folder / "production.onnx", entry.test.x[:2])
+    other = build_model("small_cnn", num_classes=10, in_channels=entry.test.x.shape[1]).eval()  # seeded by _seed
+    production = export_model_onnx(other, folder / "production.onnx", entry.test.x[:2])
     graphs = {}
     for policy in ("flag", "reject"):
         guard = Guard(entry.model, detector, policy=policy)
@@ -68,10 +71,13 @@ def served(tmp_path_factory):
                                 max_queue_delay_microseconds=2000, pipeline=PIPELINES[policy])
     write_triton_repository(graphs["reject"], folder / "repo", model_name="inproc_reject", backend="python",
                             production_model=production, max_batch_size=MAX_BATCH, intra_op_threads=1)
+    itself = export_model_onnx(entry.model, folder / "itself.onnx", entry.test.x[:2])
+    write_triton_repository(graphs["flag"], folder / "repo", model_name="shared", backend="python",
+                            production_model=itself, max_batch_size=MAX_BATCH, intra_op_threads=1)
     x, triggered = held_out_clean_and_triggered(entry, start=CALIBRATION)
     with LocalTritonServer(folder / "repo") as server:
         client = http.InferenceServerClient(server.url)
-        yield {"server": server, "client": client, "graphs": graphs, "production": production,
+        yield {"server": server, "client": client, "graphs": graphs, "production": production, "repo": folder / "repo",
                "x": x.numpy(), "triggered": triggered.numpy()}
         client.close()
 
@@ -114,6 +120,24 @@ def test_pipeline_flag_serves_the_production_model_with_the_guards_score(served)
     expected = GuardSession(served["graphs"]["flag"], providers="cpu").run(x)
     np.testing.assert_array_equal(flagged, expected.flagged)
     np.testing.assert_allclose(score, expected.score, rtol=PARITY_RTOL, atol=1e-5)
+
+
+def test_a_pipeline_in_front_of_the_guarded_model_itself_runs_one_forward_pass(served):
+    """Production model = the guarded model: the in_process pipeline serves the guard graph's own outputs (checked
+    equal when written), with no production graph of its own."""
+    from trojanguard.guard import check_triton_repository
+
+    config = check_triton_repository(served["repo"], "shared_pipeline")
+    assert config.parameters["shared_forward"].string_value == "true"
+    assert not (served["repo"] / "shared_pipeline" / "1" / "production.onnx").exists()
+    for other in ("guard_flag_pipeline", "inproc_reject_pipeline"):  # another network: two graphs
+        assert check_triton_repository(served["repo"], other).parameters["shared_forward"].string_value == "false"
+    x = served["x"]
+    logits, score, flagged = infer(served["client"], "shared_pipeline", x)
+    expected = GuardSession(served["graphs"]["flag"], providers="cpu").run(x)
+    np.testing.assert_allclose(logits, expected.logits, rtol=PARITY_RTOL, atol=1e-6)
+    np.testing.assert_allclose(score, expected.score, rtol=PARITY_RTOL, atol=1e-5)
+    np.testing.assert_array_equal(flagged, expected.flagged)
 
 
 def test_pipeline_reject_never_calls_the_production_model_for_a_flagged_input(served):

@@ -189,7 +189,7 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 0:
         raise ValueError(f"intra_op_threads: expected an integer >= 0, got {intra_op_threads!r}")
     graph = load_guard_graph(onnx_path, "onnx_path")  # an ordinary classifier or a broken file stops here
-    guard_inputs, guard_outputs = graph_tensors(graph)
+    guard_inputs = graph_tensors(graph)[0]
     production = None
     if production_model is not None:
         production_model = Path(production_model)
@@ -206,37 +206,73 @@ def write_triton_repository(onnx_path: str | Path, repository: str | Path, *, mo
     model_dir = _write_onnx_model(repository, model_name, version, onnx_path, graph, batching, guard_python)
     (model_dir / "trojanguard.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     if production is not None:
-        production_name, pipeline_name = model_name + PRODUCTION_SUFFIX, model_name + PIPELINE_SUFFIX
+        production_name = model_name + PRODUCTION_SUFFIX
         _write_onnx_model(repository, production_name, version, production_model, production, batching,
                           {**python, "pixel_cutoff": ""})
-        (production_input,), production_outputs = graph_tensors(production)
-        served = TensorSpec(guard_outputs[0].name, production_outputs[0].data_type, production_outputs[0].dims)
-        parameters = {"guard_model": model_name, "guard_input": guard_inputs[0].name,
-                      "production_model": production_name, "production_input": production_input.name,
-                      "production_output": production_outputs[0].name, "policy": str(metadata["policy"]),
-                      "pipeline_mode": pipeline, **guard_python}
-        comment = [(f"# Written by trojanguard: the guard {model_name} in front of the production model "
-                   f"{production_name} (policy {metadata['policy']})."),
-                   (f"# Outputs: {served.name} (the production model's; NaN where the policy withheld it), score, "
-                   "flagged (the guard's).")]
-        pipeline_dir = repository / pipeline_name / str(version)
-        pipeline_dir.mkdir(parents=True, exist_ok=True)
-        _copy_python_files(pipeline_dir, triton_models.PIPELINE_MODEL)
-        for source, name in zip((onnx_path, production_model), PIPELINE_GRAPHS):
-            if pipeline == "in_process":
-                shutil.copyfile(source, pipeline_dir / name)
-            else:
-                (pipeline_dir / name).unlink(missing_ok=True)
-        # in_process runs both graphs itself: it goes where the models would (instance_kind); bls only calls them
-        kind = INSTANCE_KINDS[instance_kind] if pipeline == "in_process" else "KIND_CPU"
-        text = _config_text(comment, pipeline_name, "python", guard_inputs, [served, *guard_outputs[1:]],
-                            max_batch_size, max_queue_delay_microseconds, preferred_batch_sizes, kind,
-                            instance_count, parameters)
-        (repository / pipeline_name / "config.pbtxt").write_text(text, encoding="utf-8")
         check_triton_repository(repository, production_name, version=version)
-        check_triton_repository(repository, pipeline_name, version=version)
+        _write_pipeline(repository, model_name, version, (onnx_path, graph), (production_model, production), pipeline,
+                        str(metadata["policy"]), guard_python, batching)
     check_triton_repository(repository, model_name, version=version)
     return model_dir
+
+
+def _write_pipeline(repository: Path, model_name: str, version: int, guard: tuple, production: tuple, pipeline: str,
+                    policy: str, python: dict[str, str], batching: dict) -> None:
+    """``<model_name>_pipeline``: config + model.py, and for ``in_process`` the graphs it runs itself — only the
+    guard's when the production model computes the guard's own first output (:func:`same_first_output`): then one
+    forward pass serves both."""
+    (guard_path, guard_graph), (production_path, production_graph) = guard, production
+    guard_inputs, guard_outputs = graph_tensors(guard_graph)
+    (production_input,), production_outputs = graph_tensors(production_graph)
+    production_name, pipeline_name = model_name + PRODUCTION_SUFFIX, model_name + PIPELINE_SUFFIX
+    shared = pipeline == "in_process" and same_first_output(guard_path, production_path)
+    served = TensorSpec(guard_outputs[0].name, production_outputs[0].data_type, production_outputs[0].dims)
+    parameters = {"guard_model": model_name, "guard_input": guard_inputs[0].name, "production_model": production_name,
+                  "production_input": production_input.name, "production_output": production_outputs[0].name,
+                  "policy": policy, "pipeline_mode": pipeline, "shared_forward": str(shared).lower(), **python}
+    comment = [(f"# Written by trojanguard: the guard {model_name} in front of the production model {production_name} "
+               f"(policy {policy})."),
+               (f"# Outputs: {served.name} (the production model's; NaN where the policy withheld it), score, flagged "
+               "(the guard's).")]
+    if shared:
+        comment.append("# The production model computes the guard graph's own first output (checked on random inputs "
+                       "when written): one forward pass serves both.")
+    folder = repository / pipeline_name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    _copy_python_files(folder, triton_models.PIPELINE_MODEL)
+    for source, name, needed in zip((guard_path, production_path), PIPELINE_GRAPHS,
+                                    (pipeline == "in_process", pipeline == "in_process" and not shared)):
+        if needed:
+            shutil.copyfile(source, folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    # in_process runs the graphs itself: it goes where the models would (instance_kind); bls only calls them
+    kind = INSTANCE_KINDS[batching["instance_kind"]] if pipeline == "in_process" else "KIND_CPU"
+    text = _config_text(comment, pipeline_name, "python", guard_inputs, [served, *guard_outputs[1:]],
+                        batching["max_batch_size"], batching["max_queue_delay_microseconds"],
+                        batching["preferred_batch_sizes"], kind, batching["instance_count"], parameters)
+    (repository / pipeline_name / "config.pbtxt").write_text(text, encoding="utf-8")
+    check_triton_repository(repository, pipeline_name, version=version)
+
+
+def same_first_output(guard_path: Path, production_path: Path, samples: int = 8) -> bool:
+    """True when the production graph's first output equals the guard graph's first output (the guarded model's
+    logits or features) on ``samples`` random images in [0, 1] (relative 1e-4): the production model *is* the
+    guarded model, and a pipeline can serve the guard graph's own output instead of a second forward pass."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    outputs = []
+    for path in (guard_path, production_path):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        shape = session.get_inputs()[0].shape[1:]
+        x = np.random.default_rng(0).random((samples, *shape), dtype=np.float32)
+        outputs.append(session.run([session.get_outputs()[0].name], {session.get_inputs()[0].name: x})[0])
+    guard, production = outputs
+    return guard.shape == production.shape and bool(np.allclose(guard, production, rtol=1e-4,
+                                                                 atol=1e-5 * max(1.0, float(np.abs(guard).max()))))
 
 
 def _write_onnx_model(repository: Path, name: str, version: int, source: Path, graph, batching: dict,
@@ -334,7 +370,8 @@ def check_triton_repository(repository: str | Path, model_name: str = DEFAULT_MO
                 raise DataError(f"Triton repository: missing {model_dir / str(version) / file}")
         if "production_model" in config.parameters:  # a pipeline: its two graphs, or the two models it calls
             if config.parameters["pipeline_mode"].string_value == "in_process":
-                for name in PIPELINE_GRAPHS:
+                shared = config.parameters["shared_forward"].string_value == "true"
+                for name in PIPELINE_GRAPHS[:1] if shared else PIPELINE_GRAPHS:
                     if not (model_dir / str(version) / name).is_file():
                         raise DataError(f"Triton repository: missing {model_dir / str(version) / name}")
                 return config

@@ -10,14 +10,17 @@ production model —
   are answered with NaN outputs (withheld, as a guard graph's ``reject`` policy does) and never reach it.
 
 ``pipeline_mode``: ``in_process`` runs both graphs (``guard.onnx``, ``production.onnx`` beside this file) in this
-model's own ONNX Runtime sessions — one server hop, as the production model alone; ``bls`` calls the models
+model's own ONNX Runtime sessions — one server hop, as the production model alone; with ``shared_forward`` (the
+production model computes the guard graph's own first output, checked when the repository was written) only the
+guard graph, whose output already follows the policy; ``bls`` calls the models
 ``guard_model`` and ``production_model`` of the repository (business-logic scripting: any backend or device can
 serve them, at the cost of two more hops).
 
 One request in; the production model's output (named as the guard's first output), ``score`` and ``flagged``
 out. A request whose images are not finite (or 0–255 pixels) gets an error of its own; an error of either model
 fails the batch with that model's message. Parameters: ``guard_model``, ``guard_input``, ``production_model``,
-``production_input``, ``production_output``, ``policy``, ``pipeline_mode``, ``python_path``, ``pixel_cutoff``,
+``production_input``, ``production_output``, ``policy``, ``pipeline_mode``, ``shared_forward``, ``python_path``,
+``pixel_cutoff``,
 ``intra_op_threads``.
 """
 
@@ -58,13 +61,15 @@ class TritonPythonModel:
             raise ValueError(f"policy: expected 'flag' or 'reject', got {self.policy!r}")
         self.pixel_cutoff = common.pixel_cutoff(parameters)
         self.mode = parameters.get("pipeline_mode", "bls")
+        self.shared = self.mode == "in_process" and parameters.get("shared_forward") == "true"
         self.sessions = {}
-        if self.mode == "in_process":  # both graphs beside this file, run here: no in-server call, no extra hop
+        if self.mode == "in_process":  # the graphs beside this file, run here: no in-server call, no extra hop
             import concurrent.futures
 
             folder = os.path.dirname(os.path.abspath(__file__))
+            graphs = ((self.guard, GUARD_FILE),) + (() if self.shared else ((self.production, PRODUCTION_FILE),))
             self.sessions = {name: common.onnx_session(os.path.join(folder, file), parameters, args)
-                             for name, file in ((self.guard, GUARD_FILE), (self.production, PRODUCTION_FILE))}
+                             for name, file in graphs}
             self.guard_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trojanguard-guard")
         elif self.mode != "bls":
             raise ValueError(f"pipeline_mode: expected 'bls' or 'in_process', got {self.mode!r}")
@@ -85,6 +90,8 @@ class TritonPythonModel:
 
     def serve(self, x):
         """``[production output, score, flagged]`` for the batch ``x``."""
+        if self.shared:  # the production model is the guarded one: the guard graph's own output (policy applied)
+            return self.call(self.guard, self.guard_input, x, (self.output_names[0], *GUARD_OUTPUTS))
         if self.policy == "flag" and self.sessions:  # the guard on its thread while the production model runs here
             guard = self.guard_thread.submit(self.call, self.guard, self.guard_input, x, GUARD_OUTPUTS)
             (served,) = self.call(self.production, self.production_input, x, (self.production_output,))
