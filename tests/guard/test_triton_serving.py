@@ -99,15 +99,22 @@ def inference_count(client, model) -> int:
     return int(client.get_inference_statistics(model)["model_stats"][0]["inference_count"])
 
 
-def test_guard_model_serves_what_guard_session_computes(served):
-    """Clean and triggered zoo images: logits within 1e-4 relative, scores close, flags identical; most triggered
-    images flagged, few clean ones (the calibrated 5 %)."""
+def assert_serves_the_guard_graph(served, model: str) -> np.ndarray:
+    """``model``'s outputs on the held-out images equal GuardSession's on the flag guard graph (logits within 1e-4
+    relative, scores close, flags identical); returns the flags."""
     x = served["x"]
-    logits, score, flagged = infer(served["client"], "guard_flag", x)
+    logits, score, flagged = infer(served["client"], model, x)
     expected = GuardSession(served["graphs"]["flag"], providers="cpu").run(x)
     np.testing.assert_allclose(logits, expected.logits, rtol=PARITY_RTOL, atol=1e-6)
     np.testing.assert_allclose(score, expected.score, rtol=PARITY_RTOL, atol=1e-5)
     np.testing.assert_array_equal(flagged, expected.flagged)
+    return flagged
+
+
+def test_guard_model_serves_what_guard_session_computes(served):
+    """Clean and triggered zoo images: as GuardSession; most triggered images flagged, few clean ones (the
+    calibrated 5 %)."""
+    flagged = assert_serves_the_guard_graph(served, "guard_flag")
     triggered = served["triggered"]
     assert flagged[triggered].mean() > 0.8 and flagged[~triggered].mean() < 0.15
 
@@ -132,12 +139,7 @@ def test_a_pipeline_in_front_of_the_guarded_model_itself_runs_one_forward_pass(s
     assert not (served["repo"] / "shared_pipeline" / "1" / "production.onnx").exists()
     for other in ("guard_flag_pipeline", "inproc_reject_pipeline"):  # another network: two graphs
         assert check_triton_repository(served["repo"], other).parameters["shared_forward"].string_value == "false"
-    x = served["x"]
-    logits, score, flagged = infer(served["client"], "shared_pipeline", x)
-    expected = GuardSession(served["graphs"]["flag"], providers="cpu").run(x)
-    np.testing.assert_allclose(logits, expected.logits, rtol=PARITY_RTOL, atol=1e-6)
-    np.testing.assert_allclose(score, expected.score, rtol=PARITY_RTOL, atol=1e-5)
-    np.testing.assert_array_equal(flagged, expected.flagged)
+    assert_serves_the_guard_graph(served, "shared_pipeline")
 
 
 def test_pipeline_reject_never_calls_the_production_model_for_a_flagged_input(served):
