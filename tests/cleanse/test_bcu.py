@@ -38,6 +38,7 @@ from trojanguard.cleanse.distillation import (
     batch_statistics_agreement,
     logit_matching_loss,
     normalisation_gap,
+    prediction_agreement,
 )
 from trojanguard.cleanse.unlabeled import VIEWS, View, balanced_subset, clean_half, ood_images
 from trojanguard.data import load_ood_crops
@@ -574,6 +575,23 @@ def test_warns_when_the_teacher_sends_most_data_to_one_class():
         bcu.cleanse(biased, _images(128))
     assert bcu.report.details["teacher_class_share"][3] == 1.0
     assert any("class 3" in w for w in bcu.report.details["warnings"])
+
+
+def test_report_says_what_it_measured_without_labels_and_what_to_do():
+    model, data = SmallCNN(), _images(128)
+    bcu = _quick(reinit="none", lr=1e-6, norm_stats="keep")  # the student stays the teacher
+    bcu.cleanse(model, data)
+    details = bcu.report.details
+    assert details["teacher_student_agreement"] == 1.0
+    assert details["notes"] and details["notes"][0].startswith("not verified")
+    assert "trojanguard screen" in details["notes"][0] and "note: not verified" in bcu.report.format()
+    biased = SmallCNN()
+    with torch.no_grad():
+        biased.head.bias[3] = 50.0  # every image to class 3
+    teacher_classes = model(data).argmax(1)
+    assert prediction_agreement(biased, model, data) == pytest.approx(float((teacher_classes == 3).double().mean()))
+    bcu.cleanse(model, data, evaluation=Evaluation(data[:32], torch.ones(32, dtype=torch.long), lambda t: t, 0))
+    assert "notes" not in bcu.report.details  # measured with labels: nothing to caution about
 
 
 class _BorderTeacher(nn.Module):

@@ -120,6 +120,7 @@ class CleanseReport:
             lines.append("before: " + ", ".join(f"{k}={self.before.get(k, float('nan')):.4f}" for k in keys))
             lines.append("after:  " + ", ".join(f"{k}={self.after.get(k, float('nan')):.4f}" for k in keys))
         lines += [f"warning: {w}" for w in self.details.get("warnings", [])]
+        lines += [f"note: {n}" for n in self.details.get("notes", [])]
         return "\n".join(lines)
 
 

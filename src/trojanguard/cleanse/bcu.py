@@ -83,6 +83,8 @@ from trojanguard.cleanse.distillation import (
     hooked_eval_pass,
     is_normalisation,
     normalisation_gap,
+    prediction_agreement,
+    unverified_note,
 )
 from trojanguard.cleanse.evaluation import Evaluation
 from trojanguard.models.adapters import Classifier, as_classifier
@@ -503,6 +505,8 @@ class BCU(Cleanser):
                 augment=augment, view_target=view_target, evaluation=evaluation,
                 show_progress=config.show_progress, desc="BCU")
         student.eval()
+        with torch.no_grad():
+            agreement_after = prediction_agreement(student, teacher, probe)
         total = sum(layer.params for layer in layers)
         report.images, report.epochs = seen, rows
         report.details = {
@@ -523,12 +527,15 @@ class BCU(Cleanser):
             "view_prediction_change": view_change,
             "view_class_gain": gain,
             "view_target": view_target,
+            "teacher_student_agreement": agreement_after,
         }
         forced = config.norm_stats != "auto" or config.loss != "auto"
         found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares)) if w is not None]
         report.details["warnings"] = found
         for warning in found:
             warnings.warn(warning, stacklevel=2)
+        if evaluation is None:
+            report.details["notes"] = [unverified_note(agreement_after, max(shares, default=0.0))]
         if evaluation is not None:
             report.after = rows[-1].metrics if rows and rows[-1].metrics else evaluation(student)
         report.seconds = time.perf_counter() - start

@@ -312,6 +312,24 @@ def far_data_warning(agreement: float | None, recipe_forced: bool = False) -> st
             "Trojan stayed): prefer in-distribution images, and test the cleansed model against any trigger you suspect")
 
 
+def prediction_agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    """Share of images ``x`` on which the student's class equals the teacher's (both in eval mode, no
+    augmentation): how much of the teacher's behaviour on the data the distillation carried over."""
+    if not len(x):
+        return 1.0
+    student, teacher = student.eval(), teacher.eval()
+    return float((student(x).argmax(1) == teacher(x).argmax(1)).double().mean())
+
+
+def unverified_note(agreement: float, top_share: float) -> str:
+    """What a report says when no labelled evaluation was given: BCU cannot tell by itself whether the backdoor is
+    gone, so it states what it measured without labels and what to do (issue 16)."""
+    return (f"not verified: without labels BCU cannot measure attack success; on the data the cleansed model agrees "
+            f"with the original on {100 * agreement:.0f}% of the images (clean behaviour carried over) and the original "
+            f"put {100 * top_share:.0f}% of them into one class. Screen the data first (trojanguard screen) and cleanse "
+            "on the kept images, then test the cleansed model against any trigger you suspect")
+
+
 DOMINANT_CLASS_SHARE = 0.5  # warn when the teacher puts more of the unlabeled data than this into one class
 
 
