@@ -24,8 +24,10 @@ from trojanguard.cleanse import (
 from trojanguard.cleanse.bcu import (
     AUTHORS_CLASSIFIER_RATIO,
     AUTHORS_STAGE_RATIOS,
+    NEAR_INTACT_PATHS,
     REFERENCE_HAZARD,
     TARGET_HAZARD,
+    TARGET_INTACT_PATHS,
     adaptive_scale,
     hazard,
     is_normalisation,
@@ -52,7 +54,9 @@ from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 # 5 zoo × 3 BCU seeds (RESULTS.md, "Seed spread"): in-distribution ASR ≤ 0.030, CA drop ≤ 2.2 points;
 # out of distribution BadNets ASR 0.006–0.458 (median 0.086), Blended 0.000–0.115, CA drop ≤ 5.0 points.
 # So a test asserts that the backdoor is gone in distribution and mostly gone out of it (before: ASR 1.000).
-BARS = {"in": (0.10, 0.04), "ood": (0.75, 0.08)}  # (max ASR after, max CA drop)
+# Issue 16 chose the in-distribution defaults leave one family out (benchmarks/bcu_families.py): on every held-out
+# family of three teachers ASR ≤ 0.016 at a CA drop ≤ 1.9 points, so in distribution the issue's own bar holds.
+BARS = {"in": (0.05, 0.03), "ood": (0.75, 0.08)}  # (max ASR after, max CA drop)
 pytestmark = pytest.mark.filterwarnings("ignore:data. only:UserWarning")  # small test data sets warn
 
 
@@ -77,13 +81,16 @@ def _run_bar(attack: str, source: str) -> tuple[dict, float, BCU]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["badnets", "blended"])
+@pytest.mark.parametrize("attack", ["trojan", "filter", "adaptive_blend"])
 def test_in_distribution_bar(attack):
+    """Issue 16's bar on three families, each held out when the in-distribution defaults were chosen (benchmarks/
+    bcu_families.py; measured there: ASR 0.000, CA drop 0.3-0.8 points). BadNets' row is the demo's (tests/cli)."""
     after, ca_before, bcu = _run_bar(attack, "in")
     max_asr, max_drop = BARS["in"]
     assert after["attack_success_rate"] <= max_asr, after
     assert ca_before - after["clean_accuracy"] <= max_drop, after
-    assert bcu.report.details["domain"] == "in-distribution" and bcu.report.details["loss"] == "kl"
+    d = bcu.report.details
+    assert (d["domain"], d["loss"], d["augment"], d["intact_paths"]) == ("in-distribution", "kl", "none", NEAR_INTACT_PATHS)
 
 
 @pytest.mark.slow
@@ -366,21 +373,25 @@ def test_batch_statistics_agreement_separates_near_and_far_data_and_picks_the_re
     assert normalisation_gap(model, near) < normalisation_gap(model, far)
     no_norm = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     assert batch_statistics_agreement(no_norm, near) is None and normalisation_gap(no_norm, near) is None
-    for data, recipe in [(near, ("in-distribution", "update", "kl", None)),
-                         (far, ("out-of-distribution", "keep", "mse", KEEP_MAX_GRAD_NORM))]:
+    for data, recipe in [(near, ("in-distribution", "update", "kl", None, "none", NEAR_INTACT_PATHS)),
+                         (far, ("out-of-distribution", "keep", "mse", KEEP_MAX_GRAD_NORM, "crop", TARGET_INTACT_PATHS))]:
         bcu = _quick()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             bcu.cleanse(model, data)
         d = bcu.report.details
-        assert (d["domain"], d["norm_stats"], d["loss"], d["max_grad_norm"]) == recipe
+        assert (d["domain"], d["norm_stats"], d["loss"], d["max_grad_norm"], d["augment"], d["intact_paths"]) == recipe
+        expected = layer_ratios(model, data[:2], "adaptive", recipe[-1])[0]
+        assert [layer["ratio"] for layer in d["layers"]] == pytest.approx([layer.ratio for layer in expected])
+        assert d["adaptive_scale"] == pytest.approx(adaptive_scale(expected, model, -math.log(recipe[-1])))
         far_warned = [w for w in d["warnings"] if "out-of-distribution for this model" in w]
         assert len(far_warned) == (data is far)  # the user is told that far data cleanses less reliably
         assert any(str(c.message) == w for c in caught for w in far_warned) == (data is far)
         assert all(f"warning: {w}" in bcu.report.format() for w in d["warnings"])
-    bcu = _quick(norm_stats="update", loss="kl", max_grad_norm=None)  # explicit choices win
-    bcu.cleanse(model, far)
-    assert (bcu.report.details["norm_stats"], bcu.report.details["loss"]) == ("update", "kl")
+    bcu = _quick(norm_stats="update", loss="kl", max_grad_norm=None, augment="none", intact_paths=0.05)  # explicit
+    bcu.cleanse(model, far)                                                                            # choices win
+    d = bcu.report.details
+    assert (d["norm_stats"], d["loss"], d["augment"], d["intact_paths"]) == ("update", "kl", "none", 0.05)
 
 
 def test_batch_statistics_agreement_leaves_dropout_off():
@@ -524,8 +535,8 @@ def test_config_is_frozen_and_holds_bcus_defaults():
     bcu = BCU()
     assert bcu.config == config and all(getattr(bcu, f.name) == getattr(config, f.name)
                                         for f in dataclasses.fields(BCUConfig))
-    assert (config.reinit, config.epochs, config.lr, config.batch_size, config.temperature, config.augment) == (
-        "adaptive", 20, 0.01, 64, (1.0, 4.0), "crop")
+    assert (config.reinit, config.intact_paths, config.epochs, config.lr, config.batch_size, config.temperature,
+            config.augment) == ("adaptive", "auto", 20, 0.01, 64, (1.0, 4.0), "auto")
     assert all(f.metadata.get("help") for f in dataclasses.fields(BCUConfig))
     with pytest.raises(AttributeError, match="epochs"):
         bcu.epochs = 3
@@ -558,7 +569,8 @@ def test_repr_and_report_config_list_every_field():
 def test_hyperparameters_are_validated():
     for kwargs, match in [({"reinit": "sideways"}, "reinit"), ({"reinit": 1.5}, "reinit"), ({"epochs": 0}, "epochs"),
                           ({"lr": -1.0}, "lr"), ({"batch_size": 1}, "batch_size"), ({"temperature": (0, 4)}, "temperature"),
-                          ({"augment": "rotate"}, "augment"), ({"loss": "l1"}, "loss"),
+                          ({"augment": "rotate"}, "augment"), ({"intact_paths": 1.0}, "intact_paths"),
+                          ({"intact_paths": "none"}, "intact_paths"), ({"loss": "l1"}, "loss"),
                           ({"norm_stats": "freeze"}, "norm_stats"), ({"max_grad_norm": 0}, "max_grad_norm")]:
         with pytest.raises(ValueError, match=match):
             BCU(**kwargs)

@@ -27,12 +27,13 @@ Re-initialisation rules (``reinit=``):
   be traced). A fixed ratio table acts very differently across architectures: the authors' ratios leave more
   than half of the least-perturbed route's paths intact on a ResNet-18 and on a 4-layer CNN, where they leave
   the backdoor in place (docs/cleansing.md). The rule scales every layer's hazard by one
-  factor ``k = max(1, H* / H_authors(model))`` with ``H* = ln 100`` (at most 1 % of the least-perturbed
-  route's paths intact): ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
-  4-layer CNN: k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
-  stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). The one constant ``H*``
-  is a property of the perturbation, not of a data set (chosen on the small CNN; why the route and not the sum
-  over all layers: docs/cleansing.md and benchmarks/RESULTS.md, BCU).
+  factor ``k = max(1, H* / H_authors(model))`` with ``H* = −ln intact_paths``: at most 1 % of the
+  least-perturbed route's paths intact on far data (``H* = ln 100``), 0.2 % on in-distribution data (``ln 500``,
+  chosen leave one family out in issue 16); ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
+  At 1 %: 4-layer CNN k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
+  stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). ``H*`` is a property of
+  the perturbation, not of a data set (why the route and not the sum over all layers: docs/cleansing.md and
+  benchmarks/RESULTS.md, BCU).
 * ``"uniform"`` — the same total hazard (sum over the layers) as ``"adaptive"``, spread evenly over
   them (ablation: is the depth profile needed?). ``"none"`` — plain distillation from a copy of the
   teacher. A float — that ratio for every layer. A sequence — one ratio per layer in forward order. A callable
@@ -100,6 +101,19 @@ FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a mo
 # must not get its own weights back as "fresh" ones
 
 
+def parse_intact_paths(text: str) -> str | float:
+    """``intact_paths`` given as text (the CLI's --intact-paths): auto or a share in (0, 1)."""
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        raise ValueError(f"expected auto or a share in (0, 1), got {text!r}") from None
+    if not 0 < share < 1:
+        raise ValueError(f"a share must lie in (0, 1), got {share}")
+    return share
+
+
 def parse_reinit(text: str) -> str | float:
     """A ``reinit`` given as text (the CLI's --reinit): a rule name or one ratio in [0, 1]."""
     if text in REINIT_RULES:
@@ -121,12 +135,16 @@ class BCUConfig:
 
     reinit: object = setting("adaptive", "re-initialisation rule: adaptive (default), authors, uniform, none, or one "
                               "ratio in [0, 1]", parse=parse_reinit)
+    intact_paths: float | str = setting(
+        "auto", "adaptive and uniform rules: the share of the least-perturbed route's paths left untouched: auto "
+        "(default: 0.002 on in-distribution data, 0.01 on far data) or a share in (0, 1)", parse=parse_intact_paths)
     epochs: int = setting(20, "distillation epochs")
     lr: float = setting(0.01, "SGD learning rate (cosine schedule)")
     batch_size: int = setting(64, "images per distillation batch (≥ 2: batch normalisation needs it)")
     temperature: tuple[float, float] = setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
-    augment: object = setting("crop", "crop (default), crop_flip (natural images only: flipping changes digits, "
-                               "text, signs), none", choices=AUGMENTATIONS)
+    augment: object = setting("auto", "auto (default: none on in-distribution data, crop on far data), crop, crop_flip "
+                               "(natural images only: flipping changes digits, text, signs), none",
+                               choices=("auto", *AUGMENTATIONS))
     view_target: str = setting("auto", "the image the teacher answers on: auto (default: source when the "
                                 "augmentation moves more than EVOKED_CLASS_GAIN of in-distribution data into one "
                                 "teacher class, else view), view (the authors': the augmented view the student sees), source (the "
@@ -167,8 +185,11 @@ class BCUConfig:
             raise ValueError(f"momentum: expected a value in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected ≥ 0, got {self.weight_decay}")
-        if not (augment is None or callable(augment) or augment in AUGMENTATIONS):
-            raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
+        if not (augment is None or callable(augment) or augment in ("auto", *AUGMENTATIONS)):
+            raise ValueError(f"augment: expected 'auto', one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
+        intact = self.intact_paths
+        if intact != "auto" and not (isinstance(intact, (int, float)) and not isinstance(intact, bool) and 0 < intact < 1):
+            raise ValueError(f"intact_paths: expected 'auto' or a share in (0, 1), got {intact!r}")
         if self.view_target != "auto" and self.view_target not in VIEW_TARGETS:
             raise ValueError(f"view_target: expected 'auto' or one of {VIEW_TARGETS}, got {self.view_target!r}")
         if self.norm_stats not in NORM_STATS:
@@ -261,8 +282,11 @@ def authors_ratios(count: int) -> list[float]:
 
 REFERENCE_HAZARD = hazard(authors_ratios(AUTHORS_REFERENCE_LAYERS))  # ≈ 2.35: summed over a ResNet-18's 21 layers
 # (its least-perturbed route through the shortcuts: ≈ 0.56)
-TARGET_INTACT_PATHS = 0.01  # adaptive rule: at most 1 % of the least-perturbed route's paths left untouched
+TARGET_INTACT_PATHS = 0.01  # adaptive rule: at most 1 % of the least-perturbed route's paths left untouched (far data)
 TARGET_HAZARD = -math.log(TARGET_INTACT_PATHS)  # ≈ 4.61
+# in-distribution data: 0.2 % (≈ 6.2), chosen leave one family out over 14 trigger families and three teachers
+# (issue 16, benchmarks/bcu_families.py): with augmentation off it met the bar on every held-out family
+NEAR_INTACT_PATHS = 0.002
 
 
 def least_path_hazard(model: nn.Module, hazards: dict[str, float]) -> float | None:
@@ -335,11 +359,12 @@ def rule_ratios(rule, layers: list[LayerRatio], scale: float | None = None) -> l
     return ratios
 
 
-def layer_ratios(model: nn.Module, example: torch.Tensor, rule="adaptive"
+def layer_ratios(model: nn.Module, example: torch.Tensor, rule="adaptive", intact_paths: float = TARGET_INTACT_PATHS
                  ) -> tuple[list[LayerRatio], list[str]]:
     """The re-initialisation plan of ``rule`` for ``model``: one :class:`LayerRatio` per parametrised layer in
     forward order, and the parametrised modules the forward pass never calls (left untouched).
-    ``example: (N, C, H, W)`` is a small batch the model accepts."""
+    ``example: (N, C, H, W)`` is a small batch the model accepts; ``intact_paths``: the adaptive / uniform rules'
+    share of the least-perturbed route's paths left untouched (``H* = −ln intact_paths``)."""
     found, unused = parametrised_layers(model, example)
     if not found:
         raise CleanseError("model: it has no parametrised layer (convolution, linear, …) to re-initialise")
@@ -347,7 +372,8 @@ def layer_ratios(model: nn.Module, example: torch.Tensor, rule="adaptive"
     layers = [LayerRatio(name or "<root>", type(m).__name__, i, i / (n - 1) if n > 1 else 1.0,
                          authors_stage(i, n), 0.0, sum(p.numel() for p in m.parameters(recurse=False)))
               for i, (name, m) in enumerate(found)]
-    scale = adaptive_scale(layers, model) if isinstance(rule, str) and rule in ("adaptive", "uniform") else None
+    scale = (adaptive_scale(layers, model, -math.log(intact_paths))
+             if isinstance(rule, str) and rule in ("adaptive", "uniform") else None)
     for layer, p in zip(layers, rule_ratios(rule, layers, scale), strict=True):
         layer.ratio = p
     return layers, unused
@@ -427,10 +453,12 @@ class BCU(Cleanser):
     re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
     matches logits (MSE) instead of
     softened outputs. ``norm_stats``, ``loss`` and ``max_grad_norm`` override each choice ("auto" by default).
-    Augmentation is random crop only:
-    the authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the
-    meaning of digits, text and traffic signs, and on the digits zoo it left more of WaNet's backdoor than crop
-    only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
+    Two more choices follow the data (issue 16, chosen leave one family out over 14 trigger families and three
+    teachers, ``benchmarks/bcu_families.py``): in distribution no augmentation and 0.2 % of intact paths (the
+    held-out bar, ASR ≤ 5 % at a CA drop ≤ 3 points, was met on all 40 held-out cells; the authors' crop with 1 %
+    met it on 28), on far data a random crop and 1 % (as measured before). The authors' horizontal flip is for
+    domains that allow it (``augment="crop_flip"``); it changes the meaning of digits, text and traffic signs,
+    and on the digits zoo it left more of WaNet's backdoor than crop only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
     authors'), on the un-augmented source image, or on the view with views that change its answer left out: an
     augmentation can make clean images look like a trigger to the teacher (issue 16: a zero-padded crop sends
     17–29 % of clean digits to the target of WaNet / random-patch models trained without random shifts, and BCU then
@@ -451,10 +479,16 @@ class BCU(Cleanser):
         self.config = config_with(BCUConfig, config, settings, owner="BCU")
         self.report: CleanseReport | None = None
 
-    def plan(self, model: nn.Module, example: torch.Tensor) -> list[LayerRatio]:
-        """The per-layer ratios this cleanser would use on ``model`` (``example``: a batch it accepts)."""
+    def plan(self, model: nn.Module, example: torch.Tensor, *, far: bool = False) -> list[LayerRatio]:
+        """The per-layer ratios this cleanser would use on ``model`` (``example``: a batch it accepts) with
+        in-distribution data (``far=True``: with far data; they differ only with ``intact_paths="auto"``)."""
         teacher = copy.deepcopy(model)
-        return layer_ratios(teacher, example.to(model_device(teacher)), self.config.reinit)[0]
+        return layer_ratios(teacher, example.to(model_device(teacher)), self.config.reinit,
+                            self._intact_paths(far))[0]
+
+    def _intact_paths(self, far: bool) -> float:
+        chosen = self.config.intact_paths
+        return float(chosen) if chosen != "auto" else (TARGET_INTACT_PATHS if far else NEAR_INTACT_PATHS)
 
     def cleanse(self, model: nn.Module, data, *, evaluation: Evaluation | None = None) -> nn.Module:
         """Return a cleansed copy of ``model``; see the class docstring. Raises instead of returning a model
@@ -473,14 +507,19 @@ class BCU(Cleanser):
         teacher.eval().requires_grad_(False)
         sample = images.sample()
         preflight(teacher, sample, device)
-        layers, unused = layer_ratios(teacher, sample.to(device), config.reinit)
         probe = images.sample(GAP_SAMPLE).to(device)
         agreement = batch_statistics_agreement(teacher, probe)
         gap = normalisation_gap(teacher, probe)  # reported: how far, not the switch
         far = agreement is not None and agreement < AGREEMENT_KEEP
+        intact_paths = self._intact_paths(far)
+        layers, unused = layer_ratios(teacher, sample.to(device), config.reinit, intact_paths)
         norm_stats = config.norm_stats if config.norm_stats != "auto" else ("keep" if far else "update")
         loss = config.loss if config.loss != "auto" else ("mse" if far else "kl")
-        augment = make_augment(config.augment)
+        # in distribution the data is what the teacher knows: augmenting moves it off that distribution, and on
+        # teachers trained without shifts a crop made their answers unreliable (CA −3 to −6 points) or evoked the
+        # backdoor (issue 16); far data keeps the crop it was measured with
+        augment_name = config.augment if config.augment != "auto" else ("crop" if far else "none")
+        augment = make_augment(augment_name)
         gain = None if augment is None else evoked_class_gain(teacher, probe, augment, config.seed)
         view_target = config.view_target
         if view_target == "auto":
@@ -514,7 +553,9 @@ class BCU(Cleanser):
             "batch_stat_agreement": agreement, "normalisation_gap": gap,
             "domain": "unknown" if agreement is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
-            "adaptive_scale": adaptive_scale(layers, teacher),
+            "adaptive_scale": adaptive_scale(layers, teacher, -math.log(intact_paths)),
+            "intact_paths": intact_paths,
+            "augment": augment_name if isinstance(augment_name, str) or augment_name is None else "custom",
             "least_path_hazard": least_path_hazard(teacher, {layer.name: hazard([layer.ratio]) for layer in layers}),
             "reference_hazard": REFERENCE_HAZARD,
             "hazard": hazard([layer.ratio for layer in layers]),

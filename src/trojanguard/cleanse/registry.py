@@ -51,7 +51,8 @@ def register_cleanser(name: str, build: Callable[..., Cleanser], summary: str, *
 
 register_cleanser("bcu", BCU, "Backdoor Cleansing with Unlabeled data: re-initialise part of the weights by depth, "
                   "distil the model from itself", display_name="BCU", config=BCUConfig,
-                  options=("reinit", "epochs", "lr", "batch_size", "augment", "view_target", "norm_stats", "loss", "seed"))
+                  options=("reinit", "intact_paths", "epochs", "lr", "batch_size", "augment", "view_target", "norm_stats",
+                           "loss", "seed"))
 
 
 register_cleanser("mimic", MIMIC, "MIMIC: distil a self-supervised encoder into a random student, attention "

@@ -1,0 +1,193 @@
+"""BCU's defaults chosen leave one family out, on two architectures (issue 16).
+
+    OMP_NUM_THREADS=1 python benchmarks/bcu_families.py --teachers zoo flat_noshift \
+        --results benchmarks/bcu_families_results.jsonl                       # run what is missing, then report
+    python benchmarks/bcu_families.py --report-only --results benchmarks/bcu_families_results.jsonl
+
+For every (teacher, family, candidate setting) BCU cleanses the teacher in distribution (the clean half of its
+training set without the images the attack changed, labels withheld: ``clean_half``) and the row keeps CA / ASR
+before and after. Teachers: ``zoo`` (the zoo's small CNN, trained with ±2 px shifts) and ``flat_noshift`` (a
+flatten-head CNN trained on the same poisoned set without shifts: another architecture *and* another training
+recipe, ``benchmarks/bcu_views.py``) and ``noshift`` (the zoo's small CNN trained without shifts). Candidates are
+named BCU settings (``SETTINGS``), one or two knobs away from the default, the default among them. A cell counts
+only where the attack implanted on that teacher (ASR before ≥ 0.9, CA before ≥ 0.95: the zoo's bar).
+
+Leave one family out: for each family F the setting is chosen on the *other* families (every teacher), by the
+number of (teacher, family) cells that meet the issue's bar (ASR ≤ 5 % and a CA drop ≤ 3 points), ties broken by
+the smaller mean excess over the bar, then by the shorter mean run time; the held-out table reports the chosen
+setting's result on F. The in-sample table (every setting on every family) is printed beside it, never used to
+report a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bcu_table import machine_line, publish, reinit_rule
+from bcu_views import FlatCNN, teacher_model
+from jsonl_rows import emit, read_rows
+
+from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse.unlabeled import clean_half
+from trojanguard.models import build_model
+from trojanguard.zoo import ZooConfig, get_backdoored_model
+
+# label_consistent does not implant on the digits (RESULTS.md, "Attack zoo: families"): nothing to remove
+FAMILIES = ("badnets", "blended", "sig", "wanet", "trojan", "issba", "lowfreq", "filter", "refool", "adaptive_blend",
+            "ftrojan", "patch_random", "input_aware", "adaptive_patch")
+TEACHERS = ("zoo", "flat_noshift", "noshift")
+# candidate settings: BCU keywords (reinit as a bcu_table rule name), one or two knobs away from the default
+SETTINGS: dict[str, dict] = {
+    "default": {},
+    "view": {"view_target": "view"},
+    "source": {"view_target": "source"},
+    "epochs40": {"epochs": 40},
+    "intact5%": {"reinit": "adaptive@0.05"},
+    "intact0.2%": {"reinit": "adaptive@0.002"},
+    "no_augment": {"augment": "none"},
+    # two knobs: a stronger perturbation with more epochs to recover clean accuracy, and without augmentation
+    "intact0.2%+epochs40": {"reinit": "adaptive@0.002", "epochs": 40},
+    "intact0.2%+no_augment": {"reinit": "adaptive@0.002", "augment": "none"},
+    "epochs40+no_augment": {"epochs": 40, "augment": "none"},
+}
+ASR_BAR, CA_DROP_BAR = 0.05, 0.03
+
+
+def run_one(teacher: str, attack: str, setting: str, seed: int) -> dict:
+    entry = get_backdoored_model(ZooConfig(attack=attack, seed=seed), show_progress=False)
+    model, ca, asr = teacher_model(entry, teacher)
+    data = clean_half(entry, seed=seed)
+    kwargs = dict(SETTINGS[setting])
+    if "reinit" in kwargs:
+        kwargs["reinit"] = reinit_rule(kwargs["reinit"], model)
+    init = FlatCNN if teacher == "flat_noshift" else (lambda: build_model("small_cnn", num_classes=10))
+    bcu = BCU(seed=seed, show_progress=False, init=init, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleansed = bcu.cleanse(model, data)
+    after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
+    d = bcu.report.details
+    return {"teacher": teacher, "attack": attack, "setting": setting, "seed": seed, "images": len(data),
+            "ca_before": ca, "asr_before": asr, "ca_after": after["clean_accuracy"],
+            "asr_after": after["attack_success_rate"], "view_target": d["view_target"],
+            "view_class_gain": d["view_class_gain"], "teacher_top_share": max(d["teacher_class_share"]),
+            "reinitialised_fraction": d["reinitialised_fraction"],
+            "teacher_student_agreement": d["teacher_student_agreement"], "seconds": bcu.report.seconds}
+
+
+def implanted(row: dict) -> bool:
+    return row["asr_before"] >= 0.9 and row["ca_before"] >= 0.95
+
+
+def meets(row: dict) -> bool:
+    return row["asr_after"] <= ASR_BAR and row["ca_before"] - row["ca_after"] <= CA_DROP_BAR
+
+
+def excess(row: dict) -> float:
+    """How far a row is from the bar: ASR above 5 % plus CA drop above 3 points (0 when met)."""
+    return max(0.0, row["asr_after"] - ASR_BAR) + max(0.0, row["ca_before"] - row["ca_after"] - CA_DROP_BAR)
+
+
+def choose(rows: list[dict], settings: list[str], held_out: str, held_out_teacher: str | None = None) -> str:
+    """The setting a user would pick without family ``held_out``: most cells met on the other families (every
+    teacher), then the smallest mean excess, then the cheapest (mean seconds). Only settings measured on every one
+    of those cells compete. ``held_out_teacher``: also choose without that teacher's rows."""
+    rows = [r for r in rows if r["attack"] != held_out and r["teacher"] != held_out_teacher]
+    cells = {(r["teacher"], r["attack"]) for r in rows}
+    best, best_key = settings[0], None
+    for setting in settings:
+        mine = {(r["teacher"], r["attack"]): r for r in rows if r["setting"] == setting}
+        if set(mine) != cells:
+            continue
+        n = max(1, len(mine))
+        key = (-sum(meets(r) for r in mine.values()), sum(excess(r) for r in mine.values()) / n,
+               sum(r["seconds"] for r in mine.values()) / n)
+        if best_key is None or key < best_key:
+            best, best_key = setting, key
+    return best
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    drop = 100 * (row["ca_before"] - row["ca_after"])
+    text = f"{row['asr_after']:.3f} / {-drop:+.1f}"
+    return text if meets(row) else f"**{text}**"
+
+
+def report(rows: list[dict], settings: list[str], teachers: list[str], families: list[str]) -> str:
+    index = {(r["teacher"], r["attack"], r["setting"]): r for r in rows}
+    out = ["### Held out: the setting chosen on the other families (cell: ASR after / ΔCA points; bold: bar not met)",
+           "", "| family | chosen on the others | " + " | ".join(f"{t}: before (CA / ASR)" for t in teachers)
+           + " | " + " | ".join(f"{t}: after" for t in teachers) + " |",
+           "|---|---|" + "---|" * (2 * len(teachers))]
+    met = total = 0
+    for family in families:
+        chosen = choose(rows, settings, family)
+        picked = [index.get((t, family, chosen)) for t in teachers]
+        before = [f"{r['ca_before']:.3f} / {r['asr_before']:.3f}" if r else "—" for r in picked]
+        met += sum(meets(r) for r in picked if r)
+        total += sum(r is not None for r in picked)
+        out.append(f"| {family} | {chosen} | " + " | ".join(before) + " | " + " | ".join(cell(r) for r in picked) + " |")
+    # stricter: the teacher is held out too (another architecture or training recipe than any the choice saw)
+    double = []
+    for teacher, family in itertools.product(teachers, families):
+        name = choose(rows, settings, family, teacher)
+        double.append((name, index.get((teacher, family, name))))
+    chosen_double = sorted({name for name, _ in double})
+    out += ["", f"Held out: the bar is met on {met} of {total} (teacher, family) cells. With the teacher held out as "
+            f"well (chosen on the other teachers' other families): met on {sum(meets(r) for _, r in double if r)} of "
+            f"{sum(r is not None for _, r in double)}; chosen: " + ", ".join(
+                f"{name} ({sum(n == name for n, _ in double)} folds)" for name in chosen_double), "",
+            "### In sample: every setting on every family (not a reported default)", ""]
+    for teacher in teachers:
+        out += [f"Teacher `{teacher}` (ASR after / ΔCA points):", "",
+                "| family | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+        for family in families:
+            out.append(f"| {family} | " + " | ".join(cell(index.get((teacher, family, s))) for s in settings) + " |")
+        counts = [sum(meets(index[(teacher, f, s)]) for f in families if (teacher, f, s) in index) for s in settings]
+        out += ["| met | " + " | ".join(str(c) for c in counts) + " |", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", nargs="+", default=list(TEACHERS[:2]), choices=TEACHERS)
+    parser.add_argument("--attacks", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=Path("bcu_families_results.jsonl"))
+    parser.add_argument("--report-only", action="store_true", help="only report the rows already in --results")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = [r for r in read_rows(args.results) if r["seed"] == args.seed]
+    done = {(r["teacher"], r["attack"], r["setting"]) for r in rows}
+    if not args.report_only:
+        # setting-major order: a partial run already holds every family for the first settings
+        for setting, teacher, attack in itertools.product(args.settings, args.teachers, args.attacks):
+            if (teacher, attack, setting) in done:
+                continue
+            start = time.perf_counter()
+            row = run_one(teacher, attack, setting, args.seed)
+            print(f"[{time.perf_counter() - start:4.0f}s]", file=sys.stderr, end=" ")
+            emit(row, args.results)
+            rows.append(row)
+    rows = [r for r in rows if r["teacher"] in args.teachers and r["attack"] in args.attacks
+            and r["setting"] in args.settings and implanted(r)]
+    text = "\n".join([machine_line(), (f"Command: python benchmarks/bcu_families.py "
+                      f"{' '.join(argv if argv is not None else sys.argv[1:])}"), "",
+                      report(rows, args.settings, args.teachers, args.attacks)])
+    return publish(text, args.markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
