@@ -29,8 +29,8 @@ Re-initialisation rules (``reinit=``):
   the backdoor in place (docs/cleansing.md). The rule scales every layer's hazard by one
   factor ``k = max(1, H* / H_authors(model))`` with ``H* = −ln intact_paths``: at most 1 % of the
   least-perturbed route's paths intact on far data (``H* = ln 100``), 0.2 % on in-distribution data (``ln 500``,
-  chosen leave one family out in issue 16); ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and monotone in depth;
-  At 1 %: 4-layer CNN k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
+  chosen leave one family out in issue 16); ``p_l = 1 − (1 − p_l^authors)^k``. Ratios stay in [0, 1) and
+  monotone in depth. At 1 %: 4-layer CNN k = 10 (deepest conv 0.96); CIFAR or torchvision ResNet-18: k = 8.3 (stem and stage 1 0.08,
   stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). ``H*`` is a property of
   the perturbation, not of a data set (why the route and not the sum over all layers: docs/cleansing.md and
   benchmarks/RESULTS.md, BCU).
@@ -458,8 +458,9 @@ class BCU(Cleanser):
     held-out bar, ASR ≤ 5 % at a CA drop ≤ 3 points, was met on all 40 held-out cells; the authors' crop with 1 %
     met it on 28), on far data a random crop and 1 % (as measured before). The authors' horizontal flip is for
     domains that allow it (``augment="crop_flip"``); it changes the meaning of digits, text and traffic signs,
-    and on the digits zoo it left more of WaNet's backdoor than crop only did (docs/cleansing.md). ``view_target`` says whether the teacher answers on the augmented view (the
-    authors'), on the un-augmented source image, or on the view with views that change its answer left out: an
+    and on the digits zoo it left more of WaNet's backdoor than crop only did (docs/cleansing.md).
+    ``view_target`` says whether the teacher answers on the augmented view (the authors'), on the un-augmented
+    source image, or on the view with views that change its answer left out: an
     augmentation can make clean images look like a trigger to the teacher (issue 16: a zero-padded crop sends
     17–29 % of clean digits to the target of WaNet / random-patch models trained without random shifts, and BCU then
     kept WaNet's backdoor, ASR 0.63–0.83 over three seeds, which ``"source"`` removed; benchmarks/RESULTS.md).
@@ -577,7 +578,7 @@ class BCU(Cleanser):
             warnings.warn(warning, stacklevel=2)
         if evaluation is None:
             report.details["notes"] = [unverified_note(agreement_after, max(shares, default=0.0))]
-        if evaluation is not None:
+        else:
             report.after = rows[-1].metrics if rows and rows[-1].metrics else evaluation(student)
         report.seconds = time.perf_counter() - start
         report.details["cpu_seconds"] = time.process_time() - cpu_start  # all threads; ≈ seconds × cores when idle
