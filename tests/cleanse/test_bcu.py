@@ -329,6 +329,28 @@ def test_deterministic_for_a_seed_and_accepts_datasets_and_loaders():
     assert bcu.report.images == 128
 
 
+def test_without_augmentation_the_teacher_answers_each_image_once_and_trains_the_same_student():
+    """Without augmentation the teacher's answers are computed once per image (AnsweredImages), not per epoch;
+    the student is the one a per-batch teacher gives (an identity callable keeps BCU on that path), up to the
+    float rounding of other batch sizes."""
+    model, data = SmallCNN(), _images(128)
+    calls = []
+    def count(_module, args, _out):  # copies carry the hook: no-grad calls on a training batch are the teacher's
+        if not torch.is_grad_enabled() and len(args[0]) == 32:
+            calls.append(1)
+
+    handle = model.register_forward_hook(count)
+    try:
+        cached = _quick(epochs=3, augment="none").cleanse(model, data)  # batches of 32
+        cached_calls = len(calls)
+        per_batch = _quick(epochs=3, augment=lambda x: x).cleanse(model, data)
+    finally:
+        handle.remove()
+    assert cached_calls == 0 and len(calls) >= 3 * 128 // 32
+    for p, q in zip(cached.state_dict().values(), per_batch.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
+
+
 def _calibrated_cnn(x: torch.Tensor) -> SmallCNN:
     """A SmallCNN whose batch-norm running statistics are those of ``x`` (as after training on it)."""
     model = SmallCNN()

@@ -290,17 +290,25 @@ class UnlabeledImages:
             raise DataError("data: it holds no images")
         return torch.cat(batches)[:count]
 
-    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
-        """The batches of one epoch; a final batch of a single image is skipped (batch norm cannot train on it)."""
+    def epoch(self, epoch: int, paired: torch.Tensor | None = None) -> Iterator:
+        """The batches of one epoch; a final batch of a single image is skipped (batch norm cannot train on it).
+        ``paired`` (tensor data only): one row per image; the batches are then ``(images, their rows)``."""
+        if paired is not None and (self.x is None or len(paired) != len(self.x)):
+            raise ValueError("paired: expected one row per image of a tensor data set")
         if self.x is not None:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.x), generator=gen)
-            batches = (self.x[order[i : i + self.batch_size]] for i in range(0, len(self.x), self.batch_size))
+            picks = (order[i : i + self.batch_size] for i in range(0, len(self.x), self.batch_size))
+            batches = (self.x[pick] if paired is None else (self.x[pick], paired[pick]) for pick in picks)
         else:
             batches = (check_images(_images_of(item), "data batch") for item in self.loader)  # type: ignore
-        for x in batches:
-            if len(x) >= 2:
-                yield x
+        for batch in batches:
+            if batch_size_of(batch) >= 2:
+                yield batch
+
+
+def batch_size_of(batch) -> int:
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 def check_count(n: int, minimum: int = MIN_IMAGES, recommended: int = RECOMMENDED_MIN_IMAGES) -> None:
