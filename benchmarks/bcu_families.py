@@ -6,7 +6,10 @@
 
 For every (teacher, family, candidate setting) BCU cleanses the teacher in distribution (the clean half of its
 training set without the images the attack changed, labels withheld: ``clean_half``; ``--data ood``: photo crops
-adapted to the model) and the row keeps CA / ASR before and after. Teachers: ``zoo`` (the zoo's small CNN, trained
+adapted to the model; ``--data folder``: a user's folder of neighbouring images, read as the CLI reads a folder;
+``--data folder_adapted``: that folder through the photo crops' adaptation) and the row keeps CA / ASR before and
+after. ``--seeds 0 1 2``: each seed is another zoo model and its own cell of the choice (far data: issue 16's
+far-data defaults were chosen over 14 families at seed 0 and three families at seeds 1 and 2). Teachers: ``zoo`` (the zoo's small CNN, trained
 with ±2 px shifts), ``flat_noshift`` (a flatten-head CNN trained on the same poisoned set without shifts: another
 architecture *and* another training recipe, ``benchmarks/bcu_views.py``) and ``noshift`` (the zoo's small CNN
 trained without shifts). Candidates are named BCU settings (``SETTINGS``), one or two knobs away from the defaults
@@ -25,11 +28,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bcu_table import machine_line, publish
@@ -37,7 +42,17 @@ from bcu_views import FlatCNN, teacher_model
 from jsonl_rows import emit, read_rows
 
 from trojanguard.cleanse import BCU, Evaluation
-from trojanguard.cleanse.unlabeled import clean_half, ood_images
+from trojanguard.cleanse.unlabeled import (
+    DEFAULT_OOD_IMAGES,
+    VIEW_SAMPLE,
+    balanced_subset,
+    choose_view,
+    clean_half,
+    ood_images,
+    predicted_classes,
+)
+from trojanguard.data import load_image_folder
+from trojanguard.data.digits import COLOUR_SEED, colourize
 from trojanguard.models import build_model
 from trojanguard.zoo import ZooConfig, get_backdoored_model
 
@@ -60,15 +75,46 @@ SETTINGS: dict[str, dict] = {
     "intact0.2%+epochs40": {"intact_paths": 0.002, "epochs": 40},
     "intact0.2%+no_augment": {"intact_paths": 0.002, "augment": "none"},  # chosen: BCU's in-distribution default
     "epochs40+no_augment": {"epochs": 40, "augment": "none"},
+    # far data (--data ood): a weaker perturbation, to keep more of the clean accuracy photos cannot restore
+    "intact2%+no_augment": {"intact_paths": 0.02, "augment": "none"},
+    # ... or more steps: twice the photo crops ("images": the size of --data ood's set; or epochs40+no_augment)
+    "images4000+no_augment": {"images": 4000, "augment": "none"},
 }
 ASR_BAR, CA_DROP_BAR = 0.05, 0.03
+
+
+def user_folder(entry, seed: int) -> torch.Tensor:
+    """A user's own folder of neighbouring images: the clean half re-rendered as colour digits (other ink and paper
+    colours, a texture), written as PNG files and read back the way ``trojanguard cleanse --data FOLDER`` reads them."""
+    grey = clean_half(entry, seed=seed)
+    with tempfile.TemporaryDirectory() as folder:
+        for i, image in enumerate(colourize(grey, seed=COLOUR_SEED)):
+            to_pil_image(image).save(Path(folder) / f"{i:05d}.png")
+        return load_image_folder(folder, size=grey.shape[-1], channels=grey.shape[1]).x
+
+
+def adapted(model, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x`` through ``ood_images``' adaptation (docs/cleansing.md): the view that spreads the model's classes most
+    evenly, then a class-balanced half by its predictions."""
+    view, _ = choose_view(model, x[:VIEW_SAMPLE])
+    x = view(x)
+    return x[balanced_subset(predicted_classes(model, x), len(x) // 2, seed)]
+
+
+def unlabeled(entry, model, source: str, seed: int, images: int = DEFAULT_OOD_IMAGES) -> torch.Tensor:
+    if source == "in":
+        return clean_half(entry, seed=seed)
+    if source == "ood":
+        return ood_images(images, model=model, seed=seed)
+    folder = user_folder(entry, seed)
+    return folder if source == "folder" else adapted(model, folder, seed)
 
 
 def run_one(teacher: str, attack: str, setting: str, seed: int, source: str = "in") -> dict:
     entry = get_backdoored_model(ZooConfig(attack=attack, seed=seed), show_progress=False)
     model, ca, asr = teacher_model(entry, teacher)
-    data = clean_half(entry, seed=seed) if source == "in" else ood_images(model=model, seed=seed)
     kwargs = {**OLD_DEFAULT, **SETTINGS[setting]}
+    data = unlabeled(entry, model, source, seed, kwargs.pop("images", DEFAULT_OOD_IMAGES))
     init = FlatCNN if teacher == "flat_noshift" else (lambda: build_model("small_cnn", num_classes=10))
     bcu = BCU(seed=seed, show_progress=False, init=init, **kwargs)
     with warnings.catch_warnings():
@@ -164,31 +210,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS[:2]), choices=TEACHERS)
     parser.add_argument("--attacks", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default="in", choices=("in", "ood"),
-                        help="in: the clean half (in distribution); ood: photo crops adapted to the model (ood_images)")
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0],
+                        help="zoo and BCU seeds; with several, each (teacher, seed) pair is one cell of the choice")
+    parser.add_argument("--data", default="in", choices=("in", "ood", "folder", "folder_adapted"),
+                        help="in: the clean half (in distribution); ood: photo crops adapted to the model (ood_images); "
+                             "folder: a user's folder of neighbouring images (the clean half as colour digits, PNG); "
+                             "folder_adapted: that folder in the model's most even view, a class-balanced half")
     parser.add_argument("--results", type=Path, default=Path("bcu_families_results.jsonl"))
     parser.add_argument("--report-only", action="store_true", help="only report the rows already in --results")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    rows = [r for r in read_rows(args.results) if r["seed"] == args.seed and r.get("data", "in") == args.data]
-    done = {(r["teacher"], r["attack"], r["setting"]) for r in rows}
+    rows = [r for r in read_rows(args.results) if r["seed"] in args.seeds and r.get("data", "in") == args.data]
+    done = {(r["teacher"], r["attack"], r["setting"], r["seed"]) for r in rows}
     if not args.report_only:
         # setting-major order: a partial run already holds every family for the first settings
-        for setting, teacher, attack in itertools.product(args.settings, args.teachers, args.attacks):
-            if (teacher, attack, setting) in done:
+        for setting, seed, teacher, attack in itertools.product(args.settings, args.seeds, args.teachers, args.attacks):
+            if (teacher, attack, setting, seed) in done:
                 continue
             start = time.perf_counter()
-            row = run_one(teacher, attack, setting, args.seed, args.data)
+            row = run_one(teacher, attack, setting, seed, args.data)
             print(f"[{time.perf_counter() - start:4.0f}s]", file=sys.stderr, end=" ")
             emit(row, args.results)
             rows.append(row)
     rows = [r for r in rows if r["teacher"] in args.teachers and r["attack"] in args.attacks
             and r["setting"] in args.settings and implanted(r)]
+    teachers = args.teachers
+    if len(args.seeds) > 1:  # another seed is another zoo model: its own cell
+        rows = [{**r, "teacher": f"{r['teacher']} seed {r['seed']}"} for r in rows]
+        teachers = [f"{t} seed {s}" for t in args.teachers for s in args.seeds]
     text = "\n".join([machine_line(), (f"Command: python benchmarks/bcu_families.py "
                       f"{' '.join(argv if argv is not None else sys.argv[1:])}"), "",
-                      report(rows, args.settings, args.teachers, args.attacks)])
+                      report(rows, args.settings, teachers, args.attacks)])
     return publish(text, args.markdown)
 
 
