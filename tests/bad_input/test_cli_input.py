@@ -179,8 +179,10 @@ def test_device_cuda_without_a_gpu_in_a_child_process(cli, expect_error, files, 
     (("--target", "3"), 2, ("--target", "--attack")),
     (("--eval", "labels20.npz"), 1, ("--eval", "labels20.npz", "labels 10, 11", "10 classes")),
     (("--out-suffix",), 2, ("--out", ".safetensors")),
+    (("--epochs", "0"), 2, ("--epochs", "auto or a positive integer", "'0'")),
+    (("--intact-paths", "1.5"), 2, ("--intact-paths", "auto or a share in (0, 1)", "'1.5'")),
 ], ids=["target-outside-classes", "negative-target", "attack-without-eval", "target-without-attack",
-        "eval-labels-outside-classes", "out-suffix"])
+        "eval-labels-outside-classes", "out-suffix", "zero-epochs", "intact-paths-outside"])
 def test_cleanse_refuses_before_any_training(cli, expect_error, files, tmp_path, extra, code, words):
     argv = cleanse_args(files, tmp_path)
     if extra == ("--out-suffix",):

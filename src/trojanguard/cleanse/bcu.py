@@ -101,30 +101,27 @@ FRESH_SEED_OFFSET = 0x5EED_BC0  # fresh values and masks use seed + offset: a mo
 # must not get its own weights back as "fresh" ones
 
 
-def parse_intact_paths(text: str) -> str | float:
-    """``intact_paths`` given as text (the CLI's --intact-paths): auto or a share in (0, 1)."""
+def _auto_or(text: str, convert: Callable[[str], float], valid: Callable[[float], bool], expected: str):
+    """An option given as text that takes ``auto`` or a number: ``convert(text)`` when ``valid`` holds for it."""
     if text == "auto":
         return text
     try:
-        share = float(text)
+        value = convert(text)
     except ValueError:
-        raise ValueError(f"expected auto or a share in (0, 1), got {text!r}") from None
-    if not 0 < share < 1:
-        raise ValueError(f"a share must lie in (0, 1), got {share}")
-    return share
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"expected auto or {expected}, got {text!r}")
+    return value
+
+
+def parse_intact_paths(text: str) -> str | float:
+    """``intact_paths`` given as text (the CLI's --intact-paths): auto or a share in (0, 1)."""
+    return _auto_or(text, float, lambda share: 0 < share < 1, "a share in (0, 1)")
 
 
 def parse_epochs(text: str) -> str | int:
     """``epochs`` given as text (the CLI's --epochs): auto or a positive integer."""
-    if text == "auto":
-        return text
-    try:
-        epochs = int(text)
-    except ValueError:
-        raise ValueError(f"expected auto or a positive integer, got {text!r}") from None
-    if epochs < 1:
-        raise ValueError(f"expected a positive number of epochs, got {epochs}")
-    return epochs
+    return _auto_or(text, int, lambda epochs: epochs >= 1, "a positive integer")
 
 
 def parse_reinit(text: str) -> str | float:
