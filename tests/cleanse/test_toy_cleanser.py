@@ -123,6 +123,6 @@ def test_the_toy_s_options_join_the_cleanse_command_help(capsys, toy_registered)
         main(["cleanse", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--weight-decay WEIGHT_DECAY SGD weight decay of the head (shrink only; default 0.0)" in text
-    assert "--epochs EPOCHS distillation epochs (bcu, shrink only; default bcu 20; mimic 100; shrink 2)" not in text
-    assert "(default bcu 20; cleanclip 10; mimic 100; shrink 2; ubt 5)" in text
+    assert "--epochs EPOCHS distillation epochs (bcu, shrink only; default bcu auto; mimic 100; shrink 2)" not in text
+    assert "(default bcu auto; cleanclip 10; mimic 100; shrink 2; ubt 5)" in text
     assert "{bcu,cleanclip,mimic,shrink,ubt}" in text
