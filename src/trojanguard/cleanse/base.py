@@ -303,12 +303,8 @@ class UnlabeledImages:
         else:
             batches = (check_images(_images_of(item), "data batch") for item in self.loader)  # type: ignore
         for batch in batches:
-            if batch_size_of(batch) >= 2:
+            if len(batch[0] if isinstance(batch, tuple) else batch) >= 2:
                 yield batch
-
-
-def batch_size_of(batch) -> int:
-    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 def check_count(n: int, minimum: int = MIN_IMAGES, recommended: int = RECOMMENDED_MIN_IMAGES) -> None:
