@@ -42,15 +42,7 @@ from bcu_views import FlatCNN, teacher_model
 from jsonl_rows import emit, read_rows
 
 from trojanguard.cleanse import BCU, Evaluation
-from trojanguard.cleanse.unlabeled import (
-    DEFAULT_OOD_IMAGES,
-    VIEW_SAMPLE,
-    balanced_subset,
-    choose_view,
-    clean_half,
-    ood_images,
-    predicted_classes,
-)
+from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES, adapt_to_model, clean_half, ood_images
 from trojanguard.data import load_image_folder
 from trojanguard.data.digits import COLOUR_SEED, colourize
 from trojanguard.models import build_model
@@ -93,21 +85,13 @@ def user_folder(entry, seed: int) -> torch.Tensor:
         return load_image_folder(folder, size=grey.shape[-1], channels=grey.shape[1]).x
 
 
-def adapted(model, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """``x`` through ``ood_images``' adaptation (docs/cleansing.md): the view that spreads the model's classes most
-    evenly, then a class-balanced half by its predictions."""
-    view, _ = choose_view(model, x[:VIEW_SAMPLE])
-    x = view(x)
-    return x[balanced_subset(predicted_classes(model, x), len(x) // 2, seed)]
-
-
 def unlabeled(entry, model, source: str, seed: int, images: int = DEFAULT_OOD_IMAGES) -> torch.Tensor:
     if source == "in":
         return clean_half(entry, seed=seed)
     if source == "ood":
         return ood_images(images, model=model, seed=seed)
     folder = user_folder(entry, seed)
-    return folder if source == "folder" else adapted(model, folder, seed)
+    return folder if source == "folder" else adapt_to_model(model, folder, len(folder) // 2, seed)
 
 
 def run_one(teacher: str, attack: str, setting: str, seed: int, source: str = "in") -> dict:

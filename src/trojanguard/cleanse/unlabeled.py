@@ -184,13 +184,24 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
         raise ValueError(f"pool_factor: expected ≥ 1, got {pool_factor}")
     crops = _source_images(source, n * pool_factor, size, 3, seed)
     preflight(model, _channels(crops[:2], channels), model_device(model))  # clear error if the crops do not fit
-    view, scores = choose_view(model, crops[:VIEW_SAMPLE], channels=channels)
-    pool = _channels(view(crops), channels)
+    if info is not None:
+        info.update(source=source)
+    return adapt_to_model(model, crops, n, seed, channels, info)
+
+
+def adapt_to_model(model: nn.Module, images: torch.Tensor, n: int, seed: int = 0, channels: int = 3,
+                   info: dict | None = None) -> torch.Tensor:
+    """Colour images ``(N, 3, H, W)`` in [0, 1] (crops, procedural images, your own folder) adapted to ``model`` as
+    :func:`ood_images` adapts its crops: rendered in the view the model spreads most evenly over its classes, then a
+    class-balanced subset of ``n`` by its predictions. ``info``, when given, receives the chosen view, every view's
+    entropy and the class shares of the result."""
+    view, scores = choose_view(model, images[:VIEW_SAMPLE], channels=channels)
+    pool = _channels(view(images), channels)
     classes = predicted_classes(model, pool)
     chosen = balanced_subset(classes, n, seed)
     if info is not None:
         shares = torch.bincount(classes[chosen]).double() / n
-        info.update(source=source, view=str(view), view_entropy=scores, pool=len(pool),
+        info.update(view=str(view), view_entropy=scores, pool=len(pool),
                     class_share=[round(float(s), 4) for s in shares], entropy=class_entropy(classes[chosen]),
                     max_entropy=math.log(max(2, int(classes.max()) + 1)))
     return pool[chosen].contiguous()
