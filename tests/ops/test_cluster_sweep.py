@@ -150,6 +150,33 @@ def test_the_sweep_encoder_gives_the_encoders_features_faster_shaped():
     assert torch.nn.functional.cosine_similarity(low, expected).min() > 0.99
     fixed = SweepEncoder(encoder, low_precision=False, forward_batch=7, fold_batchnorm=False, channels_last=False)
     torch.testing.assert_close(fixed(x), expected, atol=1e-5, rtol=1e-5)
+    assert "CUDA graphs" not in prepared.steps  # "auto": a GPU only
+    with pytest.raises(ValueError, match="cuda_graphs: CUDA graphs need a CUDA device, got cpu"):
+        SweepEncoder(encoder, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none here)")
+def test_the_sweep_encoder_replays_a_captured_graph_per_pass_shape():
+    """On a GPU a pass shape seen twice is captured once and replayed: each replay gives the features of *its* input
+    (the static buffer is refilled) that the same preparation gives without graphs (fp32 and bf16 autocast), and in
+    fp32 the encoder's own features."""
+    from trojanguard.ops.cluster_sweep import SweepEncoder
+    from trojanguard.ssl.backbones import build_backbone
+
+    torch.manual_seed(0)
+    encoder = build_backbone("small_cnn", in_channels=3).cuda().eval()
+    for low_precision in (False, True):
+        prepared = SweepEncoder(encoder, "cuda", low_precision=low_precision)
+        eager = SweepEncoder(encoder, "cuda", low_precision=low_precision, cuda_graphs=False)
+        assert "CUDA graphs" in prepared.steps and "CUDA graphs" not in eager.steps
+        for seed in range(4):
+            x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+            got = prepared(x)
+            torch.testing.assert_close(got, eager(x), atol=1e-3, rtol=1e-3)
+            if not low_precision:  # 1e-2: both sides run TF32 convolutions, in another order after folding
+                with torch.no_grad():
+                    torch.testing.assert_close(got, encoder(x), atol=1e-2, rtol=1e-2)
+        assert len(prepared._graphs) == 1 and not prepared.skipped, prepared.skipped
 
 
 def test_the_sweep_encoder_falls_back_where_a_preparation_changes_the_features():

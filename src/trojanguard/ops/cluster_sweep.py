@@ -249,6 +249,19 @@ def native_bf16(device: torch.device) -> bool:
 
 CPU_ACTIVATION_BUDGET = 4 << 20  # bytes of one layer's output per CPU forward: throughput peaks when it stays in cache
 MAX_FORWARD_BATCH = 256
+MAX_GRAPHS = 4  # CUDA graphs one SweepEncoder keeps (one per pass shape)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """float32 convolutions and matrix products in full precision (no TF32 on a GPU) for the duration: a check of a
+    preparation must not fail on TF32's rounding (~1e-3 relative)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class SweepEncoder:
@@ -257,14 +270,22 @@ class SweepEncoder:
     autocast to bfloat16 where the device has it natively (``low_precision="auto"``; True / False force it), and
     forward passes of ``forward_batch`` images (``"auto"``: on a GPU the whole chunk; on a CPU the power of two that
     keeps the largest layer output of one pass within :data:`CPU_ACTIVATION_BUDGET`, measured on one image per input
-    shape — a small CNN at 32 px gets 32, a ResNet-18 16: 3–5× the throughput of 4096-image passes, RESULTS.md).
-    Calls return float32 features. Each preparation is checked against the encoder on the first batch of each input
+    shape — a small CNN at 32 px gets 32, a ResNet-18 16: 3–5× the throughput of 4096-image passes, RESULTS.md)
+    and, on a GPU, CUDA graphs (``cuda_graphs="auto"``): a pass shape seen a second time (the sweep's chunks all
+    have one shape but the last) is captured once and replayed, so each pass is one launch instead of one per
+    layer. Calls return float32 features. Each preparation is checked against the encoder on the first batch of each input
     shape, falling back (no folding, then no channels-last, then the encoder as given) where it does not give the
     encoder's features — a traced graph that skips a shape-dependent step, a ``view`` that channels-last breaks."""
 
     def __init__(self, encoder, device: torch.device | str = "cpu", *, fold_batchnorm: bool = True,
-                 channels_last: bool = True, low_precision: bool | str = "auto", forward_batch: int | str = "auto"):
+                 channels_last: bool = True, low_precision: bool | str = "auto", forward_batch: int | str = "auto",
+                 cuda_graphs: bool | str = "auto"):
         self.device = torch.device(device)
+        if cuda_graphs is True and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, got {self.device}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs == "auto" else bool(cuda_graphs)
+        self._graphs: dict[tuple, tuple] = {}  # pass shape -> (graph, static input, static output)
+        self._passes_seen: set[tuple] = set()
         self.encoder = encoder
         self.forward_batch = forward_batch if forward_batch == "auto" else int(forward_batch)
         self._batch_for: dict[tuple[int, ...], int] = {}  # "auto" on a CPU: images per pass, per input shape
@@ -308,6 +329,9 @@ class SweepEncoder:
                 break
         if self.low_precision:
             self.steps.append("bf16 autocast")
+        if self.cuda_graphs:
+            self.steps.append("CUDA graphs")
+        self._graphs.clear()  # captured from the previous plan's model
 
     def _check_on(self, x: torch.Tensor) -> None:
         """On the first batch of each input shape: the prepared model must give the encoder's features (shape, and
@@ -317,7 +341,7 @@ class SweepEncoder:
             sample = x[:2]
             modes = {m: m.training for m in self.encoder.modules()} if isinstance(self.encoder, torch.nn.Module) else {}
             try:  # a traced module prints its own traceback before raising: kept off the user's stderr
-                with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+                with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()), _full_float32():
                     if modes:
                         self.encoder.eval()  # the user's encoder, compared in eval mode and restored after
                     expected = self.encoder(sample).float()
@@ -341,9 +365,55 @@ class SweepEncoder:
         self._check_on(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
+        with torch.inference_mode():
             step = self._images_per_pass(x) or len(x)
-            return torch.cat([self.model(x[s : s + step]).float() for s in range(0, len(x), step)])
+            return torch.cat([self._pass(x[s : s + step]) for s in range(0, len(x), step)])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # no autocast weight cache: a captured graph must not hold casts made outside it
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision, cache_enabled=False):
+            return self.model(x).float()
+
+    def _pass(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass: replayed from a CUDA graph where one is captured for its shape, else eager."""
+        if not self.cuda_graphs or x.device.type != "cuda":
+            return self._forward(x)
+        key = (tuple(x.shape), x.dtype, x.stride())
+        if key not in self._graphs:
+            if key not in self._passes_seen or len(self._graphs) >= MAX_GRAPHS:  # a shape seen once (the last
+                self._passes_seen.add(key)  # chunk, a check) is not worth a capture; each graph holds its memory
+                return self._forward(x)
+            self._capture(key, x)
+            if key not in self._graphs:
+                return self._forward(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, key: tuple, x: torch.Tensor) -> None:
+        """Capture the model's pass on ``x``'s shape; keep it only where a replay gives the eager features (else
+        CUDA graphs are turned off, the reason in ``skipped``)."""
+        static_in = x.clone()
+        try:
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):  # warm-up off the main stream (cuDNN plans, allocator), as capture needs
+                for _ in range(2):
+                    expected = self._forward(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+            graph.replay()
+            if not torch.allclose(static_out, expected, atol=1e-3, rtol=1e-3):
+                raise RuntimeError("the replayed graph's features differ from the eager pass")
+        except Exception as exc:  # noqa: BLE001 — a model that cannot be captured (host syncs, dynamic shapes)
+            self.cuda_graphs = False
+            self.steps = [s for s in self.steps if s != "CUDA graphs"]
+            self.skipped.append(f"CUDA graphs: {type(exc).__name__}: {exc}")
+            return
+        self._graphs[key] = (graph, static_in, static_out)
 
     def _images_per_pass(self, x: torch.Tensor) -> int:
         """``forward_batch``, or for "auto" (0 = all at once on a GPU) the CPU rule of the class docstring."""
