@@ -156,6 +156,28 @@ def test_a_toy_fit_runs_every_stage_and_scores_new_inputs():
     assert auto_clusters(1437) == 22 and auto_clusters(30) == 10 and auto_clusters(10**7) == 1000
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="an encoder on a GPU needs a CUDA device (none here)")
+def test_an_encoder_on_a_gpu_runs_there_and_finds_what_the_cpu_finds():
+    """The encoder runs where the caller put it; the rest of the fit stays on the CPU: the same candidate boxes,
+    heat maps within 1e-4 (TF32 off: full float32 on both) and results on the CPU, for the sweep and Grad-CAM."""
+    import copy
+
+    x = toy_images()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for options in ({}, {"heatmap": "gradcam"}):
+            cpu = quick(toy_encoder(), **options).fit(x)
+            gpu = quick(copy.deepcopy(toy_encoder()).cuda(), **options).fit(x)
+            assert torch.equal(gpu.result.boxes, cpu.result.boxes) and gpu.result.boxes.device.type == "cpu"
+            heat = gpu.heatmaps(x[:4])
+            assert heat.device.type == "cpu"
+            torch.testing.assert_close(heat, cpu.heatmaps(x[:4]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gpu.score(x[:7]), cpu.score(x[:7]), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_bad_input_gets_a_one_line_error_naming_the_argument():
     x = toy_images()
     with pytest.raises(DataError, match="encoder: .*logits"):

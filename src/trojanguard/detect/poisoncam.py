@@ -250,9 +250,16 @@ class PoisonCAM(Detector):
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised encoder features ``(N, D)``."""
-        out = [F.normalize(self.encoder(x[s : s + self.batch_size]).float(), dim=1)
+        out = [F.normalize(self.encoder(self._on_encoder(x[s : s + self.batch_size])).float(), dim=1).cpu()
                for s in range(0, len(x), self.batch_size)]
         return torch.cat(out)
+
+    def _on_encoder(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the encoder's device: the encoder runs where the caller put it (a GPU), the rest of the fit
+        (clustering, search bookkeeping, the poison classifier) on the CPU."""
+        from trojanguard.models.features import model_device
+
+        return t.to(model_device(self.encoder))
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (cosine) of each feature row."""
@@ -305,8 +312,9 @@ class PoisonCAM(Detector):
         own = self.own_targets(self.features(x))
         if self.heatmap == "gradcam":
             return self._gradcam(x, own)
-        return sweep_heatmaps(self._sweep_encoder(), x, own, sweep_windows(*x.shape[2:], window, stride),
-                              fill=self.fill if fill is None else fill, batch_size=self.batch_size * 4)
+        return sweep_heatmaps(self._sweep_encoder(), self._on_encoder(x), self._on_encoder(own),
+                              sweep_windows(*x.shape[2:], window, stride), fill=self.fill if fill is None else fill,
+                              batch_size=self.batch_size * 4).cpu()
 
     def locate(self, x) -> torch.Tensor:
         """``(N, 4)`` boxes ``(top, left, height, width)``: each image's candidate trigger window."""
@@ -316,7 +324,8 @@ class PoisonCAM(Detector):
 
     def _window_drops(self, x: torch.Tensor, own: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """``(N, W)`` own-target similarity drops of filling each window (one window list for all images)."""
-        return sweep_drops(self._sweep_encoder(), x, own, windows, fill=self.fill, batch_size=self.batch_size * 4)
+        return sweep_drops(self._sweep_encoder(), self._on_encoder(x), self._on_encoder(own), windows, fill=self.fill,
+                           batch_size=self.batch_size * 4).cpu()
 
     def _sweep_encoder(self) -> SweepEncoder:
         """The encoder prepared for the sweeps' many forward passes (:class:`SweepEncoder`: conv–BN folded,
@@ -391,7 +400,7 @@ class PoisonCAM(Detector):
         module = module_by_name(user_module, name)
         maps = []
         for s in range(0, len(x), self.batch_size):
-            xs, cs = x[s : s + self.batch_size], own[s : s + self.batch_size]
+            xs, cs = self._on_encoder(x[s : s + self.batch_size]), self._on_encoder(own[s : s + self.batch_size])
             store: dict[str, torch.Tensor] = {}
             handle = module.register_forward_hook(lambda _m, _i, out, store=store: store.__setitem__("a", out))
             try:
@@ -404,7 +413,7 @@ class PoisonCAM(Detector):
                 raise DataError(f"heatmap: 'gradcam' needs a 4-D feature map; layer {name!r} outputs "
                                 f"{tuple(store['a'].shape)}")
             cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True)).detach()
-            maps.append(F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0])
+            maps.append(F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].cpu())
         return torch.cat(maps)
 
     # ------------------------------------------------------------------ fit
