@@ -4,7 +4,8 @@
 # benchmarks and the detector's AUROC on the GPU. Runs from a source tree (PYTHONPATH=src), as on a machine
 # whose PyTorch cannot be replaced. Logs go to $OUT (default ./gpu-out); the tail of each part is printed.
 #   bash benchmarks/gpu_session.sh [part ...]   parts: env build tests cli roofline sweep ncu ops cd auroc screen cpu spread
-#     clusterops clustersweep (default: env build tests roofline ops cd auroc clusterops clustersweep)
+#     clustertests (issue 22's GPU tests alone) clusterops clusterroofline clustersweep poisoncam (default: env build tests roofline ops cd auroc clusterops
+#     clusterroofline clustersweep poisoncam)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu-out}")
@@ -15,7 +16,7 @@ mkdir -p "$TROJANGUARD_CACHE"
 [ -d .devcache ] && cp -rn .devcache/. "$TROJANGUARD_CACHE"/  # trained zoo models carried from a CPU machine
 PY=${PYTHON:-python3}
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env build tests roofline ops cd auroc clusterops clustersweep)
+[ ${#parts[@]} -eq 0 ] && parts=(env build tests roofline ops cd auroc clusterops clusterroofline clustersweep poisoncam)
 
 run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
   local name=$1 seconds=$2
@@ -36,7 +37,10 @@ ort.get_available_providers()); print(torch.cuda.get_device_name(0))'" ;;
 print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); print(f'{time.time()-t:.0f} s')" ;;
     tests) run tests 420 $PY -m pytest -q -rs -p no:cacheprovider tests/ops/test_native.py tests/kernels/test_mask_step_kernel.py \
              tests/ops/test_mask_step.py tests/ops/test_cluster_sweep.py tests/detect/test_cognitive_distillation.py \
-             tests/guard/test_guard.py ;;
+             tests/guard/test_guard.py tests/detect/test_poisoncam.py::test_an_encoder_on_a_gpu_runs_there_and_finds_what_the_cpu_finds ;;
+    clustertests) run clustertests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/ops/test_cluster_sweep.py \
+                    tests/ops/test_native.py tests/kernels/test_mask_step_kernel.py \
+                    tests/detect/test_poisoncam.py::test_an_encoder_on_a_gpu_runs_there_and_finds_what_the_cpu_finds ;;
     cli) run cli 360 env TROJANGUARD_NO_JIT=1 $PY -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/bad_input \
            tests/cli tests/screening tests/guard/test_guard.py ;;  # --device auto = cuda
     roofline) run roofline 180 $PY benchmarks/roofline.py ;;
@@ -48,8 +52,15 @@ print(_native.build_info()); print('cuda reasons:', _native.cuda_reasons()); pri
     cd) TAIL=24 run cd 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cd.py --benchmark-only ;;
     clusterops) TAIL=30 run clusterops 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_cluster_sweep.py \
                   --benchmark-only ;;  # issue 22: the sweep's ops on every backend vs their references
-    clustersweep) TAIL=6 run clustersweep 420 bash -c "$PY benchmarks/sweep_end_to_end.py --arch small_cnn --size 32 --images 256
-                  $PY benchmarks/sweep_end_to_end.py --arch resnet18_cifar --size 32 --images 256" ;;  # end to end vs eager
+    clusterroofline) TAIL=40 run clusterroofline 180 $PY benchmarks/roofline.py --cluster --repeats 20 ;;  # issue 22's ≥ 70 %
+    clustersweep) TAIL=6 run clustersweep 420 bash -c "$PY benchmarks/sweep_end_to_end.py --arch small_cnn --size 32 --images 256 \
+                    --repeats 5 --variants plain prepared no_graphs no_bf16 --results $OUT/sweep.jsonl
+                  $PY benchmarks/sweep_end_to_end.py --arch torchvision:resnet18 --size 224 --images 32 --window 16 --stride 8 \
+                    --variants prepared no_graphs no_bf16 --results $OUT/sweep.jsonl
+                  $PY benchmarks/sweep_end_to_end.py --arch resnet18_cifar --size 32 --images 256 \
+                    --variants prepared no_graphs no_bf16 --results $OUT/sweep.jsonl" ;;  # end to end vs eager
+    poisoncam) TAIL=6 run poisoncam 300 $PY benchmarks/poisoncam_sweep_speed.py --arch torchvision:resnet18 --image-size 224 \
+                 --images 300 --device cuda ;;  # PoisonCAM's fit before / after on a 224-px ResNet-18
     auroc) (cd benchmarks && TAIL=40 run auroc 420 $PY cd_effectiveness.py --device cuda --clean 0) ;;
     screen) TAIL=20 run screen 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_screen.py --benchmark-only ;;
     cpu) CUDA_VISIBLE_DEVICES= TAIL=22 run cpu 420 bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; lscpu | grep -o -E 'amx_bf16|avx512_bf16' | sort -u

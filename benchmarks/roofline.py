@@ -4,7 +4,10 @@ The step is memory-bound: per pixel it does ~60 flops on ~(4·3 + 2·C + C + ...
 fewest bytes it must move: read θ, both Adam moments, x and the input gradient once; write θ, the moments and
 the next x_adv once. The ceiling is the device-to-device copy bandwidth measured here (bytes read + written).
 
-Run: ``PYTHONPATH=src python benchmarks/roofline.py`` on a machine with CUDA. Each backend is timed twice with
+``--cluster``: the cluster-masking sweep's ops instead (issue 22: ``occlude``, ``cluster_drop``, ``occlusion_heat``
+at the sizes of ``test_bench_cluster_sweep.py``), each floor the bytes its inputs and output take once.
+
+Run: ``PYTHONPATH=src python benchmarks/roofline.py [--cluster]`` on a machine with CUDA. Each backend is timed twice with
 CUDA events, as the median over many repeats, rotating over enough input sets that they do not fit in L2 (a
 32×32 batch is a few MB and would otherwise be served from cache): *eager* (one Python call per step, host
 dispatch included: what a loop without CUDA graphs pays) and *graph* (the same calls captured in one CUDA graph
@@ -99,6 +102,54 @@ def sweep_triton(name, dtype_name, sets, mean, std, moved, peak, repeats) -> lis
     return rows
 
 
+def cluster_rows(peak: float, dtypes: list[str], backends: list[str], repeats: int) -> list[str]:
+    """The sweep's three ops per size × dtype × backend: the kernels graph-timed (the references eager), GB/s over
+    their minimal bytes (every input read once, the output written once), against the copy bandwidth and the
+    reference."""
+    from test_bench_cluster_sweep import RUN, SIZES, inputs
+
+    def nbytes(args) -> int:
+        return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+    rows = []
+    for size in SIZES:
+        for op, run_op in RUN.items():
+            for dtype_name in dtypes if op != "occlusion_heat" else ["float32"]:  # its drops are float32 always
+                dtype = getattr(torch, dtype_name)
+
+                def on_device(args, dtype=dtype):
+                    return [a.to("cuda", dtype if i == 0 and a.is_floating_point() else a.dtype)
+                            if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+                first = on_device(inputs(size)[op])
+                out = run_op(*first, backend="reference")
+                moved = nbytes(first) + out.numel() * out.element_size()
+                sets = [first] + [on_device(inputs(size)[op]) for _ in range(max(1, min(8, ROTATION_BYTES // moved)) - 1)]
+                del out
+                reasons = OPS[op].reasons(*first)
+                reference_ms = None
+                for backend in backends:
+                    if reasons[backend]:
+                        rows.append(f"| {size} | {op} | {dtype_name} | {backend} | – | – | – | {'; '.join(reasons[backend])} |")
+                        continue
+
+                    def run(i, backend=backend, sets=sets, run_op=run_op):
+                        run_op(*sets[i % len(sets)], backend=backend)
+
+                    # the references copy the boxes to the host (box_masks), which a graph cannot capture: eager
+                    timing = "eager" if backend == "reference" else "graph"
+                    ms = median_ms(run, repeats) if timing == "eager" else graph_ms(run, len(sets), repeats)
+                    reference_ms = ms if backend == "reference" else reference_ms
+                    gbs = moved / ms / 1e6
+                    rows.append(f"| {size} | {op} | {dtype_name} | {backend} | {timing} {ms * 1e3:.1f} | {gbs:.0f} | "
+                                f"{100 * gbs / peak:.0f} % | {f'{reference_ms / ms:.1f}×' if reference_ms else '–'} |")
+                    print(rows[-1], flush=True)
+                del sets, first
+                torch.cuda.empty_cache()
+    return ["| size | op | dtype | backend | µs | GB/s (minimal bytes) | % of copy bandwidth | vs reference |",
+            "|---|---|---|---|---|---|---|---|", *rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=50)
@@ -106,12 +157,16 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--backends", nargs="+", default=["reference", "cuda", "triton"])
     parser.add_argument("--sweep", action="store_true", help="Triton block sizes × warps instead of the backends")
+    parser.add_argument("--cluster", action="store_true", help="the cluster-masking sweep's ops (issue 22)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("roofline.py needs a CUDA device")
     peak = copy_bandwidth()
     mean, std = torch.tensor([0.5, 0.5, 0.5], device="cuda"), torch.tensor([0.25, 0.25, 0.25], device="cuda")
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; copy bandwidth {peak:.0f} GB/s")
+    if args.cluster:
+        print("\n".join(cluster_rows(peak, args.dtypes, args.backends, args.repeats)))
+        return
     rows = [("| shape | x/grad dtype | backend | eager µs | graph µs | GB/s (graph, minimal bytes) | % of copy bandwidth "
              "| vs reference (graph) |"), "|---|---|---|---|---|---|---|---|"]
     generator = torch.Generator(device="cuda").manual_seed(0)

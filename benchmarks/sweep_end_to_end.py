@@ -5,6 +5,8 @@ with slicing), at equal heat maps (median per-image correlation), and against th
 bare forward pass over the same number of masked images.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/sweep_end_to_end.py --arch small_cnn --size 32 --images 256
+    PYTHONPATH=src python benchmarks/sweep_end_to_end.py --arch torchvision:resnet18 --size 224 --images 32 \
+        --window 16 --stride 8 --variants prepared no_graphs no_bf16        # a GPU: the 224-px ResNet-18, W = 729
 
 Each configuration is timed ``--repeats`` times after a warm-up; medians are reported, in one run.
 """
@@ -20,9 +22,20 @@ import time
 import torch
 import torch.nn.functional as F
 
+from trojanguard.models import build_model
 from trojanguard.ops.cluster_mask import fill_values, sweep_windows
 from trojanguard.ops.cluster_sweep import SweepEncoder, sweep_heatmaps
 from trojanguard.ssl.backbones import build_backbone
+
+
+def build_encoder(arch: str) -> torch.nn.Module:
+    """A backbone of the SSL zoo (``small_cnn``, ``resnet18_cifar``) or a torchvision ResNet without its ``fc``
+    (``torchvision:resnet18``, the ImageNet layout for 224 px), random weights."""
+    if arch.startswith("torchvision:"):
+        net = build_model(arch, num_classes=2)
+        net.fc = torch.nn.Identity()
+        return net
+    return build_backbone(arch, in_channels=3)
 
 
 @torch.no_grad()
@@ -30,7 +43,7 @@ def eager_sweep(encoder, x, centroids, labels, window, stride):
     """The researcher's sweep: per window position, fill it in every image, encode, score all centroids, take the
     own one, add the drop to the window's pixels."""
     n, _, h, w = x.shape
-    heat, count = torch.zeros(n, h, w), torch.zeros(h, w)
+    heat, count = torch.zeros(n, h, w, device=x.device), torch.zeros(h, w, device=x.device)
     c = F.normalize(centroids, dim=1)
     base = (F.normalize(encoder(x), dim=1) @ c.T).gather(1, labels[:, None])[:, 0]
     fill = fill_values(x, "mean")
@@ -64,6 +77,19 @@ def correlation(a, b):
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
+def measure(prepared, x, own, windows, copies, eager_s, eager_heat, args, run) -> dict:
+    """One variant: heat maps per second, against the eager sweep and against the bare forward passes."""
+    seconds, heat = timed(run(lambda: sweep_heatmaps(prepared, x, own, windows, batch_size=args.batch_size)),
+                          args.repeats)
+    chunks = -(-args.images * len(windows) // len(copies))
+    with torch.no_grad():
+        bare_s, _ = timed(run(lambda: [prepared(copies) for _ in range(chunks)]), args.repeats)
+    return {"images_per_s": round(args.images / seconds, 1), "speedup_vs_eager": round(eager_s / seconds, 2),
+            "cost_vs_bare_forward": round(seconds / bare_s, 3),
+            "median_correlation": round(float(correlation(heat.cpu(), eager_heat.cpu()).median()), 5),
+            "steps": getattr(prepared, "steps", [])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="small_cnn")
@@ -74,11 +100,14 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4096, help="masked copies per forward of the sweep")
-    parser.add_argument("--variants", nargs="+", default=["plain", "prepared", "no_bf16"])
+    parser.add_argument("--variants", nargs="+", default=["plain", "prepared", "no_bf16"],
+                        help="plain: the encoder as given; prepared: SweepEncoder's defaults; no_bf16: without bf16; "
+                             "no_graphs: without CUDA graphs (a GPU)")
+    parser.add_argument("--results", help="also append the row to this JSON-lines file")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = build_backbone(args.arch, in_channels=3).to(device).eval()
+    encoder = build_encoder(args.arch).to(device).eval()
     x = torch.rand(args.images, 3, args.size, args.size, device=device)
     centroids = torch.randn(args.clusters, encoder(x[:2]).shape[1], device=device)
     with torch.no_grad():
@@ -100,20 +129,20 @@ def main() -> None:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": args.arch, "size": args.size,
            "images": args.images, "windows": len(windows), "eager_images_per_s": round(args.images / eager_s, 1)}
     encoders = {"plain": lambda m: m, "prepared": lambda m: SweepEncoder(m, device),
-                "no_bf16": lambda m: SweepEncoder(m, device, low_precision=False)}
+                "no_bf16": lambda m: SweepEncoder(m, device, low_precision=False),
+                "no_graphs": lambda m: SweepEncoder(m, device, cuda_graphs=False)}
     copies = torch.rand(min(args.batch_size, args.images * len(windows)), 3, args.size, args.size, device=device)
     for variant in args.variants:
-        prepared = encoders[variant](encoder)
-        seconds, heat = timed(run(lambda p=prepared: sweep_heatmaps(p, x, own, windows, batch_size=args.batch_size)),
-                              args.repeats)
-        chunks = -(-args.images * len(windows) // len(copies))
-        with torch.no_grad():
-            bare_s, _ = timed(run(lambda p=prepared, k=chunks: [p(copies) for _ in range(k)]), args.repeats)
-        row[variant] = {"images_per_s": round(args.images / seconds, 1), "speedup_vs_eager": round(eager_s / seconds, 2),
-                        "cost_vs_bare_forward": round(seconds / bare_s, 3),
-                        "median_correlation": round(float(correlation(heat.cpu(), eager_heat).median()), 5),
-                        "steps": getattr(prepared, "steps", [])}
+        try:
+            row[variant] = measure(encoders[variant](encoder), x, own, windows, copies, eager_s, eager_heat, args, run)
+        except Exception as exc:  # noqa: BLE001 — a variant that fails (out of memory) is a result; the others run
+            row[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
