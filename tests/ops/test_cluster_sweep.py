@@ -24,7 +24,8 @@ from trojanguard.ops.cluster_sweep import (
 )
 
 FAST = ["triton", "cpp", "cuda"]
-SHAPES = [(1, 1, 7, 9, 3, 2), (5, 3, 7, 9, 4, 3), (2, 3, 32, 32, 6, 2), (3, 1, 33, 31, 5, 4)]  # N, C, H, W, window, stride
+SHAPES = [(1, 1, 7, 9, 3, 2), (5, 3, 7, 9, 4, 3), (2, 3, 32, 32, 6, 2), (3, 1, 33, 31, 5, 4),  # N, C, H, W, window,
+          (2, 1, 13, 12, 5, 3)]  # stride; widths a multiple of 4 take the CUDA kernels' vector path
 
 
 def _device(backend: str) -> str:

@@ -391,7 +391,7 @@ class PoisonCAM(Detector):
 
         user_module = unwrap(self.encoder.module)
         try:  # an Encoder naming a layer stops there: that layer's map, else the last map before pooling
-            name = self.encoder.layer or default_feature_layer(user_module, x[:1])
+            name = self.encoder.layer or default_feature_layer(user_module, self._on_encoder(x[:1]))
         except ValueError:
             name = ""
         if not name:
