@@ -1,15 +1,11 @@
 // CUDA implementation of the cluster-masking sweep's ops (see csrc/cluster_sweep.h).
 //
 // Simple, memory-bound kernels, all accesses coalesced, no workspace:
-//   occlude         one block per output plane (image, window, channel), its index arithmetic and box done once;
-//                   each thread copies 16-byte vectors of 4 pixels (a row's width a multiple of 4, aligned
-//                   tensors), else single pixels. The input is copied bit-exactly, the fill converted as torch
-//                   would. (The first version, one thread per pixel with 64-bit index division per pixel, ran at
-//                   15 % of the copy bandwidth on an H100 — slower than the reference; RESULTS.md.)
-//   cluster_drop    one warp per feature row: lanes stride over the row (coalesced; 16-byte loads where the
-//                   row's length and the tensors allow), accumulating f·c, f·f and c·c in float32 in one pass,
-//                   then a shuffle reduction; the centroid row is shared by the W rows of an image, so it comes
-//                   from L1/L2 after the first.
+//   occlude         one thread per output element (blocks cover kThreads pixels of one output plane: image,
+//                   window, channel); the input is copied bit-exactly, the fill converted as torch would.
+//   cluster_drop    one warp per feature row: lanes stride over the row (coalesced), accumulating f·c, f·f and
+//                   c·c in float32 in one pass, then a shuffle reduction; the centroid row is shared by the W rows
+//                   of an image, so it comes from L1/L2 after the first.
 //   occlusion_heat  one thread per output pixel of one image; a block stages the clipped windows (and this image's
 //                   drops) in shared memory in chunks, and every thread sums the drops and counts the windows that
 //                   cover its pixel. The count is recomputed per image: it costs only the comparisons the sum
@@ -91,37 +87,6 @@ occlude_kernel(const OccludeArgs a) {
   }
 }
 
-// One block per output plane p = (i·W + n)·C + c; V: 4 pixels of T in one load (float4, ushort4).
-template <typename T, typename V>
-__global__ void __launch_bounds__(kThreads)
-occlude_plane_kernel(const OccludeArgs a) {
-  const int64_t C = a.channels, W = a.windows_count, planes = a.batch * W * C;
-  const int width = static_cast<int>(a.width), quads = static_cast<int>(a.height * a.width / 4);
-  const V* __restrict__ x = static_cast<const V*>(a.x);
-  V* __restrict__ out = static_cast<V*>(a.out);
-  for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
-    const int64_t c = p % C, n = (p / C) % W, i = p / (C * W);
-    const Box32 b = clipped_box32(a.windows, n, a.height, a.width);
-    const T fill = fill_bits<T>(__ldg(a.values + i * C + c), a.x_dtype);
-    const V* __restrict__ src = x + (i * C + c) * quads;
-    V* __restrict__ dst = out + p * quads;
-    for (int q = static_cast<int>(threadIdx.x); q < quads; q += kThreads) {
-      V v = src[q];
-      const int pixel = q * 4, y = pixel / width, col = pixel - y * width;  // the 4 pixels share a row
-      if (y >= b.y0 && y < b.y1 && col + 4 > b.x0 && col < b.x1) {
-        T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (col + k >= b.x0 && col + k < b.x1) e[k] = fill;
-        }
-      }
-      dst[q] = v;
-    }
-  }
-}
-
-bool aligned(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
-
 // ------------------------------------------------------------------ cluster_drop
 template <typename T>
 __device__ __forceinline__ float load_feature(const T* p, int dtype);
@@ -157,50 +122,6 @@ cluster_drop_kernel(const ClusterDropArgs a) {
       dot += v * w;
       ff += v * v;
       cc += w * w;
-    }
-    dot = warp_sum(dot);
-    ff = warp_sum(ff);
-    cc = warp_sum(cc);
-    if (lane == 0) {
-      const float norms = fmaxf(sqrtf(ff), kNormalizeEps) * fmaxf(sqrtf(cc), kNormalizeEps);
-      a.out[r] = __ldg(a.base + i) - dot / norms;
-    }
-  }
-}
-
-__device__ __forceinline__ float feature_value(float v, int) { return v; }
-
-__device__ __forceinline__ float feature_value(unsigned short bits, int dtype) {
-  return dtype == kBFloat16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
-}
-
-// As cluster_drop_kernel, each lane reading 16 bytes at a time: 4 float32 or 8 16-bit features (D a multiple of
-// that, rows and centroids 16-byte aligned: checked by the launcher).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-cluster_drop_vector_kernel(const ClusterDropArgs a) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t W = a.windows_count, D = a.dim, rows = a.batch * W;
-  const int lane = threadIdx.x % 32;
-  const T* __restrict__ features = static_cast<const T*>(a.features);
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {  // warp-uniform: the shuffles see all 32 lanes
-    const int64_t i = r / W;
-    const T* __restrict__ f = features + r * D;
-    const float* __restrict__ c = a.centroids + i * D;
-    float dot = 0.0f, ff = 0.0f, cc = 0.0f;
-    for (int64_t k = static_cast<int64_t>(lane) * kVec; k < D; k += 32 * kVec) {
-      const uint4 bits = __ldg(reinterpret_cast<const uint4*>(f + k));
-      const T* e = reinterpret_cast<const T*>(&bits);
-#pragma unroll
-      for (int j = 0; j < kVec; j += 4) {
-        const float4 w = __ldg(reinterpret_cast<const float4*>(c + k + j));
-        const float v0 = feature_value(e[j], a.features_dtype), v1 = feature_value(e[j + 1], a.features_dtype);
-        const float v2 = feature_value(e[j + 2], a.features_dtype), v3 = feature_value(e[j + 3], a.features_dtype);
-        dot += v0 * w.x + v1 * w.y + v2 * w.z + v3 * w.w;
-        ff += v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3;
-        cc += w.x * w.x + w.y * w.y + w.z * w.z + w.w * w.w;
-      }
     }
     dot = warp_sum(dot);
     ff = warp_sum(ff);
@@ -256,16 +177,6 @@ void occlude_cuda(const OccludeArgs& a, int device, std::uintptr_t stream_handle
   check_image_size(a.height, a.width, "occlude");
   prepare(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const std::size_t vector_bytes = a.x_dtype == kFloat32 ? sizeof(float4) : sizeof(ushort4);
-  if (a.width % 4 == 0 && aligned(a.x, vector_bytes) && aligned(a.out, vector_bytes)) {
-    if (a.x_dtype == kFloat32) {
-      occlude_plane_kernel<float, float4><<<grid_for(planes), kThreads, 0, stream>>>(a);
-    } else {
-      occlude_plane_kernel<unsigned short, ushort4><<<grid_for(planes), kThreads, 0, stream>>>(a);
-    }
-    check(cudaGetLastError(), "occlude_plane_kernel launch");
-    return;
-  }
   const unsigned grid = grid_for(planes * ((hw + kThreads - 1) / kThreads));
   if (a.x_dtype == kFloat32) {
     occlude_kernel<float><<<grid, kThreads, 0, stream>>>(a);
@@ -281,16 +192,6 @@ void cluster_drop_cuda(const ClusterDropArgs& a, int device, std::uintptr_t stre
   prepare(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const unsigned grid = grid_for((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const int per_load = a.features_dtype == kFloat32 ? 4 : 8;  // features in one 16-byte load
-  if (a.dim % per_load == 0 && aligned(a.features, 16) && aligned(a.centroids, 16)) {
-    if (a.features_dtype == kFloat32) {
-      cluster_drop_vector_kernel<float><<<grid, kThreads, 0, stream>>>(a);
-    } else {
-      cluster_drop_vector_kernel<unsigned short><<<grid, kThreads, 0, stream>>>(a);
-    }
-    check(cudaGetLastError(), "cluster_drop_vector_kernel launch");
-    return;
-  }
   if (a.features_dtype == kFloat32) {
     cluster_drop_kernel<float><<<grid, kThreads, 0, stream>>>(a);
   } else {

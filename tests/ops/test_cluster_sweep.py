@@ -25,7 +25,7 @@ from trojanguard.ops.cluster_sweep import (
 
 FAST = ["triton", "cpp", "cuda"]
 SHAPES = [(1, 1, 7, 9, 3, 2), (5, 3, 7, 9, 4, 3), (2, 3, 32, 32, 6, 2), (3, 1, 33, 31, 5, 4),  # N, C, H, W, window,
-          (2, 1, 13, 12, 5, 3)]  # stride; widths a multiple of 4 take the CUDA kernels' vector path
+          (2, 1, 13, 12, 5, 3)]  # stride; the last: an odd height with a width that is a multiple of 4
 
 
 def _device(backend: str) -> str:

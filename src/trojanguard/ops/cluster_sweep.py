@@ -173,7 +173,11 @@ def _occlusion_heat_native(drops, windows, height, width):
 
 
 # ---------------------------------------------------------------- the ops
-occlude_op = define_op("occlude", occlude_reference, priority=BACKEND_PRIORITY)
+# occlude: Triton before CUDA — measured on an H100 (RESULTS.md, issue 22): the Triton kernel writes at 87–94 % of
+# the copy bandwidth in float32, the CUDA kernel (one thread per pixel, 64-bit index division) at 15 %, slower than
+# the reference. The other two ops keep CUDA first (cluster_drop: on par; occlusion_heat: CUDA 2–3× Triton).
+OCCLUDE_PRIORITY = ("triton", "cuda", "cpp", "reference")
+occlude_op = define_op("occlude", occlude_reference, priority=OCCLUDE_PRIORITY)
 cluster_drop_op = define_op("cluster_drop", cluster_drop_reference, priority=BACKEND_PRIORITY)
 occlusion_heat_op = define_op("occlusion_heat", occlusion_heat_reference, priority=BACKEND_PRIORITY)
 
