@@ -271,15 +271,18 @@ def _full_float32():
 class SweepEncoder:
     """A forward-only encoder for the sweep's many masked copies: an eval-mode copy with no weight gradients,
     convolution–batch-norm pairs folded (``torch.fx``'s ``fuse``, where the module traces), channels-last memory,
-    autocast to bfloat16 where the device has it natively (``low_precision="auto"``; True / False force it), and
-    forward passes of ``forward_batch`` images (``"auto"``: on a GPU the whole chunk; on a CPU the power of two that
-    keeps the largest layer output of one pass within :data:`CPU_ACTIVATION_BUDGET`, measured on one image per input
-    shape — a small CNN at 32 px gets 32, a ResNet-18 16: 3–5× the throughput of 4096-image passes, RESULTS.md)
-    and, on a GPU, CUDA graphs (``cuda_graphs="auto"``): a pass shape seen a second time (the sweep's chunks all
-    have one shape but the last) is captured once and replayed, so each pass is one launch instead of one per
-    layer. Calls return float32 features. Each preparation is checked against the encoder on the first batch of each input
-    shape, falling back (no folding, then no channels-last, then the encoder as given) where it does not give the
-    encoder's features — a traced graph that skips a shape-dependent step, a ``view`` that channels-last breaks."""
+    autocast to bfloat16 where the device has it natively (``low_precision="auto"``; True / False force it; bf16
+    blurs heat maps whose windows are a small part of the image — correlation 0.88 with float32's at 224 px with
+    16-px windows on an H100, RESULTS.md — so PoisonCAM passes False), and forward passes of ``forward_batch``
+    images (``"auto"``: on a GPU the whole chunk; on a CPU the power of two that keeps the largest layer output of
+    one pass within :data:`CPU_ACTIVATION_BUDGET`, measured on one image per input shape — a small CNN at 32 px gets
+    32, a ResNet-18 16: 3–5× the throughput of 4096-image passes, RESULTS.md) and, on a GPU, CUDA graphs
+    (``cuda_graphs="auto"``): a pass shape seen a second time (the sweep's chunks all have one shape but the last)
+    is captured once and replayed, one launch instead of one per layer (on an H100 with 4 096-image passes: no
+    measurable gain). Calls return float32 features. Each preparation is checked against the encoder on the first
+    batch of each input shape, falling back (no folding, then no channels-last, then the encoder as given) where it
+    does not give the encoder's features — a traced graph that skips a shape-dependent step, a ``view`` that
+    channels-last breaks."""
 
     def __init__(self, encoder, device: torch.device | str = "cpu", *, fold_batchnorm: bool = True,
                  channels_last: bool = True, low_precision: bool | str = "auto", forward_batch: int | str = "auto",
