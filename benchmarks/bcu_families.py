@@ -57,7 +57,7 @@ TEACHERS = ("zoo", "flat_noshift", "noshift", "resnet18")
 ZOO_TEACHERS = {"resnet18": {"arch": "resnet18_cifar", "image_size": 16}}
 # Candidate settings: BCU keywords one or two knobs away from OLD_DEFAULT (BCU's defaults before this benchmark
 # chose new ones), each pinned on top of it, so a rerun measures the same thing whatever BCU's defaults are now.
-OLD_DEFAULT = {"augment": "crop", "intact_paths": 0.01, "view_target": "auto", "epochs": 20}
+OLD_DEFAULT = {"augment": "crop", "intact_paths": 0.01, "view_target": "auto", "epochs": 20, "reinit": "adaptive"}
 SETTINGS: dict[str, dict] = {
     "old_default": {},
     "view": {"view_target": "view"},
@@ -70,6 +70,10 @@ SETTINGS: dict[str, dict] = {
     "intact0.2%+epochs40": {"intact_paths": 0.002, "epochs": 40},
     "intact0.2%+no_augment": {"intact_paths": 0.002, "augment": "none"},  # chosen: BCU's in-distribution default
     "epochs40+no_augment": {"epochs": 40, "augment": "none"},
+    # the re-initialisation rule (eleventh session): the in-distribution default with the adaptive rule's total
+    # hazard spread evenly over the layers (``uniform``), which removed Blended from the ResNet-18 (issue 5's ablation)
+    "uniform": {"reinit": "uniform", "intact_paths": 0.002, "augment": "none"},
+    "uniform+epochs40+no_augment": {"reinit": "uniform", "epochs": 40, "augment": "none"},  # far data's, uniform
     # far data (--data ood): a weaker perturbation, to keep more of the clean accuracy photos cannot restore
     "intact2%+no_augment": {"intact_paths": 0.02, "augment": "none"},
     # ... or more steps: twice the photo crops ("images": the size of --data ood's set; or epochs40+no_augment)
