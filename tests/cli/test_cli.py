@@ -77,7 +77,8 @@ def test_cleanse_command_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "cleansed.report.json").read_text())
     assert report["method"] == "BCU" and report["images"] == 128 and len(report["epochs"]) == 2
     assert set(report["epochs"][-1]["metrics"]) == {"clean_accuracy", "attack_success_rate"}
-    assert report["details"]["rule"] == "adaptive" and report["details"]["data"] == "ood"
+    far = report["details"]["domain"] == "out-of-distribution"
+    assert report["details"]["rule"] == ("adaptive" if far else "uniform") and report["details"]["data"] == "ood"
     assert report["details"]["ood"]["view"] and report["details"]["domain"] in ("in-distribution", "out-of-distribution")
     assert "epoch" in printed.out and "after:" in printed.out and "cleansed.report.json" in printed.out
     assert "128 unlabeled images" in printed.err

@@ -10,13 +10,15 @@ Layers are the parametrised modules (those owning parameters) in the order the f
 calls them; normalisation layers are skipped by type and keep their parameters and running statistics.
 Depth is assigned over that order, so the rule works on any architecture.
 
-Re-initialisation rules (``reinit=``):
+Re-initialisation rules (``reinit=``; the default ``"auto"`` takes ``"uniform"`` on in-distribution data and
+``"adaptive"`` on far data, chosen leave one family out over 14 trigger families and four teachers — two small CNNs,
+a flatten-head CNN and the CIFAR ResNet-18 — in issue 16; docs/cleansing.md):
 
 * ``"authors"`` — the authors' ResNet-18 ratios by stage: stem 0.01, stages 1–4 0.01 / 0.03 / 0.09 /
   0.27 (×3 per stage: deep layers hold the backdoor), classifier 0.10. On any model the last layer is
   the classifier, the first the stem, and the others fall into four stages of equal normalised depth;
   on a ResNet-18 this reproduces the authors' assignment exactly.
-* ``"adaptive"`` (default) — the authors' depth profile, scaled so that the perturbation *compounded
+* ``"adaptive"`` (far data's) — the authors' depth profile, scaled so that the perturbation *compounded
   along the least-perturbed route* through the network reaches the same level on every architecture. A
   signal reaches the output along an untouched path with probability ``∏(1 − p_l)`` over the layers it
   crosses (every scalar on the path must survive); call ``H = Σ −ln(1 − p_l)`` the path's *hazard*, so
@@ -34,8 +36,12 @@ Re-initialisation rules (``reinit=``):
   stage 4 0.93, classifier 0.58); long plain chains keep the authors' ratios (k = 1). ``H*`` is a property of
   the perturbation, not of a data set (why the route and not the sum over all layers: docs/cleansing.md and
   benchmarks/RESULTS.md, BCU).
-* ``"uniform"`` — the same total hazard (sum over the layers) as ``"adaptive"``, spread evenly over
-  them (ablation: is the depth profile needed?). ``"none"`` — plain distillation from a copy of the
+* ``"uniform"`` (in-distribution data's) — the same total hazard (sum over the layers) as ``"adaptive"``,
+  spread evenly over them. On a residual network that sum is far above the least-perturbed route's, so every layer
+  is perturbed strongly; the authors' depth profile leaves the early layers nearly intact, and on the ResNet-18 the
+  blend-type triggers (Blended, the colour filter, reflections, adaptive blend) live there (held out: adaptive
+  left ASR 0.14–0.76 on five of twelve families, uniform at most 0.019; on the small CNNs uniform costs ~1 CA point
+  more). ``"none"`` — plain distillation from a copy of the
   teacher. A float — that ratio for every layer. A sequence — one ratio per layer in forward order. A callable
   ``(list[LayerRatio]) -> list[float]`` — your own rule.
 
@@ -125,13 +131,14 @@ def parse_epochs(text: str) -> str | int:
 
 
 def parse_reinit(text: str) -> str | float:
-    """A ``reinit`` given as text (the CLI's --reinit): a rule name or one ratio in [0, 1]."""
-    if text in REINIT_RULES:
+    """A ``reinit`` given as text (the CLI's --reinit): auto, a rule name or one ratio in [0, 1]."""
+    if text == "auto" or text in REINIT_RULES:
         return text
     try:
         ratio = float(text)
     except ValueError:
-        raise ValueError(f"expected {', '.join(REINIT_RULES[:-1])}, {REINIT_RULES[-1]} or a ratio in [0, 1], got {text!r}") from None
+        raise ValueError(f"expected auto, {', '.join(REINIT_RULES[:-1])}, {REINIT_RULES[-1]} or a ratio in [0, 1], "
+                         f"got {text!r}") from None
     if not 0 <= ratio <= 1:
         raise ValueError(f"a ratio must lie in [0, 1], got {ratio}")
     return ratio
@@ -143,8 +150,9 @@ class BCUConfig:
     construction, so a config that exists can run. ``BCU.__repr__``, the report's ``config`` and the
     ``trojanguard cleanse`` options derive from these fields."""
 
-    reinit: object = setting("adaptive", "re-initialisation rule: adaptive (default), authors, uniform, none, or one "
-                              "ratio in [0, 1]", parse=parse_reinit)
+    reinit: object = setting("auto", "re-initialisation rule: auto (default: uniform on in-distribution data, "
+                              "adaptive on far data), adaptive, authors, uniform, none, or one ratio in [0, 1]",
+                              parse=parse_reinit)
     intact_paths: float | str = setting(
         "auto", "adaptive and uniform rules: the share of the least-perturbed route's paths left untouched: auto "
         "(default: 0.002 on in-distribution data, 0.01 on far data) or a share in (0, 1)", parse=parse_intact_paths)
@@ -178,9 +186,9 @@ class BCUConfig:
     def __post_init__(self) -> None:
         reinit, temperature, augment = self.reinit, self.temperature, self.augment
         max_grad_norm = self.max_grad_norm
-        if isinstance(reinit, str) and reinit not in REINIT_RULES:
-            raise ValueError(f"reinit: expected one of {REINIT_RULES}, a ratio, a sequence of ratios or a callable, "
-                             f"got {reinit!r}")
+        if isinstance(reinit, str) and reinit != "auto" and reinit not in REINIT_RULES:
+            raise ValueError(f"reinit: expected 'auto', one of {REINIT_RULES}, a ratio, a sequence of ratios or a "
+                             f"callable, got {reinit!r}")
         if isinstance(reinit, (int, float)) and not isinstance(reinit, bool) and not 0 <= reinit <= 1:
             raise ValueError(f"reinit: a ratio must lie in [0, 1], got {reinit}")
         if self.epochs != "auto" and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
@@ -302,6 +310,22 @@ NEAR_INTACT_PATHS = 0.002
 # epochs="auto": 20 in distribution (METHODS.md §3's CPU scale); far data carries less of the teacher's clean behaviour
 # per image, and 40 epochs without augmentation were chosen leave one family out (issue 16, --data ood)
 NEAR_EPOCHS, FAR_EPOCHS = 20, 40
+# reinit="auto": the rule, chosen leave one family out over 14 families and four teachers, the CIFAR ResNet-18 among
+# them (issue 16, eleventh session): in distribution "uniform" (held out 50 of 52 cells; "adaptive" 47 — it left
+# blend-type triggers in the ResNet-18's early layers); far data keeps "adaptive" (FAR_REINIT, see docs/cleansing.md)
+NEAR_REINIT, FAR_REINIT = "uniform", "adaptive"
+# a plan that re-initialises more of the weights leaves the student close to a fresh model (uniform on a ViT-B/16: 99.9 %)
+NEAR_COMPLETE_REINIT = 0.95
+
+
+def reinit_warning(fraction: float, images: int) -> str | None:
+    """The report's warning when the plan re-initialised nearly every weight: BCU then no longer keeps the teacher's
+    benign weights and the student must learn the task from the unlabeled images alone."""
+    if fraction < NEAR_COMPLETE_REINIT:
+        return None
+    return (f"the re-initialisation replaced {100 * fraction:.1f} % of the weights: the student is close to a fresh "
+            f"model that must learn the task from {images} unlabeled images; check its clean accuracy, or pass "
+            "reinit='authors' or your own ratios (deep residual networks and transformers get very strong plans)")
 
 
 def least_path_hazard(model: nn.Module, hazards: dict[str, float]) -> float | None:
@@ -468,11 +492,12 @@ class BCU(Cleanser):
     re-initialisation at all), gradients are clipped (``KEEP_MAX_GRAD_NORM``) and the loss
     matches logits (MSE) instead of
     softened outputs. ``norm_stats``, ``loss`` and ``max_grad_norm`` override each choice ("auto" by default).
-    Augmentation, intact paths and epochs were chosen leave one family out (issue 16, ``benchmarks/bcu_families.py``):
-    no augmentation in either domain; in distribution 0.2 % of intact paths and 20 epochs (over 14 trigger families
-    and three teachers the held-out bar, ASR ≤ 5 % at a CA drop ≤ 3 points, was met on all 40 held-out cells; the
-    authors' crop with 1 % met it on 28); on far data 1 % and 40 epochs (10 of 20 held-out cells, the previous crop
-    with 20 epochs 9; far data leaves several families' backdoors in place whatever the setting). Without
+    Augmentation, the re-initialisation rule, intact paths and epochs were chosen leave one family out (issue 16,
+    ``benchmarks/bcu_families.py``): no augmentation in either domain; in distribution the uniform rule, 0.2 % of
+    intact paths and 20 epochs (over 14 trigger families and four teachers, the CIFAR ResNet-18 among them, the
+    held-out bar, ASR ≤ 5 % at a CA drop ≤ 3 points, was met on 50 of 52 held-out cells; the adaptive rule on 47, the
+    authors' crop with 1 % on fewer); on far data the adaptive rule, 1 % and 40 epochs (10 of 20 held-out cells, the
+    previous crop with 20 epochs 9; far data leaves several families' backdoors in place whatever the setting). Without
     augmentation the teacher answers each image once (:class:`~trojanguard.cleanse.distillation.AnsweredImages`).
     The authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the meaning of
     digits, text and traffic signs, and on the digits zoo it left more of WaNet's backdoor than crop only did
@@ -500,10 +525,14 @@ class BCU(Cleanser):
 
     def plan(self, model: nn.Module, example: torch.Tensor, *, far: bool = False) -> list[LayerRatio]:
         """The per-layer ratios this cleanser would use on ``model`` (``example``: a batch it accepts) with
-        in-distribution data (``far=True``: with far data; they differ only with ``intact_paths="auto"``)."""
+        in-distribution data (``far=True``: with far data; they differ only where ``reinit`` or ``intact_paths`` is
+        ``"auto"``)."""
         teacher = copy.deepcopy(model)
-        return layer_ratios(teacher, example.to(model_device(teacher)), self.config.reinit,
-                            self._intact_paths(far))[0]
+        return layer_ratios(teacher, example.to(model_device(teacher)), self._reinit(far), self._intact_paths(far))[0]
+
+    def _reinit(self, far: bool):
+        chosen = self.config.reinit
+        return chosen if not (isinstance(chosen, str) and chosen == "auto") else (FAR_REINIT if far else NEAR_REINIT)
 
     def _epochs(self, far: bool) -> int:
         chosen = self.config.epochs
@@ -535,7 +564,8 @@ class BCU(Cleanser):
         gap = normalisation_gap(teacher, probe)  # reported: how far, not the switch
         far = agreement is not None and agreement < AGREEMENT_KEEP
         intact_paths = self._intact_paths(far)
-        layers, unused = layer_ratios(teacher, sample.to(device), config.reinit, intact_paths)
+        reinit = self._reinit(far)
+        layers, unused = layer_ratios(teacher, sample.to(device), reinit, intact_paths)
         norm_stats = config.norm_stats if config.norm_stats != "auto" else ("keep" if far else "update")
         loss = config.loss if config.loss != "auto" else ("mse" if far else "kl")
         augment = make_augment(config.augment)
@@ -569,7 +599,7 @@ class BCU(Cleanser):
         total = sum(layer.params for layer in layers)
         report.images, report.epochs = seen, rows
         report.details = {
-            "rule": config.reinit if isinstance(config.reinit, str) else "custom",
+            "rule": reinit if isinstance(reinit, str) else "custom",
             "batch_stat_agreement": agreement, "normalisation_gap": gap,
             "domain": "unknown" if agreement is None else ("out-of-distribution" if far else "in-distribution"),
             "norm_stats": norm_stats, "loss": loss, "max_grad_norm": max_grad_norm,
@@ -591,7 +621,8 @@ class BCU(Cleanser):
             "teacher_student_agreement": agreement_after,
         }
         forced = config.norm_stats != "auto" or config.loss != "auto"
-        found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares)) if w is not None]
+        found = [w for w in (far_data_warning(agreement, forced), dominant_class_warning(shares),
+                             reinit_warning(report.details["reinitialised_fraction"], seen)) if w is not None]
         report.details["warnings"] = found
         for warning in found:
             warnings.warn(warning, stacklevel=2)

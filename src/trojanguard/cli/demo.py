@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"cd: Cognitive Distillation (CD-P defaults) scoring every poisoned training image and {DEMO_CD_CLEAN} "
           "clean ones; AUROC against the true poison indices (the model itself is unchanged)")
     if not args.no_bcu:
-        print("bcu: BCU with its defaults (adaptive re-initialisation + distillation) on the clean half of the "
+        print("bcu: BCU with its defaults (re-initialisation + distillation) on the clean half of the "
               "training set, labels withheld")
     print(f"{'attack':10s} {'defence':12s} {'CA':>6s} {'ASR':>6s} {'AUROC':>6s}")
     for name, defence, ca, asr, auroc in rows:
