@@ -496,7 +496,7 @@ class BCU(Cleanser):
     ``benchmarks/bcu_families.py``): no augmentation in either domain; in distribution the uniform rule, 0.2 % of
     intact paths and 20 epochs (over 14 trigger families and four teachers, the CIFAR ResNet-18 among them, the
     held-out bar, ASR ≤ 5 % at a CA drop ≤ 3 points, was met on 50 of 52 held-out cells; the adaptive rule on 47, the
-    authors' crop with 1 % on fewer); on far data the adaptive rule, 1 % and 40 epochs (10 of 20 held-out cells, the
+    authors' crop with 1 % on 34 in sample); on far data the adaptive rule, 1 % and 40 epochs (10 of 20 held-out cells, the
     previous crop with 20 epochs 9; far data leaves several families' backdoors in place whatever the setting). Without
     augmentation the teacher answers each image once (:class:`~trojanguard.cleanse.distillation.AnsweredImages`).
     The authors' horizontal flip is for domains that allow it (``augment="crop_flip"``); it changes the meaning of
