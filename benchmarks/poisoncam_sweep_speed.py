@@ -58,15 +58,15 @@ def random_encoder_row(args) -> dict:
            "torch": torch.__version__}
     if args.device.startswith("cuda"):
         row["gpu"] = torch.cuda.get_device_name(0)
-    boxes = {}
+    before_boxes = None
     for name, before, options in (("before", True, {}), ("after", False, {}), ("coarse_to_fine", False,
                                                                                   {"coarse_to_fine": True})):
         result = fitted(encoder, x, before, **options).result
         searched = result.boxes[:, 0] >= 0
-        boxes[name] = result.boxes
+        before_boxes = result.boxes if before_boxes is None else before_boxes
         row[name] = {"search_s": round(result.seconds["search"], 2), "fit_s": round(sum(result.seconds.values()), 2),
                      "searched": int(searched.sum()),
-                     "same_boxes_as_before": round(float((result.boxes == boxes["before"]).all(1)[searched].float()
+                     "same_boxes_as_before": round(float((result.boxes == before_boxes).all(1)[searched].float()
                                                          .mean()), 3)}
         print(json.dumps({name: row[name]}), flush=True)
     row["search_speedup"] = round(row["before"]["search_s"] / row["after"]["search_s"], 2)
