@@ -60,8 +60,10 @@ from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 # 5 zoo × 3 BCU seeds (RESULTS.md, "Seed spread"): in-distribution ASR ≤ 0.030, CA drop ≤ 2.2 points;
 # out of distribution BadNets ASR 0.006–0.458 (median 0.086), Blended 0.000–0.115, CA drop ≤ 5.0 points.
 # So a test asserts that the backdoor is gone in distribution and mostly gone out of it (before: ASR 1.000).
-# Issue 16 chose the in-distribution defaults leave one family out (benchmarks/bcu_families.py): on every held-out
-# family of three teachers ASR ≤ 0.016 at a CA drop ≤ 1.9 points, so in distribution the issue's own bar holds.
+# Issue 16 chose the in-distribution defaults leave one family out (benchmarks/bcu_families.py; since the eleventh
+# session over four teachers, a ResNet-18 among them, with the uniform rule): held out, ASR ≤ 0.05 at a CA drop ≤ 2.2
+# points on 50 of 52 cells (the colour filter keeps 0.059 / 0.087 on two small CNNs at seed 0, 0.000 at seed 1), so
+# in distribution the issue's own bar is asserted, on families with margin.
 # Its far-data defaults (no augmentation, 40 epochs) over the same 5 × 3 seeds: BadNets ASR 0.003–0.625 (median
 # 0.015), Blended 0.000–0.057, CA drop ≤ 2.5 points — a tail as long as before, so the out-of-distribution bar stays.
 BARS = {"in": (0.05, 0.03), "ood": (0.75, 0.08)}  # (max ASR after, max CA drop)
