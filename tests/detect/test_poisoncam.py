@@ -162,10 +162,10 @@ def test_an_encoder_on_a_gpu_runs_there_and_finds_what_the_cpu_finds():
     heat maps within 1e-4 (TF32 off: full float32 on both) and results on the CPU, for the sweep and Grad-CAM."""
     import copy
 
+    from trojanguard.ops.cluster_sweep import full_float32
+
     x = toy_images()
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with full_float32():
         for options in ({}, {"heatmap": "gradcam"}):
             cpu = quick(toy_encoder(), **options).fit(x)
             gpu = quick(copy.deepcopy(toy_encoder()).cuda(), **options).fit(x)
@@ -174,8 +174,6 @@ def test_an_encoder_on_a_gpu_runs_there_and_finds_what_the_cpu_finds():
             assert heat.device.type == "cpu"
             torch.testing.assert_close(heat, cpu.heatmaps(x[:4]), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(gpu.score(x[:7]), cpu.score(x[:7]), atol=1e-4, rtol=1e-4)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_bad_input_gets_a_one_line_error_naming_the_argument():

@@ -257,7 +257,7 @@ MAX_GRAPHS = 4  # CUDA graphs one SweepEncoder keeps (one per pass shape)
 
 
 @contextlib.contextmanager
-def _full_float32():
+def full_float32():
     """float32 convolutions and matrix products in full precision (no TF32 on a GPU) for the duration: a check of a
     preparation must not fail on TF32's rounding (~1e-3 relative)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -348,7 +348,7 @@ class SweepEncoder:
             sample = x[:2]
             modes = {m: m.training for m in self.encoder.modules()} if isinstance(self.encoder, torch.nn.Module) else {}
             try:  # a traced module prints its own traceback before raising: kept off the user's stderr
-                with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()), _full_float32():
+                with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()), full_float32():
                     if modes:
                         self.encoder.eval()  # the user's encoder, compared in eval mode and restored after
                     expected = self.encoder(sample).float()
