@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= auto
 
 .PHONY: demo test venv lint bench clean
 
@@ -29,11 +30,14 @@ demo: $(STAMP)
 	$(BIN)/trojanguard demo
 
 # The tests always start from an empty model cache, as on a new machine: zoo models are trained by the run itself.
+# They run on one pytest-xdist worker per core (at most 4; TEST_WORKERS=0 runs them in this process): a file's tests
+# and the tests of a model-training session fixture stay on one worker (tests/conftest.py), and workers asking for
+# the same zoo model wait for one training (the cache entry's lock).
 # pytest, not python -m pytest: the latter puts the repository root on sys.path, where kernels/ (our Triton sources)
 # would hide the 'kernels' package that transformers imports.
 test: $(STAMP)
 	@cache=$$(mktemp -d -t trojanguard-cache.XXXXXX); echo "empty model cache: $$cache"; \
-	TROJANGUARD_CACHE=$$cache $(BIN)/pytest -q; status=$$?; rm -rf "$$cache"; exit $$status
+	TROJANGUARD_CACHE=$$cache $(BIN)/pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup; status=$$?; rm -rf "$$cache"; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests kernels benchmarks

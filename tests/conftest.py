@@ -18,10 +18,27 @@ os.environ.setdefault("TROJANGUARD_PROGRESS", "0")
 # Without a GPU, Triton kernels are tested on CPU by the interpreter (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`make test`: one worker per core) the workers share the cores: each gets its share of torch
+# threads (and so do the processes its tests start, through OMP_NUM_THREADS), so two workers on two cores do not run
+# four threads that stall each other's synchronisation.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_share)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+
+# Session fixtures that train models: every test using one runs on the same worker, so it is trained once.
+SESSION_MODEL_FIXTURES = {"ssl_zoo": "ssl-zoo", "badencoder_zoo": "ssl-zoo", "clip_zoo": "clip-zoo"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: without a device they are skipped, and the reason is printed (-ra)."""
+    """Tests marked ``gpu`` need CUDA: without a device they are skipped, and the reason is printed (-ra).
+    Under pytest-xdist (``--dist loadgroup``) a file's tests run on one worker (its module fixtures are built once),
+    and so do all tests of a session fixture that trains models (:data:`SESSION_MODEL_FIXTURES`)."""
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            group = next((g for name, g in SESSION_MODEL_FIXTURES.items() if name in item.fixturenames),
+                         item.nodeid.split("::")[0])
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device; torch.cuda.is_available() is False on this machine")

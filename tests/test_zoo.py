@@ -38,3 +38,30 @@ def test_cache_key_follows_the_zoo_attack_defaults(monkeypatch):
     before = wanet.key(), badnets.key()
     monkeypatch.setitem(zoo.ZOO_ATTACK_DEFAULTS, "wanet", {"strength": 5.0})
     assert wanet.key() != before[0] and badnets.key() == before[1]
+
+
+def test_concurrent_callers_train_a_zoo_model_once(monkeypatch, tmp_path):
+    """Two callers asking for one uncached model (test workers, Ray tasks) train it once: the second waits on the
+    entry's lock and loads what the first wrote."""
+    import threading
+    import time
+
+    from trojanguard import zoo
+
+    monkeypatch.setenv("TROJANGUARD_CACHE", str(tmp_path))
+    trainings = []
+
+    def slow_training(model, *args, **kwargs):
+        trainings.append(threading.get_ident())
+        time.sleep(0.5)  # the second caller arrives while this one trains
+
+    monkeypatch.setattr(zoo, "train_classifier", slow_training)
+    config, entries = ZooConfig(attack="badnets", epochs=1), []
+    callers = [threading.Thread(target=lambda: entries.append(get_backdoored_model(config, show_progress=False)))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(trainings) == 1 and len(entries) == 2
+    assert all(torch.equal(a, b) for a, b in zip(*(e.model.state_dict().values() for e in entries)))

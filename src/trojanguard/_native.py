@@ -13,7 +13,6 @@ torch, the ``torch.ops.trojanguard.<op>`` custom-op registration) lives beside t
 this module is a leaf and imports nothing of ``trojanguard.ops``.
 """
 
-import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -33,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from trojanguard._locks import file_lock
 
 API_VERSION = 2  # must equal kApiVersion in csrc/bindings.cpp
 NO_JIT_ENV = "TROJANGUARD_NO_JIT"
@@ -203,7 +204,7 @@ def jit_build(cache: Path | None = None, with_cuda: bool | None = None) -> tuple
         return target, cuda_note
 
     target_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target_dir / "build.lock"):
+    with file_lock(target_dir / "build.lock"):
         if target.is_file():  # built by another process while we waited
             return target, cuda_note
         with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
@@ -255,22 +256,6 @@ def _compile_and_link(config, sources, cxx, includes, nvcc, arch_flags, cuda_not
     _run(link)
     os.replace(tmp / target.name, target)
     return cuda_note
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive lock between processes (released by the OS if the holder dies)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking; builds go through a temporary file and an atomic rename
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def import_extension(path: Path) -> ModuleType:

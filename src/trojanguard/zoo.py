@@ -1,7 +1,8 @@
 """Backdoored reference models for evaluation: train once per config, cache on disk by its hash.
 
 The cache lives in ``$TROJANGUARD_CACHE`` (default ``~/.cache/trojanguard``); weights are safetensors,
-so loading a cached model never unpickles anything.
+so loading a cached model never unpickles anything. Each entry is loaded, trained and written under its own lock
+file (:func:`entry_lock`), so processes sharing a cache (test workers, Ray tasks) train a model once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trojanguard._locks import file_lock
 from trojanguard.attacks import Attack, PoisonedDataset, make_attack
 from trojanguard.data import ImageDataset, load_digits
 from trojanguard.metrics import attack_success_rate, clean_accuracy
@@ -96,6 +98,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TROJANGUARD_CACHE", Path.home() / ".cache" / "trojanguard"))
 
 
+def entry_lock(root: Path):
+    """The lock of one cache entry (its folder ``root``): loading, training and writing it happen under it, so two
+    processes asking for one model train it once and never read half a file."""
+    return file_lock(root / "entry.lock")
+
+
 def load_dataset(name: str, image_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
     if name in ZOO_DATASETS:
         return load_digits(size=image_size, seed=seed, colour=name == "colour_digits")
@@ -112,23 +120,24 @@ def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = Fal
     root = cache_dir() / config.key()
     weights, meta_file = root / "model.safetensors", root / "meta.json"
     num_classes, channels = train.num_classes, train.x.shape[1]
-    if weights.is_file() and meta_file.is_file() and not retrain:
-        model = load_model(weights, config.arch, num_classes=num_classes, in_channels=channels)
-        seconds = json.loads(meta_file.read_text())["train_seconds"]
-    else:
-        torch.manual_seed(config.seed)
-        model = build_model(config.arch, num_classes=num_classes, in_channels=channels)
-        start = time.perf_counter()
-        train_classifier(model, poisoned.dataset, epochs=config.epochs, seed=config.seed,
-                         show_progress=show_progress)
-        seconds = time.perf_counter() - start
-        save_model(model, weights)
-    entry = ZooEntry(config, model.eval(), attack, poisoned, test, 0.0, 0.0, seconds)
-    entry.clean_accuracy = clean_accuracy(model, test.x, test.y)
-    entry.attack_success_rate = attack_success_rate(model, entry.triggered_test(), test.y, config.target)
-    meta = {"config": asdict(config), "clean_accuracy": entry.clean_accuracy,
-            "attack_success_rate": entry.attack_success_rate, "train_seconds": seconds}
-    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    with entry_lock(root):  # concurrent callers (test workers, Ray tasks) train it once
+        if weights.is_file() and meta_file.is_file() and not retrain:
+            model = load_model(weights, config.arch, num_classes=num_classes, in_channels=channels)
+            seconds = json.loads(meta_file.read_text())["train_seconds"]
+        else:
+            torch.manual_seed(config.seed)
+            model = build_model(config.arch, num_classes=num_classes, in_channels=channels)
+            start = time.perf_counter()
+            train_classifier(model, poisoned.dataset, epochs=config.epochs, seed=config.seed,
+                             show_progress=show_progress)
+            seconds = time.perf_counter() - start
+            save_model(model, weights)
+        entry = ZooEntry(config, model.eval(), attack, poisoned, test, 0.0, 0.0, seconds)
+        entry.clean_accuracy = clean_accuracy(model, test.x, test.y)
+        entry.attack_success_rate = attack_success_rate(model, entry.triggered_test(), test.y, config.target)
+        meta = {"config": asdict(config), "clean_accuracy": entry.clean_accuracy,
+                "attack_success_rate": entry.attack_success_rate, "train_seconds": seconds}
+        meta_file.write_text(json.dumps(meta, indent=2, default=str))
     return entry
 
 
@@ -152,7 +161,7 @@ def cached_scores(detector, x: torch.Tensor, *, model: nn.Module | None = None) 
         return load_file(str(path))["scores"]
     scores = detector.score(x).detach().cpu().float().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: concurrent writers never share it
     save_file({"scores": scores}, str(temporary))
     temporary.replace(path)  # atomic: a concurrent reader never sees half a file
     return scores
@@ -274,36 +283,37 @@ def get_poisoned_encoder(config: SSLZooConfig | None = None, *, retrain: bool = 
         data = SSLPoisonedData(train.x.clone(), torch.zeros(0, dtype=torch.long), config.target)
     root = cache_dir() / SSL_ZOO_DIR / config.key()
     weights, meta_file = root / "encoder.safetensors", root / "meta.json"
-    if weights.is_file() and meta_file.is_file() and not retrain:
-        backbone = build_backbone(config.arch, in_channels=train.x.shape[1])
-        state = load_file(str(weights))
-        check_finite_weights(state, f"model file {str(weights)!r}")
-        backbone.load_state_dict(state)
-        encoder = as_encoder(backbone.to(device).eval())
-        seconds = json.loads(meta_file.read_text())["train_seconds"]
-    elif config.poisoned and not getattr(attack, "poisons_data", True):  # BadEncoder: backdoor a clean encoder
-        clean = get_poisoned_encoder(config.clean(), show_progress=show_progress, device=device)
-        start = time.perf_counter()
-        encoder = attack.implant(clean.encoder, train.x, attack.reference_images(train, config.target, config.seed),
-                                 seed=config.seed, device=device, show_progress=show_progress)
-        seconds = time.perf_counter() - start
-        save_model(encoder.module, weights)
-    else:
-        start = time.perf_counter()
-        encoder = train_simclr(data.x, config.arch, config.simclr_config(), device=device,
-                               show_progress=show_progress).encoder
-        seconds = time.perf_counter() - start
-        save_model(encoder.module, weights)
-    probe = LinearProbe(encoder, train.x, train.y)
-    entry = SSLZooEntry(config, encoder, attack, data, train, test, probe.accuracy(test.x, test.y), 0.0,
-                        knn_accuracy(encoder, train.x, train.y, test.x, test.y), seconds)
-    triggered = entry.triggered_test()
-    entry.probe_attack_success_rate = probe.attack_success_rate(triggered, test.y, config.target)
-    entry.knn_attack_success_rate = knn_attack_success_rate(encoder, train.x, train.y, triggered, test.y, config.target)
-    meta = {"config": asdict(config), "probe_clean_accuracy": entry.probe_clean_accuracy,
-            "probe_attack_success_rate": entry.probe_attack_success_rate, "knn_accuracy": entry.knn_accuracy,
-            "knn_attack_success_rate": entry.knn_attack_success_rate, "train_seconds": seconds}
-    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    with entry_lock(root):  # concurrent callers (test workers, Ray tasks) train it once
+        if weights.is_file() and meta_file.is_file() and not retrain:
+            backbone = build_backbone(config.arch, in_channels=train.x.shape[1])
+            state = load_file(str(weights))
+            check_finite_weights(state, f"model file {str(weights)!r}")
+            backbone.load_state_dict(state)
+            encoder = as_encoder(backbone.to(device).eval())
+            seconds = json.loads(meta_file.read_text())["train_seconds"]
+        elif config.poisoned and not getattr(attack, "poisons_data", True):  # BadEncoder: backdoor a clean encoder
+            clean = get_poisoned_encoder(config.clean(), show_progress=show_progress, device=device)
+            start = time.perf_counter()
+            encoder = attack.implant(clean.encoder, train.x, attack.reference_images(train, config.target, config.seed),
+                                     seed=config.seed, device=device, show_progress=show_progress)
+            seconds = time.perf_counter() - start
+            save_model(encoder.module, weights)
+        else:
+            start = time.perf_counter()
+            encoder = train_simclr(data.x, config.arch, config.simclr_config(), device=device,
+                                   show_progress=show_progress).encoder
+            seconds = time.perf_counter() - start
+            save_model(encoder.module, weights)
+        probe = LinearProbe(encoder, train.x, train.y)
+        entry = SSLZooEntry(config, encoder, attack, data, train, test, probe.accuracy(test.x, test.y), 0.0,
+                            knn_accuracy(encoder, train.x, train.y, test.x, test.y), seconds)
+        triggered = entry.triggered_test()
+        entry.probe_attack_success_rate = probe.attack_success_rate(triggered, test.y, config.target)
+        entry.knn_attack_success_rate = knn_attack_success_rate(encoder, train.x, train.y, triggered, test.y, config.target)
+        meta = {"config": asdict(config), "probe_clean_accuracy": entry.probe_clean_accuracy,
+                "probe_attack_success_rate": entry.probe_attack_success_rate, "knn_accuracy": entry.knn_accuracy,
+                "knn_attack_success_rate": entry.knn_attack_success_rate, "train_seconds": seconds}
+        meta_file.write_text(json.dumps(meta, indent=2, default=str))
     return entry
 
 
@@ -402,23 +412,24 @@ def get_poisoned_clip(config: CLIPZooConfig | None = None, *, retrain: bool = Fa
     model = TinyCLIP(len(tokenizer), in_channels=train.x.shape[1], context_length=tokenizer.context_length)
     root = cache_dir() / CLIP_ZOO_DIR / config.key()
     weights, meta_file = root / "model.safetensors", root / "meta.json"
-    if weights.is_file() and meta_file.is_file() and not retrain:
-        state = load_file(str(weights))
-        check_finite_weights(state, f"model file {str(weights)!r}")
-        model.load_state_dict(state)
-        model.eval()
-        seconds = json.loads(meta_file.read_text())["train_seconds"]
-    else:
-        start = time.perf_counter()
-        train_clip(model, images, tokens, CLIPTrainConfig(epochs=config.epochs, seed=config.seed),
-                   show_progress=show_progress)
-        seconds = time.perf_counter() - start
-        save_model(model, weights)
-    class_tokens = class_prompt_tokens(tokenizer)
-    entry = CLIPZooEntry(config, model, tokenizer, attack, images, tokens, captions, poison_indices, test, class_tokens,
-                         0.0, 0.0, seconds)
-    metrics = entry.evaluation()(model)
-    entry.zero_shot_accuracy, entry.zero_shot_attack_success_rate = metrics["clean_accuracy"], metrics["attack_success_rate"]
-    meta = {"config": asdict(config), **metrics, "train_seconds": seconds}
-    meta_file.write_text(json.dumps(meta, indent=2))
+    with entry_lock(root):  # concurrent callers (test workers, Ray tasks) train it once
+        if weights.is_file() and meta_file.is_file() and not retrain:
+            state = load_file(str(weights))
+            check_finite_weights(state, f"model file {str(weights)!r}")
+            model.load_state_dict(state)
+            model.eval()
+            seconds = json.loads(meta_file.read_text())["train_seconds"]
+        else:
+            start = time.perf_counter()
+            train_clip(model, images, tokens, CLIPTrainConfig(epochs=config.epochs, seed=config.seed),
+                       show_progress=show_progress)
+            seconds = time.perf_counter() - start
+            save_model(model, weights)
+        class_tokens = class_prompt_tokens(tokenizer)
+        entry = CLIPZooEntry(config, model, tokenizer, attack, images, tokens, captions, poison_indices, test, class_tokens,
+                             0.0, 0.0, seconds)
+        metrics = entry.evaluation()(model)
+        entry.zero_shot_accuracy, entry.zero_shot_attack_success_rate = metrics["clean_accuracy"], metrics["attack_success_rate"]
+        meta = {"config": asdict(config), **metrics, "train_seconds": seconds}
+        meta_file.write_text(json.dumps(meta, indent=2))
     return entry

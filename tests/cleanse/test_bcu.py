@@ -458,7 +458,7 @@ RESNET18_16PX = [ZooConfig(attack=attack, arch="resnet18_cifar", image_size=16) 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [
     pytest.param(c, id=c.attack, marks=pytest.mark.skipif(
-        not (cache_dir() / c.key()).exists(),
+        not (cache_dir() / c.key() / "model.safetensors").is_file(),
         reason=f"needs the cached ResNet-18 {c.attack} zoo model (16 px digits; ~8 min to train on 2 CPU cores)"))
     for c in RESNET18_16PX])
 def test_batch_statistics_agreement_does_not_misfire_on_resnet18(config):
