@@ -37,7 +37,7 @@ demo: $(STAMP)
 # would hide the 'kernels' package that transformers imports.
 test: $(STAMP)
 	@cache=$$(mktemp -d -t trojanguard-cache.XXXXXX); echo "empty model cache: $$cache"; \
-	TROJANGUARD_CACHE=$$cache $(BIN)/pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup; status=$$?; rm -rf "$$cache"; exit $$status
+	TROJANGUARD_CACHE=$$cache $(BIN)/pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile; status=$$?; rm -rf "$$cache"; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests kernels benchmarks

@@ -26,19 +26,38 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(_share)
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
-# Session fixtures that train models: every test using one runs on the same worker, so it is trained once.
-SESSION_MODEL_FIXTURES = {"ssl_zoo": "ssl-zoo", "badencoder_zoo": "ssl-zoo", "clip_zoo": "clip-zoo"}
+# Session fixtures that train models: the test files using one form one unit of work under pytest-xdist, so each
+# fixture is built on one worker only.
+SESSION_MODEL_FIXTURES = {"ssl_zoo": "fixture:ssl_zoo", "badencoder_zoo": "fixture:ssl_zoo",  # one builds on the other
+                          "clip_zoo": "fixture:clip_zoo"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s scheduling (``--dist loadfile``): a file's tests run on one worker (its module fixtures are
+    built once), and so do all files that use a session fixture of :data:`SESSION_MODEL_FIXTURES` (one unit per
+    fixture, found by name in the files' text)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    tests = config.rootpath / "tests"
+    shared: dict[str, str] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        text = path.read_text(encoding="utf-8")
+        unit = next((unit for name, unit in SESSION_MODEL_FIXTURES.items() if name in text), None)
+        if unit:
+            shared[path.relative_to(config.rootpath).as_posix()] = unit
+
+    class FilesSharingFixtures(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return shared.get(path, path)
+
+    return FilesSharingFixtures(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: without a device they are skipped, and the reason is printed (-ra).
-    Under pytest-xdist (``--dist loadgroup``) a file's tests run on one worker (its module fixtures are built once),
-    and so do all tests of a session fixture that trains models (:data:`SESSION_MODEL_FIXTURES`)."""
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = next((g for name, g in SESSION_MODEL_FIXTURES.items() if name in item.fixturenames),
-                         item.nodeid.split("::")[0])
-            item.add_marker(pytest.mark.xdist_group(group))
+    """Tests marked ``gpu`` need CUDA: without a device they are skipped, and the reason is printed (-ra)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device; torch.cuda.is_available() is False on this machine")
