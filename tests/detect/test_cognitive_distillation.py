@@ -16,6 +16,7 @@ from trojanguard.errors import DataError
 from trojanguard.metrics import auroc
 from trojanguard.models import Normalize, build_model
 from trojanguard.ops import mask_from_theta, uniform_noise
+from trojanguard.ops.cluster_sweep import full_float32
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 
@@ -214,11 +215,7 @@ def test_cuda_graphs_replay_gives_the_eager_masks(net, images):
 def test_cuda_and_cpu_agree(net, images):
     """Same per-sample noise streams on both devices: masks agree within fp32 rounding through 8 steps
     (TF32 off; atol 1e-3 covers cuDNN's different summation order)."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with full_float32():
         on_gpu = cd(copy.deepcopy(net).cuda(), steps=8, precision="fp32").distill(images.cuda())
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
     on_cpu = cd(net, steps=8, precision="fp32").distill(images)
     torch.testing.assert_close(on_gpu.masks, on_cpu.masks, atol=1e-3, rtol=0)
