@@ -32,6 +32,7 @@ SESSION_MODEL_FIXTURES = {"ssl_zoo": "fixture:ssl_zoo", "badencoder_zoo": "fixtu
                           "clip_zoo": "fixture:clip_zoo"}
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (a bare `pytest`, the GPU machine) there is no such hook
 def pytest_xdist_make_scheduler(config, log):
     """``make test``'s scheduling (``--dist loadfile``): a file's tests run on one worker (its module fixtures are
     built once), and so do all files that use a session fixture of :data:`SESSION_MODEL_FIXTURES` (one unit per
