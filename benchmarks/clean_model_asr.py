@@ -13,16 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from bcu_families import FAMILIES
 from jsonl_rows import emit, read_rows
 
 from trojanguard.metrics import attack_success_rate, clean_accuracy
-from trojanguard.models import build_model
-from trojanguard.train import train_classifier
-from trojanguard.zoo import ZooConfig, load_dataset
+from trojanguard.zoo import ZooConfig, load_dataset, train_zoo_classifier, triggered_test_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,15 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         config = ZooConfig(arch=args.arch, image_size=args.image_size, seed=seed)
         train, test = load_dataset(config.dataset, config.image_size, seed)
-        torch.manual_seed(seed)  # as the zoo trains its models
-        model = build_model(config.arch, num_classes=train.num_classes, in_channels=train.x.shape[1])
-        train_classifier(model, train, epochs=config.epochs, seed=seed, show_progress=False)
-        model.eval()
+        model = train_zoo_classifier(config, train, show_progress=False).eval()
         ca = clean_accuracy(model, test.x, test.y)
         for attack in todo:
             zoo = ZooConfig(attack=attack, arch=args.arch, image_size=args.image_size, seed=seed)
-            trigger = zoo.make_attack()
-            triggered = getattr(trigger, "apply_test", trigger.apply)(test.x, seed=seed + 1)  # as ZooEntry does
+            triggered = triggered_test_images(zoo.make_attack(), test.x, seed)
             emit({"arch": args.arch, "image_size": args.image_size, "seed": seed, "attack": attack,
                   "clean_accuracy": ca, "clean_model_asr": attack_success_rate(model, triggered, test.y, zoo.target)},
                  args.results)

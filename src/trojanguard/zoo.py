@@ -90,8 +90,22 @@ class ZooEntry:
 
     def triggered_test(self) -> torch.Tensor:
         """The test images with the trigger applied (evaluation strength)."""
-        apply = getattr(self.attack, "apply_test", self.attack.apply)
-        return apply(self.test.x, seed=self.config.seed + 1)
+        return triggered_test_images(self.attack, self.test.x, self.config.seed)
+
+
+def triggered_test_images(attack: Attack, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Images ``x`` with ``attack``'s trigger at its evaluation strength, as the zoo measures ASR (zoo seed ``seed``)."""
+    apply = getattr(attack, "apply_test", attack.apply)
+    return apply(x, seed=seed + 1)
+
+
+def train_zoo_classifier(config: ZooConfig, data: ImageDataset, *, show_progress: bool = True) -> nn.Module:
+    """A model of ``config``'s architecture trained on ``data`` as the zoo trains (``config``'s seed and epochs): the
+    zoo's backdoored models, and clean twins trained on the clean split for baselines."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, num_classes=data.num_classes, in_channels=data.x.shape[1])
+    train_classifier(model, data, epochs=config.epochs, seed=config.seed, show_progress=show_progress)
+    return model
 
 
 def cache_dir() -> Path:
@@ -125,11 +139,8 @@ def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = Fal
             model = load_model(weights, config.arch, num_classes=num_classes, in_channels=channels)
             seconds = json.loads(meta_file.read_text())["train_seconds"]
         else:
-            torch.manual_seed(config.seed)
-            model = build_model(config.arch, num_classes=num_classes, in_channels=channels)
             start = time.perf_counter()
-            train_classifier(model, poisoned.dataset, epochs=config.epochs, seed=config.seed,
-                             show_progress=show_progress)
+            model = train_zoo_classifier(config, poisoned.dataset, show_progress=show_progress)
             seconds = time.perf_counter() - start
             save_model(model, weights)
         entry = ZooEntry(config, model.eval(), attack, poisoned, test, 0.0, 0.0, seconds)
