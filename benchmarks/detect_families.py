@@ -5,7 +5,9 @@ Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 
 [--poison-rate 0.01] [--dataset colour_digits] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
 ``spectral`` and ``clustering`` fitted on the whole training set; ``--rescore features`` refits feature members on
 the results file's screened sets (its CD scores kept) after their fit changed; ``--lofo --lofo-with other.json ...``
-pools other settings' results (another dataset or poison rate) into leave-one-family-out.
+pools other settings' results (another dataset or poison rate) into leave-one-family-out; ``--spread a.json b.json
+...`` reports how much each family's AUROC moves between results files of the same setting on other screened draws
+(``--seed``), and the leave-one-family-out summary of each.
 
 - The screened set: a seeded stratified ``--fraction`` of the zoo model's poisoned training set (poisoned and clean
   alike, so the poison rate is the zoo's), or with ``--clean N`` every poisoned sample plus N clean ones (as
@@ -295,6 +297,37 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+SPREAD_ROWS = {"cd-p": ("cd-p",), "features": ("features",), "spectral": ("spectral",),
+               "clustering": ("clustering",), "default": DEFAULT_MEMBERS}
+
+
+def spread(files: list[dict]) -> str:
+    """Per implanted family, min–max AUROC over ``files`` (the same zoo models on other screened draws) of each
+    member and of the default ensemble (its fusion, ``zscore``); then each file's leave-one-family-out summary."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for results in files:
+        for attack, record in results["attacks"].items():
+            if record["attack_success_rate"] < IMPLANTED_ASR:
+                continue
+            truth = torch.tensor(record["truth"]).bool()
+            for name, members in SPREAD_ROWS.items():
+                reference = torch.tensor([record["scores"][m] for m in members], dtype=torch.float64).T
+                fused = fuse(reference, reference, "zscore") if len(members) > 1 else reference[:, 0]
+                table.setdefault(name, {}).setdefault(attack, []).append(auroc(truth, fused))
+    attacks = list(table["default"])
+    lines = [f"AUROC min–max over {len(files)} screened draws", "", "| detector | " + " | ".join(attacks) + " |",
+             "|---|" + "---|" * len(attacks)]
+    lines += [f"| {name} | " + " | ".join(f"{min(row[a]):.2f}–{max(row[a]):.2f}" for a in attacks) + " |"
+              for name, row in table.items()]
+    lines += ["", "Per draw: the default's families ≥ 0.95 (in sample), then leave one family out (default's procedure)"]
+    for k, results in enumerate(files):
+        values = [table["default"][a][k] for a in attacks]
+        held = next(line for line in lofo(results).splitlines() if line.startswith("Held out"))
+        lines.append(f"- {results['setting']}: in sample ≥ 0.95 on {sum(v >= 0.95 for v in values)} of {len(values)}, "
+                     f"mean {np.mean(values):.3f}; {held.split(': chosen')[0]}")
+    return "\n".join(lines)
+
+
 def variants(attacks: list[str]) -> str:
     """AUROC of the new members' options, each fitted on the whole poisoned training set (one shared feature pass)."""
     from trojanguard.detect import ActivationClustering, FeatureMahalanobis, SpectralSignature
@@ -343,7 +376,12 @@ def main() -> None:
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
     parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")
+    parser.add_argument("--spread", nargs="+", type=Path, default=None,
+                        help="only report the spread over these results files (other screened draws, --seed)")
     args = parser.parse_args()
+    if args.spread:
+        print(spread([json.loads(p.read_text()) for p in args.spread]))
+        return
     if args.variants:
         print(variants(args.attacks))
         return

@@ -182,8 +182,10 @@ def channel_images(means, count, seed):
 
 def test_screen_reference_fixes_a_batch_whose_target_class_is_mostly_poison(tmp_path):
     """The batch holds 2 clean images of the target class (2) and 3 poisoned ones (class-0 content + a channel-2
-    trigger): fitted on the batch itself the target's robust location is the poison, which looks normal; fitted
-    on trusted reference data it is flagged. The summary says the batch cannot support a self-fit."""
+    trigger): fitted on all of the batch's class 2 (``typical_fallback="all"``) the target's robust location is the
+    poison, which looks normal; fitted on trusted reference data it is flagged. The summary says the batch cannot
+    support a self-fit. (The default fallback fits the class on its more typical half, 3 of its 5 images, and flags
+    the poison: all three here, asserted with a margin of one.)"""
     model = ChannelModel().eval()
     clean = {k: [0.8 if c == k else 0.2 for c in range(3)] for k in range(3)}
     batch = torch.cat([channel_images(clean[0], 100, 0), channel_images(clean[1], 100, 1),
@@ -193,8 +195,10 @@ def test_screen_reference_fixes_a_batch_whose_target_class_is_mostly_poison(tmp_
     calibration = torch.cat([channel_images(clean[k], 20, 20 + k) for k in range(3)])
     options = {"detector": "features", "calibration": calibration, "fpr": 0.05, "report": False,
                "show_progress": False}
-    self_fit = screen(model, batch, out_dir=tmp_path / "self", **options)
+    self_fit = screen(model, batch, out_dir=tmp_path / "self", detector_options={"typical_fallback": "all"},
+                      **options)
     assert self_fit.flagged[poison].sum() <= 1
+    assert screen(model, batch, out_dir=tmp_path / "half", **options).flagged[poison].sum() >= 2
     fit = self_fit.summary["fit"]
     assert fit["on"] == "screened data" and fit["self_fit_supported"] is False
     assert any("classes [2] are rare" in m for m in fit["warnings"])

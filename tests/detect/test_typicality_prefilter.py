@@ -1,5 +1,6 @@
 """FeatureMahalanobis's typicality prefilter: a class-agnostic robust fit at a middle layer keeps the poison out of
-the class statistics even where the poison is most of its class.
+the class statistics even where the poison is most of its class (and where too few of a class's own images are
+typical, its more typical half does).
 
 Measured (benchmarks/RESULTS.md, "The typicality prefilter"): the colour-filter family on grey digits at 10 % poison
 (more poisoned images than the target class has of its own), a stratified 20 % of the poisoned training set: AUROC
@@ -44,12 +45,12 @@ def _features(typical: torch.Tensor, classes: torch.Tensor, final: torch.Tensor)
     return Features(final, logits, "features", (1, 16, 16), None, typical, "features.1.2")
 
 
-def test_the_class_fit_uses_the_typical_samples_or_all_of_a_class_with_too_few():
+def test_the_class_fit_uses_the_typical_samples_or_the_more_typical_half_of_a_class_with_too_few():
     g = torch.Generator().manual_seed(0)
     classes = torch.tensor([0] * 50 + [1] * 50 + [2] * 20)
     typical = torch.randn(120, 4, generator=g, dtype=torch.float64)
     typical[30:50] += 12.0  # two fifths of class 0 are atypical at the early layer: the poison
-    typical[100:] += 12.0  # all of class 2 is atypical: it is fitted on all its members, with a warning
+    typical[100:] += 12.0 + torch.arange(20, dtype=torch.float64)[:, None]  # all of class 2 is atypical, unevenly
     final = torch.randn(120, 4, generator=g, dtype=torch.float64) + classes[:, None].double() * 6
     final[30:50, 0] -= 1.0  # the poison sits a little off class 0's clean samples in the final layer
     model = build_model("small_cnn", num_classes=3, in_channels=1).eval()
@@ -58,7 +59,12 @@ def test_the_class_fit_uses_the_typical_samples_or_all_of_a_class_with_too_few()
     assert not detector.typical[30:50].any() and detector.typical[:30].float().mean() > 0.8
     assert not detector.typical[100:].any()
     assert not detector.support[30:50].any()  # left out of class 0's fit
-    assert detector.present.all() and detector.support[100:].float().mean() > 0.8  # class 2: all its members
+    # class 2 is fitted on its more typical half (the default fallback): never on its ten least typical members
+    assert detector.present.all() and not detector.support[110:].any() and detector.support[100:110].float().mean() > 0.6
+    with pytest.warns(SampleSizeWarning, match="so they are fitted on all their images"):
+        every = FeatureMahalanobis(model, typical_fallback="all", show_progress=False).fit_features(
+            _features(typical, classes, final))
+    assert every.support[100:].float().mean() > 0.8  # class 2: all its members
     unfiltered = FeatureMahalanobis(model, typical_layer=None, show_progress=False).fit_features(
         _features(typical, classes, final))
     assert unfiltered.typical.all()
@@ -72,13 +78,16 @@ def test_prefilter_arguments_are_checked(tiny, tmp_path):
     named = FeatureMahalanobis(model, typical_layer="features.0", show_progress=False)
     with pytest.raises(ValueError, match="typical_layer='features.0'"):
         named.fit_features(named.extract_features(x))  # features extracted without the prefilter's layer
+    with pytest.raises(ValueError, match="^typical_fallback:"):
+        FeatureMahalanobis(model, typical_fallback="none")
     with pytest.raises(ValueError, match="prefilter layer 'features.0'"):
         named.fit_features(named.extract_features(x, typical_layer="features.1"))
     ensemble = Ensemble(model, members="spectral,features", member_options={"features": {"typical_layer": "features.0"}},
                         show_progress=False).fit(x)  # the shared pass reads the prefilter's layer though spectral leads
     assert ensemble.detectors["features"].typical_layer == "features.0"
     saved = named.fit(x).save(tmp_path / "fit.safetensors")
-    assert FeatureMahalanobis.load(saved, model).typical_layer == "features.0"
+    loaded = FeatureMahalanobis.load(saved, model)
+    assert loaded.typical_layer == "features.0" and loaded.typical_fallback == "half"
 
 
 def _stratified(poisoned: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
@@ -100,3 +109,11 @@ def test_the_prefilter_finds_poison_that_outnumbers_its_class():
     print(f"filter: AUROC {with_prefilter:.3f} with the prefilter, {without:.3f} without")
     assert with_prefilter >= 0.9
     assert without <= 0.5  # inverted: the class fit describes the poison
+    # other screened draws: in one of five measured, the target class had 2 typical members of 55 and the fit fell
+    # back; on its more typical half it still finds the poison (on all its members: AUROC 0.04, benchmarks/RESULTS.md)
+    for seed in range(1, 5):
+        index = _stratified(entry.train.is_poisoned, 0.2, seed)
+        x, truth = entry.train.dataset.x[index], entry.train.is_poisoned[index]
+        value = auroc(truth, FeatureMahalanobis(entry.model, show_progress=False).fit(x).score(x))
+        print(f"filter, draw {seed}: AUROC {value:.3f}")
+        assert value >= 0.9
