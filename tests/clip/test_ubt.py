@@ -136,11 +136,13 @@ def test_ubt_removes_the_patch_backdoor_and_keeps_clean_accuracy(clip_zoo, one_t
 
 
 @pytest.mark.slow
-def test_ubt_beats_cleanclip_given_clean_pairs_on_the_patch_attack(clip_zoo, one_thread):
+def test_ubt_matches_cleanclip_given_clean_pairs_on_the_patch_attack(clip_zoo, one_thread):
     """UBT on the poisoned set (no clean data) against CleanCLIP fine-tuning on 700 clean pairs at lr 1e-2, the rate
-    that removes the backdoor at the least CA cost of those measured (docs/ubt.md): lower ASR at equal or better CA.
-    Measured (seed 0, one thread): UBT CA 0.972, ASR 0.012; CleanCLIP CA 0.972, ASR 0.056 (two threads: UBT 0.972 /
-    0.009, CleanCLIP 0.967 / 0.090)."""
+    that removes the backdoor at the least CA cost of those measured (docs/ubt.md): the backdoor removed (ASR ≤ 0.05,
+    no more than five test images above CleanCLIP's) at equal or better CA. Measured (seed 0, one thread): UBT CA
+    0.972, ASR 0.012; CleanCLIP CA 0.972, ASR 0.056 (two threads: UBT 0.972 / 0.009, CleanCLIP 0.967 / 0.090); on
+    another machine's zoo model (2026-12-06) UBT 0.983 / 0.025, CleanCLIP 0.953 / 0.022 — which of the two ends lower
+    moves with the machine, so it is not asserted."""
     entry = clip_zoo["badnets"]
     clean = torch.ones(len(entry.images), dtype=torch.bool)
     clean[entry.poison_indices] = False
@@ -152,7 +154,7 @@ def test_ubt_beats_cleanclip_given_clean_pairs_on_the_patch_attack(clip_zoo, one
     u, c = ubt.report.after, cleanclip.report.after
     print(f"\nUBT CA {u['clean_accuracy']:.3f} ASR {u['attack_success_rate']:.3f}; CleanCLIP (700 clean pairs) CA "
           f"{c['clean_accuracy']:.3f} ASR {c['attack_success_rate']:.3f}")
-    assert u["attack_success_rate"] < c["attack_success_rate"]
+    assert u["attack_success_rate"] <= min(0.05, c["attack_success_rate"] + 0.016)  # 0.016: five of 321 images
     assert u["clean_accuracy"] >= c["clean_accuracy"] - 0.005  # equal: within two test images of 359
 
 
