@@ -37,6 +37,7 @@ import torch
 from trojanguard.attacks import ATTACKS
 from trojanguard.detect.ensemble import (
     DEFAULT_MEMBERS,
+    FEATURE_MEMBERS,
     FUSIONS,
     MEMBERS,
     RANK_FUSIONS,
@@ -52,6 +53,7 @@ DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the t
 # member sets evaluated with every fusion rule (besides each member alone)
 MEMBER_SETS = {
     "default": DEFAULT_MEMBERS,
+    "cd-p+features+clustering": ("cd-p", "features", "clustering"),  # the default until issue 15's sixteenth session
     "all": MEMBERS,
     "cd-p+features": ("cd-p", "features"),
     "cd-p+cd-l+features": ("cd-p", "cd-l", "features"),
@@ -99,7 +101,7 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
     """Refit ``members`` (feature members: one shared pass) on ``record``'s screened set and replace their scores in
     it, the other members' scores kept: a member whose fit changed is measured without rerunning CD."""
     if any(m in ("cd-p", "cd-l", "cd-f") for m in members):
-        raise SystemExit("--rescore: only feature members (features, spectral, clustering) are rescored")
+        raise SystemExit("--rescore: only one-pass members (features, spectral, clustering, typicality) are rescored")
     entry, x, truth = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--rescore: {record['attack']}: the screened set differs from the results file's")
@@ -146,10 +148,12 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
 
 
 def seconds_of(row: str, record: dict) -> float:
+    """Seconds the row's members took: the shared feature pass if a class-wise feature member is among them, plus the
+    members timed on their own (CD, ``typicality``)."""
     members = (row,) if row in MEMBERS else MEMBER_SETS[row.split(" / ")[0]]
     seconds = record["member_seconds"]
-    feature = seconds["feature pass"] if any(m not in ("cd-p", "cd-l", "cd-f") for m in members) else 0.0
-    return feature + sum(seconds[m] for m in members if m in seconds and m.startswith("cd"))
+    feature = seconds["feature pass"] if any(m in FEATURE_MEMBERS for m in members) else 0.0
+    return feature + sum(seconds[m] for m in members if m in seconds)
 
 
 def report(results: dict, args) -> str:

@@ -249,7 +249,7 @@ def test_unavailable_backend_is_one_line(cli, expect_error, files, tmp_path, mon
     """TROJANGUARD_BACKEND=triton on CPU tensors cannot run anywhere (without TRITON_INTERPRET)."""
     monkeypatch.setenv("TROJANGUARD_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    result = cli(*screen_args(files, tmp_path, "--detector-option", "steps=2"))
+    result = cli(*screen_args(files, tmp_path, "--detector", "cd", "--detector-option", "steps=2"))
     expect_error(result, 1, "TROJANGUARD_BACKEND", "'triton'", "mask_step")
 
 

@@ -8,7 +8,8 @@ from trojanguard.detect.ensemble import Ensemble
 from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
 from trojanguard.detect.poisoncam import PoisonCAM
 from trojanguard.detect.spectral import SpectralSignature
+from trojanguard.detect.typicality import Typicality
 
 __all__ = ["ActivationClustering", "AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "Ensemble",
            "FeatureMahalanobis", "PoisonCAM",
-           "SpectralSignature"]
+           "SpectralSignature", "Typicality"]

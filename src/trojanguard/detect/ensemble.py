@@ -2,8 +2,10 @@
 
 Members (:data:`MEMBERS`): Cognitive Distillation in its three modes (``cd-p``, ``cd-l``, ``cd-f``), the robust
 feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) and Activation Clustering
-(``clustering``). The three feature members read one layer and share one forward pass (fit and score); each CD
-member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
+(``clustering``), and the class-agnostic distance at a middle layer (``typicality``). The three feature members read
+one layer and share one forward pass (fit and score); ``typicality`` reads the middle layer in a forward pass of its
+own; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the
+cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -58,9 +60,10 @@ from trojanguard.models.features import FeatureTap, model_device
 from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
-FEATURE_MEMBERS = ("features", "spectral", "clustering")
-MEMBERS = (*CD_MODES, *FEATURE_MEMBERS)
-DEFAULT_MEMBERS = ("cd-p", "features", "clustering")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
+FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one shared forward pass
+OWN_PASS_MEMBERS = ("typicality",)  # read another layer (the middle one): a forward pass of their own
+MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
+DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
@@ -76,6 +79,8 @@ def _build_member(name: str, model: nn.Module, options: dict, show_progress: boo
         from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis as cls
     elif name == "spectral":
         from trojanguard.detect.spectral import SpectralSignature as cls
+    elif name == "typicality":
+        from trojanguard.detect.typicality import Typicality as cls
     else:
         from trojanguard.detect.activation_clustering import ActivationClustering as cls
     return cls(model, **{"show_progress": show_progress, **options})
@@ -141,7 +146,7 @@ class Ensemble(Detector):
                 options = {"steps": steps, **options}
                 if name == "cd-f" and layer is not None:
                     options = {"layer": layer, **options}
-            else:
+            elif name in FEATURE_MEMBERS:
                 options = {"layer": layer, **options}
             self.detectors[name] = _build_member(name, model, options, show_progress)
         layers = {self.detectors[n].layer for n in self.members if n in FEATURE_MEMBERS}
@@ -156,6 +161,7 @@ class Ensemble(Detector):
         self._sorted: torch.Tensor | None = None  # (M, n) each member's reference scores, sorted
         self._memo: dict[bytes, int] = {}
         self._heads: _SharedFeatures | None = None
+        self._own_pass: dict[str, nn.Module] = {}  # each own-pass member's scorer module, built by fit
 
     def __repr__(self) -> str:
         keys = ("members", "fusion", "layer", "steps", "member_options", "batch_size", "seed")
@@ -168,6 +174,10 @@ class Ensemble(Detector):
     @property
     def feature_members(self) -> tuple[str, ...]:
         return tuple(n for n in self.members if n in FEATURE_MEMBERS)
+
+    @property
+    def own_pass_members(self) -> tuple[str, ...]:
+        return tuple(n for n in self.members if n in OWN_PASS_MEMBERS)
 
     @property
     def cd_members(self) -> tuple[str, ...]:
@@ -206,6 +216,14 @@ class Ensemble(Detector):
                 digests.extend(image_digests(xb))
                 shape = shape or tuple(xb.shape[1:])
         self.member_seconds["feature pass"] = time.perf_counter() - started
+        for name in self.own_pass_members:
+            started = time.perf_counter()
+            member = self.detectors[name]
+            features = member.extract_features(data, f"ensemble {name}")
+            member.fit_features(features, labels)
+            self._own_pass[name] = member.as_module()
+            columns[name] = self._own_pass[name].head(features.logits, features.features.float())
+            self.member_seconds[name] = time.perf_counter() - started
         log = None
         if checkpoint is not None and self.cd_members:
             from trojanguard.models.io import model_sha256
@@ -316,12 +334,16 @@ class Ensemble(Detector):
         """Raw member scores (B, M) of images ``x`` not seen in the fit; ``indices``: their positions in the
         scored data (CD's noise streams)."""
         columns: dict[str, torch.Tensor] = {}
+        device = model_device(self.model)
         if self.feature_members:
-            device = model_device(self.model)
             self._heads.to(device)
             with torch.no_grad():
                 scores = self._heads(x.to(device, torch.float32)).cpu()
             columns.update(zip(self.feature_members, scores.unbind(1)))
+        for name in self.own_pass_members:
+            scorer = self._own_pass[name].to(device)
+            with torch.no_grad():
+                columns[name] = scorer(x.to(device, torch.float32))[1].cpu()
         for name in self.cd_members:
             parts = [r.scores for _, r in self.detectors[name].iter_distill(x, keep_masks=False,
                                                                           sample_indices=indices)]

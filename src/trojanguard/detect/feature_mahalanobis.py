@@ -224,10 +224,8 @@ class FeatureMahalanobis(FeatureDetector):
             raise ValueError(f"features: expected the prefilter layer {self.typical_layer!r}, got features of "
                              f"{features.typical_layer!r}")
         self.typical_layer = features.typical_layer
-        everyone = torch.zeros(len(features.typical), dtype=torch.long)
-        location, scatter, typical = robust_tied_fit(features.typical, everyone, 1,
-                                                     support_fraction=self.support_fraction, seed=self.seed)
-        return typical, _squared_distances(features.typical, location[everyone], whitening_matrix(scatter))
+        location, scatter, typical = class_agnostic_fit(features.typical, self.support_fraction, self.seed)
+        return typical, _squared_distances(features.typical, location, whitening_matrix(scatter))
 
     @property
     def min_class_samples(self) -> int:
@@ -462,6 +460,15 @@ def _class_means(features: torch.Tensor, classes: torch.Tensor, num_classes: int
     has = counts > 0
     means[has] = sums[has] / counts[has, None]
     return means
+
+
+def class_agnostic_fit(features: torch.Tensor, support_fraction: float = DEFAULT_SUPPORT_FRACTION, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One robust location and scatter for all of ``features`` (n, D) float64, ignoring classes (the typicality
+    prefilter's fit, and :class:`~trojanguard.detect.Typicality`'s): ``(location (D,), Σ, support)``."""
+    everyone = torch.zeros(len(features), dtype=torch.long)
+    location, scatter, support = robust_tied_fit(features, everyone, 1, support_fraction=support_fraction, seed=seed)
+    return location[0], scatter, support
 
 
 def _squared_distances(features: torch.Tensor, locations: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:

@@ -143,11 +143,12 @@ def screen(model: nn.Module, data, *, detector: str = DEFAULT_DETECTOR, out_dir:
         data: an image folder or ``.npz`` path (streamed: one batch in memory at a time), ``"digits"`` (the
             embedded training split), ``"zoo:<attack>"`` (a zoo model's poisoned training set, truth known), a
             tensor / ``ImageDataset``, or an :class:`~trojanguard.screening.ImageSource`.
-        detector: a name from :data:`~trojanguard.screening.DETECTORS` — ``"cd"`` (Cognitive Distillation,
-            the default: ``screening.detectors.DEFAULT_DETECTOR``), ``"features"`` (robust feature-space Mahalanobis
-            distance), ``"spectral"`` (Spectral Signatures), ``"clustering"`` (Activation Clustering),
-            ``"ensemble"`` (CD-P and those three fused by rank; these four are fitted on the screened data itself)
-            or ``"amortized"`` (where this version has it).
+        detector: a name from :data:`~trojanguard.screening.DETECTORS` — ``"ensemble"`` (the default,
+            ``screening.detectors.DEFAULT_DETECTOR``: ``features``, ``clustering`` and ``typicality`` fused without
+            labels; CD members on request), ``"cd"`` (Cognitive Distillation), ``"features"`` (robust feature-space
+            Mahalanobis distance), ``"spectral"`` (Spectral Signatures), ``"clustering"`` (Activation Clustering),
+            ``"typicality"`` (class-agnostic distance at a middle layer) — the ensemble and those four are fitted on
+            the screened data itself — or ``"amortized"`` (where this version has it).
         out_dir: folder for ``results.csv`` (durable, resumable), the report and ``calibration.csv``.
         fpr: target false-positive rate when calibrating on clean reference data.
         threshold: a fixed threshold (no calibration).

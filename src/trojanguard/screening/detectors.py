@@ -137,7 +137,8 @@ class OnePassScorer(BatchScorer):
 
 class EnsembleScorer(BatchScorer):
     """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data, whose scores it keeps, so
-    the batches of the screened data cost no second CD pass; the report's grid shows its CD member's masks. With a
+    the batches of the screened data cost no second pass; the report's grid shows its CD member's masks (when it has
+    one: the default members have none). With a
     ``work_dir`` (screen's output folder) the fit's CD scores go to ``FIT_CHECKPOINT`` there as they are computed,
     so a killed run resumes its fit instead of distilling everything again."""
 
@@ -238,7 +239,8 @@ def _build_cd(model: nn.Module, **options) -> Detector:
 
 
 def _build_ensemble(model: nn.Module, show_progress: bool = True, **options) -> Detector:
-    from trojanguard.detect import Ensemble  # its fit (CD on every image) is long: it shows screen's bars
+    # its fit (CD on every image, when a member) is long: it shows screen's bars
+    from trojanguard.detect import Ensemble
 
     return Ensemble(model, show_progress=show_progress, **options)
 
@@ -286,9 +288,13 @@ register_detector("clustering", _optional("trojanguard.detect", "ActivationClust
                   "Activation Clustering: per class, 2-means on reduced features, the small cluster of a clean split "
                   "(one forward pass; fitted on the data)", OnePassScorer,
                   options_of=lambda: _import_optional("trojanguard.detect", "ActivationClustering"))
+register_detector("typicality", _optional("trojanguard.detect", "Typicality", "typicality"),
+                  "class-agnostic robust Mahalanobis distance of a middle layer's features to the whole set's centre "
+                  "(one forward pass; fitted on the data)", OnePassScorer,
+                  options_of=lambda: _import_optional("trojanguard.detect", "Typicality"))
 register_detector("ensemble", _build_ensemble,
-                  "CD-P with the features, spectral and clustering detectors, fused by rank without labels (fitted on "
-                  "the data; CD's cost plus two forward passes)", EnsembleScorer,
+                  "the features, clustering and typicality detectors, their robust z-scores averaged, no labels "
+                  "(fitted on the data; two forward passes; members=... adds CD or spectral)", EnsembleScorer,
                   options_of=lambda: _import_optional("trojanguard.detect", "Ensemble"))
 register_detector("poisoncam", _optional("trojanguard.detect", "PoisonCAM", "poisoncam"),
                   "PoisonCAM: cluster activation masking on a self-supervised ENCODER's features (--model is the "
@@ -301,7 +307,8 @@ register_detector("amortized", _optional("trojanguard.detect", "AmortizedCD", "a
 OPTIONAL_CLASSES = {"amortized": ("trojanguard.detect", "AmortizedCD"),
                     "poisoncam": ("trojanguard.detect", "PoisonCAM"),
                     "spectral": ("trojanguard.detect", "SpectralSignature"),
-                    "clustering": ("trojanguard.detect", "ActivationClustering")}
+                    "clustering": ("trojanguard.detect", "ActivationClustering"),
+                    "typicality": ("trojanguard.detect", "Typicality")}
 # What ``screen`` and ``trojanguard screen --detector`` run when no detector is named. Switching the default (e.g. to
 # "ensemble", once chosen by leave-one-family-out on the wider zoo) is this one line.
 DEFAULT_DETECTOR = "ensemble"
