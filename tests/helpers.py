@@ -56,6 +56,13 @@ def random_images(n: int, size: int = 16, channels: int = 3, seed: int = 0) -> t
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def head_scores(detector, features) -> torch.Tensor:
+    """Fit a one-pass feature detector on extracted ``features`` and score them through its module's ``head`` (no
+    forward pass: synthetic features need no model to produce them)."""
+    detector.fit_features(features)
+    return detector.as_module().head(features.logits, features.features.float())
+
+
 def held_out_clean_and_triggered(entry, start: int, count: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` clean test images of a zoo entry from index ``start`` (after those used to calibrate) and ``count``
     triggered test images whose true class is not the target; returns ``(x, is_triggered)``."""

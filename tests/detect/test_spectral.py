@@ -3,7 +3,7 @@ class shifted along one direction is found (AUROC ≈ 1); without one, no score 
 
 import pytest
 import torch
-from helpers import random_images, small_classifier
+from helpers import head_scores, random_images, small_classifier
 
 from trojanguard.detect import ActivationClustering, SpectralSignature
 from trojanguard.detect._feature_detector import Features
@@ -28,11 +28,6 @@ def synthetic(planted: bool, seed: int = 0) -> tuple[Features, torch.Tensor]:
     return Features(values.double(), logits, "features.2", (3, 16, 16)), truth
 
 
-def scores_of(detector, features: Features) -> torch.Tensor:
-    detector.fit_features(features)
-    return detector.as_module().head(features.logits, features.features.float())
-
-
 DETECTORS = {
     "spectral": lambda model: SpectralSignature(model, show_progress=False),
     "spectral-median": lambda model: SpectralSignature(model, scale="median", show_progress=False),
@@ -52,13 +47,13 @@ def model():
 @pytest.mark.parametrize("name", [n for n in DETECTORS if n != "clustering-ica"])
 def test_a_planted_minority_is_found(model, name):
     features, truth = synthetic(planted=True)
-    assert auroc(truth, scores_of(DETECTORS[name](model), features)) > 0.98
+    assert auroc(truth, head_scores(DETECTORS[name](model), features)) > 0.98
 
 
 @pytest.mark.parametrize("name", DETECTORS)
 def test_without_a_planted_minority_no_score_separates(model, name):
     features, _ = synthetic(planted=False, seed=1)
-    scores = scores_of(DETECTORS[name](model), features)
+    scores = head_scores(DETECTORS[name](model), features)
     for seed in range(3):  # random 10 % "poison" labels: no detector can rank them
         marked = torch.rand(len(scores), generator=torch.Generator().manual_seed(seed)) < 0.1
         assert 0.35 < auroc(marked, scores) < 0.65

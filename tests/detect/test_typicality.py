@@ -4,7 +4,7 @@ one-pass module, the middle layer, the ensemble member and bad inputs."""
 
 import pytest
 import torch
-from helpers import random_images, small_classifier
+from helpers import head_scores, random_images, small_classifier
 
 from trojanguard.detect import Ensemble, FeatureMahalanobis, Typicality
 from trojanguard.detect._feature_detector import Features
@@ -33,11 +33,6 @@ def synthetic(poisoned: int, seed: int = 0) -> tuple[Features, torch.Tensor]:
     return Features(values.double(), logits, "features.2", (3, 16, 16)), truth
 
 
-def scores_of(detector, features: Features) -> torch.Tensor:
-    detector.fit_features(features)
-    return detector.as_module().head(features.logits, features.features.float())
-
-
 @pytest.fixture(scope="module")
 def model():
     return small_classifier(num_classes=CLASSES)
@@ -45,8 +40,8 @@ def model():
 
 def test_poison_that_outnumbers_its_class_is_found_where_the_class_wise_fit_inverts(model):
     features, truth = synthetic(poisoned=60)  # 60 poisoned vs 37 clean in class 0; 12 % of the whole set
-    typicality = scores_of(Typicality(model, layer="features.2", show_progress=False), features)
-    class_wise = scores_of(FeatureMahalanobis(model, layer="features.2", typical_layer=None, show_progress=False),
+    typicality = head_scores(Typicality(model, layer="features.2", show_progress=False), features)
+    class_wise = head_scores(FeatureMahalanobis(model, layer="features.2", typical_layer=None, show_progress=False),
                            features)
     assert auroc(truth, typicality) > 0.98
     assert auroc(truth, class_wise) < 0.5  # the class's robust fit describes the poison: its clean images look odd
@@ -54,7 +49,7 @@ def test_poison_that_outnumbers_its_class_is_found_where_the_class_wise_fit_inve
 
 def test_without_poison_no_score_separates_a_random_subset(model):
     features, _ = synthetic(poisoned=0, seed=1)
-    scores = scores_of(Typicality(model, layer="features.2", show_progress=False), features)
+    scores = head_scores(Typicality(model, layer="features.2", show_progress=False), features)
     for seed in range(3):
         marked = torch.rand(len(scores), generator=torch.Generator().manual_seed(seed)) < 0.1
         assert 0.35 < auroc(marked, scores) < 0.65
