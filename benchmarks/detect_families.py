@@ -113,6 +113,7 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
         for k, m in enumerate(ensemble.members):
             record["test_scores"][m] = test[:, k].tolist()
     record.setdefault("rescored", {}).update({m: f"{ensemble.detectors[m]!r}" for m in members})
+    record["member_seconds"].update(ensemble.member_seconds)  # the rescored passes' times (this machine)
 
 
 def run_attack(attack: str, args) -> dict:
