@@ -65,11 +65,18 @@ def test_fit_on_images_reads_the_middle_layer_and_the_module_gives_the_same_scor
     assert logits.shape == (60, CLASSES) and torch.allclose(module_scores, scores)
 
 
-def test_the_ensemble_member_runs_its_own_pass_and_scores_new_images_as_the_detector(model):
+@pytest.mark.parametrize("members", ["features,typicality", "clustering,typicality"])
+def test_the_ensemble_member_scores_as_the_detector_and_shares_the_prefilters_pass(model, members, monkeypatch):
+    """Beside ``features`` the member is fitted on the middle layer the shared pass read for the prefilter (no pass of
+    its own); without it, on a pass of its own. Either way its scores are the detector's alone."""
     x, new = random_images(48, seed=4), random_images(10, seed=5)
-    ensemble = Ensemble(model, members="features,typicality", show_progress=False).fit(x)
-    assert set(ensemble.member_seconds) == {"feature pass", "typicality"}
     alone = Typicality(model, show_progress=False).fit(x)
+    passes = []
+    original = Typicality.extract_features
+    monkeypatch.setattr(Typicality, "extract_features", lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
+    ensemble = Ensemble(model, members=members, show_progress=False).fit(x)
+    assert len(passes) == (0 if members.startswith("features") else 1)
+    assert set(ensemble.member_seconds) == {"feature pass", "typicality"}
     assert torch.allclose(ensemble.reference_scores[:, 1].float(), alone.score(x), atol=1e-5)
     assert torch.allclose(ensemble.member_scores(new)[:, 1].float(), alone.score(new), atol=1e-5)
 

@@ -3,9 +3,10 @@
 Members (:data:`MEMBERS`): Cognitive Distillation in its three modes (``cd-p``, ``cd-l``, ``cd-f``), the robust
 feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) and Activation Clustering
 (``clustering``), and the class-agnostic distance at a middle layer (``typicality``). The three feature members read
-one layer and share one forward pass (fit and score); ``typicality`` reads the middle layer in a forward pass of its
-own; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the
-cost.
+one layer and share one forward pass (fit and score); ``typicality`` reads the middle layer — in that same pass when
+fitting beside ``features`` (whose typicality prefilter reads it too), in a pass of its own otherwise and when
+scoring new images; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD
+dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
-from trojanguard.detect._feature_detector import image_digests
+from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
@@ -61,7 +62,7 @@ from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one shared forward pass
-OWN_PASS_MEMBERS = ("typicality",)  # read another layer (the middle one): a forward pass of their own
+OWN_PASS_MEMBERS = ("typicality",)  # read another layer (the middle one): a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
@@ -195,21 +196,22 @@ class Ensemble(Detector):
         columns: dict[str, torch.Tensor] = {}
         self.member_seconds = {}
         started = time.perf_counter()
+        shared = None  # the shared pass's Features
         if self.feature_members:
             lead = self.detectors[self.feature_members[0]]
             # the one feature member with a prefilter (FeatureMahalanobis) names the extra layer of the shared pass
             typical_layer = next((self.detectors[n].typical_layer for n in self.feature_members
                                   if self.detectors[n].typical_layer is not None), None)
-            features = lead.extract_features(data, "ensemble features", digests=True, typical_layer=typical_layer)
-            digests, shape = features.digests, features.shape
+            shared = lead.extract_features(data, "ensemble features", digests=True, typical_layer=typical_layer)
+            digests, shape = shared.digests, shared.shape
             for name in self.feature_members:
                 member = self.detectors[name]
-                member.fit_features(features, labels)
-            self._heads = _SharedFeatures(self.model, features.layer,
+                member.fit_features(shared, labels)
+            self._heads = _SharedFeatures(self.model, shared.layer,
                                           [self.detectors[n].as_module() for n in self.feature_members])
-            scores = self._heads.head_scores(features.logits, features.features.float())
+            scores = self._heads.head_scores(shared.logits, shared.features.float())
             columns.update(zip(self.feature_members, scores.unbind(1)))
-            self.layer = features.layer
+            self.layer = shared.layer
         else:
             digests, shape = [], None
             for xb, _ in iter_image_batches(data, self.batch_size):
@@ -219,7 +221,11 @@ class Ensemble(Detector):
         for name in self.own_pass_members:
             started = time.perf_counter()
             member = self.detectors[name]
-            features = member.extract_features(data, f"ensemble {name}")
+            if shared is not None and shared.typical is not None and member.layer in ("auto", shared.typical_layer):
+                # the shared pass already read this member's layer (the prefilter's): its fit needs no pass of its own
+                features = Features(shared.typical, shared.logits, shared.typical_layer, shared.shape)
+            else:
+                features = member.extract_features(data, f"ensemble {name}")
             member.fit_features(features, labels)
             self._own_pass[name] = member.as_module()
             columns[name] = self._own_pass[name].head(features.logits, features.features.float())

@@ -294,7 +294,7 @@ register_detector("typicality", _optional("trojanguard.detect", "Typicality", "t
                   options_of=lambda: _import_optional("trojanguard.detect", "Typicality"))
 register_detector("ensemble", _build_ensemble,
                   "the features, clustering and typicality detectors, their robust z-scores averaged, no labels "
-                  "(fitted on the data; two forward passes; members=... adds CD or spectral)", EnsembleScorer,
+                  "(fitted on the data in one forward pass; members=... adds CD or spectral)", EnsembleScorer,
                   options_of=lambda: _import_optional("trojanguard.detect", "Ensemble"))
 register_detector("poisoncam", _optional("trojanguard.detect", "PoisonCAM", "poisoncam"),
                   "PoisonCAM: cluster activation masking on a self-supervised ENCODER's features (--model is the "
