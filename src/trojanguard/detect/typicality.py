@@ -25,9 +25,13 @@ from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import FeatureDetector, Features
-from trojanguard.detect.feature_mahalanobis import DEFAULT_SUPPORT_FRACTION, class_agnostic_fit
+from trojanguard.detect.feature_mahalanobis import (
+    DEFAULT_SUPPORT_FRACTION,
+    class_agnostic_fit,
+    whitening_matrix,
+)
 from trojanguard.errors import DataError
-from trojanguard.models.features import FeatureTap, middle_feature_layer, model_device, module_by_name
+from trojanguard.models.features import FeatureTap, middle_feature_layer, model_device
 
 MIN_SAMPLES = 4  # a robust location (half the set) of at least two samples, and a spread around it
 
@@ -80,7 +84,7 @@ class Typicality(FeatureDetector):
             first = next(iter(iter_image_batches(data, 2)), None)
             if first is None:
                 raise DataError("data: no images to fit on")
-            self.layer = middle_feature_layer(self.model, first[0][:2].to(model_device(self.model), torch.float32))
+            self.layer = middle_feature_layer(self.model, first[0].to(model_device(self.model), torch.float32))
         return super().extract_features(data, description, digests=digests, typical_layer=typical_layer)
 
     def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> Typicality:
@@ -102,11 +106,8 @@ class Typicality(FeatureDetector):
 
     def as_module(self, model: nn.Module | None = None) -> TypicalityScorer:
         """``x -> (logits, score)`` in one forward pass of a private copy of ``model`` (default: the detector's)."""
-        self._require_fit("Typicality")
-        model = self.model if model is None else model
-        if self.layer is not None:
-            module_by_name(model, self.layer)
-        return TypicalityScorer(model, self.layer, self.location, self.covariance)
+        self._require_fit("Typicality")  # FeatureTap checks the layer's name in the given model
+        return TypicalityScorer(self.model if model is None else model, self.layer, self.location, self.covariance)
 
 
 class TypicalityScorer(FeatureTap):
@@ -114,8 +115,6 @@ class TypicalityScorer(FeatureTap):
     location, stored whitened (``W Wᵀ = Σ⁻¹``, centre ``μ W``) so it is the Euclidean norm of ``f W − μ W``."""
 
     def __init__(self, model: nn.Module, layer: str | None, location: torch.Tensor, covariance: torch.Tensor):
-        from trojanguard.detect.feature_mahalanobis import whitening_matrix
-
         super().__init__(model, layer)
         whitening = whitening_matrix(covariance.double())
         self.register_buffer("whitening", whitening.float())
