@@ -86,7 +86,7 @@ def test_poison_rate_labels_and_indices(name, digits):
     untouched = ~p.is_poisoned
     assert torch.equal(p.dataset.y[untouched], digits.y[untouched])
     if name != "wanet":  # WaNet's noise mode also warps some clean-labelled samples
-        assert torch.equal(p.dataset.x[untouched], digits.x[untouched])
+        assert torch.equal(p.dataset.x[untouched], digits.x[untouched]) and len(p.cover_indices) == 0
     again = attack.poison(digits, rate=rate, target=3, seed=1)
     assert torch.equal(again.poison_indices, idx) and torch.equal(again.dataset.x, p.dataset.x)
 
@@ -97,6 +97,8 @@ def test_wanet_noise_mode_keeps_true_labels(digits):
     noise = changed & ~p.is_poisoned
     assert noise.sum() == pytest.approx(2 * len(p.poison_indices), abs=1)
     assert torch.equal(p.dataset.y[noise], digits.y[noise])
+    assert torch.equal(p.is_cover, noise)  # the noise-mode samples are the dataset's cover samples
+    assert not (p.is_cover & p.is_poisoned).any()
 
 
 def test_poison_bad_arguments(digits):

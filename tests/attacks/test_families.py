@@ -127,6 +127,7 @@ def test_cover_and_cross_samples_keep_their_true_labels(attack, digits):
     changed = (p.dataset.x != digits.x).flatten(1).any(1)
     cover = changed & ~p.is_poisoned
     assert cover.sum() == pytest.approx(ratio * len(p.poison_indices), abs=1)
+    assert torch.equal(p.is_cover, cover)  # recorded as the dataset's cover samples
     assert torch.equal(p.dataset.y[~p.is_poisoned], digits.y[~p.is_poisoned])
     assert (p.dataset.y[p.poison_indices] == 2).all() and (digits.y[p.poison_indices] != 2).all()
     again = attack.poison(digits, rate=0.05, target=2, seed=0)

@@ -67,8 +67,7 @@ class AdaptiveBlend(Attack):
         return ((1 - self.test_alpha) * x + self.test_alpha * self.pattern(c, h, w)).clamp(0, 1)
 
     def _poison_extra(self, x, y, chosen, gen):
-        add_cover_samples(x, chosen, self.cover_ratio, gen, self._apply)
-        return chosen  # cover samples keep their true labels and are not backdoor samples
+        return add_cover_samples(x, chosen, self.cover_ratio, gen, self._apply)
 
 
 class AdaptivePatch(Attack):
@@ -132,5 +131,4 @@ class AdaptivePatch(Attack):
         return (x + self.test_alpha * mask * (pattern - x)).clamp(0, 1)
 
     def _poison_extra(self, x, y, chosen, gen):
-        add_cover_samples(x, chosen, self.cover_ratio, gen, self._apply)
-        return chosen
+        return add_cover_samples(x, chosen, self.cover_ratio, gen, self._apply)

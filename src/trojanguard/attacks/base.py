@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,16 +12,29 @@ from trojanguard.errors import DataError
 
 @dataclass
 class PoisonedDataset:
-    """A poisoned training set and the indices of the samples that carry the trigger."""
+    """A poisoned training set: the indices of the samples that carry the trigger (relabelled to the target, or the
+    target's own for a clean-label attack), and of the *cover* samples — images the attack also altered but left
+    with their true labels (WaNet's noise mode, the adaptive attacks' cover samples, input-aware's cross-trigger
+    samples). Cover samples are not backdoor samples, but neither are they untouched: benchmarks report how a
+    detector ranks them apart."""
 
     dataset: ImageDataset
     poison_indices: torch.Tensor
+    cover_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def is_poisoned(self) -> torch.Tensor:
         """Boolean mask ``(N,)``: True where the sample was poisoned."""
+        return self._mask(self.poison_indices)
+
+    @property
+    def is_cover(self) -> torch.Tensor:
+        """Boolean mask ``(N,)``: True where the attack altered the image but kept its true label."""
+        return self._mask(self.cover_indices)
+
+    def _mask(self, indices: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(len(self.dataset), dtype=torch.bool)
-        mask[self.poison_indices] = True
+        mask[indices] = True
         return mask
 
 
@@ -64,10 +77,12 @@ class Attack:
         x, y = dataset.x.clone(), dataset.y.clone()
         x[chosen] = self.apply(x[chosen], seed=seed)
         y[chosen] = target
-        extra = self._poison_extra(x, y, chosen, gen)
-        return PoisonedDataset(ImageDataset(x, y, dataset.class_names), extra if extra is not None else chosen)
+        cover = self._poison_extra(x, y, chosen, gen)
+        return PoisonedDataset(ImageDataset(x, y, dataset.class_names), chosen,
+                               torch.zeros(0, dtype=torch.long) if cover is None else cover)
 
-    def _poison_extra(self, x, y, chosen, gen):
+    def _poison_extra(self, x, y, chosen, gen) -> torch.Tensor | None:
+        """Alter further samples of ``x`` in place, labels kept (cover samples); return their indices (None: none)."""
         return None
 
     def __repr__(self) -> str:

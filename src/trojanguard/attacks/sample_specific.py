@@ -107,4 +107,4 @@ class InputAware(Attack):
             donors[same] = free[(torch.searchsorted(free, donors[same]) + 1) % len(free)]
             pattern, mask = self.generate(x[donors])
             x[cross] = ((1 - mask) * x[cross] + mask * pattern).clamp(0, 1)
-        return chosen
+        return cross.sort().values

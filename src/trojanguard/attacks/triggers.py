@@ -140,7 +140,7 @@ class WaNet(Attack):
         grid = self._grid(h, w).expand(n_noise, -1, -1, -1)
         grid = (grid + (torch.rand(n_noise, h, w, 2, generator=gen) * 2 - 1) / h).clamp(-1, 1)
         x[noisy] = F.grid_sample(x[noisy], grid, align_corners=True).clamp(0, 1)
-        return chosen  # noise samples keep true labels and are not backdoor samples
+        return noisy.sort().values
 
 
 class Trojan(Attack):

@@ -30,7 +30,6 @@ from torch import nn
 from trojanguard.cleanse.base import model_device, preflight
 from trojanguard.data import OOD_SOURCES, load_ood_crops, load_procedural
 from trojanguard.errors import DataError
-from trojanguard.zoo import load_dataset
 
 DEFAULT_OOD_IMAGES = 2000  # METHODS.md §3 CPU scale: 500–2000 images; crops are free (measured: BadNets CA
 # 0.936 with 1 000 images, 0.975 with 2 000, same 20 epochs)
@@ -140,8 +139,8 @@ def clean_half(entry, seed: int = 0, fraction: float = 0.5, untouched: bool = Tr
     training images that were *not* poisoned, labels dropped. ``entry``: a :class:`trojanguard.zoo.ZooEntry`.
 
     ``untouched`` (default) also leaves out the images the attack changed without relabelling them — the cover
-    samples of the adaptive and input-aware families, which carry a (partial) trigger with their true label and
-    are not marked as poisoned. Distilled on, they carry the backdoor over: on the digits zoo the teacher sends a
+    samples (``PoisonedDataset.cover_indices``) of WaNet and the adaptive and input-aware families, which carry a
+    (partial) trigger with their true label and are not marked as poisoned. Distilled on, they carry the backdoor over: on the digits zoo the teacher sends a
     third of the adaptive families' covers to the target, and BCU kept ASR 1.000 with them and reached 0.000
     without them (issue 16; benchmarks/bcu_view_target.py). The draw is the same either way, so ``untouched=False``
     gives the earlier data and ``untouched=True`` its subset.
@@ -154,12 +153,9 @@ def clean_half(entry, seed: int = 0, fraction: float = 0.5, untouched: bool = Tr
     clean = (~entry.train.is_poisoned).nonzero().flatten()
     order = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))]
     keep = order[: max(1, int(len(clean) * fraction))].sort().values
-    x = entry.train.dataset.x
     if untouched:
-        original, _ = load_dataset(entry.config.dataset, entry.config.image_size, entry.config.seed)
-        if original.x.shape == x.shape:
-            keep = keep[(x[keep] == original.x[keep]).flatten(1).all(1)]
-    return x[keep]
+        keep = keep[~entry.train.is_cover[keep]]
+    return entry.train.dataset.x[keep]
 
 
 def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, seed: int = 0,
