@@ -15,6 +15,13 @@ pools other settings' results (another dataset or poison rate) into leave-one-fa
 - Each attack: ``Ensemble(model, members=<all>).fit(screened)`` fits the feature members on the screened set and
   scores it with every member (CD members once each; ``member_seconds`` times them), so every member set and
   fusion rule is evaluated from the same scores, exactly as ``Ensemble`` fuses them (``detect.ensemble.fuse``).
+- Every fused row is evaluated with and without class concentration (``… / zscore + class``: ``Ensemble``'s
+  ``concentration="class"``, from the screened images' predicted classes the record keeps); the robust rule flags
+  nothing on rank fusions, so only ``zscore`` gets the twin.
+- Cover samples (images the attack altered but left with their true label: ``PoisonedDataset.cover_indices``)
+  count as clean, as the field counts them; leave-one-family-out also reports the held-out AUROC against the
+  *untouched* images alone (cover samples left out), so what a family's misses are is on the table.
+  ``--annotate`` adds the predicted classes and cover marks to a results file written before they were kept.
 - ``--fpr-attacks``: every member also scores the zoo's clean test split; a threshold calibrated at ``--fpr`` on a
   random half is applied to the other half (``--splits`` random splits): the calibrated FPR. The robust rule's FPR
   (no clean data) is the fraction of clean screened samples above ``median + 3.5 · 1.4826 · MAD``.
@@ -42,6 +49,8 @@ from trojanguard.detect.ensemble import (
     MEMBERS,
     RANK_FUSIONS,
     Ensemble,
+    concentrate,
+    concentration_of,
     fuse,
     parse_members,
 )
@@ -97,6 +106,24 @@ def screened(attack: str, args):
     return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index]
 
 
+def annotate(record: dict, args) -> None:
+    """Add ``predicted`` (the model's classes of the screened set), ``cover`` (1 where the attack altered the image
+    but kept its label) and, where the test split was scored, ``test_predicted`` to ``record`` (no member rerun)."""
+    entry, x, truth = screened(record["attack"], args)
+    if truth.int().tolist() != record["truth"]:
+        raise SystemExit(f"--annotate: {record['attack']}: the screened set differs from the results file's")
+    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
+    record["predicted"] = predicted_classes(entry.model, x).tolist()
+    record["cover"] = entry.train.is_cover[index].int().tolist()
+    if "test_scores" in record:
+        record["test_predicted"] = predicted_classes(entry.model, entry.test.x).tolist()
+
+
+def predicted_classes(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+
+
 def rescore(record: dict, members: tuple[str, ...], args) -> None:
     """Refit ``members`` (feature members: one shared pass) on ``record``'s screened set and replace their scores in
     it, the other members' scores kept: a member whose fit changed is measured without rerunning CD."""
@@ -121,14 +148,38 @@ def run_attack(attack: str, args) -> dict:
     ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
     started = time.perf_counter()
     ensemble.fit(x)
+    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
+              "cover": entry.train.is_cover[index].int().tolist(), "predicted": ensemble.reference_predicted.tolist(),
               "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
               "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)}}
     if attack in args.fpr_attacks:
-        test = ensemble.member_scores(entry.test.x)
+        test, predicted = ensemble.member_scores(entry.test.x, with_classes=True)
         record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(ensemble.members)}
+        record["test_predicted"] = predicted.tolist()
     return record
+
+
+CONCENTRATED = " + class"  # the suffix of a fused row with class concentration (Ensemble's concentration="class")
+
+
+def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, record: dict
+               ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``{fusion: (screened, test)}`` fused as ``Ensemble`` fuses them, and for ``zscore`` also ``zscore + class``
+    (concentrated by the record's predicted classes; left out when the record has none)."""
+    fused = fuse(reference, reference, fusion)
+    fused_test = None if test is None else fuse(reference, test, fusion)
+    out = {fusion: (fused.numpy(), None if fused_test is None else fused_test.numpy())}
+    if fusion in UNBOUNDED_FUSIONS and "predicted" in record:
+        predicted = torch.tensor(record["predicted"])
+        test_predicted = torch.tensor(record.get("test_predicted", [0]))
+        threshold, factors = concentration_of(fused, predicted, int(max(predicted.max(), test_predicted.max())) + 1)
+        raised_test = None
+        if fused_test is not None and "test_predicted" in record:
+            raised_test = concentrate(fused_test, test_predicted, threshold, factors).numpy()
+        out[fusion + CONCENTRATED] = (concentrate(fused, predicted, threshold, factors).numpy(), raised_test)
+    return out
 
 
 def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -142,9 +193,8 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
         if not set(members) <= set(scored):
             continue
         columns = [scored.index(m) for m in members]
-        ref = reference[:, columns]
-        fused_test = None if test is None else fuse(ref, test[:, columns], fusion).numpy()
-        out[f"{set_name} / {fusion}"] = (fuse(ref, ref, fusion).numpy(), fused_test)
+        fused = fused_rows(reference[:, columns], None if test is None else test[:, columns], fusion, record)
+        out.update({f"{set_name} / {name}": values for name, values in fused.items()})
     return out
 
 
@@ -255,25 +305,29 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
         return "Leave one family out: needs results of at least two implanted attacks."
     scored = scored_members(records)
     table: dict[str, dict[str, float]] = {}
+    untouched: dict[str, dict[str, float]] = {}  # AUROC against the untouched images (cover samples left out)
     robust: dict[str, dict[str, tuple[float, float]]] = {}
     for r in records:
         truth = torch.tensor(r["truth"]).bool()
+        kept = ~torch.tensor(r["cover"]).bool() if "cover" in r else torch.ones_like(truth)
         reference = torch.tensor([r["scores"][m] for m in scored], dtype=torch.float64).T
         for set_name, members in candidate_sets(False, scored).items():
             columns = [scored.index(m) for m in members]
             for fusion in FUSIONS if len(members) > 1 else ("zscore",):
-                fused = fuse(reference[:, columns], reference[:, columns], fusion).numpy()
-                name = f"{set_name} / {fusion}"
-                table.setdefault(name, {})[r["unit"]] = auroc(truth, torch.from_numpy(fused))
-                flagged = fused > robust_threshold(fused)
-                robust.setdefault(name, {})[r["unit"]] = (flagged[~truth.numpy()].mean(), flagged[truth.numpy()].mean())
+                for rule, (fused, _) in fused_rows(reference[:, columns], None, fusion, r).items():
+                    name = f"{set_name} / {rule}"
+                    table.setdefault(name, {})[r["unit"]] = auroc(truth, torch.from_numpy(fused))
+                    untouched.setdefault(name, {})[r["unit"]] = auroc(truth[kept], torch.from_numpy(fused)[kept])
+                    flagged = fused > robust_threshold(fused)
+                    robust.setdefault(name, {})[r["unit"]] = (flagged[~truth.numpy()].mean(),
+                                                              flagged[truth.numpy()].mean())
     lines = []
     for k, (title, admissible, fusions, criterion) in enumerate(PROCEDURES):
         pool = candidate_sets(admissible, scored)
-        settings = [n for n in table if n.split(" / ")[0] in pool and n.split(" / ")[1] in (*fusions, "zscore")
-                    and (n.split(" / ")[1] in fusions or "+" not in n)]
+        members_of, fusion_of = (lambda n: n.split(" / ")[0]), (lambda n: n.split(" / ")[1].removesuffix(CONCENTRATED))
+        settings = [n for n in table if members_of(n) in pool and (fusion_of(n) in fusions or "+" not in members_of(n))]
         key = CRITERIA[criterion]
-        rows, held_out = [], []
+        rows, held_out, held_untouched = [], [], []
         for held in attacks:
             others = [a for a in implanted if family[a] != family[held]]
             chosen = max(settings, key=lambda n: key([table[n][a] for a in others]))
@@ -283,19 +337,22 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
                     if "cd-l" in scored else "not scored")
             fpr, tpr = robust[chosen][held]
             mark = "" if held in implanted else " (not implanted)"
-            rows.append(f"| {held}{mark} | {chosen} | {table[chosen][held]:.3f} | {fpr:.3f} / {tpr:.3f} | "
-                        f"{best} ({table[best][held]:.3f}) | {cd_l} |")
+            rows.append(f"| {held}{mark} | {chosen} | {table[chosen][held]:.3f} | {untouched[chosen][held]:.3f} | "
+                        f"{fpr:.3f} / {tpr:.3f} | {best} ({table[best][held]:.3f}) | {cd_l} |")
             if held in implanted:
                 held_out.append(table[chosen][held])
+                held_untouched.append(untouched[chosen][held])
         overall = max(settings, key=lambda n: key([table[n][a] for a in implanted]))
         summary = (f"held out: ≥ 0.95 on {sum(v >= 0.95 for v in held_out)} of {len(held_out)} implanted "
                    f"{'families' if not others else 'family settings'}, "
                    f"≥ 0.9 on {sum(v >= 0.9 for v in held_out)}, mean {np.mean(held_out):.3f}, min "
-                   f"{min(held_out):.3f}; chosen on every implanted family: {overall}")
+                   f"{min(held_out):.3f} (against the untouched images alone: ≥ 0.95 on "
+                   f"{sum(v >= 0.95 for v in held_untouched)}, mean {np.mean(held_untouched):.3f}); chosen on every "
+                   f"implanted family: {overall}")
         if k == 0:
             lines += [f"Leave one family out, {title} ({len(settings)} settings):", "",
-                      "| held out | chosen | AUROC held out | robust rule FPR / TPR | best setting on it | CD-L on it |",
-                      "|---|---|---|---|---|---|", *rows, "", summary[0].upper() + summary[1:] + ": "
+                      ("| held out | chosen | AUROC held out | vs untouched | robust rule FPR / TPR | best setting on "
+                       "it | CD-L on it |"), "|---|---|---|---|---|---|---|", *rows, "", summary[0].upper() + summary[1:] + ": "
                       + ", ".join(f"{a} {table[overall][a]:.3f}" for a in attacks), "", "Other procedures:", ""]
         else:
             lines.append(f"- {title} ({len(settings)} settings): {summary}")
@@ -308,7 +365,7 @@ SPREAD_ROWS = {"cd-p": ("cd-p",), "features": ("features",), "spectral": ("spect
 
 def spread(files: list[dict]) -> str:
     """Per implanted family, min–max AUROC over ``files`` (the same zoo models on other screened draws) of each
-    member and of the default ensemble (its fusion, ``zscore``); then each file's leave-one-family-out summary."""
+    member and of the default ensemble (``zscore + class``); then each file's leave-one-family-out summary."""
     table: dict[str, dict[str, list[float]]] = {}
     for results in files:
         for attack, record in results["attacks"].items():
@@ -317,7 +374,11 @@ def spread(files: list[dict]) -> str:
             truth = torch.tensor(record["truth"]).bool()
             for name, members in SPREAD_ROWS.items():
                 reference = torch.tensor([record["scores"][m] for m in members], dtype=torch.float64).T
-                fused = fuse(reference, reference, "zscore") if len(members) > 1 else reference[:, 0]
+                if len(members) == 1:
+                    fused = reference[:, 0]
+                else:  # the default's fusion, concentrated as the default is (when the record has the classes)
+                    rows = fused_rows(reference, None, "zscore", record)
+                    fused = torch.from_numpy(rows.get("zscore" + CONCENTRATED, rows["zscore"])[0])
                 table.setdefault(name, {}).setdefault(attack, []).append(auroc(truth, fused))
     attacks = list(table["default"])
     lines = [f"AUROC min–max over {len(files)} screened draws", "", "| detector | " + " | ".join(attacks) + " |",
@@ -380,6 +441,8 @@ def main() -> None:
                         help="results files of other settings that join leave-one-family-out (with --lofo)")
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
+    parser.add_argument("--annotate", action="store_true",
+                        help="add predicted classes and cover marks to the results file's records (nothing rescored)")
     parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")
     parser.add_argument("--spread", nargs="+", type=Path, default=None,
                         help="only report the spread over these results files (other screened draws, --seed)")
@@ -398,7 +461,12 @@ def main() -> None:
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
                    f"{torch.__version__}, {torch.get_num_threads()} threads", "attacks": {}}
-    if args.rescore:
+    if args.annotate:
+        for attack, record in results["attacks"].items():
+            annotate(record, args)
+            args.out.write_text(json.dumps(results))
+            print(f"{attack}: annotated", flush=True)
+    elif args.rescore:
         for attack, record in results["attacks"].items():
             rescore(record, args.rescore, args)
             args.out.write_text(json.dumps(results))

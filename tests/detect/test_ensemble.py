@@ -7,10 +7,18 @@ import torch
 from helpers import random_images, small_classifier
 
 from trojanguard.detect import Ensemble
-from trojanguard.detect.ensemble import FUSIONS, RANK_FUSIONS, bimodality_coefficient, empirical_cdf, fuse
+from trojanguard.detect.ensemble import (
+    FUSIONS,
+    RANK_FUSIONS,
+    bimodality_coefficient,
+    concentrate,
+    concentration_of,
+    empirical_cdf,
+    fuse,
+)
 from trojanguard.metrics import auroc
 from trojanguard.screening.detectors import DEFAULT_DETECTOR, DETECTORS, build_detector
-from trojanguard.thresholds import quantile_threshold
+from trojanguard.thresholds import quantile_threshold, robust_threshold
 
 
 def member_scores(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +89,48 @@ def test_a_threshold_calibrated_on_clean_fused_scores_holds_its_fpr(fusion):
     assert abs((fused[20_000:] > threshold).mean() - 0.05) < 0.01
 
 
+def concentrated_set(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused scores of 1 000 images, 10 classes of 100: 40 poison, all predicted as class 0, and 225 cover samples
+    (altered, true label kept) spread over classes 1–9, scored a little *above* the poison — as WaNet's noise mode
+    (twice the poison) is by the default members. Returns (fused, predicted, poison, cover)."""
+    g = torch.Generator().manual_seed(seed)
+    predicted = torch.arange(1000) // 100
+    fused = torch.randn(1000, generator=g, dtype=torch.float64)
+    poison = torch.zeros(1000, dtype=torch.bool)
+    poison[:40] = True
+    cover = torch.zeros(1000, dtype=torch.bool)
+    cover[torch.arange(100, 1000, 4)] = True  # 25 a class over classes 1–9
+    fused[poison] += 10.0
+    fused[cover] += 10.5
+    return fused, predicted, poison, cover
+
+
+def test_class_concentration_ranks_the_poison_class_above_equally_atypical_covers():
+    fused, predicted, poison, cover = concentrated_set()
+    threshold, factors = concentration_of(fused, predicted, 10)
+    assert threshold == pytest.approx(robust_threshold(fused.numpy()))
+    assert factors[0] > 1.4 and (factors[1:] < 1).all()
+    raised = concentrate(fused, predicted, threshold, factors)
+    assert auroc(poison, fused) < 0.85 and auroc(poison, raised) > 0.92
+    assert auroc(poison | cover, raised) > 0.99  # the covers stay above the untouched images
+    for k in range(10):  # the order within a class never changes; nothing at or below the threshold moves
+        inside = predicted == k
+        assert torch.equal(fused[inside].argsort(), raised[inside].argsort())
+    assert torch.equal(raised[fused <= threshold], fused[fused <= threshold])
+    assert torch.equal(raised > robust_threshold(raised.numpy()), fused > threshold)  # the robust rule flags the same
+
+
+def test_class_concentration_is_one_without_outliers_or_when_they_spread_as_the_classes():
+    spread = torch.linspace(-1, 1, 500, dtype=torch.float64)  # no robust outliers
+    assert torch.equal(concentration_of(spread, torch.arange(500) % 5, 5)[1], torch.ones(5, dtype=torch.float64))
+    even = torch.zeros(500, dtype=torch.float64)
+    even[torch.isin(torch.arange(500) % 50, torch.tensor([0, 11, 22, 33, 44]))] = 50.0  # ten outliers a class
+    assert torch.allclose(concentration_of(even + 0.01 * spread, torch.arange(500) % 5, 5)[1],
+                          torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="^predicted:"):
+        concentration_of(even, torch.zeros(3), 5)
+
+
 # ---------------------------------------------------------------------------------------------- the class
 @pytest.fixture(scope="module")
 def model():
@@ -99,15 +149,19 @@ def test_fit_scores_every_member_and_scoring_the_fit_data_again_reuses_them(fitt
     x = random_images(48, seed=4)
     fitted.detectors["cd-p"].steps = 10_000  # a CD rerun would take minutes: the fit's scores must be reused
     try:
-        assert torch.allclose(fitted.score(x), fitted.fuse(fitted.reference_scores))
+        expected = fitted.fuse(fitted.reference_scores, predicted=fitted.reference_predicted)
+        assert torch.allclose(fitted.score(x), expected)
     finally:
         fitted.detectors["cd-p"].steps = 2
 
 
 def test_new_images_are_scored_by_every_member_and_calibrate_predict_explain_work(fitted):
     clean = random_images(40, seed=5)
-    scores = fitted.member_scores(clean)
+    scores, predicted = fitted.member_scores(clean, with_classes=True)
     assert scores.shape == (40, 4) and torch.isfinite(scores).all()
+    with torch.no_grad():
+        assert torch.equal(predicted, fitted.model.eval()(clean).argmax(1))
+    assert torch.allclose(fitted.score(clean), fitted.fuse(scores, predicted=predicted))
     threshold = fitted.calibrate(clean, fpr=0.1)
     assert 0 < threshold < 1 and fitted.predict(clean).float().mean() <= 0.1
     explained = fitted.explain(clean[:3], [0, 1, 2])
@@ -187,6 +241,29 @@ def test_a_screen_killed_during_the_ensemble_fit_resumes_it(model, tmp_path, mon
     assert result.scores == pytest.approx(run(tmp_path / "fresh").scores, abs=1e-6)
 
 
+def test_concentration_scales_the_fused_tail_by_the_class_and_none_leaves_it(model):
+    x = random_images(48, seed=4)
+    x[:4] = 1.0  # four white images: outliers of the feature members, in whichever class they land
+    plain = Ensemble(model, members="features,typicality", concentration="none", show_progress=False).fit(x)
+    ensemble = Ensemble(model, members="features,typicality", show_progress=False).fit(x)
+    assert torch.equal(plain.class_factors, torch.ones(3, dtype=torch.float64))
+    fused = plain.score(x)
+    assert torch.allclose(fused, plain.fuse(plain.reference_scores))
+    factors = ensemble.class_factors
+    assert factors.shape == (3,) and not torch.allclose(factors, torch.ones(3, dtype=torch.float64))
+    threshold = robust_threshold(fused.double().numpy())
+    expected = concentrate(fused, ensemble.reference_predicted, threshold, factors)
+    assert torch.allclose(ensemble.score(x), expected)
+
+
+def test_a_cd_only_ensemble_takes_the_classes_from_a_pass_of_its_own(model):
+    x = random_images(20, seed=11)
+    ensemble = Ensemble(model, members="cd-p", steps=2, show_progress=False).fit(x)
+    with torch.no_grad():
+        assert torch.equal(ensemble.reference_predicted, model.eval()(x).argmax(1))
+    assert ensemble.score(random_images(4, seed=12)).shape == (4,)
+
+
 def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
     ensemble = Ensemble(model, members=("features", "spectral"), show_progress=False).fit(random_images(30, seed=6))
     assert ensemble.explain(random_images(2), [0, 1]) == {} and set(ensemble.member_seconds) == {"feature pass"}
@@ -198,6 +275,7 @@ def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
     ({"members": ""}, "^members: expected at least one"),
     ({"members": ("features", "features")}, "^members: expected each member once"),
     ({"fusion": "vote"}, "^fusion:"),
+    ({"concentration": "target"}, "^concentration:"),
     ({"member_options": {"cd-l": {"steps": 3}}}, "^member_options: 'cd-l' is not a member"),
     ({"steps": 0}, "^steps:"),
 ])
@@ -234,8 +312,8 @@ def test_the_ensemble_finds_the_poison_in_the_zoos_training_set(attack):
     pos, neg = torch.nonzero(poisoned).flatten(), torch.nonzero(~poisoned).flatten()
     index = torch.cat([pos[torch.randperm(len(pos), generator=g)[:16]],
                        neg[torch.randperm(len(neg), generator=g)[:144]]]).sort().values  # the zoo's 10 % rate
-    ensemble = Ensemble(entry.model, show_progress=False).fit(entry.train.dataset.x[index])
-    value = auroc(poisoned[index], ensemble.fuse(ensemble.reference_scores))
+    x = entry.train.dataset.x[index]
+    value = auroc(poisoned[index], Ensemble(entry.model, show_progress=False).fit(x).score(x))
     print(f"{attack}: ensemble AUROC {value:.3f}")
     assert value >= 0.9
 
@@ -248,5 +326,5 @@ def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_t
                     out_dir=tmp_path, threshold=0.6, top_k=4, show_progress=False)
     assert result.summary["fit"]["on"] == "screened data" and 0 < result.flagged.sum() < 40
     ensemble = Ensemble(model, members="cd-p,features", steps=2, batch_size=64, show_progress=False).fit(images)
-    assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.fuse(ensemble.reference_scores), atol=1e-6)
+    assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.score(images), atol=1e-6)
     assert "masks" in result.files

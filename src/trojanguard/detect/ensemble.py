@@ -21,7 +21,21 @@ on it, and every member scores it. Those *reference scores* fix how members' sco
   a member that puts a sample in its extreme tail more; ``"max"``, the largest ``F_m``; ``"select"``, per dataset
   the one member whose reference scores are the most bimodal (Sarle's coefficient), its ``F_m``.
 
-The default members and fusion were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
+Class concentration (``concentration``, :data:`CONCENTRATIONS`). An all-to-one backdoor sends its poison to one
+class, while the images an attack alters but leaves with their true labels (WaNet's noise mode, the adaptive attacks'
+cover samples; :attr:`~trojanguard.attacks.PoisonedDataset.cover_indices`) and natural outliers spread over the
+classes as the data does. With ``"class"`` (default) the fit counts, per predicted class, the fit data's outliers by
+the robust rule on the fused scores (``median + 3.5 σ̂``, :func:`~trojanguard.thresholds.robust_threshold`) and
+takes the class's *enrichment* ``(outliers in it + 1) / (share of outliers · images in it + 1)``
+(:func:`concentration_of`; 1 when the outliers spread as the classes do, and for every class when there are none);
+a score above that threshold then has its excess over it multiplied by its predicted class's enrichment
+(:func:`concentrate`). What the robust rule flags does not change, nor the order within a class: only the order of
+the outliers across classes — the class that holds them first, above equally atypical images of the others.
+(Measured alternative, not taken: the excess over the median, which ranks better but puts the target class's
+clean tail over the robust rule, doubling its false positives; ``benchmarks/RESULTS.md``.) ``"none"``: the fused
+score alone. Bounded (rank) fusions flag nothing by the robust rule, so they are left as they are.
+
+The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
 
 Why a common scale. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
@@ -57,7 +71,7 @@ from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
-from trojanguard.models.features import FeatureTap, model_device
+from trojanguard.models.features import FeatureTap, model_device, working_copy
 from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
@@ -67,6 +81,7 @@ MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
+CONCENTRATIONS = ("class", "none")  # module docstring; "class" chosen leave-one-family-out (benchmarks/RESULTS.md)
 MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
 CHECKPOINT_MAGIC = "# trojanguard-ensemble-fit "  # first line of a FitCheckpoint file
 
@@ -110,6 +125,8 @@ class Ensemble(Detector):
         members: names from :data:`MEMBERS` (a sequence, or a comma-separated string); default
             :data:`DEFAULT_MEMBERS`.
         fusion: how members' scores are combined, one of :data:`FUSIONS` (module docstring).
+        concentration: ``"class"`` (default) raises the fused tail of the predicted class that holds the fit data's
+            outliers, ``"none"`` leaves the fused score as it is (:data:`CONCENTRATIONS`, module docstring).
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
         steps: optimisation steps of the CD members.
@@ -120,24 +137,27 @@ class Ensemble(Detector):
 
     After :meth:`fit`: ``reference_scores`` (n, M) raw member scores of the fit data (columns in ``members``
     order), ``member_seconds`` {name: seconds} spent fitting and scoring it (the feature members share
-    ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses).
+    ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
+    ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
+    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``).
     """
 
     model_kind = Classifier
 
     def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "zscore",
-                 layer: str | None = None, steps: int = 100, member_options: dict | None = None,
-                 batch_size: int = 256, seed: int = 0, show_progress: bool = True):
+                 concentration: str = "class", layer: str | None = None, steps: int = 100,
+                 member_options: dict | None = None, batch_size: int = 256, seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
         self.members = parse_members(members)
         check_choice("fusion", fusion, FUSIONS)
+        check_choice("concentration", concentration, CONCENTRATIONS)
         check_positive_int("steps", steps)
         check_positive_int("batch_size", batch_size)
         member_options = dict(member_options or {})
         for name in member_options:
             if name not in self.members:
                 raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(self.members)}")
-        self.model, self.fusion, self.layer, self.steps = model, fusion, layer, steps
+        self.model, self.fusion, self.concentration, self.layer, self.steps = model, fusion, concentration, layer, steps
         self.member_options, self.batch_size, self.seed = member_options, batch_size, seed
         self.show_progress = show_progress
         self.detectors: dict[str, Detector] = {}
@@ -158,14 +178,18 @@ class Ensemble(Detector):
         self.member_seconds: dict[str, float] = {}
         self.bimodality: dict[str, float] = {}
         self.selected: str | None = None
+        self.reference_predicted: torch.Tensor | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._sorted: torch.Tensor | None = None  # (M, n) each member's reference scores, sorted
         self._memo: dict[bytes, int] = {}
         self._heads: _SharedFeatures | None = None
         self._own_pass: dict[str, nn.Module] = {}  # each own-pass member's scorer module, built by fit
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per fusion: _concentration_of
+        self._net: nn.Module | None = None  # a frozen copy of the model, for classes when no member pass gives them
+        self._num_classes = 0
 
     def __repr__(self) -> str:
-        keys = ("members", "fusion", "layer", "steps", "member_options", "batch_size", "seed")
+        keys = ("members", "fusion", "concentration", "layer", "steps", "member_options", "batch_size", "seed")
         return f"Ensemble({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     @property
@@ -197,6 +221,7 @@ class Ensemble(Detector):
         self.member_seconds = {}
         started = time.perf_counter()
         shared = None  # the shared pass's Features
+        logits = None  # (n, K) the model's logits of the fit data, from the first pass that gives them
         if self.feature_members:
             lead = self.detectors[self.feature_members[0]]
             # the one feature member with a prefilter (FeatureMahalanobis) names the extra layer of the shared pass
@@ -211,12 +236,15 @@ class Ensemble(Detector):
                                           [self.detectors[n].as_module() for n in self.feature_members])
             scores = self._heads.head_scores(shared.logits, shared.features.float())
             columns.update(zip(self.feature_members, scores.unbind(1)))
-            self.layer = shared.layer
+            self.layer, logits = shared.layer, shared.logits
         else:
-            digests, shape = [], None
+            digests, shape, parts = [], None, []
             for xb, _ in iter_image_batches(data, self.batch_size):
                 digests.extend(image_digests(xb))
                 shape = shape or tuple(xb.shape[1:])
+                if not self.own_pass_members:
+                    parts.append(self._logits(xb))
+            logits = torch.cat(parts) if parts else None
         self.member_seconds["feature pass"] = time.perf_counter() - started
         for name in self.own_pass_members:
             started = time.perf_counter()
@@ -229,6 +257,7 @@ class Ensemble(Detector):
             member.fit_features(features, labels)
             self._own_pass[name] = member.as_module()
             columns[name] = self._own_pass[name].head(features.logits, features.features.float())
+            logits = features.logits if logits is None else logits
             self.member_seconds[name] = time.perf_counter() - started
         log = None
         if checkpoint is not None and self.cd_members:
@@ -255,41 +284,66 @@ class Ensemble(Detector):
         self._sorted = self.reference_scores.T.sort(dim=1).values
         self.bimodality = {n: bimodality_coefficient(self.reference_scores[:, m]) for m, n in enumerate(self.members)}
         self.selected = max(self.members, key=lambda n: self.bimodality[n])
+        self.reference_predicted, self._num_classes, self._factors = logits.argmax(1).cpu(), logits.shape[1], {}
         self._memo = {digest: row for row, digest in enumerate(digests)}
         self.input_shape = shape
         return self
 
     def score(self, x) -> torch.Tensor:
         """Fused suspicion ``(N,)``, higher = more suspicious (module docstring)."""
-        return self.fuse(self.member_scores(x))
+        scores, predicted = self.member_scores(x, with_classes=True)
+        return self.fuse(scores, predicted=predicted)
 
-    def fuse(self, member_scores: torch.Tensor, fusion: str | None = None) -> torch.Tensor:
+    def fuse(self, member_scores: torch.Tensor, fusion: str | None = None, *,
+             predicted: torch.Tensor | None = None) -> torch.Tensor:
         """Fused scores ``(N,)`` of raw member scores ``(N, M)`` (columns in ``members`` order) by ``fusion``
-        (default: the ensemble's), against the fit data's reference scores."""
+        (default: the ensemble's), against the fit data's reference scores; with the images' ``predicted`` classes
+        (N,) and ``concentration="class"``, concentrated by the fit data's class enrichment (module docstring)."""
         self._require_fit("Ensemble.fuse")
         fusion = self.fusion if fusion is None else fusion
         selected = self.members.index(self.selected)
-        return fuse(self.reference_scores, member_scores, fusion, selected=selected)
+        fused = fuse(self.reference_scores, member_scores, fusion, selected=selected)
+        if predicted is None or self.concentration == "none":
+            return fused
+        threshold, factors = self._concentration_of(fusion)
+        return concentrate(fused, torch.as_tensor(predicted).long(), threshold, factors)
 
-    def member_scores(self, x) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int:
+        """The model's number of classes (known once fitted)."""
+        self._require_fit("Ensemble.num_classes")
+        return self._num_classes
+
+    @property
+    def class_factors(self) -> torch.Tensor:
+        """Each class's enrichment (K,) under the ensemble's fusion (module docstring); all 1 without concentration."""
+        self._require_fit("Ensemble.class_factors")
+        if self.concentration == "none":
+            return torch.ones(self.num_classes, dtype=torch.float64)
+        return self._concentration_of(self.fusion)[1]
+
+    def member_scores(self, x, *, with_classes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Raw scores ``(N, M)`` of every member (columns in ``members`` order); images of the fit data reuse the
-        scores computed while fitting."""
+        scores computed while fitting. ``with_classes``: also the model's classes ``(N,)`` of the images."""
         self._require_fit("Ensemble.score")
-        parts, offset = [], 0
+        parts, classes, offset = [], [], 0
         for xb, _ in iter_image_batches(x, self.batch_size):
             rows = [self._memo.get(d) for d in image_digests(xb)]
             out = torch.empty(len(xb), len(self.members), dtype=torch.float64)
+            predicted = torch.empty(len(xb), dtype=torch.long)
             known = [i for i, r in enumerate(rows) if r is not None]
             if known:
                 out[known] = self.reference_scores[[rows[i] for i in known]]
+                predicted[known] = self.reference_predicted[[rows[i] for i in known]]
             missing = [i for i, r in enumerate(rows) if r is None]
             if missing:
-                out[missing] = self._compute(xb[missing], torch.tensor(missing) + offset)
+                out[missing], predicted[missing] = self._compute(xb[missing], torch.tensor(missing) + offset)
             parts.append(out)
+            classes.append(predicted)
             offset += len(xb)
         if not parts:
             raise DataError("x: no images to score")
-        return torch.cat(parts)
+        return (torch.cat(parts), torch.cat(classes)) if with_classes else torch.cat(parts)
 
     def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
         """The first CD member's ``masks`` (K, M, H, W) and ``patterns`` x·m (K, C, H, W) of images ``x`` (samples
@@ -336,25 +390,47 @@ class Ensemble(Detector):
         if not self.fitted:
             raise RuntimeError(f"{where}: call fit(data) first (the screened data itself, or reference data)")
 
-    def _compute(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Raw member scores (B, M) of images ``x`` not seen in the fit; ``indices``: their positions in the
-        scored data (CD's noise streams)."""
+    def _concentration_of(self, fusion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`concentration_of` the fit data fused by ``fusion`` (cached)."""
+        if fusion not in self._factors:
+            selected = self.members.index(self.selected)
+            reference = fuse(self.reference_scores, self.reference_scores, fusion, selected=selected)
+            self._factors[fusion] = concentration_of(reference, self.reference_predicted, self.num_classes)
+        return self._factors[fusion]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits (B, K) of ``x``, by a frozen copy of it (only when no member's pass gives them)."""
+        if self._net is None:
+            self._net, _ = working_copy(self.model)
+        device = model_device(self._net)
+        with torch.no_grad():
+            return self._net(x.to(device, torch.float32)).float().cpu()
+
+    def _compute(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw member scores (B, M) and the model's classes (B,) of images ``x`` not seen in the fit; ``indices``:
+        their positions in the scored data (CD's noise streams)."""
         columns: dict[str, torch.Tensor] = {}
         device = model_device(self.model)
+        predicted = None
         if self.feature_members:
             self._heads.to(device)
             with torch.no_grad():
-                scores = self._heads(x.to(device, torch.float32)).cpu()
+                logits, feature = self._heads.tap(x.to(device, torch.float32))
+                scores = self._heads.head_scores(logits, feature).cpu()
             columns.update(zip(self.feature_members, scores.unbind(1)))
+            predicted = logits.argmax(1).cpu()
         for name in self.own_pass_members:
             scorer = self._own_pass[name].to(device)
             with torch.no_grad():
-                columns[name] = scorer(x.to(device, torch.float32))[1].cpu()
+                logits, columns[name] = (t.cpu() for t in scorer(x.to(device, torch.float32)))
+            predicted = logits.argmax(1) if predicted is None else predicted
         for name in self.cd_members:
             parts = [r.scores for _, r in self.detectors[name].iter_distill(x, keep_masks=False,
                                                                           sample_indices=indices)]
             columns[name] = torch.cat(parts)
-        return torch.stack([columns[n].double() for n in self.members], 1)
+        if predicted is None:
+            predicted = self._logits(x).argmax(1)
+        return torch.stack([columns[n].double() for n in self.members], 1), predicted
 
 
 class FitCheckpoint:
@@ -419,9 +495,12 @@ class _SharedFeatures(FeatureTap):
     def head_scores(self, logits: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(logits, feature).double() for head in self.heads], 1)
 
+    def tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, pooled feature)`` of ``x``: the one forward pass."""
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits, feature = super().forward(x)
-        return self.head_scores(logits, feature)
+        return self.head_scores(*self.tap(x))
 
 
 # ---------------------------------------------------------------------------------------------- fusion
@@ -485,6 +564,39 @@ def bimodality_coefficient(scores: torch.Tensor) -> float:
     g, excess = skew(values, bias=False), kurtosis(values, bias=False)
     denominator = excess + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))
     return float((g * g + 1) / denominator) if denominator > 0 else 0.0
+
+
+def concentration_of(reference: torch.Tensor, predicted: torch.Tensor, num_classes: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(threshold, factors)`` of class concentration (module docstring) from the fused ``reference`` scores (n,) of
+    the fit data and their ``predicted`` classes (n,): the robust rule's threshold on them, and each class's
+    enrichment (K,) float64 among the scores above it, ``(outliers predicted as it + 1) / (share of outliers · images
+    predicted as it + 1)``. Factors all 1 (and the threshold +inf) when fewer than three scores are finite."""
+    from trojanguard.thresholds import robust_threshold
+
+    values = reference.double()
+    predicted = torch.as_tensor(predicted).long().flatten()
+    if predicted.shape != values.shape:
+        raise ValueError(f"predicted: expected ({len(values)},) classes, got {tuple(predicted.shape)}")
+    finite = torch.isfinite(values)
+    if int(finite.sum()) < 3:
+        return torch.tensor(math.inf, dtype=torch.float64), torch.ones(num_classes, dtype=torch.float64)
+    threshold = robust_threshold(values[finite].numpy())
+    outliers = values > threshold  # +inf counts, NaN does not
+    counts = torch.bincount(predicted, minlength=num_classes).double()
+    hits = torch.bincount(predicted[outliers], minlength=num_classes).double()
+    return torch.tensor(threshold, dtype=torch.float64), (hits + 1) / (outliers.double().mean() * counts + 1)
+
+
+def concentrate(fused: torch.Tensor, predicted: torch.Tensor, threshold: float | torch.Tensor, factors: torch.Tensor
+                ) -> torch.Tensor:
+    """``fused`` (N,) scores with each excess over ``threshold`` (the robust rule's, on the fit data) multiplied by
+    the ``factors`` (K,) of the image's ``predicted`` class (N,); scores at or below it and NaN unchanged, so what the
+    robust rule flags does not change, only the order of what it flags."""
+    values = fused.double()
+    excess = values - float(threshold)
+    raised = float(threshold) + excess * factors.double()[predicted]
+    return torch.where(excess > 0, raised, values).to(fused.dtype)
 
 
 def fuse(reference: torch.Tensor, scores: torch.Tensor, fusion: str = "rank", *, selected: int | None = None
