@@ -99,22 +99,22 @@ def scored_members(records) -> tuple[str, ...]:
 
 
 def screened(attack: str, args):
-    """The zoo entry of ``attack`` and its screened set: ``(entry, images, truth)``."""
+    """The zoo entry of ``attack`` and its screened set: ``(entry, images, truth, cover)`` (cover: the attack altered
+    the image but kept its label)."""
     entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset, args.arch, args.image_size),
                                  show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
-    return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index]
+    return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index], entry.train.is_cover[index]
 
 
 def annotate(record: dict, args) -> None:
     """Add ``predicted`` (the model's classes of the screened set), ``cover`` (1 where the attack altered the image
     but kept its label) and, where the test split was scored, ``test_predicted`` to ``record`` (no member rerun)."""
-    entry, x, truth = screened(record["attack"], args)
+    entry, x, truth, cover = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--annotate: {record['attack']}: the screened set differs from the results file's")
-    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     record["predicted"] = predicted_classes(entry.model, x).tolist()
-    record["cover"] = entry.train.is_cover[index].int().tolist()
+    record["cover"] = cover.int().tolist()
     if "test_scores" in record:
         record["test_predicted"] = predicted_classes(entry.model, entry.test.x).tolist()
 
@@ -129,7 +129,7 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
     it, the other members' scores kept: a member whose fit changed is measured without rerunning CD."""
     if any(m in ("cd-p", "cd-l", "cd-f") for m in members):
         raise SystemExit("--rescore: only one-pass members (features, spectral, clustering, typicality) are rescored")
-    entry, x, truth = screened(record["attack"], args)
+    entry, x, truth, _ = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--rescore: {record['attack']}: the screened set differs from the results file's")
     ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(x)
@@ -144,13 +144,12 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
 
 
 def run_attack(attack: str, args) -> dict:
-    entry, x, truth = screened(attack, args)
+    entry, x, truth, cover = screened(attack, args)
     ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
     started = time.perf_counter()
     ensemble.fit(x)
-    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
-              "cover": entry.train.is_cover[index].int().tolist(), "predicted": ensemble.reference_predicted.tolist(),
+              "cover": cover.int().tolist(), "predicted": ensemble.reference_predicted.tolist(),
               "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
               "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)}}
@@ -173,11 +172,11 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
     out = {fusion: (fused.numpy(), None if fused_test is None else fused_test.numpy())}
     if fusion in UNBOUNDED_FUSIONS and "predicted" in record:
         predicted = torch.tensor(record["predicted"])
-        test_predicted = torch.tensor(record.get("test_predicted", [0]))
-        threshold, factors = concentration_of(fused, predicted, int(max(predicted.max(), test_predicted.max())) + 1)
+        classes = max(record["predicted"] + record.get("test_predicted", [])) + 1
+        threshold, factors = concentration_of(fused, predicted, classes)
         raised_test = None
         if fused_test is not None and "test_predicted" in record:
-            raised_test = concentrate(fused_test, test_predicted, threshold, factors).numpy()
+            raised_test = concentrate(fused_test, torch.tensor(record["test_predicted"]), threshold, factors).numpy()
         out[fusion + CONCENTRATED] = (concentrate(fused, predicted, threshold, factors).numpy(), raised_test)
     return out
 
