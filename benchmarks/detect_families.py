@@ -54,7 +54,7 @@ from trojanguard.detect.ensemble import (
     fuse,
     parse_members,
 )
-from trojanguard.metrics import auroc
+from trojanguard.metrics import auroc, predict_labels
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZOO_DATASETS, ZooConfig, get_backdoored_model
 
@@ -113,15 +113,10 @@ def annotate(record: dict, args) -> None:
     entry, x, truth, cover = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--annotate: {record['attack']}: the screened set differs from the results file's")
-    record["predicted"] = predicted_classes(entry.model, x).tolist()
+    record["predicted"] = predict_labels(entry.model, x).tolist()
     record["cover"] = cover.int().tolist()
     if "test_scores" in record:
-        record["test_predicted"] = predicted_classes(entry.model, entry.test.x).tolist()
-
-
-def predicted_classes(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model.eval()(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        record["test_predicted"] = predict_labels(entry.model, entry.test.x).tolist()
 
 
 def rescore(record: dict, members: tuple[str, ...], args) -> None:
