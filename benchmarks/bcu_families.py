@@ -74,6 +74,9 @@ SETTINGS: dict[str, dict] = {
     # hazard spread evenly over the layers (``uniform``), which removed Blended from the ResNet-18 (issue 5's ablation)
     "uniform": {"reinit": "uniform", "intact_paths": 0.002, "augment": "none"},
     "uniform+epochs40+no_augment": {"reinit": "uniform", "epochs": 40, "augment": "none"},  # far data's, uniform
+    # far data (eighteenth session): every weight re-initialised (a fresh student; normalisation statistics copied),
+    # since data far from the training set cannot retrain what a kept weight still carries (BadNets' seed spread)
+    "fresh+epochs40+no_augment": {"reinit": 1.0, "epochs": 40, "augment": "none"},
     # far data (--data ood): a weaker perturbation, to keep more of the clean accuracy photos cannot restore
     "intact2%+no_augment": {"intact_paths": 0.02, "augment": "none"},
     # ... or more steps: twice the photo crops ("images": the size of --data ood's set; or epochs40+no_augment)

@@ -26,6 +26,7 @@ from pathlib import Path
 from bcu_table import machine_line, publish  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse.bcu import parse_reinit
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.models import build_model
 from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
@@ -33,12 +34,12 @@ from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 SOURCES = ("in", "ood")
 
 
-def run_one(attack: str, zoo_seed: int, bcu_seed: int, source: str, arch: str) -> dict:
+def run_one(attack: str, zoo_seed: int, bcu_seed: int, source: str, arch: str, reinit=None) -> dict:
     entry = get_backdoored_model(ZooConfig(attack=attack, arch=arch, seed=zoo_seed), show_progress=False)
     channels = entry.test.x.shape[1]
     data = (clean_half(entry, seed=bcu_seed) if source == "in"
             else ood_images(size=entry.test.x.shape[-1], channels=channels, seed=bcu_seed, model=entry.model))
-    bcu = BCU(seed=bcu_seed, show_progress=False,
+    bcu = BCU(seed=bcu_seed, show_progress=False, **({} if reinit is None else {"reinit": reinit}),
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels))
     cleansed = bcu.cleanse(entry.model, data)
     after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bcu-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--source", choices=SOURCES, default="ood")
     parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--reinit", type=parse_reinit, default=None,
+                        help="BCU's re-initialisation rule or ratio instead of its default (a candidate; the table "
+                             "names it beside the machine)")
     parser.add_argument("--tag", default="this machine", help="name of the machine setting, e.g. avx2 (table column)")
     parser.add_argument("--shard", default="0/1", help="K/N: run only every N-th configuration from the K-th "
                                                          "(two processes on two cores)")
@@ -94,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     configs = list(itertools.product(args.attacks, args.zoo_seeds, args.bcu_seeds))
     for attack, zoo_seed, bcu_seed in configs[shard::shards]:
-        key = f"{args.tag}/{args.arch}/{args.source}/{attack}/zoo{zoo_seed}/bcu{bcu_seed}"
+        tag = args.tag if args.reinit is None else f"{args.tag}, reinit {args.reinit}"
+        key = f"{tag}/{args.arch}/{args.source}/{attack}/zoo{zoo_seed}/bcu{bcu_seed}"
         done = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other shards write too
         if key in done or args.report_only:
             continue
         start = time.perf_counter()
-        row = {"tag": args.tag, **run_one(attack, zoo_seed, bcu_seed, args.source, args.arch)}
+        row = {"tag": tag, **run_one(attack, zoo_seed, bcu_seed, args.source, args.arch, args.reinit)}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         with open(results_path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # shards share the file: read, add, replace under one lock
