@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.results or cache_dir() / "bcu_seed_spread.json"
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     configs = list(itertools.product(args.attacks, args.zoo_seeds, args.bcu_seeds))
+    tag = args.tag if args.reinit is None else f"{args.tag}, reinit {args.reinit}"
     for attack, zoo_seed, bcu_seed in configs[shard::shards]:
-        tag = args.tag if args.reinit is None else f"{args.tag}, reinit {args.reinit}"
         key = f"{tag}/{args.arch}/{args.source}/{attack}/zoo{zoo_seed}/bcu{bcu_seed}"
         done = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other shards write too
         if key in done or args.report_only:
