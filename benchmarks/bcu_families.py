@@ -77,6 +77,10 @@ SETTINGS: dict[str, dict] = {
     # far data (eighteenth session): every weight re-initialised (a fresh student; normalisation statistics copied),
     # since data far from the training set cannot retrain what a kept weight still carries (BadNets' seed spread)
     "fresh+epochs40+no_augment": {"reinit": 1.0, "epochs": 40, "augment": "none"},
+    # far data (nineteenth session): uniform (removes what adaptive keeps of BadNets) with Gaussian noise on the
+    # student's view, the teacher answering on the source, so the student learns to ignore a blend-sized change
+    # (uniform alone left Blended's far tail at 0.135)
+    "uniform+noise+epochs40": {"reinit": "uniform", "epochs": 40, "augment": "noise"},
     # far data (--data ood): a weaker perturbation, to keep more of the clean accuracy photos cannot restore
     "intact2%+no_augment": {"intact_paths": 0.02, "augment": "none"},
     # ... or more steps: twice the photo crops ("images": the size of --data ood's set; or epochs40+no_augment)

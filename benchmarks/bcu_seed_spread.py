@@ -26,6 +26,7 @@ from pathlib import Path
 from bcu_table import machine_line, publish  # benchmarks/ is on the path when run as a script
 
 from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse.augment import AUGMENTATIONS
 from trojanguard.cleanse.bcu import parse_reinit
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.models import build_model
@@ -34,12 +35,14 @@ from trojanguard.zoo import ZooConfig, cache_dir, get_backdoored_model
 SOURCES = ("in", "ood")
 
 
-def run_one(attack: str, zoo_seed: int, bcu_seed: int, source: str, arch: str, reinit=None) -> dict:
+def run_one(attack: str, zoo_seed: int, bcu_seed: int, source: str, arch: str, reinit=None,
+            augment: str | None = None) -> dict:
     entry = get_backdoored_model(ZooConfig(attack=attack, arch=arch, seed=zoo_seed), show_progress=False)
     channels = entry.test.x.shape[1]
     data = (clean_half(entry, seed=bcu_seed) if source == "in"
             else ood_images(size=entry.test.x.shape[-1], channels=channels, seed=bcu_seed, model=entry.model))
-    bcu = BCU(seed=bcu_seed, show_progress=False, **({} if reinit is None else {"reinit": reinit}),
+    candidate = {**({} if reinit is None else {"reinit": reinit}), **({} if augment is None else {"augment": augment})}
+    bcu = BCU(seed=bcu_seed, show_progress=False, **candidate,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels))
     cleansed = bcu.cleanse(entry.model, data)
     after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reinit", type=parse_reinit, default=None,
                         help="BCU's re-initialisation rule or ratio instead of its default (a candidate; the table "
                              "names it beside the machine)")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                        help="BCU's augmentation instead of its default (a candidate; named beside the machine)")
     parser.add_argument("--tag", default="this machine", help="name of the machine setting, e.g. avx2 (table column)")
     parser.add_argument("--shard", default="0/1", help="K/N: run only every N-th configuration from the K-th "
                                                          "(two processes on two cores)")
@@ -97,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.results or cache_dir() / "bcu_seed_spread.json"
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     configs = list(itertools.product(args.attacks, args.zoo_seeds, args.bcu_seeds))
-    tag = args.tag if args.reinit is None else f"{args.tag}, reinit {args.reinit}"
+    tag = args.tag + ("" if args.reinit is None else f", reinit {args.reinit}") + (
+        "" if args.augment is None else f", augment {args.augment}")
     for attack, zoo_seed, bcu_seed in configs[shard::shards]:
         key = f"{tag}/{args.arch}/{args.source}/{attack}/zoo{zoo_seed}/bcu{bcu_seed}"
         done = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other shards write too
         if key in done or args.report_only:
             continue
         start = time.perf_counter()
-        row = {"tag": tag, **run_one(attack, zoo_seed, bcu_seed, args.source, args.arch, args.reinit)}
+        row = {"tag": tag, **run_one(attack, zoo_seed, bcu_seed, args.source, args.arch, args.reinit, args.augment)}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         with open(results_path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # shards share the file: read, add, replace under one lock

@@ -21,6 +21,7 @@ from trojanguard.cleanse import (
     layer_ratios,
     temperature_at,
 )
+from trojanguard.cleanse.augment import NOISE_STD, gaussian_noise, make_augment
 from trojanguard.cleanse.bcu import (
     AUTHORS_CLASSIFIER_RATIO,
     AUTHORS_STAGE_RATIOS,
@@ -706,6 +707,50 @@ def test_auto_view_target_keeps_the_authors_view_when_augmenting_moves_no_class(
     bcu = BCU(epochs=1, batch_size=32, augment="none", show_progress=False)
     bcu.cleanse(_BorderTeacher(), x)
     assert bcu.report.details["view_class_gain"] is None and bcu.report.details["view_target"] == "view"
+
+
+class _RoughnessTeacher(nn.Module):
+    """Class 1 when neighbouring pixels differ a lot (mean absolute difference above 0.06), else class 0: a teacher
+    whose 'backdoor' is an additive noise-like pattern, as a blend trigger is."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0], [40.0, 0.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, -2.4]))
+
+    def forward(self, x):
+        rough = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+        return self.head(torch.stack([rough, torch.ones_like(rough)], 1))
+
+
+@pytest.mark.parametrize("view_target", ["auto", "view"])
+def test_noise_augmentation_teaches_the_teachers_clean_answer_under_noise(view_target):
+    x = _smooth(256, seed=0)  # smooth: the teacher answers class 0 on every source image, class 1 on noisy ones
+    teacher = _RoughnessTeacher()
+    bcu = BCU(epochs=4, batch_size=32, lr=0.1, reinit=1.0, augment="noise", view_target=view_target,
+              show_progress=False)
+    student = bcu.cleanse(teacher, x)
+    details = bcu.report.details
+    assert details["view_class_gain"] > 0.9  # noise moves nearly every image into the teacher's class 1 ...
+    noisy = gaussian_noise(_smooth(64, seed=1), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        evoked = float((student(noisy).argmax(1) == 1).double().mean())
+    if view_target == "auto":  # ... so auto has the teacher answer on the source, and noise is not learnt as class 1
+        assert details["view_target"] == "source" and evoked < 0.1
+    else:
+        assert details["view_target"] == "view" and evoked > 0.9
+
+
+def test_gaussian_noise_is_reproducible_clipped_and_of_the_stated_size():
+    x = torch.full((8, 3, 16, 16), 0.5, dtype=torch.float64)
+    a, b = gaussian_noise(x, torch.Generator().manual_seed(3)), gaussian_noise(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.dtype == x.dtype and a.shape == x.shape
+    assert float((a - x).std()) == pytest.approx(NOISE_STD, rel=0.05)  # 6 144 draws: ±5 % holds with margin
+    edges = gaussian_noise(torch.ones(4, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert float(edges.max()) <= 1.0 and float(edges.min()) < 1.0
+    assert make_augment("noise") is gaussian_noise
 
 
 @pytest.mark.parametrize("attack", ["adaptive_blend", "badnets"])

@@ -1,6 +1,6 @@
-"""Batch augmentation for cleansing: random crop (zero padding) and horizontal flip, drawn from a caller's
-generator on the CPU so a run is reproducible. BCU applies one augmentation per batch and feeds the *same*
-augmented images to teacher and student."""
+"""Batch augmentation for cleansing: random crop (zero padding), horizontal flip and additive Gaussian noise, drawn
+from a caller's generator on the CPU so a run is reproducible. BCU applies one augmentation per batch; the teacher
+answers on the augmented view or on its source (``view_target``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("crop_flip", "crop", "none")
+AUGMENTATIONS = ("crop_flip", "crop", "noise", "none")
 CROP_PAD_FRACTION = 0.125  # random-crop padding as a fraction of the side: the authors' 4 px at 32 px
+NOISE_STD = 0.1  # "noise": per-pixel standard deviation on [0, 1] images — small enough to leave a digit or a photo
+# legible, about the size of a blend trigger's per-pixel change (α = 0.2 of a pattern in [0, 1])
 
 
 def random_crop_flip(x: torch.Tensor, gen: torch.Generator, *, flip: bool = True) -> torch.Tensor:
@@ -33,14 +35,25 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, *, flip: bool = True
     return out
 
 
+def gaussian_noise(x: torch.Tensor, gen: torch.Generator, *, std: float = NOISE_STD) -> torch.Tensor:
+    """``x`` plus independent Gaussian noise of standard deviation ``std`` per pixel, clipped to [0, 1].
+
+    The noise is drawn from ``gen`` on the CPU (reproducible), then moved to ``x``'s device.
+    """
+    noise = torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+    return (x + std * noise).clamp(0, 1)
+
+
 def make_augment(augment) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
-    """``'crop_flip'``, ``'crop'``, ``'none'`` / None, or a callable ``x -> x`` (applied to each batch)."""
+    """``'crop_flip'``, ``'crop'``, ``'noise'``, ``'none'`` / None, or a callable ``x -> x`` (applied to each batch)."""
     if augment is None or augment == "none":
         return None
     if augment == "crop_flip":
         return lambda x, gen: random_crop_flip(x, gen, flip=True)
     if augment == "crop":
         return lambda x, gen: random_crop_flip(x, gen, flip=False)
+    if augment == "noise":
+        return gaussian_noise
     if callable(augment):
         return lambda x, gen: augment(x)
     raise ValueError(f"augment: expected one of {AUGMENTATIONS} or a callable x -> x, got {augment!r}")
