@@ -512,9 +512,9 @@ class BCU(Cleanser):
     ``"auto"`` (default) measures that before training, without labels (:func:`evoked_class_gain` on the probe
     sample: the largest share of images the augmentation moves into one teacher class) and, on in-distribution data,
     answers on the source when it exceeds ``EVOKED_CLASS_GAIN``, else on the view (out of distribution always the
-    view: photo crops move under any crop, and the source cost clean accuracy there); with ``augment="noise"``
-    always on the source, so the student learns the teacher's clean answer under small additive changes — answering on the source costs where nothing is evoked
-    (filter, SIG: higher ASR on one of three seeds). The report gives ``view_class_gain``, the ``view_target``
+    view: photo crops move under any crop, and the source cost clean accuracy there) — answering on the source costs
+    where nothing is evoked (filter, SIG: higher ASR on one of three seeds). With ``augment="noise"`` it is always the
+    source, so the student learns the teacher's clean answer under small additive changes. The report gives ``view_class_gain``, the ``view_target``
     used, and ``view_prediction_change`` (share of first-epoch views whose teacher class differs from the source's).
     """
 
@@ -575,8 +575,9 @@ class BCU(Cleanser):
         gain = None if augment is None else evoked_class_gain(teacher, probe, augment, config.seed)
         view_target = config.view_target
         if view_target == "auto":
-            # noise: the point is invariance to it, and noise is what a blend trigger looks like to the teacher (on far
-            # data it sent nearly every noisy photo crop of a Blended model to the target) — always the source.
+            # noise: the point is invariance to it, and the teacher's answer on a noisy view is not its clean answer
+            # (far data, Blended model: noise of 0.1 changed its class on 99.9 % of the crops outside its target and on
+            # none of its target crops) — always the source.
             # Far data and crops: the teacher's classes of photo crops move under any crop (measured gain 0.07-0.14 on
             # the zoo) and answering on the source cost 1.4-8 CA points there without a gain in ASR: the view
             evoked = not far and gain is not None and gain > EVOKED_CLASS_GAIN
