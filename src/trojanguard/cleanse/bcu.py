@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from trojanguard.cleanse.augment import AUGMENTATIONS, make_augment
+from trojanguard.cleanse.augment import AUGMENTATIONS, NOISE_STD, make_augment
 from trojanguard.cleanse.base import (
     CleanseError,
     Cleanser,
@@ -163,7 +163,7 @@ class BCUConfig:
     temperature: tuple[float, float] = setting((1.0, 4.0), "distillation temperature τ, ramped (start, end)")
     augment: object = setting("none", "none (default: chosen leave one family out, in distribution and on far data), "
                                "crop, crop_flip (natural images only: flipping changes digits, text, signs) or noise "
-                               "(Gaussian, NOISE_STD per pixel; the teacher answers on the source under view_target "
+                               f"(Gaussian, standard deviation {NOISE_STD:g} per pixel; the teacher answers on the source under view_target "
                                "auto, so the student learns to ignore small additive changes such as a blend)",
                                choices=AUGMENTATIONS)
     view_target: str = setting("auto", "the image the teacher answers on: auto (default: source for noise, and when the "
