@@ -18,6 +18,9 @@ pools other settings' results (another dataset or poison rate) into leave-one-fa
 - Every fused row is evaluated with and without class concentration (``… / zscore + class``: ``Ensemble``'s
   ``concentration="class"``, from the screened images' predicted classes the record keeps); the robust rule flags
   nothing on rank fusions, so only ``zscore`` gets the twin.
+- The noise-fragile class (``Ensemble``'s ``fragility="class"``, the default) is applied to every row of a record
+  that keeps the images' noise fragility (``fragility``; ``--rescore`` adds it): where it fires, the row is re-placed
+  as ``Ensemble`` re-places it; where it does not, the row is unchanged. ``--no-fragility`` reports without it.
 - Cover samples (images the attack altered but left with their true label: ``PoisonedDataset.cover_indices``)
   count as clean, as the field counts them; leave-one-family-out also reports the held-out AUROC against the
   *untouched* images alone (cover samples left out), so what a family's misses are is on the table.
@@ -54,6 +57,7 @@ from trojanguard.detect.ensemble import (
     fuse,
     parse_members,
 )
+from trojanguard.detect.fragility import fragile_class, place_by_fragility
 from trojanguard.metrics import auroc, predict_labels
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZOO_DATASETS, ZooConfig, get_backdoored_model
@@ -130,10 +134,14 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
     ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(x)
     for k, m in enumerate(ensemble.members):
         record["scores"][m] = ensemble.reference_scores[:, k].tolist()
+    record["predicted"] = ensemble.reference_predicted.tolist()  # this model's classes, as the rescored members'
+    record["fragility"] = ensemble.reference_fragility.tolist()
     if "test_scores" in record:
-        test = ensemble.member_scores(entry.test.x)
+        test, predicted = ensemble.member_scores(entry.test.x, with_classes=True)
         for k, m in enumerate(ensemble.members):
             record["test_scores"][m] = test[:, k].tolist()
+        record["test_predicted"] = predicted.tolist()
+        record["test_fragility"] = ensemble.fragility_scores(entry.test.x).tolist()
     record.setdefault("rescored", {}).update({m: f"{ensemble.detectors[m]!r}" for m in members})
     record["member_seconds"].update(ensemble.member_seconds)  # the rescored passes' times (this machine)
 
@@ -147,11 +155,13 @@ def run_attack(attack: str, args) -> dict:
               "cover": cover.int().tolist(), "predicted": ensemble.reference_predicted.tolist(),
               "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
-              "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)}}
+              "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)},
+              "fragility": ensemble.reference_fragility.tolist()}
     if attack in args.fpr_attacks:
         test, predicted = ensemble.member_scores(entry.test.x, with_classes=True)
         record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(ensemble.members)}
         record["test_predicted"] = predicted.tolist()
+        record["test_fragility"] = ensemble.fragility_scores(entry.test.x).tolist()
     return record
 
 
@@ -173,7 +183,33 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         if fused_test is not None and "test_predicted" in record:
             raised_test = concentrate(fused_test, torch.tensor(record["test_predicted"]), threshold, factors).numpy()
         out[fusion + CONCENTRATED] = (concentrate(fused, predicted, threshold, factors).numpy(), raised_test)
-    return out
+    fired = fired_class(record)
+    if fired is None:
+        return out
+    fragility, predicted = torch.tensor(record["fragility"]), torch.tensor(record["predicted"])
+    placed = {}
+    for name, (screened, test_scores) in out.items():
+        reference = torch.from_numpy(screened)
+        placed_test = None
+        if test_scores is not None and "test_fragility" in record and "test_predicted" in record:
+            placed_test = place_by_fragility(reference, fragility, predicted, torch.from_numpy(test_scores),
+                                             torch.tensor(record["test_fragility"]),
+                                             torch.tensor(record["test_predicted"]), fired).numpy()
+        placed[name] = (place_by_fragility(reference, fragility, predicted, reference, fragility, predicted,
+                                           fired).numpy(), placed_test)
+    return placed
+
+
+WITH_FRAGILITY = True  # --no-fragility: rows as without Ensemble's fragility="class"
+
+
+def fired_class(record: dict) -> int | None:
+    """The record's noise-fragile class (``Ensemble``'s test on its screened images), None where it does not fire,
+    the record keeps no fragility, or ``--no-fragility``."""
+    if not WITH_FRAGILITY or "fragility" not in record or "predicted" not in record:
+        return None
+    classes = max(record["predicted"] + record.get("test_predicted", [])) + 1
+    return fragile_class(torch.tensor(record["fragility"]), torch.tensor(record["predicted"]), classes)[0]
 
 
 def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -194,11 +230,13 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
 
 def seconds_of(row: str, record: dict) -> float:
     """Seconds the row's members took: the shared feature pass if a class-wise feature member is among them, plus the
-    members timed on their own (CD, ``typicality``)."""
+    members timed on their own (CD, ``typicality``), plus the fragility pass for a fused row (``Ensemble`` runs it
+    with any members)."""
     members = (row,) if row in MEMBERS else MEMBER_SETS[row.split(" / ")[0]]
     seconds = record["member_seconds"]
     feature = seconds["feature pass"] if any(m in FEATURE_MEMBERS for m in members) else 0.0
-    return feature + sum(seconds[m] for m in members if m in seconds)
+    fragility = seconds.get("fragility", 0.0) if WITH_FRAGILITY and row not in MEMBERS else 0.0
+    return feature + fragility + sum(seconds[m] for m in members if m in seconds)
 
 
 def report(results: dict, args) -> str:
@@ -435,12 +473,16 @@ def main() -> None:
                         help="results files of other settings that join leave-one-family-out (with --lofo)")
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
+    parser.add_argument("--no-fragility", action="store_true",
+                        help="report every row without the noise-fragile class (Ensemble's fragility='none')")
     parser.add_argument("--annotate", action="store_true",
                         help="add predicted classes and cover marks to the results file's records (nothing rescored)")
     parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")
     parser.add_argument("--spread", nargs="+", type=Path, default=None,
                         help="only report the spread over these results files (other screened draws, --seed)")
     args = parser.parse_args()
+    global WITH_FRAGILITY
+    WITH_FRAGILITY = not args.no_fragility
     if args.spread:
         print(spread([json.loads(p.read_text()) for p in args.spread]))
         return

@@ -76,7 +76,7 @@ def test_the_ensemble_member_scores_as_the_detector_and_shares_the_prefilters_pa
     monkeypatch.setattr(Typicality, "extract_features", lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
     ensemble = Ensemble(model, members=members, show_progress=False).fit(x)
     assert len(passes) == (0 if members.startswith("features") else 1)
-    assert set(ensemble.member_seconds) == {"feature pass", "typicality"}
+    assert set(ensemble.member_seconds) == {"feature pass", "typicality", "fragility"}  # fragility: its own passes
     assert torch.allclose(ensemble.reference_scores[:, 1].float(), alone.score(x), atol=1e-5)
     assert torch.allclose(ensemble.member_scores(new)[:, 1].float(), alone.score(new), atol=1e-5)
 

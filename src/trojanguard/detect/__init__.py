@@ -6,10 +6,11 @@ from trojanguard.detect.base import Detector
 from trojanguard.detect.cognitive_distillation import CognitiveDistillation, DistillationResult
 from trojanguard.detect.ensemble import Ensemble
 from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
+from trojanguard.detect.fragility import NoiseFragility
 from trojanguard.detect.poisoncam import PoisonCAM
 from trojanguard.detect.spectral import SpectralSignature
 from trojanguard.detect.typicality import Typicality
 
 __all__ = ["ActivationClustering", "AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "Ensemble",
-           "FeatureMahalanobis", "PoisonCAM",
+           "FeatureMahalanobis", "NoiseFragility", "PoisonCAM",
            "SpectralSignature", "Typicality"]

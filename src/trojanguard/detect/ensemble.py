@@ -35,6 +35,17 @@ the outliers across classes — the class that holds them first, above equally a
 clean tail over the robust rule, doubling its false positives; ``benchmarks/RESULTS.md``.) ``"none"``: the fused
 score alone. Bounded (rank) fusions flag nothing by the robust rule, so they are left as they are.
 
+The noise-fragile class (``fragility``, :data:`FRAGILITY_RULES`). A trigger the model reads precisely (WaNet's warp)
+is erased by pixel noise far below the images' contrast, so its poison fall back to their source class where no clean
+image notices; the feature members rank such poison below the attacker's cover samples. With ``"class"`` (default)
+the fit also scores every image's :class:`~trojanguard.detect.NoiseFragility` (``draws`` more forward passes each)
+and asks :func:`~trojanguard.detect.fragility.fragile_class` whether the set's most fragile images gather in one
+predicted class (a majority of the most fragile 15 %, beyond chance); only if one does, the fused scores are re-placed
+so that class's fragile images rise (:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the
+fragility ranks added within that class, mapped back onto the fit data's fused values). Where no class fires the
+scores are exactly those without it. ``"none"``: no fragility pass. (Ours; ``benchmarks/RESULTS.md``, "Noise
+fragility".)
+
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
 
@@ -69,6 +80,7 @@ from torch import nn
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
+from trojanguard.detect.fragility import NoiseFragility, fragile_class, place_by_fragility
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device, working_copy
@@ -82,6 +94,7 @@ DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-f
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 CONCENTRATIONS = ("class", "none")  # module docstring; "class" chosen leave-one-family-out (benchmarks/RESULTS.md)
+FRAGILITY_RULES = ("class", "none")  # module docstring; "class" by principle: it changes nothing where it does not fire
 MIN_REFERENCE = 4  # the bimodality coefficient needs n > 3; fewer reference images rank nothing
 CHECKPOINT_MAGIC = "# trojanguard-ensemble-fit "  # first line of a FitCheckpoint file
 
@@ -127,6 +140,9 @@ class Ensemble(Detector):
         fusion: how members' scores are combined, one of :data:`FUSIONS` (module docstring).
         concentration: ``"class"`` (default) raises the fused tail of the predicted class that holds the fit data's
             outliers, ``"none"`` leaves the fused score as it is (:data:`CONCENTRATIONS`, module docstring).
+        fragility: ``"class"`` (default) raises the noise-fragile images of a class where the fit data's fragile
+            images gather, if one does; ``"none"`` skips the fragility pass (:data:`FRAGILITY_RULES`, module
+            docstring).
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
         steps: optimisation steps of the CD members.
@@ -139,18 +155,21 @@ class Ensemble(Detector):
     order), ``member_seconds`` {name: seconds} spent fitting and scoring it (the feature members share
     ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
     ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
-    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``).
+    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``); with ``fragility="class"``,
+    ``reference_fragility`` (n,) and ``fragile`` ``(class or None, share, p-value)`` of
+    :func:`~trojanguard.detect.fragility.fragile_class`.
     """
 
     model_kind = Classifier
 
     def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "zscore",
-                 concentration: str = "class", layer: str | None = None, steps: int = 100,
+                 concentration: str = "class", fragility: str = "class", layer: str | None = None, steps: int = 100,
                  member_options: dict | None = None, batch_size: int = 256, seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
         self.members = parse_members(members)
         check_choice("fusion", fusion, FUSIONS)
         check_choice("concentration", concentration, CONCENTRATIONS)
+        check_choice("fragility", fragility, FRAGILITY_RULES)
         check_positive_int("steps", steps)
         check_positive_int("batch_size", batch_size)
         member_options = dict(member_options or {})
@@ -159,7 +178,7 @@ class Ensemble(Detector):
                 raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(self.members)}")
         self.model, self.fusion, self.concentration, self.layer, self.steps = model, fusion, concentration, layer, steps
         self.member_options, self.batch_size, self.seed = member_options, batch_size, seed
-        self.show_progress = show_progress
+        self.fragility, self.show_progress = fragility, show_progress
         self.detectors: dict[str, Detector] = {}
         for name in self.members:
             options = {"batch_size": batch_size, "seed": seed, **member_options.get(name, {})}
@@ -187,9 +206,13 @@ class Ensemble(Detector):
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per fusion: _concentration_of
         self._net: nn.Module | None = None  # a frozen copy of the model, for classes when no member pass gives them
         self._num_classes = 0
+        self._fragility_detector: NoiseFragility | None = None
+        self.reference_fragility: torch.Tensor | None = None
+        self.fragile: tuple[int | None, float, float] = (None, 0.0, 1.0)
 
     def __repr__(self) -> str:
-        keys = ("members", "fusion", "concentration", "layer", "steps", "member_options", "batch_size", "seed")
+        keys = ("members", "fusion", "concentration", "fragility", "layer", "steps", "member_options", "batch_size",
+                "seed")
         return f"Ensemble({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     @property
@@ -287,12 +310,30 @@ class Ensemble(Detector):
         self.reference_predicted, self._num_classes, self._factors = logits.argmax(1).cpu(), logits.shape[1], {}
         self._memo = {digest: row for row, digest in enumerate(digests)}
         self.input_shape = shape
+        self.reference_fragility, self.fragile = None, (None, 0.0, 1.0)
+        if self.fragility == "class":
+            started = time.perf_counter()
+            self._fragility_detector = NoiseFragility(self.model, batch_size=self.batch_size, seed=self.seed,
+                                                      show_progress=self.show_progress)
+            fragility = self._fragility_detector.score(data)
+            if len(fragility) != len(digests):
+                raise DataError(f"data: the fragility pass read {len(fragility)} images of {len(digests)}; pass data "
+                                "that reads the same images every time it is iterated")
+            self.reference_fragility = fragility
+            self.fragile = fragile_class(fragility, self.reference_predicted, self._num_classes)
+            self.member_seconds["fragility"] = time.perf_counter() - started
         return self
 
     def score(self, x) -> torch.Tensor:
         """Fused suspicion ``(N,)``, higher = more suspicious (module docstring)."""
         scores, predicted = self.member_scores(x, with_classes=True)
-        return self.fuse(scores, predicted=predicted)
+        fused = self.fuse(scores, predicted=predicted)
+        fired = self.fragile[0]
+        if fired is None:
+            return fused
+        reference = self.fuse(self.reference_scores, predicted=self.reference_predicted)
+        return place_by_fragility(reference, self.reference_fragility, self.reference_predicted, fused,
+                                  self.fragility_scores(x), predicted, fired)
 
     def fuse(self, member_scores: torch.Tensor, fusion: str | None = None, *,
              predicted: torch.Tensor | None = None) -> torch.Tensor:
@@ -397,6 +438,25 @@ class Ensemble(Detector):
             reference = fuse(self.reference_scores, self.reference_scores, fusion, selected=selected)
             self._factors[fusion] = concentration_of(reference, self.reference_predicted, self.num_classes)
         return self._factors[fusion]
+
+    def fragility_scores(self, x) -> torch.Tensor:
+        """Noise fragility (N,) of ``x`` (:class:`~trojanguard.detect.NoiseFragility`): the fit data's from the fit,
+        other images scored now. Needs ``fragility="class"``."""
+        self._require_fit("Ensemble.fragility_scores")
+        if self.reference_fragility is None:
+            raise RuntimeError('Ensemble.fragility_scores: the ensemble was made with fragility="none"')
+        parts = []
+        for xb, _ in iter_image_batches(x, self.batch_size):
+            rows = [self._memo.get(d) for d in image_digests(xb)]
+            out = torch.empty(len(xb), dtype=torch.float64)
+            known = [i for i, r in enumerate(rows) if r is not None]
+            if known:
+                out[known] = self.reference_fragility[[rows[i] for i in known]]
+            missing = [i for i, r in enumerate(rows) if r is None]
+            if missing:
+                out[missing] = self._fragility_detector.score_with_classes(xb[missing], show_progress=False)[0]
+            parts.append(out)
+        return torch.cat(parts)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, K) of ``x``, by a frozen copy of it (only when no member's pass gives them)."""
