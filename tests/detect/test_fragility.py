@@ -149,3 +149,11 @@ def test_the_fragile_class_finds_wanets_poison_that_the_feature_members_rank_bel
 def test_bad_noise_settings_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NoiseFragility(Threshold(), **kwargs)
+
+
+def test_the_screening_report_says_which_class_fired_or_that_none_did():
+    from trojanguard.screening.report import fragile_sentence
+
+    fired = fragile_sentence({"class": 0, "share": 0.98, "p_value": 1e-36})
+    assert fired.startswith("predicted class 0 holds 98 % of the most noise-fragile images") and "raised" in fired
+    assert fragile_sentence({"class": None, "share": 0.3, "p_value": 0.02}).startswith("none: no predicted class")

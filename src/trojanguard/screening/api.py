@@ -381,10 +381,15 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
     detector = scorer.detector
     messages = list(dict.fromkeys(caught + list(getattr(detector, "fit_warnings", []) or [])))
     counts = getattr(detector, "class_counts", None)
-    return {"on": on, "description": description,
+    info = {"on": on, "description": description,
             "class_counts": None if counts is None else [int(c) for c in counts],
             "warnings": messages,
             "self_fit_supported": (not messages) if on == "screened data" else None}
+    fragile = getattr(detector, "fragile", None)  # the ensemble's noise-fragile class test (detect/fragility.py)
+    if fragile is not None and getattr(detector, "reference_fragility", None) is not None:
+        fired, share, p = fragile
+        info["noise_fragile_class"] = {"class": fired, "share": float(share), "p_value": float(p)}
+    return info
 
 
 def check_out_dir(out_dir: str | Path, name: str = "out_dir") -> Path:

@@ -316,6 +316,15 @@ def target_sentence(target: dict | None) -> str:
     return f"{verdict} — {shares} (p = {t['p_value']:.2g}; {t['test']})."
 
 
+def fragile_sentence(fragile: dict) -> str:
+    """The ensemble's noise-fragile class test in words (``summary["fit"]["noise_fragile_class"]``)."""
+    held = f"{100 * fragile['share']:.0f} % of the most noise-fragile images, p = {fragile['p_value']:.2g}"
+    if fragile["class"] is None:
+        return f"none: no predicted class holds most of the images small noise flips (the largest {held})"
+    return (f"predicted class {fragile['class']} holds {held}: images whose prediction small pixel noise takes away "
+            "gather there, as poison of a precisely read trigger (WaNet-like) do; their scores were raised")
+
+
 def timing_text(run: dict) -> str:
     """The run's time split (fit, calibration, scoring, report) and its throughput, scoring only and end to end."""
     parts = [f"{name} {run[key]:.1f} s" for name, key in (("fit", "fit_seconds"), ("calibration", "calibration_seconds"),
@@ -360,6 +369,9 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     ]
     if threshold.get("calibration"):
         facts.append(["clean reference data", threshold["calibration"]])
+    fragile = (s.get("fit") or {}).get("noise_fragile_class")
+    if fragile:
+        facts.append(["noise-fragile class", fragile_sentence(fragile)])
     run = s["run"]
     facts.append(["time (this invocation)", timing_text(run)])
     if run.get("resumed_from") and run.get("screened_now"):
