@@ -10,8 +10,8 @@ from helpers import random_images, small_classifier
 from torch import nn
 
 from trojanguard.detect import Ensemble, NoiseFragility
-from trojanguard.detect.ensemble import empirical_cdf
-from trojanguard.detect.fragility import empirical_quantile, fragile_class, place_by_fragility
+from trojanguard.detect.ensemble import empirical_cdf, empirical_quantile
+from trojanguard.detect.fragility import fragile_class, place_by_fragility
 from trojanguard.metrics import auroc
 
 

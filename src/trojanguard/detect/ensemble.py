@@ -564,6 +564,20 @@ class _SharedFeatures(FeatureTap):
 
 
 # ---------------------------------------------------------------------------------------------- fusion
+def _ecdf_knots(reference: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The distinct values of ``reference`` (NaN left out), their mid-rank ECDF ``(#below + #not above) /
+    2n``, and the tails' scale ``s`` = the range / n (0 when not finite); None when nothing is left."""
+    ref = reference.double().numpy()
+    ref = np.sort(ref[~np.isnan(ref)])
+    n = len(ref)
+    if n == 0:
+        return None
+    knots = np.unique(ref)
+    cdf = (np.searchsorted(ref, knots, side="left") + np.searchsorted(ref, knots, side="right")) / (2 * n)
+    spread = (knots[-1] - knots[0]) / n if np.isfinite(knots[-1] - knots[0]) else 0.0
+    return knots, cdf, spread
+
+
 def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Where each of ``values`` (N,) falls in the distribution of ``reference`` (n,), in (0, 1), float64.
 
@@ -572,16 +586,12 @@ def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     towards 0 or 1 as ``exp(−distance / s)``, ``s`` = the reference range / n — strictly increasing, so clean images
     scored later do not all tie at the top (which would defeat a quantile threshold). +inf maps to 1; NaN stays NaN.
     """
-    ref = reference.double().numpy()
-    ref = np.sort(ref[~np.isnan(ref)])
     v = values.double().numpy()
-    n = len(ref)
-    if n == 0:
+    fitted = _ecdf_knots(reference)
+    if fitted is None:
         return torch.full(v.shape, math.nan, dtype=torch.float64)
-    knots = np.unique(ref)
-    cdf = (np.searchsorted(ref, knots, side="left") + np.searchsorted(ref, knots, side="right")) / (2 * n)
+    knots, cdf, spread = fitted
     out = np.interp(v, knots, cdf)
-    spread = (knots[-1] - knots[0]) / n if np.isfinite(knots[-1] - knots[0]) else 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         above, below = v > knots[-1], v < knots[0]
         if spread > 0:
@@ -590,6 +600,26 @@ def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor
         else:
             out[above], out[below] = 1.0, 0.0
     out[np.isnan(v)] = math.nan
+    return torch.from_numpy(out)
+
+
+def empirical_quantile(reference: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`empirical_cdf` over ``reference``: the value whose ECDF is ``u`` (N,) in [0, 1] — linear
+    between the reference's knots, the exponential tails inverted beyond them (1 maps to +inf, 0 to −inf), float64."""
+    q = u.double().numpy()
+    fitted = _ecdf_knots(reference)
+    if fitted is None:
+        return torch.full(q.shape, math.nan, dtype=torch.float64)
+    knots, cdf, spread = fitted
+    out = np.interp(q, cdf, knots)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        above, below = q > cdf[-1], q < cdf[0]
+        if spread > 0:
+            out[above] = knots[-1] - spread * np.log((1 - q[above]) / (1 - cdf[-1]))
+            out[below] = knots[0] + spread * np.log(q[below] / cdf[0])
+        else:
+            out[above], out[below] = knots[-1], knots[0]
+    out[np.isnan(q)] = math.nan
     return torch.from_numpy(out)
 
 

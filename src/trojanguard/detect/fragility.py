@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -152,7 +151,7 @@ def place_by_fragility(reference_fused: torch.Tensor, reference_fragility: torch
     scores) is mapped back onto the fit data's fused scores at the same quantile. On the fit data the fused values
     are the same multiset in a new order (so ``screen``'s robust rule flags as many images as before); other images
     land where their combined rank falls, beyond the fit data's range as its fused tails extend. NaN stays NaN."""
-    from trojanguard.detect.ensemble import empirical_cdf
+    from trojanguard.detect.ensemble import empirical_cdf, empirical_quantile
 
     def combined(f: torch.Tensor, frag: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         boost = torch.where(torch.as_tensor(pred).long() == fired, empirical_cdf(reference_fragility, frag), 0.0)
@@ -163,28 +162,3 @@ def place_by_fragility(reference_fused: torch.Tensor, reference_fragility: torch
     out = empirical_quantile(reference_fused, empirical_cdf(reference, combined(fused, fragility, predicted)))
     out[torch.isnan(fused)] = math.nan
     return out.to(fused.dtype)
-
-
-def empirical_quantile(reference: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`~trojanguard.detect.ensemble.empirical_cdf` over ``reference``: the value whose ECDF is
-    ``u`` (N,) in [0, 1] — linear between the reference's knots, the exponential tails inverted beyond them (1 maps
-    to +inf, 0 to -inf), float64."""
-    ref = reference.double().numpy()
-    ref = np.sort(ref[~np.isnan(ref)])
-    q = u.double().numpy()
-    n = len(ref)
-    if n == 0:
-        return torch.full(q.shape, math.nan, dtype=torch.float64)
-    knots = np.unique(ref)
-    cdf = (np.searchsorted(ref, knots, side="left") + np.searchsorted(ref, knots, side="right")) / (2 * n)
-    out = np.interp(q, cdf, knots)
-    spread = (knots[-1] - knots[0]) / n if np.isfinite(knots[-1] - knots[0]) else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        above, below = q > cdf[-1], q < cdf[0]
-        if spread > 0:
-            out[above] = knots[-1] - spread * np.log((1 - q[above]) / (1 - cdf[-1]))
-            out[below] = knots[0] + spread * np.log(q[below] / cdf[0])
-        else:
-            out[above], out[below] = knots[-1], knots[0]
-    out[np.isnan(q)] = math.nan
-    return torch.from_numpy(out)
