@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ from trojanguard.detect.ensemble import (
     fuse,
     parse_members,
 )
-from trojanguard.detect.fragility import fragile_class, place_by_fragility
+from trojanguard.detect.fragility import STABLE_GATE, fragile_class, place_by_fragility, stable_class
 from trojanguard.metrics import auroc, predict_labels
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZOO_DATASETS, ZooConfig, get_backdoored_model
@@ -183,33 +184,48 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         if fused_test is not None and "test_predicted" in record:
             raised_test = concentrate(fused_test, torch.tensor(record["test_predicted"]), threshold, factors).numpy()
         out[fusion + CONCENTRATED] = (concentrate(fused, predicted, threshold, factors).numpy(), raised_test)
-    fired = fired_class(record)
-    if fired is None:
+    if not WITH_FRAGILITY or "fragility" not in record or "predicted" not in record:
         return out
     fragility, predicted = torch.tensor(record["fragility"]), torch.tensor(record["predicted"])
+    test = None
+    if "test_fragility" in record and "test_predicted" in record:
+        test = (torch.tensor(record["test_fragility"]), torch.tensor(record["test_predicted"]))
+    classes = max(record["predicted"] + record.get("test_predicted", [])) + 1
+    fragile = fragile_class(fragility, predicted, classes)[0]
     placed = {}
     for name, (screened, test_scores) in out.items():
+        # as Ensemble.score: the fragile class, then the stable class (gated by the plain fused row's enrichment)
+        enrichment = concentration_of(torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0]), predicted, classes)[1]
         reference = torch.from_numpy(screened)
-        placed_test = None
-        if test_scores is not None and "test_fragility" in record and "test_predicted" in record:
-            placed_test = place_by_fragility(reference, fragility, predicted, torch.from_numpy(test_scores),
-                                             torch.tensor(record["test_fragility"]),
-                                             torch.tensor(record["test_predicted"]), fired).numpy()
-        placed[name] = (place_by_fragility(reference, fragility, predicted, reference, fragility, predicted,
-                                           fired).numpy(), placed_test)
+        test_scores = None if test_scores is None or test is None else torch.from_numpy(test_scores)
+        if fragile is not None:
+            reference, test_scores = placed_rows(reference, test_scores, fragility, predicted, test, 1, fragile)
+        placed[name] = (reference.numpy(), None if test_scores is None else test_scores.numpy())
+        stable = stable_class(fragility, predicted, enrichment, gate=math.inf)[0]
+        for gate in STABLE_GATES:
+            raised, raised_test = reference, test_scores
+            if stable is not None and float(enrichment[stable]) <= gate:
+                raised, raised_test = placed_rows(reference, test_scores, fragility, predicted, test, -1, stable)
+            placed[f"{name}{STABLE}{gate:g}"] = (raised.numpy(), None if raised_test is None else raised_test.numpy())
     return placed
 
 
 WITH_FRAGILITY = True  # --no-fragility: rows as without Ensemble's fragility="class"
+STABLE = " + stable≤"  # the suffix of a row with the noise-stable class at a gate (Ensemble's: STABLE_GATE)
+STABLE_GATES = (1.0, 1.5, STABLE_GATE, 3.0, math.inf)  # the gates leave one family out chooses among (and none)
 
 
-def fired_class(record: dict) -> int | None:
-    """The record's noise-fragile class (``Ensemble``'s test on its screened images), None where it does not fire,
-    the record keeps no fragility, or ``--no-fragility``."""
-    if not WITH_FRAGILITY or "fragility" not in record or "predicted" not in record:
-        return None
-    classes = max(record["predicted"] + record.get("test_predicted", [])) + 1
-    return fragile_class(torch.tensor(record["fragility"]), torch.tensor(record["predicted"]), classes)[0]
+def placed_rows(reference: torch.Tensor, test: torch.Tensor | None, fragility: torch.Tensor, predicted: torch.Tensor,
+                test_fragility: tuple[torch.Tensor, torch.Tensor] | None, sign: int, fired: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fused row of the screened set (and of the clean test split) re-placed by ``sign`` · fragility in class
+    ``fired``, as ``Ensemble.score`` re-places it."""
+    placed_test = None
+    if test is not None:
+        placed_test = place_by_fragility(reference, sign * fragility, predicted, test, sign * test_fragility[0],
+                                         test_fragility[1], fired)
+    return place_by_fragility(reference, sign * fragility, predicted, reference, sign * fragility, predicted,
+                              fired), placed_test
 
 
 def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -356,7 +372,8 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
     lines = []
     for k, (title, admissible, fusions, criterion) in enumerate(PROCEDURES):
         pool = candidate_sets(admissible, scored)
-        members_of, fusion_of = (lambda n: n.split(" / ")[0]), (lambda n: n.split(" / ")[1].removesuffix(CONCENTRATED))
+        members_of = lambda n: n.split(" / ")[0]
+        fusion_of = lambda n: n.split(" / ")[1].split(STABLE)[0].removesuffix(CONCENTRATED)
         settings = [n for n in table if members_of(n) in pool and (fusion_of(n) in fusions or "+" not in members_of(n))]
         key = CRITERIA[criterion]
         rows, held_out, held_untouched = [], [], []

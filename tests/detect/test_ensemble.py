@@ -330,6 +330,6 @@ def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_t
     ensemble = Ensemble(model, members="cd-p,features", steps=2, batch_size=64, show_progress=False).fit(images)
     assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.score(images), atol=1e-6)
     assert "masks" in result.files
-    fired, share, p = ensemble.fragile  # the noise-fragile class test, in the summary and the report's facts
-    assert result.summary["fit"]["noise_fragile_class"] == {"class": fired, "share": share, "p_value": p}
-    assert "noise-fragile class" in result.files["html"].read_text()
+    for key, (fired, share, p) in (("fragile", ensemble.fragile), ("stable", ensemble.stable)):  # the class tests
+        assert result.summary["fit"][f"noise_{key}_class"] == {"class": fired, "share": share, "p_value": p}
+        assert f"noise-{key} class" in result.files["html"].read_text()

@@ -11,7 +11,7 @@ from torch import nn
 
 from trojanguard.detect import Ensemble, NoiseFragility
 from trojanguard.detect.ensemble import empirical_cdf, empirical_quantile
-from trojanguard.detect.fragility import fragile_class, place_by_fragility
+from trojanguard.detect.fragility import STABLE_GATE, fragile_class, place_by_fragility, stable_class
 from trojanguard.metrics import auroc
 
 
@@ -60,6 +60,17 @@ def test_the_fragile_class_fires_where_the_fragile_images_gather_and_not_where_t
     assert share > 0.5 and p > 1e-3 and fired is None
     with pytest.raises(ValueError, match="^predicted:"):
         fragile_class(fragility, predicted[:3], 10)
+
+
+def test_the_stable_class_fires_where_the_stable_images_gather_unless_concentration_already_raised_it():
+    fragility, predicted, _ = fragile_set()
+    stability = -fragility  # the 40 images of class 3 are now the set's most stable
+    enrichment = torch.ones(10, dtype=torch.float64)
+    fired, share, p = stable_class(stability, predicted, enrichment)
+    assert fired == 3 and share > 0.6 and p < 1e-10
+    enrichment[3] = STABLE_GATE + 0.5  # the outliers already point at class 3: concentration raised it
+    assert stable_class(stability, predicted, enrichment)[0] is None
+    assert stable_class(stability, predicted, enrichment, gate=10.0)[0] == 3
 
 
 def test_placing_by_fragility_lifts_the_fired_class_fragile_images_over_equally_atypical_covers():
@@ -118,6 +129,14 @@ def test_the_ensemble_re_places_new_images_with_their_own_fragility(monkeypatch)
     assert torch.allclose(ensemble.score(new), expected)
     fit_scores = ensemble.score(x)  # the fit data's values, re-ordered
     assert torch.allclose(fit_scores.double().sort().values, reference.double().sort().values, atol=1e-6)
+    ensemble.stable = (2, 1.0, 0.0)  # and class 2's stable images after them, on what the first left
+    first = place_by_fragility(reference, ensemble.reference_fragility, ensemble.reference_predicted, reference,
+                               ensemble.reference_fragility, ensemble.reference_predicted, 1)
+    then = place_by_fragility(first, -ensemble.reference_fragility, ensemble.reference_predicted, expected,
+                              -fragility, predicted, 2)
+    assert torch.allclose(ensemble.score(new), then)
+    fit_scores = ensemble.score(x)
+    assert torch.allclose(fit_scores.double().sort().values, reference.double().sort().values, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -157,3 +176,5 @@ def test_the_screening_report_says_which_class_fired_or_that_none_did():
     fired = fragile_sentence({"class": 0, "share": 0.98, "p_value": 1e-36})
     assert fired.startswith("predicted class 0 holds 98 % of the most noise-fragile images") and "raised" in fired
     assert fragile_sentence({"class": None, "share": 0.3, "p_value": 0.02}).startswith("none: no predicted class")
+    stable = fragile_sentence({"class": 0, "share": 0.9, "p_value": 1e-20}, "stable")
+    assert stable.startswith("predicted class 0 holds 90 % of the most noise-stable images") and "strong" in stable

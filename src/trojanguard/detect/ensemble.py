@@ -42,8 +42,12 @@ the fit also scores every image's :class:`~trojanguard.detect.NoiseFragility` (`
 and asks :func:`~trojanguard.detect.fragility.fragile_class` whether the set's most fragile images gather in one
 predicted class (a majority of the most fragile 15 %, beyond chance); only if one does, the fused scores are re-placed
 so that class's fragile images rise (:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the
-fragility ranks added within that class, mapped back onto the fit data's fused values). Where no class fires the
-scores are exactly those without it. ``"none"``: no fragility pass. (Ours; ``benchmarks/RESULTS.md``, "Noise
+fragility ranks added within that class, mapped back onto the fit data's fused values). The mirror, the noise-stable
+class (:func:`~trojanguard.detect.fragility.stable_class`): most triggers make their poison *more* stable than clean
+images, so the same test on the negated fragility finds the class where the most stable images gather; it fires only
+where class concentration's enrichment of that class is at most 2 (concentration has not already raised it), and then
+that class's stable images are raised the same way. Where neither fires the scores are exactly those without them.
+``"none"``: no fragility pass. (Ours; the gate chosen leave one family out; ``benchmarks/RESULTS.md``, "Noise
 fragility".)
 
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
@@ -80,7 +84,7 @@ from torch import nn
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
-from trojanguard.detect.fragility import NoiseFragility, fragile_class, place_by_fragility
+from trojanguard.detect.fragility import NoiseFragility, fragile_class, place_by_fragility, stable_class
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device, working_copy
@@ -156,8 +160,8 @@ class Ensemble(Detector):
     ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
     ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
     among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``); with ``fragility="class"``,
-    ``reference_fragility`` (n,) and ``fragile`` ``(class or None, share, p-value)`` of
-    :func:`~trojanguard.detect.fragility.fragile_class`.
+    ``reference_fragility`` (n,), ``fragile`` and ``stable``, each ``(class or None, share, p-value)`` of
+    :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`.
     """
 
     model_kind = Classifier
@@ -209,6 +213,7 @@ class Ensemble(Detector):
         self._fragility_detector: NoiseFragility | None = None
         self.reference_fragility: torch.Tensor | None = None
         self.fragile: tuple[int | None, float, float] = (None, 0.0, 1.0)
+        self.stable: tuple[int | None, float, float] = (None, 0.0, 1.0)
 
     def __repr__(self) -> str:
         keys = ("members", "fusion", "concentration", "fragility", "layer", "steps", "member_options", "batch_size",
@@ -310,7 +315,7 @@ class Ensemble(Detector):
         self.reference_predicted, self._num_classes, self._factors = logits.argmax(1).cpu(), logits.shape[1], {}
         self._memo = {digest: row for row, digest in enumerate(digests)}
         self.input_shape = shape
-        self.reference_fragility, self.fragile = None, (None, 0.0, 1.0)
+        self.reference_fragility, self.fragile, self.stable = None, (None, 0.0, 1.0), (None, 0.0, 1.0)
         if self.fragility == "class":
             started = time.perf_counter()
             self._fragility_detector = NoiseFragility(self.model, batch_size=self.batch_size, seed=self.seed,
@@ -321,6 +326,7 @@ class Ensemble(Detector):
                                 "that reads the same images every time it is iterated")
             self.reference_fragility = fragility
             self.fragile = fragile_class(fragility, self.reference_predicted, self._num_classes)
+            self.stable = stable_class(fragility, self.reference_predicted, self._concentration_of(self.fusion)[1])
             self.member_seconds["fragility"] = time.perf_counter() - started
         return self
 
@@ -328,12 +334,18 @@ class Ensemble(Detector):
         """Fused suspicion ``(N,)``, higher = more suspicious (module docstring)."""
         scores, predicted = self.member_scores(x, with_classes=True)
         fused = self.fuse(scores, predicted=predicted)
-        fired = self.fragile[0]
-        if fired is None:
+        rules = [(sign, fired) for sign, (fired, _, _) in ((1, self.fragile), (-1, self.stable)) if fired is not None]
+        if not rules:
             return fused
         reference = self.fuse(self.reference_scores, predicted=self.reference_predicted)
-        return place_by_fragility(reference, self.reference_fragility, self.reference_predicted, fused,
-                                  self.fragility_scores(x), predicted, fired)
+        fragility = self.fragility_scores(x)
+        for sign, fired in rules:  # the fragile class first, then the stable one on what it left
+            ref_fragility = sign * self.reference_fragility
+            fused = place_by_fragility(reference, ref_fragility, self.reference_predicted, fused, sign * fragility,
+                                       predicted, fired)
+            reference = place_by_fragility(reference, ref_fragility, self.reference_predicted, reference,
+                                           ref_fragility, self.reference_predicted, fired)
+        return fused
 
     def fuse(self, member_scores: torch.Tensor, fusion: str | None = None, *,
              predicted: torch.Tensor | None = None) -> torch.Tensor:

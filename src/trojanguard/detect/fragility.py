@@ -36,6 +36,8 @@ LOG_ODDS_EPS = 1e-4
 TOP_FRACTION = 0.15  # the most fragile share of a set the class test reads: above the highest poison rate screened
 MAJORITY = 0.5  # the fired class must hold more than this share of the most fragile images
 ALPHA = 1e-3  # and hold them significantly more than its share of the set (one-sided hypergeometric test)
+STABLE_GATE = 2.0  # the stable class fires only where class concentration's enrichment of it is at most this; chosen
+# leave one family out among 1, 1.5, 2, 3 and no gate (benchmarks/RESULTS.md, "Noise fragility")
 TIE_BREAK = 1e-6  # two ranks' sums tie often (both are multiples of 1 / 2n): the fused rank's weight above the other's
 
 
@@ -141,6 +143,23 @@ def fragile_class(fragility: torch.Tensor, predicted: torch.Tensor, num_classes:
     share = float(hits[c]) / top
     p = float(hypergeom.sf(int(hits[c]) - 1, n, int(counts[c]), top))  # P(at least hits[c] of top by chance)
     return (c if share > majority and p < alpha else None), share, p
+
+
+def stable_class(fragility: torch.Tensor, predicted: torch.Tensor, enrichment: torch.Tensor, *,
+                 gate: float = STABLE_GATE) -> tuple[int | None, float, float]:
+    """The class where a set's noise-*stable* images gather, if one does and class concentration has not already
+    found it: ``(class or None, share, p-value)``. :func:`fragile_class` on the negated ``fragility``, kept only
+    where the class's ``enrichment`` (K,) among the fused outliers (:func:`~trojanguard.detect.ensemble.
+    concentration_of`) is at most ``gate``.
+
+    Why: most triggers survive noise that moves clean images, so their poison are the set's most stable images and,
+    all-to-one, one class's. Clean images of an easy class are stable too, and where concentration already raised the
+    target class, raising its stable images again lifts its clean ones over the poison of the adaptive attacks; so
+    the stable class speaks only where the outliers did not point at it (measured in ``benchmarks/RESULTS.md``)."""
+    fired, share, p = fragile_class(-fragility.double(), predicted, len(enrichment))
+    if fired is not None and float(enrichment[fired]) > gate:
+        fired = None
+    return fired, share, p
 
 
 def place_by_fragility(reference_fused: torch.Tensor, reference_fragility: torch.Tensor,

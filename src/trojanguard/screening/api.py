@@ -385,10 +385,10 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
             "class_counts": None if counts is None else [int(c) for c in counts],
             "warnings": messages,
             "self_fit_supported": (not messages) if on == "screened data" else None}
-    fragile = getattr(detector, "fragile", None)  # the ensemble's noise-fragile class test (detect/fragility.py)
-    if fragile is not None and getattr(detector, "reference_fragility", None) is not None:
-        fired, share, p = fragile
-        info["noise_fragile_class"] = {"class": fired, "share": float(share), "p_value": float(p)}
+    if getattr(detector, "reference_fragility", None) is not None:  # the ensemble's class tests (detect/fragility.py)
+        for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
+            fired, share, p = getattr(detector, attribute)
+            info[key] = {"class": fired, "share": float(share), "p_value": float(p)}
     return info
 
 

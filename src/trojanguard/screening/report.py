@@ -316,13 +316,18 @@ def target_sentence(target: dict | None) -> str:
     return f"{verdict} — {shares} (p = {t['p_value']:.2g}; {t['test']})."
 
 
-def fragile_sentence(fragile: dict) -> str:
-    """The ensemble's noise-fragile class test in words (``summary["fit"]["noise_fragile_class"]``)."""
-    held = f"{100 * fragile['share']:.0f} % of the most noise-fragile images, p = {fragile['p_value']:.2g}"
-    if fragile["class"] is None:
-        return f"none: no predicted class holds most of the images small noise flips (the largest {held})"
-    return (f"predicted class {fragile['class']} holds {held}: images whose prediction small pixel noise takes away "
-            "gather there, as poison of a precisely read trigger (WaNet-like) do; their scores were raised")
+def fragile_sentence(test: dict, kind: str = "fragile") -> str:
+    """The ensemble's noise-fragile or noise-stable class test (``kind``) in words (``summary["fit"]
+    ["noise_fragile_class"]`` / ``["noise_stable_class"]``)."""
+    held = f"{100 * test['share']:.0f} % of the most noise-{kind} images, p = {test['p_value']:.2g}"
+    if test["class"] is None:
+        reason = ("no predicted class holds most of them" if kind == "fragile" else
+                  "no predicted class holds most of them, or class concentration already raised it")
+        return f"none: {reason} (the largest {held})"
+    why = ("images whose prediction small pixel noise takes away gather there, as poison of a precisely read trigger "
+           "(WaNet-like) do" if kind == "fragile" else
+           "images whose prediction small pixel noise cannot move gather there, as poison of a strong trigger do")
+    return f"predicted class {test['class']} holds {held}: {why}; their scores were raised"
 
 
 def timing_text(run: dict) -> str:
@@ -369,9 +374,10 @@ def write_html(path: Path, summary: dict, *, histogram: str | None, grid: str | 
     ]
     if threshold.get("calibration"):
         facts.append(["clean reference data", threshold["calibration"]])
-    fragile = (s.get("fit") or {}).get("noise_fragile_class")
-    if fragile:
-        facts.append(["noise-fragile class", fragile_sentence(fragile)])
+    for kind in ("fragile", "stable"):
+        test = (s.get("fit") or {}).get(f"noise_{kind}_class")
+        if test:
+            facts.append([f"noise-{kind} class", fragile_sentence(test, kind)])
     run = s["run"]
     facts.append(["time (this invocation)", timing_text(run)])
     if run.get("resumed_from") and run.get("screened_now"):
