@@ -414,7 +414,8 @@ SPREAD_ROWS = {"cd-p": ("cd-p",), "features": ("features",), "spectral": ("spect
 
 def spread(files: list[dict]) -> str:
     """Per implanted family, min–max AUROC over ``files`` (the same zoo models on other screened draws) of each
-    member and of the default ensemble (``zscore + class``); then each file's leave-one-family-out summary."""
+    member and of the default ensemble (``zscore + class``, and the stable class at ``STABLE_GATE`` where the record
+    keeps fragility); then each file's leave-one-family-out summary."""
     table: dict[str, dict[str, list[float]]] = {}
     for results in files:
         for attack, record in results["attacks"].items():
@@ -427,7 +428,8 @@ def spread(files: list[dict]) -> str:
                     fused = reference[:, 0]
                 else:  # the default's fusion, concentrated as the default is (when the record has the classes)
                     rows = fused_rows(reference, None, "zscore", record)
-                    fused = torch.from_numpy(rows.get("zscore" + CONCENTRATED, rows["zscore"])[0])
+                    default = "zscore" + CONCENTRATED if "zscore" + CONCENTRATED in rows else "zscore"
+                    fused = torch.from_numpy(rows.get(f"{default}{STABLE}{STABLE_GATE:g}", rows[default])[0])
                 table.setdefault(name, {}).setdefault(attack, []).append(auroc(truth, fused))
     attacks = list(table["default"])
     lines = [f"AUROC min–max over {len(files)} screened draws", "", "| detector | " + " | ".join(attacks) + " |",
