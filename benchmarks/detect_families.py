@@ -20,7 +20,9 @@ pools other settings' results (another dataset or poison rate) into leave-one-fa
   nothing on rank fusions, so only ``zscore`` gets the twin.
 - The noise-fragile class (``Ensemble``'s ``fragility="class"``, the default) is applied to every row of a record
   that keeps the images' noise fragility (``fragility``; ``--rescore`` adds it): where it fires, the row is re-placed
-  as ``Ensemble`` re-places it; where it does not, the row is unchanged. ``--no-fragility`` reports without it.
+  as ``Ensemble`` re-places it; where it does not, the row is unchanged. Each row also comes with the noise-stable
+  class at each gate of ``STABLE_GATES`` (``… + stable≤g``; ``Ensemble``'s is ``STABLE_GATE``), so leave one family
+  out chooses the gate. ``--no-fragility`` reports without either.
 - Cover samples (images the attack altered but left with their true label: ``PoisonedDataset.cover_indices``)
   count as clean, as the field counts them; leave-one-family-out also reports the held-out AUROC against the
   *untouched* images alone (cover samples left out), so what a family's misses are is on the table.
@@ -192,16 +194,17 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         test = (torch.tensor(record["test_fragility"]), torch.tensor(record["test_predicted"]))
     classes = max(record["predicted"] + record.get("test_predicted", [])) + 1
     fragile = fragile_class(fragility, predicted, classes)[0]
+    stable = stable_class(fragility, predicted, torch.ones(classes), gate=math.inf)[0]  # each row gates it below
     placed = {}
     for name, (screened, test_scores) in out.items():
         # as Ensemble.score: the fragile class, then the stable class (gated by the plain fused row's enrichment)
-        enrichment = concentration_of(torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0]), predicted, classes)[1]
         reference = torch.from_numpy(screened)
         test_scores = None if test_scores is None or test is None else torch.from_numpy(test_scores)
         if fragile is not None:
             reference, test_scores = placed_rows(reference, test_scores, fragility, predicted, test, 1, fragile)
         placed[name] = (reference.numpy(), None if test_scores is None else test_scores.numpy())
-        stable = stable_class(fragility, predicted, enrichment, gate=math.inf)[0]
+        enrichment = None if stable is None else concentration_of(
+            torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0]), predicted, classes)[1]
         for gate in STABLE_GATES:
             raised, raised_test = reference, test_scores
             if stable is not None and float(enrichment[stable]) <= gate:
@@ -493,7 +496,8 @@ def main() -> None:
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
     parser.add_argument("--no-fragility", action="store_true",
-                        help="report every row without the noise-fragile class (Ensemble's fragility='none')")
+                        help="report every row without the noise-fragile and noise-stable classes (Ensemble's "
+                             "fragility='none')")
     parser.add_argument("--annotate", action="store_true",
                         help="add predicted classes and cover marks to the results file's records (nothing rescored)")
     parser.add_argument("--variants", action="store_true", help="only the options of spectral and clustering")

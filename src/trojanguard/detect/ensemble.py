@@ -214,6 +214,7 @@ class Ensemble(Detector):
         self.reference_fragility: torch.Tensor | None = None
         self.fragile: tuple[int | None, float, float] = (None, 0.0, 1.0)
         self.stable: tuple[int | None, float, float] = (None, 0.0, 1.0)
+        self._steps: tuple[tuple, list] | None = None  # _placement_steps' cache: (fired classes, steps)
 
     def __repr__(self) -> str:
         keys = ("members", "fusion", "concentration", "fragility", "layer", "steps", "member_options", "batch_size",
@@ -316,6 +317,7 @@ class Ensemble(Detector):
         self._memo = {digest: row for row, digest in enumerate(digests)}
         self.input_shape = shape
         self.reference_fragility, self.fragile, self.stable = None, (None, 0.0, 1.0), (None, 0.0, 1.0)
+        self._steps = None
         if self.fragility == "class":
             started = time.perf_counter()
             self._fragility_detector = NoiseFragility(self.model, batch_size=self.batch_size, seed=self.seed,
@@ -334,17 +336,13 @@ class Ensemble(Detector):
         """Fused suspicion ``(N,)``, higher = more suspicious (module docstring)."""
         scores, predicted = self.member_scores(x, with_classes=True)
         fused = self.fuse(scores, predicted=predicted)
-        rules = [(sign, fired) for sign, (fired, _, _) in ((1, self.fragile), (-1, self.stable)) if fired is not None]
-        if not rules:
+        steps = self._placement_steps()
+        if not steps:
             return fused
-        reference = self.fuse(self.reference_scores, predicted=self.reference_predicted)
         fragility = self.fragility_scores(x)
-        for sign, fired in rules:  # the fragile class first, then the stable one on what it left
-            ref_fragility = sign * self.reference_fragility
-            fused = place_by_fragility(reference, ref_fragility, self.reference_predicted, fused, sign * fragility,
-                                       predicted, fired)
-            reference = place_by_fragility(reference, ref_fragility, self.reference_predicted, reference,
-                                           ref_fragility, self.reference_predicted, fired)
+        for sign, fired, reference in steps:
+            fused = place_by_fragility(reference, sign * self.reference_fragility, self.reference_predicted, fused,
+                                       sign * fragility, predicted, fired)
         return fused
 
     def fuse(self, member_scores: torch.Tensor, fusion: str | None = None, *,
@@ -450,6 +448,21 @@ class Ensemble(Detector):
             reference = fuse(self.reference_scores, self.reference_scores, fusion, selected=selected)
             self._factors[fusion] = concentration_of(reference, self.reference_predicted, self.num_classes)
         return self._factors[fusion]
+
+    def _placement_steps(self) -> list[tuple[int, int, torch.Tensor]]:
+        """``(sign, fired class, the fit data's fused scores it re-places against)`` per fired class test — the fragile
+        class first, then the stable one on what the first left — computed once per fit (and per fired classes)."""
+        key = (self.fragile[0], self.stable[0])
+        if self._steps is None or self._steps[0] != key:
+            steps, reference = [], self.fuse(self.reference_scores, predicted=self.reference_predicted)
+            for sign, fired in ((1, key[0]), (-1, key[1])):
+                if fired is not None:
+                    steps.append((sign, fired, reference))
+                    ref_fragility = sign * self.reference_fragility
+                    reference = place_by_fragility(reference, ref_fragility, self.reference_predicted, reference,
+                                                   ref_fragility, self.reference_predicted, fired)
+            self._steps = (key, steps)
+        return self._steps[1]
 
     def fragility_scores(self, x) -> torch.Tensor:
         """Noise fragility (N,) of ``x`` (:class:`~trojanguard.detect.NoiseFragility`): the fit data's from the fit,
