@@ -25,7 +25,8 @@ The typicality prefilter (``typical_layer``, on by default). The poison is a min
 where it is most of its class. So before the class fit, one class-agnostic robust fit (one location, the same
 MCD-style estimator and reweighting) runs on an earlier layer's pooled output — by default the layer at half
 the network's depth, where features describe texture and parts rather than classes — and the class statistics
-are fitted only on the samples it calls typical. A class with fewer typical members than a fit needs (a warning
+are fitted only on the samples it calls typical (decided in the leading principal directions:
+:func:`support_directions`). A class with fewer typical members than a fit needs (a warning
 names it: a class made mostly of globally atypical images is what poison that outnumbers its class looks like, but
 so is a class a trusted reference set describes well) is fitted on its more typical half, ranked by the same fit
 (``typical_fallback="half"``, default), or on all its members as without the prefilter (``"all"``). Why half: where
@@ -465,10 +466,43 @@ def _class_means(features: torch.Tensor, classes: torch.Tensor, num_classes: int
 def class_agnostic_fit(features: torch.Tensor, support_fraction: float = DEFAULT_SUPPORT_FRACTION, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One robust location and scatter for all of ``features`` (n, D) float64, ignoring classes (the typicality
-    prefilter's fit, and :class:`~trojanguard.detect.Typicality`'s): ``(location (D,), Σ, support)``."""
+    prefilter's fit, and :class:`~trojanguard.detect.Typicality`'s): ``(location (D,), Σ, support)``.
+
+    Who is typical (``support``) is decided in the leading principal directions (:func:`support_directions`);
+    location and Σ are then the support's plain mean and Ledoit-Wolf covariance in all D dimensions, so scores
+    keep every direction."""
     everyone = torch.zeros(len(features), dtype=torch.long)
-    location, scatter, support = robust_tied_fit(features, everyone, 1, support_fraction=support_fraction, seed=seed)
-    return location[0], scatter, support
+    centred = features - features.mean(0)
+    _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)
+    kept = support_directions(singular_values.square(), len(features), support_fraction)
+    _, _, support = robust_tied_fit(centred @ directions[:kept].T, everyone, 1, support_fraction=support_fraction,
+                                    seed=seed)
+    location = features[support].mean(0)
+    return location, ledoit_wolf(features[support] - location), support
+
+
+SUPPORT_VARIANCE = 0.99  # the leading principal directions that hold this share of the variance decide the support
+MCD_SAMPLES_PER_DIMENSION = 5  # MCD's usual n/p ≥ 5, applied to the h samples its covariance rests on
+
+
+def support_directions(variances: torch.Tensor, samples: int, support_fraction: float = DEFAULT_SUPPORT_FRACTION
+                       ) -> int:
+    """How many leading principal directions (``variances``: theirs, descending) the class-agnostic fit decides its
+    support in: the fewest that hold :data:`SUPPORT_VARIANCE` of the variance, and at most
+    ``⌈support_fraction · samples⌉ // MCD_SAMPLES_PER_DIMENSION`` (at least one).
+
+    Why. Mahalanobis distance weighs a direction by its inverse variance, so in the trailing directions — a per cent
+    of the variance among them — poison that one trigger makes alike sit *closer* to the centre than clean images,
+    and that outweighs their distance along the leading directions: the concentration steps then keep them (grey
+    SIG, measured in benchmarks/RESULTS.md, "Typicality's support in the leading principal directions"). The sample
+    cap keeps the covariance those steps estimate from h samples well-posed on small sets."""
+    total = float(variances.sum())
+    if total <= 0:
+        return 1
+    share = variances.cumsum(0) / total
+    by_variance = int((share < SUPPORT_VARIANCE).sum()) + 1
+    by_samples = math.ceil(support_fraction * samples) // MCD_SAMPLES_PER_DIMENSION
+    return max(1, min(by_variance, by_samples, len(variances)))
 
 
 def _squared_distances(features: torch.Tensor, locations: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
