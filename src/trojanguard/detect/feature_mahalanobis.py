@@ -25,8 +25,8 @@ The typicality prefilter (``typical_layer``, on by default). The poison is a min
 where it is most of its class. So before the class fit, one class-agnostic robust fit (one location, the same
 MCD-style estimator and reweighting) runs on an earlier layer's pooled output — by default the layer at half
 the network's depth, where features describe texture and parts rather than classes — and the class statistics
-are fitted only on the samples it calls typical (decided in the leading principal directions:
-:func:`support_directions`). A class with fewer typical members than a fit needs (a warning
+are fitted only on the samples it calls typical (in all directions and in the leading principal ones:
+:func:`class_agnostic_fit`). A class with fewer typical members than a fit needs (a warning
 names it: a class made mostly of globally atypical images is what poison that outnumbers its class looks like, but
 so is a class a trusted reference set describes well) is fitted on its more typical half, ranked by the same fit
 (``typical_fallback="half"``, default), or on all its members as without the prefilter (``"all"``). Why half: where
@@ -468,17 +468,24 @@ def class_agnostic_fit(features: torch.Tensor, support_fraction: float = DEFAULT
     """One robust location and scatter for all of ``features`` (n, D) float64, ignoring classes (the typicality
     prefilter's fit, and :class:`~trojanguard.detect.Typicality`'s): ``(location (D,), Σ, support)``.
 
-    Who is typical (``support``) is decided in the leading principal directions (:func:`support_directions`);
-    location and Σ are then the support's plain mean and Ledoit-Wolf covariance in all D dimensions, so scores
-    keep every direction."""
+    A sample is typical (``support``) when the robust fit calls it typical both in all D directions and in the
+    leading principal directions (:func:`support_directions`): each fit has a blind spot the other has not — images
+    a trigger makes alike hide in the trailing directions of the full fit; a small cluster apart only along a trailing
+    direction hides from the leading ones. Location and Σ are then the support's plain mean and Ledoit-Wolf
+    covariance in all D dimensions, so scores keep every direction."""
     everyone = torch.zeros(len(features), dtype=torch.long)
+    fit = lambda x: robust_tied_fit(x, everyone, 1, support_fraction=support_fraction, seed=seed)
+    location, scatter, support = fit(features)
     centred = features - features.mean(0)
     _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)
     kept = support_directions(singular_values.square(), len(features), support_fraction)
-    _, _, support = robust_tied_fit(centred @ directions[:kept].T, everyone, 1, support_fraction=support_fraction,
-                                    seed=seed)
-    location = features[support].mean(0)
-    return location, ledoit_wolf(features[support] - location), support
+    if kept >= features.shape[1]:
+        return location[0], scatter, support
+    both = support & fit(centred @ directions[:kept].T)[2]
+    if int(both.sum()) < 2:  # no common core: keep the full fit
+        return location[0], scatter, support
+    location = features[both].mean(0)
+    return location, ledoit_wolf(features[both] - location), both
 
 
 SUPPORT_VARIANCE = 0.99  # the leading principal directions that hold this share of the variance decide the support
