@@ -129,7 +129,8 @@ def test_the_support_is_decided_in_the_leading_principal_directions():
 def test_sig_poison_that_is_most_of_its_class_is_atypical_on_every_screened_draw(draw):
     """SIG's zoo model (clean-label: 22 of the target class's ~29 images in a 20 % draw), the screened draws as
     benchmarks/detect_families.py draws them. Deciding the support in all 64 dimensions called 12 and 15 of the 22
-    poison typical on these two draws (AUROC 0.73 / 0.57); in the leading principal directions, none (≥ 0.998)."""
+    poison typical on these two draws (AUROC 0.73 / 0.57); typical in both that and the leading-direction fit, none
+    (≥ 0.999)."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
     entry = get_backdoored_model(ZooConfig(attack="sig"), show_progress=False)

@@ -494,8 +494,8 @@ MCD_SAMPLES_PER_DIMENSION = 5  # MCD's usual n/p ≥ 5, applied to the h samples
 
 def support_directions(variances: torch.Tensor, samples: int, support_fraction: float = DEFAULT_SUPPORT_FRACTION
                        ) -> int:
-    """How many leading principal directions (``variances``: theirs, descending) the class-agnostic fit decides its
-    support in: the fewest that hold :data:`SUPPORT_VARIANCE` of the variance, and at most
+    """How many leading principal directions (``variances``: theirs, descending) the class-agnostic fit's second
+    robust fit runs in: the fewest that hold :data:`SUPPORT_VARIANCE` of the variance, and at most
     ``⌈support_fraction · samples⌉ // MCD_SAMPLES_PER_DIMENSION`` (at least one).
 
     Why. Mahalanobis distance weighs a direction by its inverse variance, so in the trailing directions — a per cent

@@ -4,9 +4,9 @@ Fit, on the screened (possibly poisoned) set itself: one robust location and sca
 MCD-style estimator of :class:`~trojanguard.detect.FeatureMahalanobis` with a single class, then its reweighting
 step), on the pooled output of a layer at half the network's depth by default — where features describe texture
 and parts rather than classes; a sample is typical only if typical both in all directions and in the leading
-principal directions (99 % of the variance, :func:`~trojanguard.detect.feature_mahalanobis.class_agnostic_fit`), where
-images made alike by one trigger cannot hide by being tight in the trailing ones. Score = the Mahalanobis distance (all directions) to that location:
-higher = less typical of the set = more suspicious.
+principal directions (99 % of the variance, :func:`~trojanguard.detect.feature_mahalanobis.class_agnostic_fit`),
+where images made alike by one trigger cannot hide by being tight in the trailing ones. Score = the Mahalanobis
+distance (all directions) to that location: higher = less typical of the set = more suspicious.
 
 Why class-agnostic. The class-conditional detectors (``features``, ``spectral``, ``clustering``) look for the poison
 inside the class it lands in, and a class whose majority is poison (a clean-label attack that poisons most of its
