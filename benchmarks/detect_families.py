@@ -4,7 +4,9 @@ the poisoned training set itself (no clean data), per zoo attack; plus FPR contr
 Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
 [--poison-rate 0.01] [--dataset colour_digits] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
 ``spectral`` and ``clustering`` fitted on the whole training set; ``--rescore features`` refits feature members on
-the results file's screened sets (its CD scores kept) after their fit changed; ``--lofo --lofo-with other.json ...``
+the results file's screened sets (its CD scores kept) after their fit changed; ``--labels`` gives the fit the
+screened set's training labels (the label probe's regime: a training set has them; the records say which members
+were fitted with them, ``labels_given``); ``--lofo --lofo-with other.json ...``
 pools other settings' results (another dataset or poison rate) into leave-one-family-out; ``--spread a.json b.json
 ...`` reports how much each family's AUROC moves between results files of the same setting on other screened draws
 (``--seed``), and the leave-one-family-out summary of each.
@@ -49,9 +51,11 @@ import torch
 
 from trojanguard.attacks import ATTACKS
 from trojanguard.detect.ensemble import (
+    CD_MODES,
     DEFAULT_MEMBERS,
     FEATURE_MEMBERS,
     FUSIONS,
+    LABELLED_MEMBERS,
     MEMBERS,
     RANK_FUSIONS,
     Ensemble,
@@ -69,6 +73,7 @@ DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the t
 # member sets evaluated with every fusion rule (besides each member alone)
 MEMBER_SETS = {
     "default": DEFAULT_MEMBERS,
+    "labelled default": LABELLED_MEMBERS,  # Ensemble's members when its fit is given the labels (--labels)
     "cd-p+features+clustering": ("cd-p", "features", "clustering"),  # the default until issue 15's sixteenth session
     "all": MEMBERS,
     "cd-p+features": ("cd-p", "features"),
@@ -114,6 +119,16 @@ def screened(attack: str, args):
     return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index], entry.train.is_cover[index]
 
 
+def screened_labels(entry, args) -> torch.Tensor | None:
+    """The screened set's training labels (the poison's are the target's) with ``--labels``, else None: what
+    ``Ensemble.fit`` is given (the label probe reads them; the feature members fit per label instead of per
+    predicted class)."""
+    if not args.labels:
+        return None
+    index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
+    return entry.train.dataset.y[index]
+
+
 def annotate(record: dict, args) -> None:
     """Add ``predicted`` (the model's classes of the screened set), ``cover`` (1 where the attack altered the image
     but kept its label) and, where the test split was scored, ``test_predicted`` to ``record`` (no member rerun)."""
@@ -130,11 +145,13 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
     """Refit ``members`` (feature members: one shared pass) on ``record``'s screened set and replace their scores in
     it, the other members' scores kept: a member whose fit changed is measured without rerunning CD."""
     if any(m in ("cd-p", "cd-l", "cd-f") for m in members):
-        raise SystemExit("--rescore: only one-pass members (features, spectral, clustering, typicality) are rescored")
+        raise SystemExit("--rescore: only one-pass members (features, spectral, clustering, typicality, probe) are "
+                         "rescored")
     entry, x, truth, _ = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--rescore: {record['attack']}: the screened set differs from the results file's")
-    ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(x)
+    ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(
+        x, screened_labels(entry, args))
     for k, m in enumerate(ensemble.members):
         record["scores"][m] = ensemble.reference_scores[:, k].tolist()
     record["predicted"] = ensemble.reference_predicted.tolist()  # this model's classes, as the rescored members'
@@ -146,6 +163,7 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
         record["test_predicted"] = predicted.tolist()
         record["test_fragility"] = ensemble.fragility_scores(entry.test.x).tolist()
     record.setdefault("rescored", {}).update({m: f"{ensemble.detectors[m]!r}" for m in members})
+    record.setdefault("labels_given", {}).update({m: bool(args.labels) for m in members})
     record["member_seconds"].update(ensemble.member_seconds)  # the rescored passes' times (this machine)
 
 
@@ -153,13 +171,14 @@ def run_attack(attack: str, args) -> dict:
     entry, x, truth, cover = screened(attack, args)
     ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
     started = time.perf_counter()
-    ensemble.fit(x)
+    ensemble.fit(x, screened_labels(entry, args))
     record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
               "cover": cover.int().tolist(), "predicted": ensemble.reference_predicted.tolist(),
               "clean_accuracy": entry.clean_accuracy, "attack_success_rate": entry.attack_success_rate,
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
               "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)},
-              "fragility": ensemble.reference_fragility.tolist()}
+              "fragility": ensemble.reference_fragility.tolist(),
+              "labels_given": {m: bool(args.labels) for m in ensemble.members}}
     if attack in args.fpr_attacks:
         test, predicted = ensemble.member_scores(entry.test.x, with_classes=True)
         record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(ensemble.members)}
@@ -402,7 +421,11 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
                    f"{sum(v >= 0.95 for v in held_untouched)}, mean {np.mean(held_untouched):.3f}); chosen on every "
                    f"implanted family: {overall}")
         if k == 0:
-            lines += [f"Leave one family out, {title} ({len(settings)} settings):", "",
+            given = {m: {bool(r.get("labels_given", {}).get(m, False)) for r in records} for m in scored}
+            regime = ", ".join(f"{m} {'yes' if v == {True} else 'no' if v == {False} else 'mixed'}"
+                               for m, v in given.items() if m not in CD_MODES)
+            lines += [(f"Leave one family out, {title} ({len(settings)} settings); fitted with the screened set's "
+                       f"labels: {regime}:"), "",
                       ("| held out | chosen | AUROC held out | vs untouched | robust rule FPR / TPR | best setting on "
                        "it | CD-L on it |"), "|---|---|---|---|---|---|---|", *rows, "", summary[0].upper() + summary[1:] + ": "
                       + ", ".join(f"{a} {table[overall][a]:.3f}" for a in attacks), "", "Other procedures:", ""]
@@ -495,6 +518,9 @@ def main() -> None:
                         help="results files of other settings that join leave-one-family-out (with --lofo)")
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
+    parser.add_argument("--labels", action="store_true",
+                        help="give Ensemble.fit the screened set's training labels (run and --rescore): the label "
+                        "probe reads them, the feature members fit per label (the record keeps labels_given)")
     parser.add_argument("--no-fragility", action="store_true",
                         help="report every row without the noise-fragile and noise-stable classes (Ensemble's "
                              "fragility='none')")

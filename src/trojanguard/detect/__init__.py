@@ -7,10 +7,11 @@ from trojanguard.detect.cognitive_distillation import CognitiveDistillation, Dis
 from trojanguard.detect.ensemble import Ensemble
 from trojanguard.detect.feature_mahalanobis import FeatureMahalanobis
 from trojanguard.detect.fragility import NoiseFragility
+from trojanguard.detect.label_probe import LabelProbe
 from trojanguard.detect.poisoncam import PoisonCAM
 from trojanguard.detect.spectral import SpectralSignature
 from trojanguard.detect.typicality import Typicality
 
 __all__ = ["ActivationClustering", "AmortizedCD", "CognitiveDistillation", "Detector", "DistillationResult", "Ensemble",
-           "FeatureMahalanobis", "NoiseFragility", "PoisonCAM",
+           "FeatureMahalanobis", "LabelProbe", "NoiseFragility", "PoisonCAM",
            "SpectralSignature", "Typicality"]

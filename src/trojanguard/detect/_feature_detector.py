@@ -28,6 +28,8 @@ from trojanguard.models.features import (
 )
 from trojanguard.progress import progress
 
+AUTO_LAYER = "auto"  # a detector's layer resolved on the first images it sees: the one at half the network's depth
+
 
 def image_digests(x: torch.Tensor) -> list[bytes]:
     """A 16-byte BLAKE2b digest of each image of ``x`` (N, C, H, W), by its float32 bytes: the same image read
@@ -86,7 +88,7 @@ class FeatureDetector(Detector):
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
         model = as_classifier(model).module
         check_positive_int("batch_size", batch_size)
-        if layer is not None:
+        if layer not in (None, AUTO_LAYER):
             module_by_name(model, layer)  # validates the name up front
         self.model, self.layer, self.batch_size, self.show_progress = model, layer, batch_size, show_progress
         self.input_shape: tuple[int, ...] | None = None
@@ -133,7 +135,13 @@ class FeatureDetector(Detector):
         """Logits and the layer's pooled features of every image of ``data`` (one forward pass); sets ``layer``
         to the layer used (the default one when it was None). ``digests``: also each image's content digest.
         ``typical_layer``: also that module's pooled output, in the same pass (``"auto"``: the layer at half the
-        network's depth, :func:`~trojanguard.models.features.middle_feature_layer`; none for a compiled model)."""
+        network's depth, :func:`~trojanguard.models.features.middle_feature_layer`; none for a compiled model).
+        A detector whose ``layer`` is ``"auto"`` resolves it here on ``data``'s first images, the same way."""
+        if self.layer == AUTO_LAYER:
+            first = next(iter(iter_image_batches(data, 2)), None)
+            if first is None:
+                raise DataError("data: no images to fit on")
+            self.layer = middle_feature_layer(self.model, first[0].to(model_device(self.model), torch.float32))
         tap = FeatureTap(self.model, self.layer)
         features, logits, shape, digest_list = [], [], None, [] if digests else None
         typical, handle, captured = [], None, []
@@ -166,8 +174,9 @@ class FeatureDetector(Detector):
                         torch.cat(typical) if typical else None, typical_layer)
 
     def _check_layer(self, features: Features) -> None:
-        """Adopt the layer of shared ``features`` (when none was chosen), or refuse features of another layer."""
-        if self.layer is None:
+        """Adopt the layer of shared ``features`` (when none was chosen, or ``"auto"``), or refuse features of
+        another layer."""
+        if self.layer in (None, AUTO_LAYER):
             self.layer = features.layer
         elif features.layer != self.layer:
             raise ValueError(f"features: expected features of layer {self.layer!r} (this detector's), got "

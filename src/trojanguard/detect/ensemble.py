@@ -2,10 +2,11 @@
 
 Members (:data:`MEMBERS`): Cognitive Distillation in its three modes (``cd-p``, ``cd-l``, ``cd-f``), the robust
 feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) and Activation Clustering
-(``clustering``), and the class-agnostic distance at a middle layer (``typicality``). The three feature members read
-one layer and share one forward pass (fit and score); ``typicality`` reads the middle layer — in that same pass when
-fitting beside ``features`` (whose typicality prefilter reads it too), in a pass of its own otherwise and when
-scoring new images; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD
+(``clustering``), the class-agnostic distance at a middle layer (``typicality``) and the label probe (``probe``: how
+readily a strongly regularised linear read-out of the middle layer predicts an image's label; it is the one member
+that reads the labels given to :meth:`Ensemble.fit`). The three feature members read one layer and share one forward
+pass (fit and score); ``typicality`` and ``probe`` read the middle layer — in that same pass when fitting beside
+``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD
 dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
@@ -84,7 +85,13 @@ from torch import nn
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
-from trojanguard.detect.fragility import NoiseFragility, fragile_class, place_by_fragility, stable_class
+from trojanguard.detect.fragility import (
+    STABLE_GATE,
+    NoiseFragility,
+    fragile_class,
+    place_by_fragility,
+    stable_class,
+)
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import FeatureTap, model_device, working_copy
@@ -92,9 +99,11 @@ from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one shared forward pass
-OWN_PASS_MEMBERS = ("typicality",)  # read another layer (the middle one): a scorer module of their own
+OWN_PASS_MEMBERS = ("typicality", "probe")  # read another layer (the middle one): a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
+LABELLED_MEMBERS = ("features", "probe")  # the same, where the fit is given the training labels
+AUTO = "auto"  # members / stable_gate chosen at fit: LABELLED_MEMBERS and no stable class with labels, else the above
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 CONCENTRATIONS = ("class", "none")  # module docstring; "class" chosen leave-one-family-out (benchmarks/RESULTS.md)
@@ -114,6 +123,8 @@ def _build_member(name: str, model: nn.Module, options: dict, show_progress: boo
         from trojanguard.detect.spectral import SpectralSignature as cls
     elif name == "typicality":
         from trojanguard.detect.typicality import Typicality as cls
+    elif name == "probe":
+        from trojanguard.detect.label_probe import LabelProbe as cls
     else:
         from trojanguard.detect.activation_clustering import ActivationClustering as cls
     return cls(model, **{"show_progress": show_progress, **options})
@@ -139,14 +150,18 @@ class Ensemble(Detector):
     Args:
         model: any ``nn.Module`` classifier taking ``(N, C, H, W)`` in [0, 1] and returning ``(N, K)`` logits;
             never modified.
-        members: names from :data:`MEMBERS` (a sequence, or a comma-separated string); default
-            :data:`DEFAULT_MEMBERS`.
+        members: names from :data:`MEMBERS` (a sequence, or a comma-separated string), or ``"auto"`` (default):
+            :data:`LABELLED_MEMBERS` when :meth:`fit` is given the images' labels, else :data:`DEFAULT_MEMBERS` (each
+            chosen leave one family out in its regime; ``members`` holds the choice after the fit).
         fusion: how members' scores are combined, one of :data:`FUSIONS` (module docstring).
         concentration: ``"class"`` (default) raises the fused tail of the predicted class that holds the fit data's
             outliers, ``"none"`` leaves the fused score as it is (:data:`CONCENTRATIONS`, module docstring).
         fragility: ``"class"`` (default) raises the noise-fragile images of a class where the fit data's fragile
             images gather, if one does; ``"none"`` skips the fragility pass (:data:`FRAGILITY_RULES`, module
             docstring).
+        stable_gate: the largest enrichment of its class at which the noise-stable class still fires (module
+            docstring); None: it never does. ``"auto"`` (default): none where the label probe reads labels (leave one
+            family out drops the stable class beside it), else :data:`~trojanguard.detect.fragility.STABLE_GATE`.
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
         steps: optimisation steps of the CD members.
@@ -166,11 +181,18 @@ class Ensemble(Detector):
 
     model_kind = Classifier
 
-    def __init__(self, model: nn.Module, *, members: str | Sequence[str] = DEFAULT_MEMBERS, fusion: str = "zscore",
-                 concentration: str = "class", fragility: str = "class", layer: str | None = None, steps: int = 100,
-                 member_options: dict | None = None, batch_size: int = 256, seed: int = 0, show_progress: bool = True):
+    def __init__(self, model: nn.Module, *, members: str | Sequence[str] = AUTO, fusion: str = "zscore",
+                 concentration: str = "class", fragility: str = "class", stable_gate: float | str | None = AUTO,
+                 layer: str | None = None, steps: int = 100, member_options: dict | None = None, batch_size: int = 256,
+                 seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
-        self.members = parse_members(members)
+        self.auto_members = isinstance(members, str) and members.strip() == AUTO
+        self.members = DEFAULT_MEMBERS if self.auto_members else parse_members(members)
+        if not (stable_gate is None or stable_gate == AUTO or (
+                isinstance(stable_gate, (int, float)) and not isinstance(stable_gate, bool) and stable_gate >= 0)):
+            raise ValueError(f"stable_gate: expected a number ≥ 0, None or 'auto', got {stable_gate!r}")
+        self.stable_gate = stable_gate
+        candidates = tuple(dict.fromkeys((*DEFAULT_MEMBERS, *LABELLED_MEMBERS))) if self.auto_members else self.members
         check_choice("fusion", fusion, FUSIONS)
         check_choice("concentration", concentration, CONCENTRATIONS)
         check_choice("fragility", fragility, FRAGILITY_RULES)
@@ -178,13 +200,13 @@ class Ensemble(Detector):
         check_positive_int("batch_size", batch_size)
         member_options = dict(member_options or {})
         for name in member_options:
-            if name not in self.members:
-                raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(self.members)}")
+            if name not in candidates:
+                raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(candidates)}")
         self.model, self.fusion, self.concentration, self.layer, self.steps = model, fusion, concentration, layer, steps
         self.member_options, self.batch_size, self.seed = member_options, batch_size, seed
         self.fragility, self.show_progress = fragility, show_progress
         self.detectors: dict[str, Detector] = {}
-        for name in self.members:
+        for name in candidates:
             options = {"batch_size": batch_size, "seed": seed, **member_options.get(name, {})}
             if name in CD_MODES:
                 options = {"steps": steps, **options}
@@ -193,7 +215,7 @@ class Ensemble(Detector):
             elif name in FEATURE_MEMBERS:
                 options = {"layer": layer, **options}
             self.detectors[name] = _build_member(name, model, options, show_progress)
-        layers = {self.detectors[n].layer for n in self.members if n in FEATURE_MEMBERS}
+        layers = {self.detectors[n].layer for n in candidates if n in FEATURE_MEMBERS}
         if len(layers) > 1:
             raise ValueError(f"member_options: the feature members share one forward pass, so they need one layer; "
                              f"got {sorted(map(str, layers))}")
@@ -215,15 +237,27 @@ class Ensemble(Detector):
         self.fragile: tuple[int | None, float, float] = (None, 0.0, 1.0)
         self.stable: tuple[int | None, float, float] = (None, 0.0, 1.0)
         self._steps: tuple[tuple, list] | None = None  # _placement_steps' cache: (fired classes, steps)
+        self._probe_reads_labels = False  # whether the last fit gave the label probe labels (fitted_stable_gate)
 
     def __repr__(self) -> str:
-        keys = ("members", "fusion", "concentration", "fragility", "layer", "steps", "member_options", "batch_size",
-                "seed")
-        return f"Ensemble({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "layer", "steps", "member_options",
+                "batch_size", "seed")
+        shown = {k: getattr(self, k) for k in keys}
+        if self.auto_members and not self.fitted:
+            shown["members"] = AUTO
+        return f"Ensemble({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def fitted(self) -> bool:
         return self.reference_scores is not None
+
+    @property
+    def fitted_stable_gate(self) -> float | None:
+        """The noise-stable class's gate of the (last) fit: ``stable_gate`` resolved (``"auto"``: None where the label
+        probe reads labels, else :data:`~trojanguard.detect.fragility.STABLE_GATE`)."""
+        if self.stable_gate != AUTO:
+            return self.stable_gate
+        return None if self._probe_reads_labels else STABLE_GATE
 
     @property
     def feature_members(self) -> tuple[str, ...]:
@@ -240,11 +274,18 @@ class Ensemble(Detector):
     # ------------------------------------------------------------------------------------------ public API
     def fit(self, data, labels: torch.Tensor | None = None, *, checkpoint: str | Path | None = None) -> Ensemble:
         """Fit the fitted members on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) —
-        the screened set itself, or trusted reference data — and score it with every member; ``labels`` (N,) if
-        known (feature members), else the model's predictions. ``checkpoint``: a file the CD members' scores are
-        appended to as they are computed; a fit given the same file again distils only the images it does not hold
-        (:class:`FitCheckpoint`). Returns ``self``."""
+        the screened set itself, or trusted reference data — and score it with every member. ``labels`` (N,): the
+        images' training labels if known; they choose the ``"auto"`` members and are read by the label probe
+        (``probe``) alone: the other members fit per predicted class, the model's view of the data, as the defaults
+        were chosen (fitting ``features`` per label instead lost colour digits' adaptive blend, 0.96 → 0.90;
+        ``benchmarks/RESULTS.md``). ``checkpoint``: a file the CD members' scores are appended to as they are
+        computed; a fit given the same file again distils only the images it does not hold (:class:`FitCheckpoint`).
+        Returns ``self``."""
         import time
+
+        if self.auto_members:
+            self.members = LABELLED_MEMBERS if labels is not None else DEFAULT_MEMBERS
+        self._probe_reads_labels = labels is not None and "probe" in self.members
 
         columns: dict[str, torch.Tensor] = {}
         self.member_seconds = {}
@@ -260,7 +301,7 @@ class Ensemble(Detector):
             digests, shape = shared.digests, shared.shape
             for name in self.feature_members:
                 member = self.detectors[name]
-                member.fit_features(shared, labels)
+                member.fit_features(shared, labels if getattr(member, "READS_LABELS", False) else None)
             self._heads = _SharedFeatures(self.model, shared.layer,
                                           [self.detectors[n].as_module() for n in self.feature_members])
             scores = self._heads.head_scores(shared.logits, shared.features.float())
@@ -283,9 +324,11 @@ class Ensemble(Detector):
                 features = Features(shared.typical, shared.logits, shared.typical_layer, shared.shape)
             else:
                 features = member.extract_features(data, f"ensemble {name}")
-            member.fit_features(features, labels)
+            member.fit_features(features, labels if getattr(member, "READS_LABELS", False) else None)
             self._own_pass[name] = member.as_module()
-            columns[name] = self._own_pass[name].head(features.logits, features.features.float())
+            fit_scores = getattr(member, "fit_scores", None)  # the label probe's out-of-fold scores of its fit set
+            columns[name] = (fit_scores.float() if fit_scores is not None
+                             else self._own_pass[name].head(features.logits, features.features.float()))
             logits = features.logits if logits is None else logits
             self.member_seconds[name] = time.perf_counter() - started
         log = None
@@ -328,7 +371,10 @@ class Ensemble(Detector):
                                 "that reads the same images every time it is iterated")
             self.reference_fragility = fragility
             self.fragile = fragile_class(fragility, self.reference_predicted, self._num_classes)
-            self.stable = stable_class(fragility, self.reference_predicted, self._concentration_of(self.fusion)[1])
+            gate = self.fitted_stable_gate
+            if gate is not None:
+                self.stable = stable_class(fragility, self.reference_predicted, self._concentration_of(self.fusion)[1],
+                                           gate=gate)
             self.member_seconds["fragility"] = time.perf_counter() - started
         return self
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import FeatureDetector, Features
 from trojanguard.detect.feature_mahalanobis import (
     DEFAULT_SUPPORT_FRACTION,
@@ -33,7 +32,7 @@ from trojanguard.detect.feature_mahalanobis import (
     whitening_matrix,
 )
 from trojanguard.errors import DataError
-from trojanguard.models.features import FeatureTap, middle_feature_layer, model_device
+from trojanguard.models.features import FeatureTap
 
 MIN_SAMPLES = 4  # a robust location (half the set) of at least two samples, and a spread around it
 
@@ -63,9 +62,7 @@ class Typicality(FeatureDetector):
                  show_progress: bool = True):
         if not 0.5 <= support_fraction < 1:
             raise ValueError(f"support_fraction: expected a fraction in [0.5, 1), got {support_fraction}")
-        super().__init__(model, layer=None if layer == "auto" else layer, batch_size=batch_size,
-                         show_progress=show_progress)
-        self.layer = layer  # "auto" is resolved on the first images the detector sees
+        super().__init__(model, layer=layer, batch_size=batch_size, show_progress=show_progress)
         self.support_fraction, self.seed = support_fraction, seed
         self.location: torch.Tensor | None = None
         self.covariance: torch.Tensor | None = None
@@ -79,21 +76,9 @@ class Typicality(FeatureDetector):
     def fitted(self) -> bool:
         return self.location is not None
 
-    def extract_features(self, data, description: str = "reference features", *, digests: bool = False,
-                         typical_layer: str | None = None) -> Features:
-        """As :meth:`FeatureDetector.extract_features`, with ``layer="auto"`` resolved on ``data``'s first images."""
-        if self.layer == "auto":
-            first = next(iter(iter_image_batches(data, 2)), None)
-            if first is None:
-                raise DataError("data: no images to fit on")
-            self.layer = middle_feature_layer(self.model, first[0].to(model_device(self.model), torch.float32))
-        return super().extract_features(data, description, digests=digests, typical_layer=typical_layer)
-
     def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> Typicality:
         """:meth:`fit` on features already extracted at this detector's layer; ``labels`` are not used (the fit is
         class-agnostic) and accepted for the common interface."""
-        if self.layer == "auto":
-            self.layer = features.layer
         self._check_layer(features)
         if len(features.features) < MIN_SAMPLES:
             raise DataError(f"data: expected at least {MIN_SAMPLES} images to fit typicality on, got "
