@@ -97,9 +97,17 @@ def test_two_classes_and_a_class_the_fit_never_saw(model):
     assert (unseen <= -29.9).all()  # an image of a class the probe never saw is not easy for it
 
 
+def training_labels(model, x: torch.Tensor, relabelled: int = 6) -> torch.Tensor:
+    """The model's classes of ``x`` with the first ``relabelled`` moved to the next class: labels a model fits."""
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    labels[:relabelled] = (labels[:relabelled] + 1) % CLASSES
+    return labels
+
+
 def test_fit_on_images_reads_the_middle_layer_and_score_uses_the_module(model):
     x = random_images(60, seed=3)
-    labels = torch.arange(60) % CLASSES
+    labels = training_labels(model, x)
     probe = LabelProbe(model, show_progress=False).fit(x, labels)
     assert probe.layer not in (None, "auto") and probe.input_shape == (3, 16, 16)
     scores = probe.score(x)
@@ -112,7 +120,7 @@ def test_the_ensemble_chooses_its_members_by_whether_labels_are_given(model):
     """``members="auto"``: with labels the label probe and ``features``, no noise-stable class, the probe's
     reference column its out-of-fold scores; without labels the label-free default and its stable gate."""
     x, new = random_images(60, seed=6), random_images(8, seed=7)
-    labels = torch.arange(60) % CLASSES
+    labels = training_labels(model, x)
     labelled = Ensemble(model, show_progress=False)
     assert "'auto'" in repr(labelled)
     labelled.fit(x, labels)
@@ -137,6 +145,8 @@ def test_bad_inputs_name_the_argument(model):
     with pytest.raises(ValueError, match="^folds:"):
         LabelProbe(model, folds=1)
     x = random_images(12, seed=8)
+    with pytest.raises(DataError, match="^labels: expected the images' training labels in the model's class order"):
+        LabelProbe(model, show_progress=False).fit(x, (training_labels(model, x, 0) + 1) % CLASSES)
     with pytest.raises(DataError, match="^labels: expected images of at least two classes"):
         LabelProbe(model, show_progress=False).fit(x, torch.zeros(12, dtype=torch.long))
     with pytest.raises(DataError, match=r"^labels: expected shape \(12,\)"):
@@ -167,3 +177,56 @@ def test_the_labelled_ensemble_finds_colour_digits_adaptive_patch_where_the_labe
     label_free = auroc(truth, Ensemble(entry.model, show_progress=False).fit(x).score(x))
     print(f"colour adaptive patch: with labels {labelled:.3f}, without {label_free:.3f}")
     assert labelled >= 0.93 and labelled >= label_free + 0.05
+
+
+def test_screen_gives_the_ensemble_the_labels_of_a_labelled_source(tmp_path, model):
+    """A tensor source with labels: the default ensemble is fitted with them (features + probe), as
+    ``Ensemble().fit(x, labels)``; without labels, the label-free default; labels in another class order than the
+    model's: screened without them, and the summary says why."""
+    from trojanguard.data import ImageDataset
+    from trojanguard.screening import screen
+
+    images = random_images(48, seed=9)
+    labels = training_labels(model, images)
+    labelled = screen(model, ImageDataset(images, labels), out_dir=tmp_path / "a", calibration=None, report=False,
+                      show_progress=False)
+    assert labelled.summary["fit"]["members"] == list(LABELLED_MEMBERS) and labelled.summary["fit"]["labels_read"]
+    expected = Ensemble(model, batch_size=64, show_progress=False).fit(images, labels).score(images)
+    assert torch.allclose(torch.as_tensor(labelled.scores).float(), expected, atol=1e-6)
+    plain = screen(model, images, out_dir=tmp_path / "b", calibration=None, report=False, show_progress=False)
+    assert plain.summary["fit"]["members"] == list(DEFAULT_MEMBERS) and not plain.summary["fit"]["labels_read"]
+    shuffled = screen(model, ImageDataset(images, (labels + 1) % CLASSES), out_dir=tmp_path / "c", calibration=None,
+                      report=False, show_progress=False)
+    assert not shuffled.summary["fit"]["labels_read"]
+    assert any("screened without the labels" in w for w in shuffled.summary["fit"]["warnings"])
+    assert torch.allclose(torch.as_tensor(shuffled.scores), torch.as_tensor(plain.scores))
+
+
+def test_screen_aligns_a_folders_labels_with_the_images_it_could_read(tmp_path, model):
+    """Class folders with an unreadable file: the fit's labels are those of the images read, in order. Here no image
+    is of the model's class 1, so the folders' indices (0, 1, 2 for class0, class2, class3) are not the model's
+    classes: screened without them, and the summary says so."""
+    from PIL import Image
+
+    from trojanguard.screening import screen
+    from trojanguard.screening.sources import FolderSource, SourceImages
+
+    images = random_images(40, seed=10)
+    labels = training_labels(model, images, relabelled=3)
+    root = tmp_path / "imgs"
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+    first = sorted(root.iterdir())[0]
+    (first / "000_broken.png").write_bytes(b"not a png")
+    source = FolderSource(root, size=16)
+    read = SourceImages(source, batch_size=8)
+    assert len(list(read)) == 40 and len(read.positions) == 40 and 0 not in read.positions  # the broken file first
+    assert read.labels_read().tolist() == [source.entries[p][1] for p in read.positions]  # the folders' indices
+    assert [p.name for p in sorted(root.iterdir())] == ["class0", "class2", "class3"]
+    result = screen(model, root, out_dir=tmp_path / "out", calibration=None, image_size=16, report=False,
+                    show_progress=False)
+    assert not result.summary["fit"]["labels_read"] and result.summary["fit"]["members"] == list(DEFAULT_MEMBERS)
+    assert any("in the model's class order" in w for w in result.summary["fit"]["warnings"])
+    assert result.summary["unreadable"] == 1

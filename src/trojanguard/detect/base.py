@@ -26,6 +26,11 @@ class SampleSizeWarning(UserWarning):
     """A fit or calibration ran on fewer samples than its estimate needs to be reliable (the message says why)."""
 
 
+class LabelWarning(UserWarning):
+    """The labels given with the data cannot be used (e.g. they are not in the model's class order), so a detector
+    ran without them; the message says why."""
+
+
 @runtime_checkable
 class Scores(Protocol):
     """Anything ``screen`` can run: ``score(x) -> (N,)``, higher = more suspicious."""

@@ -252,6 +252,11 @@ class Ensemble(Detector):
         return self.reference_scores is not None
 
     @property
+    def probe_read_labels(self) -> bool:
+        """Whether the (last) fit gave the label probe the images' labels."""
+        return self._probe_reads_labels
+
+    @property
     def fitted_stable_gate(self) -> float | None:
         """The noise-stable class's gate of the (last) fit: ``stable_gate`` resolved (``"auto"``: None where the label
         probe reads labels, else :data:`~trojanguard.detect.fragility.STABLE_GATE`)."""
@@ -272,15 +277,17 @@ class Ensemble(Detector):
         return tuple(n for n in self.members if n in CD_MODES)
 
     # ------------------------------------------------------------------------------------------ public API
-    def fit(self, data, labels: torch.Tensor | None = None, *, checkpoint: str | Path | None = None) -> Ensemble:
+    def fit(self, data, labels: torch.Tensor | Callable[[], torch.Tensor | None] | None = None, *,
+            checkpoint: str | Path | None = None) -> Ensemble:
         """Fit the fitted members on ``data`` (tensor, ImageDataset, Dataset, DataLoader of images in [0, 1]) —
         the screened set itself, or trusted reference data — and score it with every member. ``labels`` (N,): the
         images' training labels if known; they choose the ``"auto"`` members and are read by the label probe
         (``probe``) alone: the other members fit per predicted class, the model's view of the data, as the defaults
         were chosen (fitting ``features`` per label instead lost colour digits' adaptive blend, 0.96 → 0.90;
-        ``benchmarks/RESULTS.md``). ``checkpoint``: a file the CD members' scores are appended to as they are
-        computed; a fit given the same file again distils only the images it does not hold (:class:`FitCheckpoint`).
-        Returns ``self``."""
+        ``benchmarks/RESULTS.md``). ``labels`` may also be a function that gives them after the fit's first pass
+        over ``data`` (a streamed source whose unreadable images are known only once read). ``checkpoint``: a file
+        the CD members' scores are appended to as they are computed; a fit given the same file again distils only
+        the images it does not hold (:class:`FitCheckpoint`). Returns ``self``."""
         import time
 
         if self.auto_members:
@@ -316,6 +323,8 @@ class Ensemble(Detector):
                     parts.append(self._logits(xb))
             logits = torch.cat(parts) if parts else None
         self.member_seconds["feature pass"] = time.perf_counter() - started
+        if callable(labels):  # after the first pass: only the own-pass label probe reads them
+            labels = labels()
         for name in self.own_pass_members:
             started = time.perf_counter()
             member = self.detectors[name]

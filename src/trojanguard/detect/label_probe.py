@@ -37,6 +37,7 @@ from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.features import FeatureTap
 
 DEFAULT_REGULARIZATION = 1e-3  # scikit-learn's C (inverse L2 strength) on standardised features; RESULTS.md
+MIN_LABEL_AGREEMENT = 0.5  # a model fits its training labels far above this; below it, labels are not its classes
 ABSENT_CLASS_LOG_PROBABILITY = -30.0  # a class the probe never saw: its images are not easy for it
 STD_FLOOR = 1e-12  # a feature constant over the fit set is standardised by this (and so stays 0)
 
@@ -136,6 +137,11 @@ class LabelProbe(FeatureDetector):
         if len(np.unique(classes)) < 2:
             raise DataError(f"labels: expected images of at least two classes to fit a label probe, got only class "
                             f"{int(classes[0]) if len(classes) else 'none'} ({len(classes)} images)")
+        agreement = float((classes == features.predicted.numpy()).mean())
+        if labels is not None and agreement < MIN_LABEL_AGREEMENT:
+            raise DataError(f"labels: expected the images' training labels in the model's class order; they agree "
+                            f"with its predictions on {agreement:.0%} of the {len(classes)} images (class folders "
+                            "sorted in another order than the model's classes?)")
         values = features.features.double().numpy()
         mean = values.mean(0)
         scale = np.maximum(values.std(0), STD_FLOOR)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trojanguard.detect.base import Explains, SampleSizeWarning
+from trojanguard.detect.base import Explains, LabelWarning, SampleSizeWarning
 from trojanguard.detect.ensemble import CHECKPOINT_MAGIC
 from trojanguard.errors import DataError, check_choice, check_positive_int
 from trojanguard.models.io import check_finite_weights, model_sha256
@@ -376,8 +376,9 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
         description = fit_data.description
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always", SampleSizeWarning)
+            warnings.simplefilter("always", LabelWarning)
             scorer.prepare(SourceImages(fit_data, batch_size, limit=FIT_MAX_SAMPLES))
-        caught = [str(r.message) for r in records if issubclass(r.category, SampleSizeWarning)]
+        caught = [str(r.message) for r in records if issubclass(r.category, (SampleSizeWarning, LabelWarning))]
     detector = scorer.detector
     messages = list(dict.fromkeys(caught + list(getattr(detector, "fit_warnings", []) or [])))
     counts = getattr(detector, "class_counts", None)
@@ -385,6 +386,9 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
             "class_counts": None if counts is None else [int(c) for c in counts],
             "warnings": messages,
             "self_fit_supported": (not messages) if on == "screened data" else None}
+    if hasattr(detector, "auto_members"):  # the ensemble: which members the fit chose, and whether labels were read
+        info["members"] = list(detector.members)
+        info["labels_read"] = detector.probe_read_labels
     if getattr(detector, "reference_fragility", None) is not None:  # the ensemble's class tests (detect/fragility.py)
         for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
             fired, share, p = getattr(detector, attribute)

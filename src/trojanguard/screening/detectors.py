@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trojanguard.detect.base import Detector, Fitted, OnePass, Scores
-from trojanguard.errors import TrojanGuardError
+from trojanguard.detect.base import Detector, Fitted, LabelWarning, OnePass, Scores
+from trojanguard.errors import DataError, TrojanGuardError
 from trojanguard.models.adapters import Classifier, as_classifier
 from trojanguard.models.features import model_device, working_copy
 
@@ -136,8 +137,8 @@ class OnePassScorer(BatchScorer):
 
 
 class EnsembleScorer(BatchScorer):
-    """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data, whose scores it keeps, so
-    the batches of the screened data cost no second pass; the report's grid shows its CD member's masks (when it has
+    """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data (with its labels, where the
+    source has one for every sample), whose scores it keeps, so the batches of the screened data cost no second pass; the report's grid shows its CD member's masks (when it has
     one: the default members have none). With a
     ``work_dir`` (screen's output folder) the fit's CD scores go to ``FIT_CHECKPOINT`` there as they are computed,
     so a killed run resumes its fit instead of distilling everything again."""
@@ -145,7 +146,18 @@ class EnsembleScorer(BatchScorer):
     def prepare(self, reference) -> None:
         if self.needs_reference:
             checkpoint = None if self.work_dir is None else self.work_dir / FIT_CHECKPOINT
-            self.detector.fit(reference, checkpoint=checkpoint)
+            # a source with a label for every sample (class folders, given labels) gives the fit its labels: the
+            # ensemble's "auto" members are then the label probe's (detect/ensemble.py)
+            labels = getattr(reference, "labels_read", None)
+            known = labels is not None and reference.source.integer_labels() is not None
+            try:
+                self.detector.fit(reference, labels if known else None, checkpoint=checkpoint)
+            except DataError as error:
+                if not (known and str(error).startswith("labels:")):
+                    raise
+                # labels that are not the model's classes (a folder order of its own): screen without them
+                warnings.warn(f"{error}; screened without the labels", LabelWarning, stacklevel=2)
+                self.detector.fit(reference, None, checkpoint=checkpoint)
 
     def explain(self, x: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
         """``masks`` and ``patterns`` of the ensemble's first CD member for samples ``indices`` (images ``x``)."""

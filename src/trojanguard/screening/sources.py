@@ -79,6 +79,10 @@ class ImageSource:
     def fingerprint(self) -> dict:
         raise NotImplementedError
 
+    def integer_labels(self) -> torch.Tensor | None:
+        """Every sample's label as a class index ``(N,)``, or None where the source has none (or not for all)."""
+        return None
+
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None):
         """Yield consecutive :class:`Batch` es of ``batch_size`` samples from ``start`` to ``stop`` (the end)."""
         check_positive_int("batch_size", batch_size)
@@ -130,6 +134,9 @@ class TensorSource(ImageSource):
             labels = [_label_text(int(v), self.class_names) for v in self.labels[start:stop]]
         return Batch(start, self.x[start:stop].float(), [str(i) for i in range(start, stop)], labels)
 
+    def integer_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.as_tensor(self.labels).long()
+
     def fingerprint(self) -> dict:
         if self._fingerprint is None:  # hashing is a pass over the bytes: once
             digest = hashlib.sha256()
@@ -174,6 +181,11 @@ class FolderSource(ImageSource):
             except Exception as exc:  # noqa: BLE001 — corrupt, truncated, unsupported, vanished: recorded per row
                 errors[position] = f"unreadable image: {type(exc).__name__}: {exc}"
         return Batch(start, x, ids, labels, errors)
+
+    def integer_labels(self) -> torch.Tensor | None:
+        """The class sub-folders' indices (sorted names), when every file is in one."""
+        labels = torch.tensor([label for _, label in self.entries], dtype=torch.long)
+        return labels if len(labels) and bool((labels >= 0).all()) else None
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256()
@@ -281,6 +293,9 @@ class NpzSource(ImageSource):
         labels = [""] * count if self.labels is None else [str(int(v)) for v in self.labels[start:stop]]
         return Batch(start, x.contiguous(), [str(i) for i in range(start, stop)], labels)
 
+    def integer_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.from_numpy(np.asarray(self.labels, dtype=np.int64))
+
     def fingerprint(self) -> dict:
         info = self._zip.getinfo(self._member)  # the zip's CRC-32 of the array's bytes: a content check for free
         labels = None if self.labels is None else hashlib.sha256(self.labels.tobytes()).hexdigest()
@@ -294,13 +309,21 @@ class NpzSource(ImageSource):
 class SourceImages(IterableDataset):
     """A source as a PyTorch ``IterableDataset`` of ``(C, H, W)`` images (unreadable ones skipped), read a batch at
     a time — for APIs that take a Dataset (a detector's ``fit`` or ``calibrate``). With ``limit``, at most that
-    many samples, evenly spaced over the source."""
+    many samples, evenly spaced over the source. ``positions`` lists the samples the last pass yielded, in order
+    (unreadable ones are skipped), so :meth:`labels_read` gives their labels."""
 
     def __init__(self, source: ImageSource, batch_size: int = 64, limit: int | None = None):
         self.source, self.batch_size, self.limit = source, batch_size, limit
+        self.positions: list[int] = []
+
+    def labels_read(self) -> torch.Tensor | None:
+        """The source's class indices of the samples the last complete pass yielded, or None without labels."""
+        labels = self.source.integer_labels()
+        return None if labels is None else labels[torch.tensor(self.positions, dtype=torch.long)]
 
     def __iter__(self):
         n, read, failures = len(self.source), 0, []
+        self.positions = []
         if self.limit is None or n <= self.limit:
             batches = self.source.batches(self.batch_size)
         else:
@@ -310,6 +333,7 @@ class SourceImages(IterableDataset):
             for position, (image, ok) in enumerate(zip(batch.x, batch.readable.tolist())):
                 if ok:
                     read += 1
+                    self.positions.append(batch.start + position)
                     yield image
                 else:
                     failures.append((batch.ids[position], batch.errors[position]))
