@@ -218,7 +218,7 @@ def test_screen_aligns_a_folders_labels_with_the_images_it_could_read(tmp_path, 
         folder = root / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
-    first = sorted(root.iterdir())[0]
+    first = min(root.iterdir())
     (first / "000_broken.png").write_bytes(b"not a png")
     source = FolderSource(root, size=16)
     read = SourceImages(source, batch_size=8)
