@@ -6,8 +6,8 @@ feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) 
 readily a strongly regularised linear read-out of the middle layer predicts an image's label; it is the one member
 that reads the labels given to :meth:`Ensemble.fit`). The three feature members read one layer and share one forward
 pass (fit and score); ``typicality`` and ``probe`` read the middle layer — in that same pass when fitting beside
-``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD
-dominates the cost.
+``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images;
+each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -285,9 +285,10 @@ class Ensemble(Detector):
         (``probe``) alone: the other members fit per predicted class, the model's view of the data, as the defaults
         were chosen (fitting ``features`` per label instead lost colour digits' adaptive blend, 0.96 → 0.90;
         ``benchmarks/RESULTS.md``). ``labels`` may also be a function that gives them after the fit's first pass
-        over ``data`` (a streamed source whose unreadable images are known only once read). ``checkpoint``: a file
-        the CD members' scores are appended to as they are computed; a fit given the same file again distils only
-        the images it does not hold (:class:`FitCheckpoint`). Returns ``self``."""
+        over ``data`` (a streamed source whose unreadable images are known only once read); a function counts as
+        labels given when the ``"auto"`` members are chosen. ``checkpoint``: a file the CD members' scores are
+        appended to as they are computed; a fit given the same file again distils only the images it does not hold
+        (:class:`FitCheckpoint`). Returns ``self``."""
         import time
 
         if self.auto_members:

@@ -10,11 +10,12 @@ Why easy is suspicious. A trigger is one simple pattern that the poison share an
 else the image shows, so a read-out that may only use the strongest, most shared directions of the features — a
 heavily penalised linear one — picks it up first and is surer of the poison's label than of clean images' labels,
 which it must infer from the variable content of a digit, a face or a scene. (Poisoned samples are learned faster
-than clean ones, Li et al., NeurIPS 2021, "Anti-Backdoor Learning"; the strongly regularised probe is our label-free
-stand-in for "early in training".) With the labels it also reads what no feature-space distance does: the adaptive
+than clean ones, Li et al., NeurIPS 2021, "Anti-Backdoor Learning"; the strongly regularised probe is our stand-in
+for "early in training", with no training of the model.) With the labels it also reads what no feature-space distance does: the adaptive
 attacks' poison (a low-opacity or split trigger, relabelled) and their cover samples (the same trigger, true labels)
 sit together in feature space, but only the poison's labels agree with the trigger. Without labels (the model's
-predictions instead) that reading is lost and the probe is much weaker (``benchmarks/RESULTS.md``, "Label probe").
+predictions instead) that reading is lost and the probe is much weaker (``benchmarks/RESULTS.md``, "The label
+probe").
 
 What it misses: at a low poison rate the trigger is too rare a cue for a penalised read-out, and the poison become
 the *hard* images (labels that disagree with their content): on 1 % poison the probe alone inverts; it is a member to

@@ -138,8 +138,8 @@ class OnePassScorer(BatchScorer):
 
 class EnsembleScorer(BatchScorer):
     """The ensemble (:class:`~trojanguard.detect.Ensemble`): fitted on the screened data (with its labels, where the
-    source has one for every sample), whose scores it keeps, so the batches of the screened data cost no second pass; the report's grid shows its CD member's masks (when it has
-    one: the default members have none). With a
+    source has one for every sample), whose scores it keeps, so the batches of the screened data cost no second pass;
+    the report's grid shows its CD member's masks (when it has one: the default members have none). With a
     ``work_dir`` (screen's output folder) the fit's CD scores go to ``FIT_CHECKPOINT`` there as they are computed,
     so a killed run resumes its fit instead of distilling everything again."""
 
