@@ -84,6 +84,7 @@ class FeatureDetector(Detector):
     SCORE_DESCRIPTION = "scoring"
     model_kind = Classifier  # the kind of model the detector needs: logits, and a layer's features
     typical_layer: str | None = None  # a second layer the fit reads (FeatureMahalanobis's typicality prefilter)
+    READS_LABELS = False  # whether an Ensemble gives this member its fit's labels (only the label probe's: True)
 
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
         model = as_classifier(model).module

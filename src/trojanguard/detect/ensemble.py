@@ -309,7 +309,7 @@ class Ensemble(Detector):
             digests, shape = shared.digests, shared.shape
             for name in self.feature_members:
                 member = self.detectors[name]
-                member.fit_features(shared, labels if getattr(member, "READS_LABELS", False) else None)
+                member.fit_features(shared, labels if member.READS_LABELS else None)
             self._heads = _SharedFeatures(self.model, shared.layer,
                                           [self.detectors[n].as_module() for n in self.feature_members])
             scores = self._heads.head_scores(shared.logits, shared.features.float())
@@ -334,7 +334,7 @@ class Ensemble(Detector):
                 features = Features(shared.typical, shared.logits, shared.typical_layer, shared.shape)
             else:
                 features = member.extract_features(data, f"ensemble {name}")
-            member.fit_features(features, labels if getattr(member, "READS_LABELS", False) else None)
+            member.fit_features(features, labels if member.READS_LABELS else None)
             self._own_pass[name] = member.as_module()
             fit_scores = getattr(member, "fit_scores", None)  # the label probe's out-of-fold scores of its fit set
             columns[name] = (fit_scores.float() if fit_scores is not None

@@ -104,7 +104,7 @@ class LabelProbe(FeatureDetector):
 
     FIT_CALL = "fit(data, labels)"
     SCORE_DESCRIPTION = "label probe"
-    READS_LABELS = True  # Ensemble.fit gives the labels to this member only
+    READS_LABELS = True  # Ensemble.fit gives the labels to this member only (FeatureDetector: False)
 
     def __init__(self, model: nn.Module, *, layer: str | None = AUTO_LAYER,
                  regularization: float = DEFAULT_REGULARIZATION, folds: int = 5, batch_size: int = 256,
