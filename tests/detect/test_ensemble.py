@@ -2,6 +2,8 @@
 fused scores, the Ensemble class on a small model (fit, reuse of fit scores, calibrate, explain), its registry names
 and bad inputs; slow tests on three of the zoo's families."""
 
+import math
+
 import pytest
 import torch
 from helpers import random_images, small_classifier
@@ -15,6 +17,7 @@ from trojanguard.detect.ensemble import (
     concentration_of,
     empirical_cdf,
     fuse,
+    outlier_enrichment,
 )
 from trojanguard.metrics import auroc
 from trojanguard.screening.detectors import DEFAULT_DETECTOR, DETECTORS, build_detector
@@ -129,6 +132,17 @@ def test_class_concentration_is_one_without_outliers_or_when_they_spread_as_the_
                           torch.ones(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="^predicted:"):
         concentration_of(even, torch.zeros(3), 5)
+
+
+def test_outlier_enrichment_is_high_where_a_members_outliers_gather_in_one_class():
+    g = torch.Generator().manual_seed(0)
+    predicted = torch.arange(500) % 5
+    noise = torch.randn(500, generator=g, dtype=torch.float64)
+    gathered, spread = noise.clone(), noise.clone()
+    gathered[torch.nonzero(predicted == 0).flatten()[:20]] += 20.0  # 20 outliers, all of class 0: (20 + 1) / (4 + 1)
+    spread[torch.arange(0, 500, 25) + torch.arange(20) % 5] += 20.0  # 20 outliers, 4 a class
+    assert outlier_enrichment(gathered, predicted, 5) == pytest.approx(21 / 5, rel=0.05)
+    assert outlier_enrichment(spread, predicted, 5) < 1.3
 
 
 # ---------------------------------------------------------------------------------------------- the class
@@ -271,7 +285,37 @@ def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
     assert ensemble.explain(random_images(2), [0, 1]) == {} and set(ensemble.member_seconds) == {"feature pass"}
 
 
+def test_a_gated_member_joins_only_where_its_outliers_gather_and_is_left_out_of_scoring_otherwise(model):
+    """A member below its gate is left out of the fit's members: the ensemble then scores fit data and new images
+    exactly as one fitted without it (a feature member's shared head rebuilt); the gate compares with the member's
+    ``outlier_enrichment`` on the fit data (≥ joins)."""
+    x, new = random_images(48, seed=13), random_images(6, seed=14)
+    options = {"fragility": "none", "show_progress": False}
+    plain = Ensemble(model, members="features,typicality", **options).fit(x)
+    gated = Ensemble(model, members="features,clustering,typicality", member_gates={"clustering": math.inf,
+                                                                                     "typicality": 0}, **options).fit(x)
+    assert gated.members == ("features", "typicality") and gated.gated_out == ("clustering",)
+    assert gated.reference_scores.shape == (48, 2) and "clustering" in repr(gated)
+    assert torch.allclose(gated.score(x), plain.score(x)) and torch.allclose(gated.score(new), plain.score(new))
+    enrichment = outlier_enrichment(plain.reference_scores[:, 1], plain.reference_predicted, 3)
+    assert gated.member_enrichment["typicality"] == pytest.approx(enrichment)
+    at = Ensemble(model, members="features,typicality", member_gates={"typicality": enrichment}, **options).fit(x)
+    above = Ensemble(model, members="features,typicality", member_gates={"typicality": enrichment + 1e-6},
+                     **options).fit(x)
+    assert at.members == ("features", "typicality") and above.members == ("features",)
+    assert above.gated_out == ("typicality",) and torch.allclose(above.score(new), Ensemble(
+        model, members="features", **options).fit(x).score(new))
+    every = Ensemble(model, members="features,typicality", member_gates={"features": math.inf,
+                                                                          "typicality": math.inf}, **options).fit(x)
+    assert len(every.members) == 1  # at least one member stays
+    assert above.fit(x).gated_out == ("typicality",) and above.fit(x[:40]).fitted_member_gates == {
+        "typicality": enrichment + 1e-6}  # a refit gates every member again
+    assert Ensemble(model, members="features,typicality", **options).fit(x).fitted_member_gates == {}  # no labels
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"member_gates": {"probe": 2.0}}, "^member_gates: 'probe' is not a member"),
+    ({"member_gates": {"typicality": -1}}, "^member_gates: expected a number ≥ 0 as 'typicality'"),
     ({"members": ("cd-p", "strip")}, "^members: unknown member 'strip'"),
     ({"members": ()}, "^members: expected at least one"),
     ({"members": ""}, "^members: expected at least one"),
@@ -282,8 +326,11 @@ def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
     ({"steps": 0}, "^steps:"),
 ])
 def test_bad_inputs_name_the_argument(model, kwargs, message):
+    members = {"members": "features,typicality"} if "member_gates" in kwargs else {}
     with pytest.raises(ValueError, match=message):
-        Ensemble(model, **kwargs)
+        Ensemble(model, **{**members, **kwargs})
+    with pytest.raises(TypeError, match="^member_gates: expected {member: gate}"):
+        Ensemble(model, member_gates=3.0)
 
 
 def test_scoring_before_fit_says_to_fit(model):

@@ -51,6 +51,14 @@ that class's stable images are raised the same way. Where neither fires the scor
 ``"none"``: no fragility pass. (Ours; the gate chosen leave one family out; ``benchmarks/RESULTS.md``, "Noise
 fragility".)
 
+Gated members (``member_gates``). A member whose robust outliers on the fit data spread over the classes as the data
+does is not reading an all-to-one backdoor (whose poison is one class's) and adds only its noise to the fusion; a
+gated member joins only where its outliers gather — the largest class enrichment of its own robust outliers
+(:func:`concentration_of` on its robust z-scores) is at least its gate — and the fit leaves it out otherwise
+(``gated_out``, ``member_enrichment``). With labels the default gates ``typicality`` at 3 (ours; chosen leave one
+family out, ``benchmarks/RESULTS.md``, "Gated typicality"): it finds SIG, whose clean-label poison the probe cannot
+read, and stays out on colour digits, where its outliers spread and it would cost the adaptive attacks 0.05–0.10.
+
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
 
@@ -102,8 +110,9 @@ FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one 
 OWN_PASS_MEMBERS = ("typicality", "probe")  # read another layer (the middle one): a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
-LABELLED_MEMBERS = ("features", "probe")  # the same, where the fit is given the training labels
-AUTO = "auto"  # members / stable_gate chosen at fit: LABELLED_MEMBERS and no stable class with labels, else the above
+LABELLED_MEMBERS = ("features", "typicality", "probe")  # the same, where the fit is given the training labels
+LABELLED_MEMBER_GATES = {"typicality": 3.0}  # ... of which typicality joins only where its outliers gather in a class
+AUTO = "auto"  # members / stable_gate / member_gates chosen at fit: the LABELLED_ ones with labels, else the above
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
 CONCENTRATIONS = ("class", "none")  # module docstring; "class" chosen leave-one-family-out (benchmarks/RESULTS.md)
@@ -162,6 +171,11 @@ class Ensemble(Detector):
         stable_gate: the largest enrichment of its class at which the noise-stable class still fires (module
             docstring); None: it never does. ``"auto"`` (default): none where the label probe reads labels (leave one
             family out drops the stable class beside it), else :data:`~trojanguard.detect.fragility.STABLE_GATE`.
+        member_gates: ``{member: gate}``: such a member joins the fusion only where its own outliers on the fit data
+            gather in one predicted class — the largest class enrichment of its robust outliers
+            (:func:`concentration_of` on its robust z-scores) is at least ``gate``; else the fit leaves it out
+            (module docstring, "Gated members"). ``"auto"`` (default): :data:`LABELLED_MEMBER_GATES` where the label
+            probe reads labels, else none. None or ``{}``: every member joins.
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
         steps: optimisation steps of the CD members.
@@ -174,7 +188,9 @@ class Ensemble(Detector):
     order), ``member_seconds`` {name: seconds} spent fitting and scoring it (the feature members share
     ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
     ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
-    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``); with ``fragility="class"``,
+    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``), ``member_enrichment``
+    {gated member: its largest class enrichment} and ``gated_out`` (the gated members the fit left out; ``members``
+    holds those that joined); with ``fragility="class"``,
     ``reference_fragility`` (n,), ``fragile`` and ``stable``, each ``(class or None, share, p-value)`` of
     :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`.
     """
@@ -183,11 +199,12 @@ class Ensemble(Detector):
 
     def __init__(self, model: nn.Module, *, members: str | Sequence[str] = AUTO, fusion: str = "zscore",
                  concentration: str = "class", fragility: str = "class", stable_gate: float | str | None = AUTO,
-                 layer: str | None = None, steps: int = 100, member_options: dict | None = None, batch_size: int = 256,
+                 member_gates: dict[str, float] | str | None = AUTO, layer: str | None = None, steps: int = 100, member_options: dict | None = None, batch_size: int = 256,
                  seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
         self.auto_members = isinstance(members, str) and members.strip() == AUTO
         self.members = DEFAULT_MEMBERS if self.auto_members else parse_members(members)
+        self._chosen_members = self.members
         if not (stable_gate is None or stable_gate == AUTO or (
                 isinstance(stable_gate, (int, float)) and not isinstance(stable_gate, bool) and stable_gate >= 0)):
             raise ValueError(f"stable_gate: expected a number ≥ 0, None or 'auto', got {stable_gate!r}")
@@ -202,6 +219,7 @@ class Ensemble(Detector):
         for name in member_options:
             if name not in candidates:
                 raise ValueError(f"member_options: {name!r} is not a member; members: {', '.join(candidates)}")
+        self.member_gates = check_member_gates(member_gates, candidates)
         self.model, self.fusion, self.concentration, self.layer, self.steps = model, fusion, concentration, layer, steps
         self.member_options, self.batch_size, self.seed = member_options, batch_size, seed
         self.fragility, self.show_progress = fragility, show_progress
@@ -238,9 +256,11 @@ class Ensemble(Detector):
         self.stable: tuple[int | None, float, float] = (None, 0.0, 1.0)
         self._steps: tuple[tuple, list] | None = None  # _placement_steps' cache: (fired classes, steps)
         self._probe_reads_labels = False  # whether the last fit gave the label probe labels (fitted_stable_gate)
+        self.member_enrichment: dict[str, float] = {}
+        self.gated_out: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "layer", "steps", "member_options",
+        keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "member_gates", "layer", "steps", "member_options",
                 "batch_size", "seed")
         shown = {k: getattr(self, k) for k in keys}
         if self.auto_members and not self.fitted:
@@ -263,6 +283,14 @@ class Ensemble(Detector):
         if self.stable_gate != AUTO:
             return self.stable_gate
         return None if self._probe_reads_labels else STABLE_GATE
+
+    @property
+    def fitted_member_gates(self) -> dict[str, float]:
+        """The member gates of the (last) fit: ``member_gates`` resolved (``"auto"``: :data:`LABELLED_MEMBER_GATES`
+        where the label probe reads labels, else none), for the members fitted."""
+        gates = (LABELLED_MEMBER_GATES if self._probe_reads_labels else {}) if self.member_gates == AUTO \
+            else self.member_gates
+        return {name: gate for name, gate in gates.items() if name in self.members or name in self.gated_out}
 
     @property
     def feature_members(self) -> tuple[str, ...]:
@@ -291,8 +319,8 @@ class Ensemble(Detector):
         (:class:`FitCheckpoint`). Returns ``self``."""
         import time
 
-        if self.auto_members:
-            self.members = LABELLED_MEMBERS if labels is not None else DEFAULT_MEMBERS
+        self.members = (LABELLED_MEMBERS if labels is not None else DEFAULT_MEMBERS) if self.auto_members \
+            else self._chosen_members  # a refit starts from every member again (gates may have left some out)
         self._probe_reads_labels = labels is not None and "probe" in self.members
 
         columns: dict[str, torch.Tensor] = {}
@@ -362,6 +390,7 @@ class Ensemble(Detector):
             if len(column) != len(digests):
                 raise DataError(f"data: member {name!r} scored {len(column)} images of {len(digests)}; pass data "
                                 "that reads the same images every time it is iterated")
+        self._gate_members(columns, logits, shared)
         self.reference_scores = torch.stack([columns[n].double() for n in self.members], 1)
         self._sorted = self.reference_scores.T.sort(dim=1).values
         self.bimodality = {n: bimodality_coefficient(self.reference_scores[:, m]) for m, n in enumerate(self.members)}
@@ -462,6 +491,27 @@ class Ensemble(Detector):
         return {"masks": torch.cat([r.masks for r in parts]), "patterns": torch.cat([r.patterns for r in parts])}
 
     # ------------------------------------------------------------------------------------------ internals
+    def _gate_members(self, columns: dict[str, torch.Tensor], logits: torch.Tensor, shared) -> None:
+        """Leave out of ``members`` each gated member whose own robust outliers on the fit data (``columns``, its
+        scores) do not gather in one predicted class (``fitted_member_gates``); at least one member stays."""
+        self.gated_out, self.member_enrichment = (), {}
+        gates = self.fitted_member_gates
+        predicted, classes = logits.argmax(1).cpu(), logits.shape[1]
+        for name in gates:
+            self.member_enrichment[name] = outlier_enrichment(columns[name], predicted, classes)
+        out = tuple(n for n in gates if self.member_enrichment[n] < gates[n])
+        if len(out) == len(self.members):
+            out = out[1:]
+        self.gated_out = out
+        if not out:
+            return
+        self.members = tuple(n for n in self.members if n not in out)
+        for name in out:
+            self._own_pass.pop(name, None)
+        if any(n in FEATURE_MEMBERS for n in out):
+            self._heads = None if not self.feature_members else _SharedFeatures(
+                self.model, shared.layer, [self.detectors[n].as_module() for n in self.feature_members])
+
     def _score_cd(self, name: str, data, log: FitCheckpoint | None, all_digests: list[bytes]) -> torch.Tensor:
         """CD member ``name``'s scores (n,) of the fit data, each image keyed by its position (its noise stream)
         and its digest (``all_digests``, from the fit's first pass); those ``log`` holds are read, the others
@@ -645,6 +695,22 @@ class _SharedFeatures(FeatureTap):
 
 
 # ---------------------------------------------------------------------------------------------- fusion
+def check_member_gates(member_gates, members: Sequence[str]) -> dict[str, float] | str:
+    """``member_gates`` checked: ``"auto"``, or ``{member: gate ≥ 0}`` over ``members`` (None: ``{}``)."""
+    if member_gates is None:
+        return {}
+    if isinstance(member_gates, str) and member_gates.strip() == AUTO:
+        return AUTO
+    if not isinstance(member_gates, dict):
+        raise TypeError(f"member_gates: expected {{member: gate}} or 'auto', got {member_gates!r}")
+    for name, gate in member_gates.items():
+        if name not in members:
+            raise ValueError(f"member_gates: {name!r} is not a member; members: {', '.join(members)}")
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not gate >= 0:
+            raise ValueError(f"member_gates: expected a number ≥ 0 as {name!r}'s gate, got {gate!r}")
+    return {name: float(gate) for name, gate in member_gates.items()}
+
+
 def _ecdf_knots(reference: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The distinct values of ``reference`` (NaN left out), their mid-rank ECDF ``(#below + #not above) /
     2n``, and the tails' scale ``s`` = the range / n (0 when not finite); None when nothing is left."""
@@ -757,6 +823,12 @@ def concentration_of(reference: torch.Tensor, predicted: torch.Tensor, num_class
     counts = torch.bincount(predicted, minlength=num_classes).double()
     hits = torch.bincount(predicted[outliers], minlength=num_classes).double()
     return torch.tensor(threshold, dtype=torch.float64), (hits + 1) / (outliers.double().mean() * counts + 1)
+
+
+def outlier_enrichment(scores: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> float:
+    """The largest class enrichment (:func:`concentration_of`) of one member's robust outliers among ``scores`` (n,)
+    of the fit data, by their ``predicted`` classes (n,): how far its outliers gather in one class (gated members)."""
+    return float(concentration_of(robust_z(scores, scores), predicted, num_classes)[1].max())
 
 
 def concentrate(fused: torch.Tensor, predicted: torch.Tensor, threshold: float | torch.Tensor, factors: torch.Tensor

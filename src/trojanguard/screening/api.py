@@ -389,6 +389,8 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
     if hasattr(detector, "auto_members"):  # the ensemble: which members the fit chose, and whether labels were read
         info["members"] = list(detector.members)
         info["labels_read"] = detector.probe_read_labels
+        info["gated_out"] = list(detector.gated_out)  # gated members the fit left out, and each gated one's enrichment
+        info["member_enrichment"] = {name: float(e) for name, e in detector.member_enrichment.items()}
     if getattr(detector, "reference_fragility", None) is not None:  # the ensemble's class tests (detect/fragility.py)
         for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
             fired, share, p = getattr(detector, attribute)
