@@ -25,6 +25,10 @@ pools other settings' results (another dataset or poison rate) into leave-one-fa
   as ``Ensemble`` re-places it; where it does not, the row is unchanged. Each row also comes with the noise-stable
   class at each gate of ``STABLE_GATES`` (``… + stable≤g``; ``Ensemble``'s is ``STABLE_GATE``), so leave one family
   out chooses the gate. ``--no-fragility`` reports without either.
+- Leave one family out also chooses among *gated* twins of the multi-member rows that hold ``typicality`` or
+  ``clustering`` (``GATED_MEMBERS``): ``features+typicality[e≥3]+probe / …`` is the row with ``typicality`` where its
+  own robust outliers gather in one predicted class (largest class enrichment ≥ 3, ``MEMBER_GATES``), else the row
+  without it, per record — ``Ensemble``'s ``member_gates``. The ``labelled default`` rows gate as ``Ensemble`` does.
 - Cover samples (images the attack altered but left with their true label: ``PoisonedDataset.cover_indices``)
   count as clean, as the field counts them; leave-one-family-out also reports the held-out AUROC against the
   *untouched* images alone (cover samples left out), so what a family's misses are is on the table.
@@ -43,6 +47,7 @@ import itertools
 import json
 import math
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -55,6 +60,7 @@ from trojanguard.detect.ensemble import (
     DEFAULT_MEMBERS,
     FEATURE_MEMBERS,
     FUSIONS,
+    LABELLED_MEMBER_GATES,
     LABELLED_MEMBERS,
     MEMBERS,
     RANK_FUSIONS,
@@ -62,6 +68,7 @@ from trojanguard.detect.ensemble import (
     concentrate,
     concentration_of,
     fuse,
+    outlier_enrichment,
     parse_members,
 )
 from trojanguard.detect.fragility import STABLE_GATE, fragile_class, place_by_fragility, stable_class
@@ -73,13 +80,14 @@ DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the t
 # member sets evaluated with every fusion rule (besides each member alone)
 MEMBER_SETS = {
     "default": DEFAULT_MEMBERS,
-    "labelled default": LABELLED_MEMBERS,  # Ensemble's members when its fit is given the labels (--labels)
+    "labelled default": LABELLED_MEMBERS,  # Ensemble's members when its fit is given the labels (--labels), gated:
     "cd-p+features+clustering": ("cd-p", "features", "clustering"),  # the default until issue 15's sixteenth session
     "all": MEMBERS,
     "cd-p+features": ("cd-p", "features"),
     "cd-p+cd-l+features": ("cd-p", "cd-l", "features"),
     "no-cd": ("features", "spectral", "clustering"),
 }
+MEMBER_SET_GATES = {"labelled default": LABELLED_MEMBER_GATES}  # member gates of a set's rows, as Ensemble's fit
 
 
 def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: int) -> torch.Tensor:
@@ -150,7 +158,7 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
     entry, x, truth, _ = screened(record["attack"], args)
     if truth.int().tolist() != record["truth"]:
         raise SystemExit(f"--rescore: {record['attack']}: the screened set differs from the results file's")
-    ensemble = Ensemble(entry.model, members=members, seed=args.seed, show_progress=False).fit(
+    ensemble = Ensemble(entry.model, members=members, member_gates=None, seed=args.seed, show_progress=False).fit(
         x, screened_labels(entry, args))
     for k, m in enumerate(ensemble.members):
         record["scores"][m] = ensemble.reference_scores[:, k].tolist()
@@ -169,7 +177,8 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
 
 def run_attack(attack: str, args) -> dict:
     entry, x, truth, cover = screened(attack, args)
-    ensemble = Ensemble(entry.model, members=args.members, steps=args.steps, seed=args.seed, show_progress=False)
+    ensemble = Ensemble(entry.model, members=args.members, member_gates=None, steps=args.steps, seed=args.seed,
+                        show_progress=False)
     started = time.perf_counter()
     ensemble.fit(x, screened_labels(entry, args))
     record = {"attack": attack, "images": len(x), "poisoned": int(truth.sum()), "truth": truth.int().tolist(),
@@ -260,10 +269,23 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
     for (set_name, members), fusion in itertools.product(MEMBER_SETS.items(), FUSIONS):
         if not set(members) <= set(scored):
             continue
+        members = joined_members(record, members, MEMBER_SET_GATES.get(set_name, {}))
         columns = [scored.index(m) for m in members]
         fused = fused_rows(reference[:, columns], None if test is None else test[:, columns], fusion, record)
         out.update({f"{set_name} / {name}": values for name, values in fused.items()})
     return out
+
+
+def joined_members(record: dict, members: tuple[str, ...], gates: dict[str, float]) -> tuple[str, ...]:
+    """``members`` less each gated one whose outliers do not gather in one class on the record's screened set, as
+    ``Ensemble``'s fit leaves it out (``member_gates``; all join where the record keeps no predicted classes)."""
+    if not gates or "predicted" not in record:
+        return members
+    predicted = torch.tensor(record["predicted"])
+    out = [m for m in members if m in gates and outlier_enrichment(
+        torch.tensor(record["scores"][m], dtype=torch.float64), predicted, int(predicted.max()) + 1) < gates[m]]
+    out = out[1:] if len(out) == len(members) else out  # as Ensemble: at least one member stays
+    return tuple(m for m in members if m not in out)
 
 
 def seconds_of(row: str, record: dict) -> float:
@@ -341,8 +363,15 @@ def candidate_sets(admissible_only: bool, scored: tuple[str, ...]) -> dict[str, 
 
 
 IMPLANTED_ASR = 0.9  # a family counts in model selection only if its backdoor implanted (the issue's bar)
-CRITERIA = {"mean": lambda values: (np.mean(values), min(values)),
-            "worst case": lambda values: (min(values), np.mean(values))}
+CRITERIA = ("mean", "worst case")  # the criterion over the families' AUROCs; ties broken by the other one
+
+
+def best_by(values: np.ndarray, criterion: str) -> int:
+    """The row of ``values`` (settings × families) with the best ``criterion`` (``CRITERIA``), ties broken by the
+    other criterion, then by the first row."""
+    mean, worst = values.mean(1), values.min(1)
+    first, second = (mean, worst) if criterion == "mean" else (worst, mean)
+    return int(np.lexsort((-np.arange(len(values)), second, first))[-1])
 UNBOUNDED_FUSIONS = tuple(f for f in FUSIONS if f not in RANK_FUSIONS)  # screen's robust rule works on these
 # how the default is chosen (the first, with its full table) and the alternatives reported beside it:
 # (name, settings within the throughput bar only, fusions, criterion)
@@ -355,6 +384,41 @@ PROCEDURES = [
      "worst case"),
     ("every member subset, every fusion, mean", False, FUSIONS, "mean"),
 ]
+
+
+GATED_MEMBERS = ("typicality", "clustering")  # members leave one family out may take only where they concentrate
+MEMBER_GATES = (2.0, 3.0, 4.0)  # the enrichments it chooses among
+GATED_MARK = re.compile(r"\[e≥[\d.]+\]")  # "features+typicality[e≥3]+probe": typicality joins where its e ≥ 3
+
+
+def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[dict, ...]) -> None:
+    """Add to each of ``tables`` (row name → unit → value) the *concentration-gated* twin of every multi-member row
+    that holds a member of ``GATED_MEMBERS``: per record, the row itself where that member's own robust outliers
+    gather in one predicted class (its largest class enrichment, ``concentration_of`` on its robust z-scores, is at
+    least the gate), else the same row without it. An all-to-one backdoor's poison is one class's; a member whose
+    outliers spread over the classes is reading something else and only adds noise to the fusion."""
+    enrichment = {}
+    for r in records:
+        predicted = torch.tensor(r.get("predicted", []))
+        for m in GATED_MEMBERS:
+            if m in scored and len(predicted) == 0:
+                enrichment[r["unit"], m] = math.inf  # no predicted classes kept: the member always joins
+            elif m in scored:
+                enrichment[r["unit"], m] = outlier_enrichment(torch.tensor(r["scores"][m], dtype=torch.float64),
+                                                              predicted, int(predicted.max()) + 1)
+    first = tables[0]
+    for name in list(first):
+        members, rule = name.split(" / ", 1) if " / " in name else (name, None)
+        parts = members.split("+")
+        for m in (m for m in GATED_MEMBERS if m in parts and len(parts) > 1 and rule is not None):
+            without = f"{'+'.join(p for p in parts if p != m)} / {rule}"
+            if without not in first:
+                continue
+            for gate in MEMBER_GATES:
+                gated = f"{'+'.join(p + f'[e≥{gate:g}]' if p == m else p for p in parts)} / {rule}"
+                for table in tables:
+                    table[gated] = {unit: table[name if enrichment[unit, m] >= gate else without][unit]
+                                    for unit in table[name]}
 
 
 def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
@@ -391,17 +455,18 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
                     flagged = fused > robust_threshold(fused)
                     robust.setdefault(name, {})[r["unit"]] = (flagged[~truth.numpy()].mean(),
                                                               flagged[truth.numpy()].mean())
+    add_gated_rows(records, scored, (table, untouched, robust))
     lines = []
     for k, (title, admissible, fusions, criterion) in enumerate(PROCEDURES):
         pool = candidate_sets(admissible, scored)
-        members_of = lambda n: n.split(" / ")[0]
+        members_of = lambda n: GATED_MARK.sub("", n.split(" / ")[0])
         fusion_of = lambda n: n.split(" / ")[1].split(STABLE)[0].removesuffix(CONCENTRATED)
         settings = [n for n in table if members_of(n) in pool and (fusion_of(n) in fusions or "+" not in members_of(n))]
-        key = CRITERIA[criterion]
+        grid = np.array([[table[n][a] for a in attacks] for n in settings])  # settings × units, for speed
         rows, held_out, held_untouched = [], [], []
         for held in attacks:
             others = [a for a in implanted if family[a] != family[held]]
-            chosen = max(settings, key=lambda n: key([table[n][a] for a in others]))
+            chosen = settings[best_by(grid[:, [attacks.index(a) for a in others]], criterion)]
             best = max(settings, key=lambda n: table[n][held])
             record = records[attacks.index(held)]
             cd_l = (f"{auroc(torch.tensor(record['truth']).bool(), torch.tensor(record['scores']['cd-l'])):.3f}"
@@ -413,7 +478,7 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
             if held in implanted:
                 held_out.append(table[chosen][held])
                 held_untouched.append(untouched[chosen][held])
-        overall = max(settings, key=lambda n: key([table[n][a] for a in implanted]))
+        overall = settings[best_by(grid[:, [attacks.index(a) for a in implanted]], criterion)]
         summary = (f"held out: ≥ 0.95 on {sum(v >= 0.95 for v in held_out)} of {len(held_out)} implanted "
                    f"{'families' if not others else 'family settings'}, "
                    f"≥ 0.9 on {sum(v >= 0.9 for v in held_out)}, mean {np.mean(held_out):.3f}, min "
