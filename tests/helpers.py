@@ -70,3 +70,11 @@ def held_out_clean_and_triggered(entry, start: int, count: int = 128) -> tuple[t
     triggered = entry.triggered_test()[entry.test.y != entry.config.target][:count]
     truth = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(triggered), dtype=torch.bool)])
     return torch.cat([clean, triggered]), truth
+
+
+def screened_draw(poisoned: torch.Tensor, seed: int, fraction: float = 0.2) -> torch.Tensor:
+    """Sorted indices of a seeded stratified ``fraction`` of a training set (poisoned and clean alike), drawn as
+    ``benchmarks/detect_families.py`` draws its screened sets (``screened_subset``)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[: max(1, round(fraction * len(idx)))]]
+    return torch.cat([pick(torch.nonzero(poisoned).flatten()), pick(torch.nonzero(~poisoned).flatten())]).sort().values

@@ -5,7 +5,7 @@ ensemble member and its regime (``members="auto"``), and bad inputs."""
 import numpy as np
 import pytest
 import torch
-from helpers import random_images, small_classifier
+from helpers import random_images, screened_draw, small_classifier
 
 from trojanguard.detect import Ensemble, LabelProbe
 from trojanguard.detect._feature_detector import Features
@@ -174,9 +174,7 @@ def test_the_labelled_ensemble_finds_colour_digits_adaptive_patch_where_the_labe
 
     entry = get_backdoored_model(ZooConfig(attack="adaptive_patch", dataset="colour_digits"), show_progress=False)
     poisoned = entry.train.is_poisoned
-    g = torch.Generator().manual_seed(0)
-    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[: max(1, round(0.2 * len(idx)))]]
-    index = torch.cat([pick(torch.nonzero(poisoned).flatten()), pick(torch.nonzero(~poisoned).flatten())]).sort().values
+    index = screened_draw(poisoned, 0)
     x, labels, truth = entry.train.dataset.x[index], entry.train.dataset.y[index], poisoned[index]
     ensemble = Ensemble(entry.model, show_progress=False).fit(x, labels)
     labelled = auroc(truth, ensemble.score(x))
@@ -194,9 +192,7 @@ def test_the_labelled_ensemble_takes_typicality_for_sig_whose_clean_label_poison
 
     entry = get_backdoored_model(ZooConfig(attack="sig"), show_progress=False)
     poisoned = entry.train.is_poisoned
-    g = torch.Generator().manual_seed(1)
-    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[: max(1, round(0.2 * len(idx)))]]
-    index = torch.cat([pick(torch.nonzero(poisoned).flatten()), pick(torch.nonzero(~poisoned).flatten())]).sort().values
+    index = screened_draw(poisoned, 1)
     x, labels, truth = entry.train.dataset.x[index], entry.train.dataset.y[index], poisoned[index]
     ensemble = Ensemble(entry.model, show_progress=False).fit(x, labels)
     labelled = auroc(truth, ensemble.score(x))

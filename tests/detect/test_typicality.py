@@ -4,7 +4,7 @@ one-pass module, the middle layer, the ensemble member and bad inputs."""
 
 import pytest
 import torch
-from helpers import head_scores, random_images, small_classifier
+from helpers import head_scores, random_images, screened_draw, small_classifier
 
 from trojanguard.detect import Ensemble, FeatureMahalanobis, Typicality
 from trojanguard.detect._feature_detector import Features
@@ -135,9 +135,7 @@ def test_sig_poison_that_is_most_of_its_class_is_atypical_on_every_screened_draw
 
     entry = get_backdoored_model(ZooConfig(attack="sig"), show_progress=False)
     poisoned = entry.train.is_poisoned
-    g = torch.Generator().manual_seed(draw)
-    pick = lambda idx: idx[torch.randperm(len(idx), generator=g)[: max(1, round(0.2 * len(idx)))]]
-    index = torch.cat([pick(torch.nonzero(poisoned).flatten()), pick(torch.nonzero(~poisoned).flatten())]).sort().values
+    index = screened_draw(poisoned, draw)
     detector = Typicality(entry.model, seed=draw, show_progress=False).fit(entry.train.dataset.x[index])
     score = auroc(poisoned[index], detector.score(entry.train.dataset.x[index]))
     print(f"sig, draw {draw}: poison called typical {int(detector.support[poisoned[index]].sum())}, AUROC {score:.3f}")
