@@ -316,6 +316,7 @@ def test_a_gated_member_joins_only_where_its_outliers_gather_and_is_left_out_of_
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"member_gates": {"probe": 2.0}}, "^member_gates: 'probe' is not a member"),
     ({"member_gates": {"typicality": -1}}, "^member_gates: expected a number ≥ 0 as 'typicality'"),
+    ({"member_gates": 3.0}, "^member_gates: expected {member: gate}, 'auto' or None, got 3.0"),
     ({"members": ("cd-p", "strip")}, "^members: unknown member 'strip'"),
     ({"members": ()}, "^members: expected at least one"),
     ({"members": ""}, "^members: expected at least one"),
@@ -329,8 +330,6 @@ def test_bad_inputs_name_the_argument(model, kwargs, message):
     members = {"members": "features,typicality"} if "member_gates" in kwargs else {}
     with pytest.raises(ValueError, match=message):
         Ensemble(model, **{**members, **kwargs})
-    with pytest.raises(TypeError, match="^member_gates: expected {member: gate}"):
-        Ensemble(model, member_gates=3.0)
 
 
 def test_scoring_before_fit_says_to_fit(model):

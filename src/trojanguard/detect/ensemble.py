@@ -702,7 +702,8 @@ def check_member_gates(member_gates, members: Sequence[str]) -> dict[str, float]
     if isinstance(member_gates, str) and member_gates.strip() == AUTO:
         return AUTO
     if not isinstance(member_gates, dict):
-        raise TypeError(f"member_gates: expected {{member: gate}} or 'auto', got {member_gates!r}")
+        raise ValueError(  # noqa: TRY004 — a bad option value, reported as one line like the others
+            f"member_gates: expected {{member: gate}}, 'auto' or None, got {member_gates!r}")
     for name, gate in member_gates.items():
         if name not in members:
             raise ValueError(f"member_gates: {name!r} is not a member; members: {', '.join(members)}")
