@@ -199,8 +199,8 @@ class Ensemble(Detector):
 
     def __init__(self, model: nn.Module, *, members: str | Sequence[str] = AUTO, fusion: str = "zscore",
                  concentration: str = "class", fragility: str = "class", stable_gate: float | str | None = AUTO,
-                 member_gates: dict[str, float] | str | None = AUTO, layer: str | None = None, steps: int = 100, member_options: dict | None = None, batch_size: int = 256,
-                 seed: int = 0, show_progress: bool = True):
+                 member_gates: dict[str, float] | str | None = AUTO, layer: str | None = None, steps: int = 100,
+                 member_options: dict | None = None, batch_size: int = 256, seed: int = 0, show_progress: bool = True):
         model = as_classifier(model).module
         self.auto_members = isinstance(members, str) and members.strip() == AUTO
         self.members = DEFAULT_MEMBERS if self.auto_members else parse_members(members)
@@ -260,8 +260,8 @@ class Ensemble(Detector):
         self.gated_out: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "member_gates", "layer", "steps", "member_options",
-                "batch_size", "seed")
+        keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "member_gates", "layer", "steps",
+                "member_options", "batch_size", "seed")
         shown = {k: getattr(self, k) for k in keys}
         if self.auto_members and not self.fitted:
             shown["members"] = AUTO
