@@ -68,6 +68,7 @@ from trojanguard.detect.ensemble import (
     concentrate,
     concentration_of,
     fuse,
+    gated_out_members,
     outlier_enrichment,
     parse_members,
 )
@@ -282,9 +283,9 @@ def joined_members(record: dict, members: tuple[str, ...], gates: dict[str, floa
     if not gates or "predicted" not in record:
         return members
     predicted = torch.tensor(record["predicted"])
-    out = [m for m in members if m in gates and outlier_enrichment(
-        torch.tensor(record["scores"][m], dtype=torch.float64), predicted, int(predicted.max()) + 1) < gates[m]]
-    out = out[1:] if len(out) == len(members) else out  # as Ensemble: at least one member stays
+    enrichment = {m: outlier_enrichment(torch.tensor(record["scores"][m], dtype=torch.float64), predicted,
+                                        int(predicted.max()) + 1) for m in members if m in gates}
+    out = gated_out_members(members, enrichment, gates)
     return tuple(m for m in members if m not in out)
 
 

@@ -499,10 +499,7 @@ class Ensemble(Detector):
         predicted, classes = logits.argmax(1).cpu(), logits.shape[1]
         for name in gates:
             self.member_enrichment[name] = outlier_enrichment(columns[name], predicted, classes)
-        out = tuple(n for n in gates if self.member_enrichment[n] < gates[n])
-        if len(out) == len(self.members):
-            out = out[1:]
-        self.gated_out = out
+        self.gated_out = out = gated_out_members(self.members, self.member_enrichment, gates)
         if not out:
             return
         self.members = tuple(n for n in self.members if n not in out)
@@ -830,6 +827,14 @@ def outlier_enrichment(scores: torch.Tensor, predicted: torch.Tensor, num_classe
     """The largest class enrichment (:func:`concentration_of`) of one member's robust outliers among ``scores`` (n,)
     of the fit data, by their ``predicted`` classes (n,): how far its outliers gather in one class (gated members)."""
     return float(concentration_of(robust_z(scores, scores), predicted, num_classes)[1].max())
+
+
+def gated_out_members(members: Sequence[str], enrichment: dict[str, float], gates: dict[str, float]
+                      ) -> tuple[str, ...]:
+    """The gated ``members`` whose ``enrichment`` (:func:`outlier_enrichment`) is below their gate (``gates``), in
+    ``members`` order; the first of them stays in when that would leave no member."""
+    out = tuple(n for n in members if n in gates and enrichment[n] < gates[n])
+    return out[1:] if len(out) == len(members) else out
 
 
 def concentrate(fused: torch.Tensor, predicted: torch.Tensor, threshold: float | torch.Tensor, factors: torch.Tensor
