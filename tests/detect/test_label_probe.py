@@ -144,6 +144,21 @@ def test_the_ensemble_chooses_its_members_by_whether_labels_are_given(model):
     assert torch.equal(with_labels.reference_scores, without.reference_scores)
 
 
+def test_own_pass_members_reading_one_layer_share_one_forward_pass_on_new_images(model, monkeypatch):
+    """``typicality`` and ``probe`` read the same middle layer: new images cost one pass for both, with the scores each
+    member gives alone."""
+    from trojanguard.models.features import FeatureTap
+
+    x, new = random_images(60, seed=6), random_images(8, seed=7)
+    ensemble = Ensemble(model, members="typicality,probe", member_gates=None, fragility="none", show_progress=False
+                        ).fit(x, training_labels(model, x))
+    expected = torch.stack([ensemble.detectors[name].score(new) for name in ensemble.members], 1)
+    passes, forward = [], FeatureTap.forward
+    monkeypatch.setattr(FeatureTap, "forward", lambda tap, images: passes.append(tap.layer_name) or forward(tap, images))
+    assert torch.allclose(ensemble.member_scores(new).float(), expected, atol=1e-6)
+    assert len(passes) == 1
+
+
 def test_bad_inputs_name_the_argument(model):
     with pytest.raises(ValueError, match="^regularization:"):
         LabelProbe(model, regularization=0.0)

@@ -6,8 +6,8 @@ feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) 
 readily a strongly regularised linear read-out of the middle layer predicts an image's label; it is the one member
 that reads the labels given to :meth:`Ensemble.fit`). The three feature members read one layer and share one forward
 pass (fit and score); ``typicality`` and ``probe`` read the middle layer — in that same pass when fitting beside
-``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images;
-each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
+``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images
+(one pass for both: members reading one layer share it); each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -607,11 +607,15 @@ class Ensemble(Detector):
                 scores = self._heads.head_scores(logits, feature).cpu()
             columns.update(zip(self.feature_members, scores.unbind(1)))
             predicted = logits.argmax(1).cpu()
+        by_layer: dict[str, list[str]] = {}  # own-pass members reading one layer share one pass (the first's copy)
         for name in self.own_pass_members:
-            scorer = self._own_pass[name].to(device)
+            by_layer.setdefault(self._own_pass[name].layer_name, []).append(name)
+        for names in by_layer.values():
             with torch.no_grad():
-                logits, columns[name] = (t.cpu() for t in scorer(x.to(device, torch.float32)))
-            predicted = logits.argmax(1) if predicted is None else predicted
+                logits, feature = FeatureTap.forward(self._own_pass[names[0]].to(device), x.to(device, torch.float32))
+                for name in names:
+                    columns[name] = self._own_pass[name].to(device).head(logits, feature).cpu()
+            predicted = logits.argmax(1).cpu() if predicted is None else predicted
         for name in self.cd_members:
             parts = [r.scores for _, r in self.detectors[name].iter_distill(x, keep_masks=False,
                                                                           sample_indices=indices)]
