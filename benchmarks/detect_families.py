@@ -81,14 +81,14 @@ DIGIT_CLASSES = 10  # the digits' classes, balanced: a clean-label rate of the t
 # member sets evaluated with every fusion rule (besides each member alone)
 MEMBER_SETS = {
     "default": DEFAULT_MEMBERS,
-    "labelled default": LABELLED_MEMBERS,  # Ensemble's members when its fit is given the labels (--labels), gated:
+    "labelled default": LABELLED_MEMBERS,  # Ensemble's members when its fit is given the labels (--labels)
     "cd-p+features+clustering": ("cd-p", "features", "clustering"),  # the default until issue 15's sixteenth session
     "all": MEMBERS,
     "cd-p+features": ("cd-p", "features"),
     "cd-p+cd-l+features": ("cd-p", "cd-l", "features"),
     "no-cd": ("features", "spectral", "clustering"),
 }
-MEMBER_SET_GATES = {"labelled default": LABELLED_MEMBER_GATES}  # member gates of a set's rows, as Ensemble's fit
+MEMBER_SET_GATES = {"labelled default": LABELLED_MEMBER_GATES}  # a set's gated members, as Ensemble's fit gates them
 
 
 def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: int) -> torch.Tensor:
@@ -280,13 +280,18 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
 def joined_members(record: dict, members: tuple[str, ...], gates: dict[str, float]) -> tuple[str, ...]:
     """``members`` less each gated one whose outliers do not gather in one class on the record's screened set, as
     ``Ensemble``'s fit leaves it out (``member_gates``; all join where the record keeps no predicted classes)."""
-    if not gates or "predicted" not in record:
-        return members
-    predicted = torch.tensor(record["predicted"])
-    enrichment = {m: outlier_enrichment(torch.tensor(record["scores"][m], dtype=torch.float64), predicted,
-                                        int(predicted.max()) + 1) for m in members if m in gates}
-    out = gated_out_members(members, enrichment, gates)
+    out = gated_out_members(members, {m: record_enrichment(record, m) for m in members if m in gates}, gates)
     return tuple(m for m in members if m not in out)
+
+
+def record_enrichment(record: dict, member: str) -> float:
+    """``member``'s :func:`outlier_enrichment` on the record's screened set, by the predicted classes it keeps (inf
+    where it keeps none: a gated member then always joins)."""
+    if not record.get("predicted"):
+        return math.inf
+    predicted = torch.tensor(record["predicted"])
+    return outlier_enrichment(torch.tensor(record["scores"][member], dtype=torch.float64), predicted,
+                              int(predicted.max()) + 1)
 
 
 def seconds_of(row: str, record: dict) -> float:
@@ -373,6 +378,8 @@ def best_by(values: np.ndarray, criterion: str) -> int:
     mean, worst = values.mean(1), values.min(1)
     first, second = (mean, worst) if criterion == "mean" else (worst, mean)
     return int(np.lexsort((-np.arange(len(values)), second, first))[-1])
+
+
 UNBOUNDED_FUSIONS = tuple(f for f in FUSIONS if f not in RANK_FUSIONS)  # screen's robust rule works on these
 # how the default is chosen (the first, with its full table) and the alternatives reported beside it:
 # (name, settings within the throughput bar only, fusions, criterion)
@@ -398,15 +405,7 @@ def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[d
     gather in one predicted class (its largest class enrichment, ``concentration_of`` on its robust z-scores, is at
     least the gate), else the same row without it. An all-to-one backdoor's poison is one class's; a member whose
     outliers spread over the classes is reading something else and only adds noise to the fusion."""
-    enrichment = {}
-    for r in records:
-        predicted = torch.tensor(r.get("predicted", []))
-        for m in GATED_MEMBERS:
-            if m in scored and len(predicted) == 0:
-                enrichment[r["unit"], m] = math.inf  # no predicted classes kept: the member always joins
-            elif m in scored:
-                enrichment[r["unit"], m] = outlier_enrichment(torch.tensor(r["scores"][m], dtype=torch.float64),
-                                                              predicted, int(predicted.max()) + 1)
+    enrichment = {(r["unit"], m): record_enrichment(r, m) for r in records for m in GATED_MEMBERS if m in scored}
     first = tables[0]
     for name in list(first):
         members, rule = name.split(" / ", 1) if " / " in name else (name, None)
