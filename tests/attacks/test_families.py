@@ -1,4 +1,4 @@
-"""The ten attack families of issue 15: determinism, range, budgets, sample specificity, clean-label and cover
+"""The attack families of issue 15: determinism, range, budgets, sample specificity, clean-label and cover
 semantics, argument errors; one slow test that implants cheap families in the zoo."""
 
 import pytest
@@ -9,6 +9,7 @@ from trojanguard.attacks import (
     ISSBA,
     AdaptiveBlend,
     AdaptivePatch,
+    BppAttack,
     ColourFilter,
     FTrojan,
     InputAware,
@@ -171,11 +172,34 @@ def test_label_consistent_poisons_only_the_target_class_with_an_adversarial_budg
     (lambda: PhysicalPatch(size=1.5), "size"), (lambda: InputAware(mask_density=0), "mask_density"),
     (lambda: AdaptiveBlend(cover_ratio=-1), "cover_ratio"), (lambda: ISSBA(code_bits=0), "code_bits"),
     (lambda: LabelConsistent(interpolation=1.0), "interpolation"),
+    (lambda: BppAttack(bits=0), "bits"), (lambda: BppAttack(bits=9), "bits"),
 ])
 def test_bad_arguments_raise_one_line_errors_naming_the_argument(factory, match):
     with pytest.raises(ValueError, match=f"^{match}: expected") as info:
         factory()
     assert "\n" not in str(info.value)
+
+
+def test_bpp_quantises_to_its_levels_and_dithering_keeps_local_brightness(digits):
+    from trojanguard.attacks.quantisation import quantise
+
+    x = digits.x[:16]
+    for bits in (2, 3, 5):
+        y = BppAttack(bits=bits).apply(x)
+        levels = torch.arange(2**bits) / (2**bits - 1)
+        assert torch.isclose(y.reshape(-1, 1), levels.reshape(1, -1), atol=1e-6).any(1).all()  # only its levels
+        assert torch.equal(BppAttack(bits=bits, dither=False).apply(x), quantise(x, bits))  # plain rounding
+    # error diffusion carries each rounding error to the neighbours: over 8 × 8 blocks the dithered image keeps the
+    # brightness far closer than rounding does (a smooth ramp that rounding flattens into bands)
+    ramp = torch.linspace(0.05, 0.95, 32).repeat(1, 3, 32, 1) * torch.linspace(0.3, 1, 32).view(1, 1, 32, 1)
+
+    def block_error(y):
+        return (torch.nn.functional.avg_pool2d(y, 8) - torch.nn.functional.avg_pool2d(ramp, 8)).abs().max()
+
+    dithered, rounded = BppAttack(bits=2).apply(ramp), BppAttack(bits=2, dither=False).apply(ramp)
+    assert block_error(dithered) < 0.04 < block_error(rounded)
+    with pytest.raises(TypeError, match="^dither: expected"):
+        BppAttack(dither="yes")
 
 
 def test_ftrojan_block_larger_than_image_is_refused():
@@ -191,7 +215,7 @@ def test_label_consistent_needs_target_samples(small):
 
 
 # measured at 10 % on the small CNN (RESULTS.md "Attack zoo: families"); bars are below with margin
-IMPLANT = ["filter", "patch_random"]
+IMPLANT = ["filter", "patch_random", "bpp"]
 
 
 @pytest.mark.slow

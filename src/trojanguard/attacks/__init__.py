@@ -11,6 +11,7 @@ from trojanguard.attacks.base import Attack, PoisonedDataset
 from trojanguard.attacks.clean_label import LabelConsistent
 from trojanguard.attacks.frequency import FTrojan, LowFrequency
 from trojanguard.attacks.physical import ColourFilter, PhysicalPatch, Reflection
+from trojanguard.attacks.quantisation import BppAttack
 from trojanguard.attacks.sample_specific import ISSBA, InputAware
 from trojanguard.attacks.triggers import SIG, BadNets, Blended, Trojan, WaNet
 
@@ -30,9 +31,10 @@ ATTACKS: dict[str, type[Attack]] = {
     "patch_random": PhysicalPatch,
     "input_aware": InputAware,
     "adaptive_patch": AdaptivePatch,
+    "bpp": BppAttack,
 }
 FAMILIES = ("issba", "lowfreq", "filter", "refool", "adaptive_blend", "label_consistent", "ftrojan", "patch_random",
-            "input_aware", "adaptive_patch")  # the ten families of issue 15, beyond the first five
+            "input_aware", "adaptive_patch", "bpp")  # the families beyond the first five (issue 15; bpp added later)
 
 
 def make_attack(name: str, **kwargs) -> Attack:
@@ -44,6 +46,6 @@ def make_attack(name: str, **kwargs) -> Attack:
     return cls(**kwargs)
 
 
-__all__ = ["ATTACKS", "FAMILIES", "ISSBA", "SIG", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blended",
+__all__ = ["ATTACKS", "FAMILIES", "ISSBA", "SIG", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blended", "BppAttack",
            "ColourFilter", "FTrojan", "InputAware", "LabelConsistent", "LowFrequency", "PhysicalPatch",
            "PoisonedDataset", "Reflection", "Trojan", "WaNet", "make_attack"]
