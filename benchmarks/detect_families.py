@@ -26,8 +26,8 @@ pools other settings' results (another dataset or poison rate) into leave-one-fa
   class at each gate of ``STABLE_GATES`` (``… + stable≤g``; ``Ensemble``'s is ``STABLE_GATE``), so leave one family
   out chooses the gate. ``--no-fragility`` reports without either.
 - Leave one family out also chooses among *gated* twins of the multi-member rows that hold ``typicality`` or
-  ``clustering`` (``GATED_MEMBERS``): ``features+typicality[e≥3]+probe / …`` is the row with ``typicality`` where its
-  own robust outliers gather in one predicted class (largest class enrichment ≥ 3, ``MEMBER_GATES``), else the row
+  ``clustering`` (``GATED_MEMBERS``): ``features+typicality[p<0.001]+probe / …`` is the row with ``typicality`` where
+  its own robust outliers gather in one predicted class (``outlier_significance`` below ``MEMBER_GATES``), else the row
   without it, per record — ``Ensemble``'s ``member_gates``. The ``labelled default`` rows gate as ``Ensemble`` does.
 - Cover samples (images the attack altered but left with their true label: ``PoisonedDataset.cover_indices``)
   count as clean, as the field counts them; leave-one-family-out also reports the held-out AUROC against the
@@ -69,10 +69,16 @@ from trojanguard.detect.ensemble import (
     concentration_of,
     fuse,
     gated_out_members,
-    outlier_enrichment,
+    outlier_significance,
     parse_members,
 )
-from trojanguard.detect.fragility import STABLE_GATE, fragile_class, place_by_fragility, stable_class
+from trojanguard.detect.fragility import (
+    STABLE_GATE,
+    fragile_class,
+    outliers_avoid,
+    place_by_fragility,
+    stable_class,
+)
 from trojanguard.metrics import auroc, predict_labels
 from trojanguard.thresholds import quantile_threshold, robust_threshold
 from trojanguard.zoo import ZOO_DATASETS, ZooConfig, get_backdoored_model
@@ -229,11 +235,12 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         # as Ensemble.score: the fragile class, then the stable class (gated by the plain fused row's enrichment)
         reference = torch.from_numpy(screened)
         test_scores = None if test_scores is None or test is None else torch.from_numpy(test_scores)
-        if fragile is not None:
+        plain = torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0])
+        if fragile is not None and not outliers_avoid(  # Ensemble's veto: the plain fused row's outliers shun it
+                plain.double() > concentration_of(plain, predicted, classes)[0], predicted, fragile):
             reference, test_scores = placed_rows(reference, test_scores, fragility, predicted, test, 1, fragile)
         placed[name] = (reference.numpy(), None if test_scores is None else test_scores.numpy())
-        enrichment = None if stable is None else concentration_of(
-            torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0]), predicted, classes)[1]
+        enrichment = None if stable is None else concentration_of(plain, predicted, classes)[1]
         for gate in STABLE_GATES:
             raised, raised_test = reference, test_scores
             if stable is not None and float(enrichment[stable]) <= gate:
@@ -280,17 +287,17 @@ def rows_of(record: dict, scored: tuple[str, ...]) -> dict[str, tuple[np.ndarray
 def joined_members(record: dict, members: tuple[str, ...], gates: dict[str, float]) -> tuple[str, ...]:
     """``members`` less each gated one whose outliers do not gather in one class on the record's screened set, as
     ``Ensemble``'s fit leaves it out (``member_gates``; all join where the record keeps no predicted classes)."""
-    out = gated_out_members(members, {m: record_enrichment(record, m) for m in members if m in gates}, gates)
+    out = gated_out_members(members, {m: record_p_value(record, m) for m in members if m in gates}, gates)
     return tuple(m for m in members if m not in out)
 
 
-def record_enrichment(record: dict, member: str) -> float:
-    """``member``'s :func:`outlier_enrichment` on the record's screened set, by the predicted classes it keeps (inf
+def record_p_value(record: dict, member: str) -> float:
+    """``member``'s :func:`outlier_significance` on the record's screened set, by the predicted classes it keeps (0
     where it keeps none: a gated member then always joins)."""
     if not record.get("predicted"):
-        return math.inf
+        return 0.0
     predicted = torch.tensor(record["predicted"])
-    return outlier_enrichment(torch.tensor(record["scores"][member], dtype=torch.float64), predicted,
+    return outlier_significance(torch.tensor(record["scores"][member], dtype=torch.float64), predicted,
                               int(predicted.max()) + 1)
 
 
@@ -395,17 +402,18 @@ PROCEDURES = [
 
 
 GATED_MEMBERS = ("typicality", "clustering")  # members leave one family out may take only where they concentrate
-MEMBER_GATES = (2.0, 3.0, 4.0)  # the enrichments it chooses among
-GATED_MARK = re.compile(r"\[e≥[\d.]+\]")  # "features+typicality[e≥3]+probe": typicality joins where its e ≥ 3
+# the significance levels it chooses among: one, the SDK's (a level, not a tuned value; the twenty-fourth session's
+# class-enrichment gates 2, 3 and 4 let a fold pick 2 and lose colour digits' adaptive blend held out)
+MEMBER_GATES = (LABELLED_MEMBER_GATES["typicality"],)
+GATED_MARK = re.compile(r"\[p<[\d.e-]+\]")  # "features+typicality[p<0.001]+probe": typicality joins where p < 0.001
 
 
 def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[dict, ...]) -> None:
-    """Add to each of ``tables`` (row name → unit → value) the *concentration-gated* twin of every multi-member row
+    """Add to each of ``tables`` (row name → unit → value) the *significance-gated* twin of every multi-member row
     that holds a member of ``GATED_MEMBERS``: per record, the row itself where that member's own robust outliers
-    gather in one predicted class (its largest class enrichment, ``concentration_of`` on its robust z-scores, is at
-    least the gate), else the same row without it. An all-to-one backdoor's poison is one class's; a member whose
+    gather in one predicted class (:func:`outlier_significance` below the gate), else the same row without it. An all-to-one backdoor's poison is one class's; a member whose
     outliers spread over the classes is reading something else and only adds noise to the fusion."""
-    enrichment = {(r["unit"], m): record_enrichment(r, m) for r in records for m in GATED_MEMBERS if m in scored}
+    p_value = {(r["unit"], m): record_p_value(r, m) for r in records for m in GATED_MEMBERS if m in scored}
     first = tables[0]
     for name in list(first):
         members, rule = name.split(" / ", 1) if " / " in name else (name, None)
@@ -415,9 +423,9 @@ def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[d
             if without not in first:
                 continue
             for gate in MEMBER_GATES:
-                gated = f"{'+'.join(p + f'[e≥{gate:g}]' if p == m else p for p in parts)} / {rule}"
+                gated = f"{'+'.join(p + f'[p<{gate:g}]' if p == m else p for p in parts)} / {rule}"
                 for table in tables:
-                    table[gated] = {unit: table[name if enrichment[unit, m] >= gate else without][unit]
+                    table[gated] = {unit: table[name if p_value[unit, m] < gate else without][unit]
                                     for unit in table[name]}
 
 

@@ -17,7 +17,7 @@ from trojanguard.detect.ensemble import (
     concentration_of,
     empirical_cdf,
     fuse,
-    outlier_enrichment,
+    outlier_significance,
 )
 from trojanguard.metrics import auroc
 from trojanguard.screening.detectors import DEFAULT_DETECTOR, DETECTORS, build_detector
@@ -134,15 +134,23 @@ def test_class_concentration_is_one_without_outliers_or_when_they_spread_as_the_
         concentration_of(even, torch.zeros(3), 5)
 
 
-def test_outlier_enrichment_is_high_where_a_members_outliers_gather_in_one_class():
+def test_outlier_significance_is_small_where_a_members_outliers_gather_in_one_class():
+    from scipy.stats import hypergeom
+
     g = torch.Generator().manual_seed(0)
     predicted = torch.arange(500) % 5
     noise = torch.randn(500, generator=g, dtype=torch.float64)
     gathered, spread = noise.clone(), noise.clone()
-    gathered[torch.nonzero(predicted == 0).flatten()[:20]] += 20.0  # 20 outliers, all of class 0: (20 + 1) / (4 + 1)
+    gathered[torch.nonzero(predicted == 0).flatten()[:20]] += 20.0  # 20 outliers, all of class 0 (100 of the 500)
     spread[torch.arange(0, 500, 25) + torch.arange(20) % 5] += 20.0  # 20 outliers, 4 a class
-    assert outlier_enrichment(gathered, predicted, 5) == pytest.approx(21 / 5, rel=0.05)
-    assert outlier_enrichment(spread, predicted, 5) < 1.3
+    # P(a class of 100 holds all 20 outliers by chance) = C(100, 20) / C(500, 20)
+    assert outlier_significance(gathered, predicted, 5) == pytest.approx(hypergeom.sf(19, 500, 100, 20), rel=1e-9)
+    assert outlier_significance(gathered, predicted, 5) < 1e-12
+    assert outlier_significance(spread, predicted, 5) > 0.3  # 4 of 20 where 4 are expected
+    assert outlier_significance(noise * 0 + 1, predicted, 5) == 1.0  # no outliers: nothing gathers
+    nan = gathered.clone()
+    nan[1::5] = math.nan  # NaN scores (class 1) count neither as outliers nor in the classes' shares
+    assert outlier_significance(nan, predicted, 5) == pytest.approx(hypergeom.sf(19, 400, 100, 20), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- the class
@@ -286,36 +294,42 @@ def test_an_ensemble_without_cd_needs_one_pass_and_explains_nothing(model):
 
 
 def test_a_gated_member_joins_only_where_its_outliers_gather_and_is_left_out_of_scoring_otherwise(model):
-    """A member below its gate is left out of the fit's members: the ensemble then scores fit data and new images
-    exactly as one fitted without it (a feature member's shared head rebuilt); the gate compares with the member's
-    ``outlier_enrichment`` on the fit data (≥ joins)."""
-    x, new = random_images(48, seed=13), random_images(6, seed=14)
+    """A member whose outliers do not gather at its gate is left out of the fit's members: the ensemble then scores
+    fit data and new images exactly as one fitted without it (a feature member's shared head rebuilt); the gate is a
+    significance level, compared with the member's ``outlier_significance`` on the fit data (p < gate joins)."""
+    odd = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) > 0.5).float()  # 8 near-copies of
+    x = torch.cat([random_images(60, seed=13), (odd + 0.05 * random_images(8, seed=2)).clamp(0, 1)])  # one outlier
+    new = random_images(6, seed=14)
     options = {"fragility": "none", "show_progress": False}
+    every_member = Ensemble(model, members="features,clustering,typicality", member_gates=None, **options).fit(x)
+    p = {name: outlier_significance(every_member.reference_scores[:, i], every_member.reference_predicted, 3)
+         for i, name in enumerate(every_member.members)}
+    assert 0 < p["clustering"] < 1 and 0 < p["typicality"] < 1  # outliers, gathering in a class (not significantly)
     plain = Ensemble(model, members="features,typicality", **options).fit(x)
-    gated = Ensemble(model, members="features,clustering,typicality", member_gates={"clustering": math.inf,
-                                                                                     "typicality": 0}, **options).fit(x)
+    gated = Ensemble(model, members="features,clustering,typicality",
+                     member_gates={"clustering": p["clustering"], "typicality": 1.0}, **options).fit(x)
     assert gated.members == ("features", "typicality") and gated.gated_out == ("clustering",)
-    assert gated.reference_scores.shape == (48, 2) and "clustering" in repr(gated)
+    assert gated.reference_scores.shape == (68, 2) and "clustering" in repr(gated)
     assert torch.allclose(gated.score(x), plain.score(x)) and torch.allclose(gated.score(new), plain.score(new))
-    enrichment = outlier_enrichment(plain.reference_scores[:, 1], plain.reference_predicted, 3)
-    assert gated.member_enrichment["typicality"] == pytest.approx(enrichment)
-    at = Ensemble(model, members="features,typicality", member_gates={"typicality": enrichment}, **options).fit(x)
-    above = Ensemble(model, members="features,typicality", member_gates={"typicality": enrichment + 1e-6},
+    assert gated.member_p_values == pytest.approx({name: p[name] for name in ("clustering", "typicality")})
+    above = Ensemble(model, members="features,typicality", member_gates={"typicality": p["typicality"] * 1.001},
                      **options).fit(x)
-    assert at.members == ("features", "typicality") and above.members == ("features",)
-    assert above.gated_out == ("typicality",) and torch.allclose(above.score(new), Ensemble(
+    at = Ensemble(model, members="features,typicality", member_gates={"typicality": p["typicality"]}, **options).fit(x)
+    assert above.members == ("features", "typicality") and at.members == ("features",)
+    assert at.gated_out == ("typicality",) and torch.allclose(at.score(new), Ensemble(
         model, members="features", **options).fit(x).score(new))
-    every = Ensemble(model, members="features,typicality", member_gates={"features": math.inf,
-                                                                          "typicality": math.inf}, **options).fit(x)
+    every = Ensemble(model, members="features,typicality", member_gates={"features": 1e-9,
+                                                                          "typicality": 1e-9}, **options).fit(x)
     assert len(every.members) == 1  # at least one member stays
-    assert above.fit(x).gated_out == ("typicality",) and above.fit(x[:40]).fitted_member_gates == {
-        "typicality": enrichment + 1e-6}  # a refit gates every member again
+    assert at.fit(x).gated_out == ("typicality",) and at.fit(x[:40]).fitted_member_gates == {
+        "typicality": p["typicality"]}  # a refit gates every member again
     assert Ensemble(model, members="features,typicality", **options).fit(x).fitted_member_gates == {}  # no labels
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"member_gates": {"probe": 2.0}}, "^member_gates: 'probe' is not a member"),
-    ({"member_gates": {"typicality": -1}}, "^member_gates: expected a number ≥ 0 as 'typicality'"),
+    ({"member_gates": {"typicality": -1}}, "^member_gates: expected a significance level in \\(0, 1\\] as 'typicality'"),
+    ({"member_gates": {"typicality": 3.0}}, "^member_gates: expected a significance level in \\(0, 1\\] as 'typicality'"),
     ({"member_gates": 3.0}, "^member_gates: expected {member: gate}, 'auto' or None, got 3.0"),
     ({"members": ("cd-p", "strip")}, "^members: unknown member 'strip'"),
     ({"members": ()}, "^members: expected at least one"),
@@ -377,5 +391,6 @@ def test_screen_runs_the_ensemble_fitted_on_the_screened_data_with_cd_masks_in_t
     assert torch.allclose(torch.as_tensor(result.scores).float(), ensemble.score(images), atol=1e-6)
     assert "masks" in result.files
     for key, (fired, share, p) in (("fragile", ensemble.fragile), ("stable", ensemble.stable)):  # the class tests
-        assert result.summary["fit"][f"noise_{key}_class"] == {"class": fired, "share": share, "p_value": p}
+        vetoed = {"vetoed_class": ensemble.fragile_vetoed} if key == "fragile" else {}
+        assert result.summary["fit"][f"noise_{key}_class"] == {"class": fired, "share": share, "p_value": p, **vetoed}
         assert f"noise-{key} class" in result.files["html"].read_text()

@@ -10,7 +10,7 @@ from helpers import random_images, screened_draw, small_classifier
 from trojanguard.detect import Ensemble, LabelProbe
 from trojanguard.detect._feature_detector import Features
 from trojanguard.detect.ensemble import DEFAULT_MEMBERS, LABELLED_MEMBER_GATES, LABELLED_MEMBERS
-from trojanguard.detect.fragility import STABLE_GATE
+from trojanguard.detect.fragility import ALPHA, STABLE_GATE
 from trojanguard.detect.label_probe import out_of_fold_log_probability
 from trojanguard.errors import DataError
 from trojanguard.metrics import auroc
@@ -117,7 +117,7 @@ def test_fit_on_images_reads_the_middle_layer_and_score_uses_the_module(model):
 
 
 def test_the_ensemble_chooses_its_members_by_whether_labels_are_given(model):
-    """``members="auto"``: with labels the label probe, ``features`` and ``typicality`` gated by its enrichment, no
+    """``members="auto"``: with labels the label probe, ``features`` and ``typicality`` gated by significance, no
     noise-stable class, the probe's reference column its out-of-fold scores; without labels the label-free default
     and its stable gate, no member gated."""
     x, new = random_images(60, seed=6), random_images(8, seed=7)
@@ -126,8 +126,8 @@ def test_the_ensemble_chooses_its_members_by_whether_labels_are_given(model):
     assert "'auto'" in repr(labelled)
     labelled.fit(x, labels)
     assert labelled.fitted_stable_gate is None and labelled.stable == (None, 0.0, 1.0)
-    assert labelled.fitted_member_gates == LABELLED_MEMBER_GATES == {"typicality": 3.0}
-    joins = labelled.member_enrichment["typicality"] >= 3.0
+    assert labelled.fitted_member_gates == LABELLED_MEMBER_GATES == {"typicality": ALPHA} and ALPHA == 1e-3
+    joins = labelled.member_p_values["typicality"] < ALPHA
     assert labelled.members == tuple(m for m in LABELLED_MEMBERS if joins or m != "typicality")
     assert labelled.gated_out == (() if joins else ("typicality",))
     alone, column = LabelProbe(model, show_progress=False).fit(x, labels), labelled.members.index("probe")
@@ -135,7 +135,7 @@ def test_the_ensemble_chooses_its_members_by_whether_labels_are_given(model):
     assert torch.allclose(labelled.member_scores(new)[:, column].float(), alone.score(new), atol=1e-5)
     unlabelled = Ensemble(model, show_progress=False).fit(x)
     assert unlabelled.members == DEFAULT_MEMBERS and unlabelled.fitted_stable_gate == STABLE_GATE
-    assert unlabelled.fitted_member_gates == {} and unlabelled.member_enrichment == {} and not unlabelled.gated_out
+    assert unlabelled.fitted_member_gates == {} and unlabelled.member_p_values == {} and not unlabelled.gated_out
     explicit = Ensemble(model, members="features,probe", stable_gate=1.5, show_progress=False).fit(x, labels)
     assert explicit.fitted_stable_gate == 1.5
     # the labels are the probe's alone: `features` fits per predicted class with or without them
@@ -184,7 +184,7 @@ def test_the_labelled_ensemble_finds_colour_digits_adaptive_patch_where_the_labe
     """The adaptive patch on colour digits (poison and cover samples share a split, low-contrast trigger; only the
     poison's labels agree with it), the zoo's model, the 20 % screened draw of benchmarks/detect_families.py (seed 0).
     Measured: ``Ensemble()`` with the training labels 0.960 (features + probe: typicality's outliers spread over the
-    classes, enrichment 1.7, so its gate leaves it out), without them (the label-free default) 0.859."""
+    classes, p = 0.19, so its gate leaves it out), without them (the label-free default) 0.859."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
     entry = get_backdoored_model(ZooConfig(attack="adaptive_patch", dataset="colour_digits"), show_progress=False)
@@ -202,7 +202,7 @@ def test_the_labelled_ensemble_finds_colour_digits_adaptive_patch_where_the_labe
 def test_the_labelled_ensemble_takes_typicality_for_sig_whose_clean_label_poison_the_probe_cannot_read():
     """SIG's zoo model (clean-label: the poison keep their true label, so the probe reads nothing wrong with them),
     the 20 % screened draw 1 of benchmarks/detect_families.py: typicality's outliers gather in the target class
-    (enrichment 5.1, gate 3), so it joins. Measured: ``Ensemble()`` with labels 1.000, features + probe 0.905."""
+    (p = 7·10⁻²², gate 10⁻³), so it joins. Measured: ``Ensemble()`` with labels 1.000, features + probe 0.905."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
     entry = get_backdoored_model(ZooConfig(attack="sig"), show_progress=False)
@@ -212,7 +212,7 @@ def test_the_labelled_ensemble_takes_typicality_for_sig_whose_clean_label_poison
     ensemble = Ensemble(entry.model, show_progress=False).fit(x, labels)
     labelled = auroc(truth, ensemble.score(x))
     without = auroc(truth, Ensemble(entry.model, members="features,probe", show_progress=False).fit(x, labels).score(x))
-    print(f"sig: with labels {labelled:.3f} (typicality enrichment {ensemble.member_enrichment['typicality']:.1f}), "
+    print(f"sig: with labels {labelled:.3f} (typicality p {ensemble.member_p_values['typicality']:.1e}), "
           f"features + probe {without:.3f}")
     assert ensemble.members == LABELLED_MEMBERS and labelled >= 0.97 and labelled >= without + 0.03
 
@@ -231,7 +231,7 @@ def test_screen_gives_the_ensemble_the_labels_of_a_labelled_source(tmp_path, mod
     same = Ensemble(model, batch_size=64, show_progress=False).fit(images, labels)
     assert labelled.summary["fit"]["members"] == list(same.members) and labelled.summary["fit"]["labels_read"]
     assert labelled.summary["fit"]["gated_out"] == list(same.gated_out)
-    assert labelled.summary["fit"]["member_enrichment"] == pytest.approx(same.member_enrichment)
+    assert labelled.summary["fit"]["member_p_values"] == pytest.approx(same.member_p_values)
     expected = same.score(images)
     assert torch.allclose(torch.as_tensor(labelled.scores).float(), expected, atol=1e-6)
     plain = screen(model, images, out_dir=tmp_path / "b", calibration=None, report=False, show_progress=False)

@@ -41,7 +41,10 @@ is erased by pixel noise far below the images' contrast, so its poison fall back
 image notices; the feature members rank such poison below the attacker's cover samples. With ``"class"`` (default)
 the fit also scores every image's :class:`~trojanguard.detect.NoiseFragility` (``draws`` more forward passes each)
 and asks :func:`~trojanguard.detect.fragility.fragile_class` whether the set's most fragile images gather in one
-predicted class (a majority of the most fragile 15 %, beyond chance); only if one does, the fused scores are re-placed
+predicted class (a majority of the most fragile 15 %, beyond chance) — and the members' own outliers do not shun that
+class (:func:`~trojanguard.detect.fragility.outliers_avoid`, at the same level: where they do, its fragile images are
+hard clean images, as when a noise-like trigger makes noise evoke the target; ``fragile_vetoed``) — only if one does,
+the fused scores are re-placed
 so that class's fragile images rise (:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the
 fragility ranks added within that class, mapped back onto the fit data's fused values). The mirror, the noise-stable
 class (:func:`~trojanguard.detect.fragility.stable_class`): most triggers make their poison *more* stable than clean
@@ -53,11 +56,14 @@ fragility".)
 
 Gated members (``member_gates``). A member whose robust outliers on the fit data spread over the classes as the data
 does is not reading an all-to-one backdoor (whose poison is one class's) and adds only its noise to the fusion; a
-gated member joins only where its outliers gather — the largest class enrichment of its own robust outliers
-(:func:`concentration_of` on its robust z-scores) is at least its gate — and the fit leaves it out otherwise
-(``gated_out``, ``member_enrichment``). With labels the default gates ``typicality`` at 3 (ours; chosen leave one
-family out, ``benchmarks/RESULTS.md``, "Gated typicality"): it finds SIG, whose clean-label poison the probe cannot
-read, and stays out on colour digits, where its outliers spread and it would cost the adaptive attacks 0.05–0.10.
+gated member joins only where its outliers gather — one predicted class holds more of its own robust outliers than
+its share of the fit data explains, at one-sided hypergeometric p below the member's gate
+(:func:`outlier_significance`) — and the fit leaves it out otherwise (``gated_out``, ``member_p_values``). With labels
+the default gates ``typicality`` at the fragility class test's level, ``ALPHA`` = 10⁻³ (ours; a significance level,
+so no threshold is tuned; ``benchmarks/RESULTS.md``, "Gated typicality"): it finds SIG, whose clean-label poison the
+probe cannot read, and stays out on colour digits, where its outliers spread and it would cost the adaptive attacks
+0.05–0.10. (The twenty-fourth session's gate, class enrichment ≥ 3, was chosen leave one family out among 2, 3 and
+4; held out the significance gate does better, and it has no value to choose.)
 
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
@@ -94,9 +100,11 @@ from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import Features, image_digests
 from trojanguard.detect.base import Detector
 from trojanguard.detect.fragility import (
+    ALPHA,
     STABLE_GATE,
     NoiseFragility,
     fragile_class,
+    outliers_avoid,
     place_by_fragility,
     stable_class,
 )
@@ -111,7 +119,7 @@ OWN_PASS_MEMBERS = ("typicality", "probe")  # read another layer (the middle one
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 LABELLED_MEMBERS = ("features", "typicality", "probe")  # the same, where the fit is given the training labels
-LABELLED_MEMBER_GATES = {"typicality": 3.0}  # ... of which typicality joins only where its outliers gather in a class
+LABELLED_MEMBER_GATES = {"typicality": ALPHA}  # ... of which typicality joins only where its outliers gather in a class
 AUTO = "auto"  # members / stable_gate / member_gates chosen at fit: the LABELLED_ ones with labels, else the above
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
 RANK_FUSIONS = ("rank", "probit", "max", "select")  # functions of the members' ranks only
@@ -171,10 +179,10 @@ class Ensemble(Detector):
         stable_gate: the largest enrichment of its class at which the noise-stable class still fires (module
             docstring); None: it never does. ``"auto"`` (default): none where the label probe reads labels (leave one
             family out drops the stable class beside it), else :data:`~trojanguard.detect.fragility.STABLE_GATE`.
-        member_gates: ``{member: gate}``: such a member joins the fusion only where its own outliers on the fit data
-            gather in one predicted class — the largest class enrichment of its robust outliers
-            (:func:`concentration_of` on its robust z-scores) is at least ``gate``; else the fit leaves it out
-            (module docstring, "Gated members"). ``"auto"`` (default): :data:`LABELLED_MEMBER_GATES` where the label
+        member_gates: ``{member: gate}``, ``gate`` a significance level in (0, 1]: such a member joins the fusion
+            only where its own robust outliers on the fit data gather in one predicted class at one-sided
+            hypergeometric p < ``gate`` (:func:`outlier_significance`); else the fit leaves it out (module docstring,
+            "Gated members"). ``"auto"`` (default): :data:`LABELLED_MEMBER_GATES` where the label
             probe reads labels, else none. None or ``{}``: every member joins.
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
@@ -188,11 +196,12 @@ class Ensemble(Detector):
     order), ``member_seconds`` {name: seconds} spent fitting and scoring it (the feature members share
     ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
     ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
-    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``), ``member_enrichment``
-    {gated member: its largest class enrichment} and ``gated_out`` (the gated members the fit left out; ``members``
+    among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``), ``member_p_values``
+    {gated member: :func:`outlier_significance`'s p-value} and ``gated_out`` (the gated members the fit left out; ``members``
     holds those that joined); with ``fragility="class"``,
     ``reference_fragility`` (n,), ``fragile`` and ``stable``, each ``(class or None, share, p-value)`` of
-    :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`.
+    :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`, and
+    ``fragile_vetoed`` (the class the fragile test fired on where the fused outliers shun it, else None).
     """
 
     model_kind = Classifier
@@ -256,7 +265,7 @@ class Ensemble(Detector):
         self.stable: tuple[int | None, float, float] = (None, 0.0, 1.0)
         self._steps: tuple[tuple, list] | None = None  # _placement_steps' cache: (fired classes, steps)
         self._probe_reads_labels = False  # whether the last fit gave the label probe labels (fitted_stable_gate)
-        self.member_enrichment: dict[str, float] = {}
+        self.member_p_values: dict[str, float] = {}
         self.gated_out: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
@@ -399,6 +408,7 @@ class Ensemble(Detector):
         self._memo = {digest: row for row, digest in enumerate(digests)}
         self.input_shape = shape
         self.reference_fragility, self.fragile, self.stable = None, (None, 0.0, 1.0), (None, 0.0, 1.0)
+        self.fragile_vetoed = None
         self._steps = None
         if self.fragility == "class":
             started = time.perf_counter()
@@ -410,6 +420,8 @@ class Ensemble(Detector):
                                 "that reads the same images every time it is iterated")
             self.reference_fragility = fragility
             self.fragile = fragile_class(fragility, self.reference_predicted, self._num_classes)
+            if self.fragile[0] is not None and self._outliers_avoid(self.fragile[0]):
+                self.fragile_vetoed, self.fragile = self.fragile[0], (None, *self.fragile[1:])
             gate = self.fitted_stable_gate
             if gate is not None:
                 self.stable = stable_class(fragility, self.reference_predicted, self._concentration_of(self.fusion)[1],
@@ -494,12 +506,12 @@ class Ensemble(Detector):
     def _gate_members(self, columns: dict[str, torch.Tensor], logits: torch.Tensor, shared) -> None:
         """Leave out of ``members`` each gated member whose own robust outliers on the fit data (``columns``, its
         scores) do not gather in one predicted class (``fitted_member_gates``); at least one member stays."""
-        self.gated_out, self.member_enrichment = (), {}
+        self.gated_out, self.member_p_values = (), {}
         gates = self.fitted_member_gates
         predicted, classes = logits.argmax(1).cpu(), logits.shape[1]
         for name in gates:
-            self.member_enrichment[name] = outlier_enrichment(columns[name], predicted, classes)
-        self.gated_out = out = gated_out_members(self.members, self.member_enrichment, gates)
+            self.member_p_values[name] = outlier_significance(columns[name], predicted, classes)
+        self.gated_out = out = gated_out_members(self.members, self.member_p_values, gates)
         if not out:
             return
         self.members = tuple(n for n in self.members if n not in out)
@@ -551,6 +563,14 @@ class Ensemble(Detector):
             reference = fuse(self.reference_scores, self.reference_scores, fusion, selected=selected)
             self._factors[fusion] = concentration_of(reference, self.reference_predicted, self.num_classes)
         return self._factors[fusion]
+
+    def _outliers_avoid(self, cls: int) -> bool:
+        """Whether the fit data's fused outliers (over the robust rule's threshold) shun class ``cls``
+        (:func:`~trojanguard.detect.fragility.outliers_avoid`)."""
+        threshold = self._concentration_of(self.fusion)[0]
+        reference = fuse(self.reference_scores, self.reference_scores, self.fusion,
+                         selected=self.members.index(self.selected))
+        return outliers_avoid(reference.double() > threshold, self.reference_predicted, cls)
 
     def _placement_steps(self) -> list[tuple[int, int, torch.Tensor]]:
         """``(sign, fired class, the fit data's fused scores it re-places against)`` per fired class test — the fragile
@@ -697,7 +717,8 @@ class _SharedFeatures(FeatureTap):
 
 # ---------------------------------------------------------------------------------------------- fusion
 def check_member_gates(member_gates, members: Sequence[str]) -> dict[str, float] | str:
-    """``member_gates`` checked: ``"auto"``, or ``{member: gate ≥ 0}`` over ``members`` (None: ``{}``)."""
+    """``member_gates`` checked: ``"auto"``, or ``{member: significance level in (0, 1]}`` over ``members`` (None:
+    ``{}``)."""
     if member_gates is None:
         return {}
     if isinstance(member_gates, str) and member_gates.strip() == AUTO:
@@ -708,8 +729,8 @@ def check_member_gates(member_gates, members: Sequence[str]) -> dict[str, float]
     for name, gate in member_gates.items():
         if name not in members:
             raise ValueError(f"member_gates: {name!r} is not a member; members: {', '.join(members)}")
-        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not gate >= 0:
-            raise ValueError(f"member_gates: expected a number ≥ 0 as {name!r}'s gate, got {gate!r}")
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1:
+            raise ValueError(f"member_gates: expected a significance level in (0, 1] as {name!r}'s gate, got {gate!r}")
     return {name: float(gate) for name, gate in member_gates.items()}
 
 
@@ -827,17 +848,37 @@ def concentration_of(reference: torch.Tensor, predicted: torch.Tensor, num_class
     return torch.tensor(threshold, dtype=torch.float64), (hits + 1) / (outliers.double().mean() * counts + 1)
 
 
-def outlier_enrichment(scores: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> float:
-    """The largest class enrichment (:func:`concentration_of`) of one member's robust outliers among ``scores`` (n,)
-    of the fit data, by their ``predicted`` classes (n,): how far its outliers gather in one class (gated members)."""
-    return float(concentration_of(robust_z(scores, scores), predicted, num_classes)[1].max())
+def outlier_significance(scores: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> float:
+    """How far one member's robust outliers among ``scores`` (n,) of the fit data gather in one of their ``predicted``
+    classes (n,), as a p-value (gated members): over the classes, the smallest one-sided hypergeometric probability
+    that a class holds at least as many of the outliers (above the robust rule's threshold on the member's robust
+    z-scores) by chance, given its share of the data. 1 where there are no outliers."""
+    from scipy.stats import hypergeom
+
+    from trojanguard.thresholds import robust_threshold
+
+    values = robust_z(scores, scores).double()
+    predicted = torch.as_tensor(predicted).long().flatten()
+    finite = torch.isfinite(values)
+    if int(finite.sum()) < 3:
+        return 1.0
+    outliers = values > robust_threshold(values[finite].numpy())  # +inf counts, NaN does not
+    valid = ~torch.isnan(values)
+    n, top = int(valid.sum()), int(outliers.sum())
+    if top == 0:
+        return 1.0
+    counts = torch.bincount(predicted[valid], minlength=num_classes)
+    hits = torch.bincount(predicted[outliers], minlength=num_classes)
+    return float(min(hypergeom.sf(int(hits[c]) - 1, n, int(counts[c]), top) for c in range(num_classes)
+                     if hits[c] > 0))
 
 
-def gated_out_members(members: Sequence[str], enrichment: dict[str, float], gates: dict[str, float]
+def gated_out_members(members: Sequence[str], p_values: dict[str, float], gates: dict[str, float]
                       ) -> tuple[str, ...]:
-    """The gated ``members`` whose ``enrichment`` (:func:`outlier_enrichment`) is below their gate (``gates``), in
-    ``members`` order; the first of them stays in when that would leave no member."""
-    out = tuple(n for n in members if n in gates and enrichment[n] < gates[n])
+    """The gated ``members`` whose outliers do not gather significantly (:func:`outlier_significance`'s ``p_values``
+    at or above their gate, ``gates``), in ``members`` order; the first of them stays in when that would leave no
+    member."""
+    out = tuple(n for n in members if n in gates and not p_values[n] < gates[n])
     return out[1:] if len(out) == len(members) else out
 
 

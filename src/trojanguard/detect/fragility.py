@@ -145,6 +145,23 @@ def fragile_class(fragility: torch.Tensor, predicted: torch.Tensor, num_classes:
     return (c if share > majority and p < alpha else None), share, p
 
 
+def outliers_avoid(outliers: torch.Tensor, predicted: torch.Tensor, cls: int, *, alpha: float = ALPHA) -> bool:
+    """Whether class ``cls`` holds significantly *fewer* of the ``outliers`` (n,) bool than its share of the images'
+    ``predicted`` classes (n,) explains (one-sided hypergeometric lower tail p < ``alpha``). The ensemble's veto on a
+    fired fragile class: where the members' own outliers shun that class, its fragile images are hard clean images (a
+    noise-like trigger makes noise itself evoke the target, and the class nearest the target is then the fragile one),
+    not poison."""
+    from scipy.stats import hypergeom
+
+    outliers = torch.as_tensor(outliers).bool().flatten()
+    predicted = torch.as_tensor(predicted).long().flatten()
+    if outliers.shape != predicted.shape:
+        raise ValueError(f"predicted: expected ({len(outliers)},) classes, got {tuple(predicted.shape)}")
+    n, top = len(outliers), int(outliers.sum())
+    in_class = predicted == cls
+    return bool(top and hypergeom.cdf(int(outliers[in_class].sum()), n, int(in_class.sum()), top) < alpha)
+
+
 def stable_class(fragility: torch.Tensor, predicted: torch.Tensor, enrichment: torch.Tensor, *,
                  gate: float = STABLE_GATE) -> tuple[int | None, float, float]:
     """The class where a set's noise-*stable* images gather, if one does and class concentration has not already

@@ -389,12 +389,13 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
     if hasattr(detector, "auto_members"):  # the ensemble: which members the fit chose, and whether labels were read
         info["members"] = list(detector.members)
         info["labels_read"] = detector.probe_read_labels
-        info["gated_out"] = list(detector.gated_out)  # gated members the fit left out, and each gated one's enrichment
-        info["member_enrichment"] = {name: float(e) for name, e in detector.member_enrichment.items()}
+        info["gated_out"] = list(detector.gated_out)  # gated members the fit left out, and each gated one's p-value
+        info["member_p_values"] = {name: float(p) for name, p in detector.member_p_values.items()}
     if getattr(detector, "reference_fragility", None) is not None:  # the ensemble's class tests (detect/fragility.py)
         for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
             fired, share, p = getattr(detector, attribute)
             info[key] = {"class": fired, "share": float(share), "p_value": float(p)}
+        info["noise_fragile_class"]["vetoed_class"] = getattr(detector, "fragile_vetoed", None)  # outliers shun it
     return info
 
 
