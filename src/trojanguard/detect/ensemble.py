@@ -41,12 +41,12 @@ is erased by pixel noise far below the images' contrast, so its poison fall back
 image notices; the feature members rank such poison below the attacker's cover samples. With ``"class"`` (default)
 the fit also scores every image's :class:`~trojanguard.detect.NoiseFragility` (``draws`` more forward passes each)
 and asks :func:`~trojanguard.detect.fragility.fragile_class` whether the set's most fragile images gather in one
-predicted class (a majority of the most fragile 15 %, beyond chance) — and the members' own outliers do not shun that
+predicted class (a majority of the most fragile 15 %, beyond chance) and the members' own outliers do not shun that
 class (:func:`~trojanguard.detect.fragility.outliers_avoid`, at the same level: where they do, its fragile images are
-hard clean images, as when a noise-like trigger makes noise evoke the target; ``fragile_vetoed``) — only if one does,
-the fused scores are re-placed
-so that class's fragile images rise (:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the
-fragility ranks added within that class, mapped back onto the fit data's fused values). The mirror, the noise-stable
+hard clean images, as when a noise-like trigger makes noise evoke the target; ``fragile_vetoed``); only if one does,
+the fused scores are re-placed so that class's fragile images rise
+(:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the fragility ranks added within that class,
+mapped back onto the fit data's fused values). The mirror, the noise-stable
 class (:func:`~trojanguard.detect.fragility.stable_class`): most triggers make their poison *more* stable than clean
 images, so the same test on the negated fragility finds the class where the most stable images gather; it fires only
 where class concentration's enrichment of that class is at most 2 (concentration has not already raised it), and then
@@ -197,8 +197,8 @@ class Ensemble(Detector):
     ``"feature pass"``), ``bimodality`` {name: coefficient}, ``selected`` (the member ``"select"`` uses),
     ``reference_predicted`` (n,) the model's classes of the fit data, ``class_factors`` (K,) each class's enrichment
     among the fit data's outliers under ``fusion`` (all 1 with ``concentration="none"``), ``member_p_values``
-    {gated member: :func:`outlier_significance`'s p-value} and ``gated_out`` (the gated members the fit left out; ``members``
-    holds those that joined); with ``fragility="class"``,
+    {gated member: :func:`outlier_significance`'s p-value} and ``gated_out`` (the gated members the fit left out;
+    ``members`` holds those that joined); with ``fragility="class"``,
     ``reference_fragility`` (n,), ``fragile`` and ``stable``, each ``(class or None, share, p-value)`` of
     :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`, and
     ``fragile_vetoed`` (the class the fragile test fired on where the fused outliers shun it, else None).
@@ -267,6 +267,7 @@ class Ensemble(Detector):
         self._probe_reads_labels = False  # whether the last fit gave the label probe labels (fitted_stable_gate)
         self.member_p_values: dict[str, float] = {}
         self.gated_out: tuple[str, ...] = ()
+        self.fragile_vetoed: int | None = None  # the fragile class a fit dropped: the fused outliers shun it
 
     def __repr__(self) -> str:
         keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "member_gates", "layer", "steps",
