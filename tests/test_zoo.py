@@ -40,6 +40,22 @@ def test_cache_key_follows_the_zoo_attack_defaults(monkeypatch):
     assert wanet.key() != before[0] and badnets.key() == before[1]
 
 
+def test_cache_key_follows_an_attack_class_default(monkeypatch):
+    """A changed default of the attack's own class is a new model too (a class default is not a zoo setting, and once
+    reused a stale model whose ASR was then measured with the new trigger)."""
+    from trojanguard import attacks
+    from trojanguard.attacks import BadNets
+
+    class WiderBadNets(BadNets):
+        def __init__(self, size: float = 0.2, **kwargs):
+            super().__init__(size=size, **kwargs)
+
+    config = ZooConfig(attack="badnets")
+    before = config.key()
+    monkeypatch.setitem(attacks.ATTACKS, "badnets", WiderBadNets)
+    assert config.make_attack().size == 0.2 and config.key() != before
+
+
 def test_concurrent_callers_train_a_zoo_model_once(monkeypatch, tmp_path):
     """Two callers asking for one uncached model (test workers, Ray tasks) train it once: the second waits on the
     entry's lock and loads what the first wrote."""

@@ -61,11 +61,10 @@ class ZooConfig:
     attack_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        """The cache key: the config, and the zoo's own settings of the attack when it has any (so changing
-        ``ZOO_ATTACK_DEFAULTS`` trains anew instead of reusing a model trained with the old settings)."""
-        settings = {"v": ZOO_VERSION, **asdict(self)}
-        if self.attack in ZOO_ATTACK_DEFAULTS:
-            settings["zoo_attack_defaults"] = ZOO_ATTACK_DEFAULTS[self.attack]
+        """The cache key: the config, and the attack exactly as it is built (its ``repr``: every setting, whether
+        from the class's defaults, ``ZOO_ATTACK_DEFAULTS`` or ``attack_kwargs``), so changing any of them trains anew
+        instead of reusing a model trained with the old settings."""
+        settings = {"v": ZOO_VERSION, **asdict(self), "attack_built": repr(self.make_attack())}
         blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
