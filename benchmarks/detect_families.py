@@ -236,11 +236,11 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         reference = torch.from_numpy(screened)
         test_scores = None if test_scores is None or test is None else torch.from_numpy(test_scores)
         plain = torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0])
+        threshold, enrichment = concentration_of(plain, predicted, classes)
         if fragile is not None and not outliers_avoid(  # Ensemble's veto: the plain fused row's outliers shun it
-                plain.double() > concentration_of(plain, predicted, classes)[0], predicted, fragile):
+                plain.double() > threshold, predicted, fragile):
             reference, test_scores = placed_rows(reference, test_scores, fragility, predicted, test, 1, fragile)
         placed[name] = (reference.numpy(), None if test_scores is None else test_scores.numpy())
-        enrichment = None if stable is None else concentration_of(plain, predicted, classes)[1]
         for gate in STABLE_GATES:
             raised, raised_test = reference, test_scores
             if stable is not None and float(enrichment[stable]) <= gate:

@@ -256,7 +256,7 @@ class Ensemble(Detector):
         self._memo: dict[bytes, int] = {}
         self._heads: _SharedFeatures | None = None
         self._own_pass: dict[str, nn.Module] = {}  # each own-pass member's scorer module, built by fit
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per fusion: _concentration_of
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per fusion: _concentration_of
         self._net: nn.Module | None = None  # a frozen copy of the model, for classes when no member pass gives them
         self._num_classes = 0
         self._fragility_detector: NoiseFragility | None = None
@@ -454,7 +454,7 @@ class Ensemble(Detector):
         fused = fuse(self.reference_scores, member_scores, fusion, selected=selected)
         if predicted is None or self.concentration == "none":
             return fused
-        threshold, factors = self._concentration_of(fusion)
+        threshold, factors, _ = self._concentration_of(fusion)
         return concentrate(fused, torch.as_tensor(predicted).long(), threshold, factors)
 
     @property
@@ -557,21 +557,20 @@ class Ensemble(Detector):
         if not self.fitted:
             raise RuntimeError(f"{where}: call fit(data) first (the screened data itself, or reference data)")
 
-    def _concentration_of(self, fusion: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`concentration_of` the fit data fused by ``fusion`` (cached)."""
+    def _concentration_of(self, fusion: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`concentration_of` the fit data fused by ``fusion``, and which of them are its outliers (n,) bool
+        (over the threshold; cached)."""
         if fusion not in self._factors:
             selected = self.members.index(self.selected)
             reference = fuse(self.reference_scores, self.reference_scores, fusion, selected=selected)
-            self._factors[fusion] = concentration_of(reference, self.reference_predicted, self.num_classes)
+            threshold, factors = concentration_of(reference, self.reference_predicted, self.num_classes)
+            self._factors[fusion] = (threshold, factors, reference.double() > threshold)
         return self._factors[fusion]
 
     def _outliers_avoid(self, cls: int) -> bool:
-        """Whether the fit data's fused outliers (over the robust rule's threshold) shun class ``cls``
-        (:func:`~trojanguard.detect.fragility.outliers_avoid`)."""
-        threshold = self._concentration_of(self.fusion)[0]
-        reference = fuse(self.reference_scores, self.reference_scores, self.fusion,
-                         selected=self.members.index(self.selected))
-        return outliers_avoid(reference.double() > threshold, self.reference_predicted, cls)
+        """Whether the fit data's fused outliers shun class ``cls`` (:func:`~trojanguard.detect.fragility.
+        outliers_avoid`)."""
+        return outliers_avoid(self._concentration_of(self.fusion)[2], self.reference_predicted, cls)
 
     def _placement_steps(self) -> list[tuple[int, int, torch.Tensor]]:
         """``(sign, fired class, the fit data's fused scores it re-places against)`` per fired class test — the fragile
