@@ -411,8 +411,9 @@ GATED_MARK = re.compile(r"\[p<[\d.e-]+\]")  # "features+typicality[p<0.001]+prob
 def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[dict, ...]) -> None:
     """Add to each of ``tables`` (row name → unit → value) the *significance-gated* twin of every multi-member row
     that holds a member of ``GATED_MEMBERS``: per record, the row itself where that member's own robust outliers
-    gather in one predicted class (:func:`outlier_significance` below the gate), else the same row without it. An all-to-one backdoor's poison is one class's; a member whose
-    outliers spread over the classes is reading something else and only adds noise to the fusion."""
+    gather in one predicted class (:func:`outlier_significance` below the gate), else the same row without it. An
+    all-to-one backdoor's poison is one class's; a member whose outliers spread over the classes is reading
+    something else and only adds noise to the fusion."""
     p_value = {(r["unit"], m): record_p_value(r, m) for r in records for m in GATED_MEMBERS if m in scored}
     first = tables[0]
     for name in list(first):

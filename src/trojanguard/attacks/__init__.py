@@ -46,6 +46,6 @@ def make_attack(name: str, **kwargs) -> Attack:
     return cls(**kwargs)
 
 
-__all__ = ["ATTACKS", "FAMILIES", "ISSBA", "SIG", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blended", "BppAttack",
-           "ColourFilter", "FTrojan", "InputAware", "LabelConsistent", "LowFrequency", "PhysicalPatch",
+__all__ = ["ATTACKS", "FAMILIES", "ISSBA", "SIG", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blended",
+           "BppAttack", "ColourFilter", "FTrojan", "InputAware", "LabelConsistent", "LowFrequency", "PhysicalPatch",
            "PoisonedDataset", "Reflection", "Trojan", "WaNet", "make_attack"]

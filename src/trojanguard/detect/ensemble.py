@@ -7,7 +7,8 @@ readily a strongly regularised linear read-out of the middle layer predicts an i
 that reads the labels given to :meth:`Ensemble.fit`). The three feature members read one layer and share one forward
 pass (fit and score); ``typicality`` and ``probe`` read the middle layer — in that same pass when fitting beside
 ``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images
-(one pass for both: members reading one layer share it); each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates the cost.
+(one pass for both: members reading one layer share it); each CD member is its own optimisation (~``steps`` ×
+forward + input gradient per image), so CD dominates the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -182,8 +183,8 @@ class Ensemble(Detector):
         member_gates: ``{member: gate}``, ``gate`` a significance level in (0, 1]: such a member joins the fusion
             only where its own robust outliers on the fit data gather in one predicted class at one-sided
             hypergeometric p < ``gate`` (:func:`outlier_significance`); else the fit leaves it out (module docstring,
-            "Gated members"). ``"auto"`` (default): :data:`LABELLED_MEMBER_GATES` where the label
-            probe reads labels, else none. None or ``{}``: every member joins.
+            "Gated members"). ``"auto"`` (default): :data:`LABELLED_MEMBER_GATES` where the label probe reads
+            labels, else none. None or ``{}``: every member joins.
         layer: the layer the feature members read (one shared forward pass); default: the last 4-D output before
             global pooling.
         steps: optimisation steps of the CD members.
@@ -730,7 +731,8 @@ def check_member_gates(member_gates, members: Sequence[str]) -> dict[str, float]
         if name not in members:
             raise ValueError(f"member_gates: {name!r} is not a member; members: {', '.join(members)}")
         if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1:
-            raise ValueError(f"member_gates: expected a significance level in (0, 1] as {name!r}'s gate, got {gate!r}")
+            raise ValueError(
+                f"member_gates: expected a significance level in (0, 1] as {name!r}'s gate, got {gate!r}")
     return {name: float(gate) for name, gate in member_gates.items()}
 
 
