@@ -31,11 +31,23 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict_labels(model, x) == y).float().mean())
 
 
-def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, target: int) -> float:
-    """ASR: fraction of triggered inputs whose true label is not the target that are classified as target."""
-    keep = y_true != target
+def success_mask(y_true: torch.Tensor, target: int, attack=None) -> torch.Tensor:
+    """Which triggered inputs ASR counts, ``(N,)`` bool from true labels ``y_true: (N,)``: those whose true label is
+    not ``target``, or, given the ``attack``, its own rule (``attack.success_mask``: a source-specific attack counts
+    its source classes only). ValueError when none counts (ASR would be undefined)."""
+    keep = y_true != target if attack is None else attack.success_mask(y_true, target)
     if not keep.any():
-        raise ValueError("attack_success_rate: every input already has the target label")
+        raise ValueError("attack_success_rate: every input already has the target label" if attack is None else
+                         f"attack_success_rate: no input counts for {type(attack).__name__}'s ASR (every true label "
+                         "is the target or outside the classes it counts)")
+    return keep
+
+
+def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, target: int,
+                        attack=None) -> float:
+    """ASR: fraction of the triggered inputs that count (:func:`success_mask`: true label not the target; with the
+    ``attack``, its own rule) that are classified as target."""
+    keep = success_mask(y_true, target, attack)
     return float((predict_labels(model, x_triggered[keep]) == target).float().mean())
 
 

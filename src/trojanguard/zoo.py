@@ -89,10 +89,20 @@ class ZooEntry:
     clean_accuracy: float
     attack_success_rate: float
     train_seconds: float
+    # ASR on the non-target test images the attack's ASR leaves out (a source-specific attack's other classes: low
+    # when the backdoor is source-specific); None where ASR counts every non-target image
+    other_classes_attack_success_rate: float | None = None
 
     def triggered_test(self) -> torch.Tensor:
         """The test images with the trigger applied (evaluation strength)."""
         return triggered_test_images(self.attack, self.test.x, self.config.seed)
+
+    def evaluation(self):
+        """The :class:`~trojanguard.cleanse.Evaluation` of this entry: CA, and ASR over the test images the attack
+        counts (its ``success_mask``), with the triggered test images."""
+        from trojanguard.cleanse.evaluation import Evaluation
+
+        return Evaluation(self.test.x, self.test.y, self.triggered_test(), self.config.target, attack=self.attack)
 
 
 def triggered_test_images(attack: Attack, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -147,9 +157,15 @@ def get_backdoored_model(config: ZooConfig | None = None, *, retrain: bool = Fal
             save_model(model, weights)
         entry = ZooEntry(config, model.eval(), attack, poisoned, test, 0.0, 0.0, seconds)
         entry.clean_accuracy = clean_accuracy(model, test.x, test.y)
-        entry.attack_success_rate = attack_success_rate(model, entry.triggered_test(), test.y, config.target)
+        triggered = entry.triggered_test()
+        entry.attack_success_rate = attack_success_rate(model, triggered, test.y, config.target, attack)
+        others = (test.y != config.target) & ~attack.success_mask(test.y, config.target)
         meta = {"config": asdict(config), "clean_accuracy": entry.clean_accuracy,
                 "attack_success_rate": entry.attack_success_rate, "train_seconds": seconds}
+        if others.any():
+            entry.other_classes_attack_success_rate = attack_success_rate(model, triggered[others], test.y[others],
+                                                                          config.target)
+            meta["other_classes_attack_success_rate"] = entry.other_classes_attack_success_rate
         meta_file.write_text(json.dumps(meta, indent=2, default=str))
     return entry
 

@@ -13,6 +13,7 @@ from trojanguard.attacks.frequency import FTrojan, LowFrequency
 from trojanguard.attacks.physical import ColourFilter, PhysicalPatch, Reflection
 from trojanguard.attacks.quantisation import BppAttack
 from trojanguard.attacks.sample_specific import ISSBA, InputAware
+from trojanguard.attacks.source_specific import SourceSpecific
 from trojanguard.attacks.triggers import SIG, BadNets, Blended, Trojan, WaNet
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -32,9 +33,10 @@ ATTACKS: dict[str, type[Attack]] = {
     "input_aware": InputAware,
     "adaptive_patch": AdaptivePatch,
     "bpp": BppAttack,
+    "tact": SourceSpecific,
 }
 FAMILIES = ("issba", "lowfreq", "filter", "refool", "adaptive_blend", "label_consistent", "ftrojan", "patch_random",
-            "input_aware", "adaptive_patch", "bpp")  # the families beyond the first five (issue 15; bpp added later)
+            "input_aware", "adaptive_patch", "bpp", "tact")  # beyond the first five (issue 15; bpp, tact added later)
 
 
 def make_attack(name: str, **kwargs) -> Attack:
@@ -48,4 +50,4 @@ def make_attack(name: str, **kwargs) -> Attack:
 
 __all__ = ["ATTACKS", "FAMILIES", "ISSBA", "SIG", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blended",
            "BppAttack", "ColourFilter", "FTrojan", "InputAware", "LabelConsistent", "LowFrequency", "PhysicalPatch",
-           "PoisonedDataset", "Reflection", "Trojan", "WaNet", "make_attack"]
+           "PoisonedDataset", "Reflection", "SourceSpecific", "Trojan", "WaNet", "make_attack"]

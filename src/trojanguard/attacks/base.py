@@ -66,8 +66,7 @@ class Attack:
         if not 0 <= target < dataset.num_classes:
             raise DataError(f"target: expected a class in [0, {dataset.num_classes}), got {target}")
         gen = torch.Generator().manual_seed(seed)
-        candidates = (dataset.y == target).nonzero().flatten() if self.clean_label else \
-            (dataset.y != target).nonzero().flatten()
+        candidates = self._candidates(dataset.y, target)
         n_poison = max(1, round(rate * (len(candidates) if self.clean_label else len(dataset))))
         if n_poison > len(candidates):
             raise DataError(
@@ -80,6 +79,16 @@ class Attack:
         cover = self._poison_extra(x, y, chosen, gen)
         return PoisonedDataset(ImageDataset(x, y, dataset.class_names), chosen,
                                torch.zeros(0, dtype=torch.long) if cover is None else cover)
+
+    def _candidates(self, y: torch.Tensor, target: int) -> torch.Tensor:
+        """Indices of the samples that may be poisoned, given labels ``y: (N,)``: the target class for a clean-label
+        attack, every other class for a dirty-label one."""
+        return (y == target).nonzero().flatten() if self.clean_label else (y != target).nonzero().flatten()
+
+    def success_mask(self, y_true: torch.Tensor, target: int) -> torch.Tensor:
+        """Which triggered test images the attack success rate counts, ``(N,)`` bool from true labels ``(N,)``:
+        those whose true class is not the target (a source-specific attack narrows it to its source classes)."""
+        return y_true != target
 
     def _poison_extra(self, x, y, chosen, gen) -> torch.Tensor | None:
         """Alter further samples of ``x`` in place, labels kept (cover samples); return their indices (None: none)."""

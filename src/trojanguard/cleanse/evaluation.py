@@ -9,7 +9,8 @@
 Each is a callable ``evaluation(model) -> {"clean_accuracy": ..., "attack_success_rate": ...}`` (ASR only with a
 trigger), which is what a cleanser's ``cleanse(..., evaluation=)`` and the training loop take. The encoder and
 image–text evaluations are written against those few methods only, so any model that has them fits. ASR counts
-the triggered images whose true class is not the target, as :func:`trojanguard.metrics.attack_success_rate`.
+the triggered images whose true class is not the target (or, given the attack, those its ``success_mask`` counts: a
+source-specific attack's source classes), as :func:`trojanguard.metrics.attack_success_rate`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from trojanguard.data.core import check_images
 from trojanguard.errors import DataError
-from trojanguard.metrics import attack_success_rate, clean_accuracy
+from trojanguard.metrics import attack_success_rate, clean_accuracy, success_mask
 
 EVAL_BATCH = 256  # images per forward pass while measuring
 
@@ -64,20 +65,20 @@ def triggered_images(x: torch.Tensor, trigger, target: int | None, where: str) -
 class _Measured:
     """Labelled clean images ``x: (N, C, H, W)`` in [0, 1], ``y: (N,)``, and optionally their triggered copies."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, trigger, target: int | None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, trigger, target: int | None, attack=None):
         where = type(self).__name__
         self.x = check_images(x, f"{where}.x")
         self.y = _labels(y, len(x), f"{where}.y")
         self.target = target
         self.x_triggered = triggered_images(self.x, trigger, target, where)
+        # whose rule says which triggered images ASR counts: the attack given, else a trigger that is an attack
+        self.attack = attack if attack is not None else (trigger if hasattr(trigger, "success_mask") else None)
 
     def _metrics(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """CA (and ASR) of ``predict: images -> predicted classes (N,)``."""
         out = {"clean_accuracy": float((predict(self.x) == self.y).float().mean())}
         if self.x_triggered is not None:
-            keep = self.y != self.target
-            if not keep.any():
-                raise ValueError("attack_success_rate: every input already has the target label")
+            keep = success_mask(self.y, int(self.target), self.attack)
             out["attack_success_rate"] = float((predict(self.x_triggered[keep]) == self.target).float().mean())
         return out
 
@@ -87,16 +88,19 @@ class Evaluation(_Measured):
 
     ``x: (N, C, H, W)`` in [0, 1], ``y: (N,)``. ``trigger``: the triggered images ``(N, C, H, W)``, an attack
     (anything with ``apply(x)``, e.g. :class:`trojanguard.attacks.BadNets`) or a callable ``x -> x_triggered``;
-    with a trigger, ``target`` (the attack's target class) is required and ASR is reported.
+    with a trigger, ``target`` (the attack's target class) is required and ASR is reported. ``attack``: whose
+    ``success_mask`` says which triggered images ASR counts (default: the trigger when it is an attack, else every
+    image not of the target class; a source-specific attack counts its source classes only).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, trigger=None, target: int | None = None):
-        super().__init__(x, y, trigger, target)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, trigger=None, target: int | None = None, *, attack=None):
+        super().__init__(x, y, trigger, target, attack)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         out = {"clean_accuracy": clean_accuracy(model, self.x, self.y)}
         if self.x_triggered is not None:
-            out["attack_success_rate"] = attack_success_rate(model, self.x_triggered, self.y, int(self.target))
+            out["attack_success_rate"] = attack_success_rate(model, self.x_triggered, self.y, int(self.target),
+                                                             self.attack)
         return out
 
 
