@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bcu_table import machine_line, publish  # benchmarks/ is on the path when run as a script
 
-from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse import BCU
 from trojanguard.cleanse.augment import AUGMENTATIONS
 from trojanguard.cleanse.bcu import parse_reinit
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
@@ -45,7 +45,7 @@ def run_one(attack: str, zoo_seed: int, bcu_seed: int, source: str, arch: str, r
     bcu = BCU(seed=bcu_seed, show_progress=False, **candidate,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels))
     cleansed = bcu.cleanse(entry.model, data)
-    after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
+    after = entry.evaluation()(cleansed)
     return {"attack": attack, "zoo_seed": zoo_seed, "bcu_seed": bcu_seed, "source": source, "arch": arch,
             "ca_before": entry.clean_accuracy, "asr_before": entry.attack_success_rate,
             "ca_after": after["clean_accuracy"], "asr_after": after["attack_success_rate"],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse import BCU
 from trojanguard.cleanse.bcu import adaptive_scale, rule_ratios
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.metrics import defense_effectiveness_rating
@@ -61,7 +61,7 @@ def run_one(arch: str, attack: str, source: str, rule: str, epochs: int | None, 
     kwargs = {} if epochs is None else {"epochs": epochs}
     bcu = BCU(reinit=reinit_rule(rule, entry.model), seed=seed, show_progress=False,
               init=lambda: build_model(arch, num_classes=entry.test.num_classes, in_channels=channels), **kwargs)
-    evaluation = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)
+    evaluation = entry.evaluation()
     cleansed = bcu.cleanse(entry.model, data)
     after = evaluation(cleansed)
     ca0, asr0 = entry.clean_accuracy, entry.attack_success_rate

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trojanguard.attacks import ATTACKS
-from trojanguard.cleanse import BCU, Evaluation
+from trojanguard.cleanse import BCU
 from trojanguard.cleanse.distillation import VIEW_TARGETS
 from trojanguard.cleanse.unlabeled import clean_half, ood_images
 from trojanguard.models import build_model
@@ -50,7 +50,7 @@ def run_one(attack: str, augment: str, view_target: str, seed: int, epochs: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cleansed = bcu.cleanse(model, data)
-    after = Evaluation(entry.test.x, entry.test.y, entry.triggered_test(), entry.config.target)(cleansed)
+    after = entry.evaluation()(cleansed)
     d = bcu.report.details
     return {"attack": attack, "augment": augment, "view_target": view_target, "seed": seed, "data": source,
             "images": len(data), "teacher": teacher,

@@ -86,7 +86,7 @@ def teacher_model(entry, teacher: str) -> tuple[torch.nn.Module, float, float]:
         torch.save(model.state_dict(), path)
     model.eval()
     return (model, clean_accuracy(model, entry.test.x, entry.test.y),
-            attack_success_rate(model, entry.triggered_test(), entry.test.y, entry.config.target))
+            attack_success_rate(model, entry.triggered_test(), entry.test.y, entry.config.target, entry.attack))
 
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -28,6 +28,8 @@ from trojanguard.zoo import DEFAULT_CLEAN_LABEL_RATE, ZooConfig, cache_dir, get_
 
 RATES = (0.01, 0.05, 0.1)
 BAR_CA, BAR_ASR = 0.95, 0.9
+SOURCE_SPECIFIC_NOTE = ("A source-specific family's ASR counts triggered test images of its source classes; (others …): "
+                        "its ASR on the other non-target classes, low when the backdoor is source-specific.")
 
 
 def machine_line() -> str:
@@ -66,7 +68,8 @@ def run_one(arch: str, attack: str, rate: float, seed: int, retrain: bool, image
     return {"arch": arch, "attack": attack, "rate": rate, "zoo_poison_rate": config.poison_rate,
             "poisoned": len(entry.train.poison_indices), "attack_repr": repr(entry.attack),
             "clean_label": entry.attack.clean_label, "ca": entry.clean_accuracy, "asr": entry.attack_success_rate,
-            "train_seconds": entry.train_seconds, "seconds": time.perf_counter() - start}
+            "asr_others": entry.other_classes_attack_success_rate, "train_seconds": entry.train_seconds,
+            "seconds": time.perf_counter() - start}
 
 
 def key(arch: str, attack: str, rate: float, seed: int, image_size: int = ZooConfig.image_size) -> str:
@@ -88,7 +91,8 @@ def table(rows: list[dict], rates: list[float]) -> str:
                 parts.append("—")
                 continue
             mark = "" if r["ca"] >= BAR_CA and r["asr"] >= BAR_ASR else " ✗"
-            parts.append(f"{r['ca']:.3f} / {r['asr']:.3f}{mark}")
+            others = "" if r.get("asr_others") is None else f" (others {r['asr_others']:.3f})"
+            parts.append(f"{r['ca']:.3f} / {r['asr']:.3f}{others}{mark}")
         seconds = by_rate.get(0.1, {}).get("train_seconds")
         lines.append(f"| {attack} | " + " | ".join(parts) + f" | {'—' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
@@ -119,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 done[k] = run_one(args.arch, attack, rate, args.seed, args.retrain or stale, args.image_size)
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(done, indent=1))
-                print(f"[{done[k]['seconds']:5.0f}s] {k}: CA {done[k]['ca']:.3f} ASR {done[k]['asr']:.3f}",
-                      file=sys.stderr, flush=True)
+                others = done[k].get("asr_others")
+                print(f"[{done[k]['seconds']:5.0f}s] {k}: CA {done[k]['ca']:.3f} ASR {done[k]['asr']:.3f}"
+                      + ("" if others is None else f" (other classes {others:.3f})"), file=sys.stderr, flush=True)
             if k in done:
                 rows.append(done[k])
     out = [machine_line(),
            f"Command: .venv/bin/python benchmarks/zoo_families.py {' '.join(argv if argv is not None else sys.argv[1:])}",
            f"Seed {args.seed}, target 0, {args.image_size}×{args.image_size} digits, {ZooConfig.epochs} epochs; ✗: below CA {BAR_CA} or ASR {BAR_ASR}.",
+           *([SOURCE_SPECIFIC_NOTE] if any(r.get("asr_others") is not None for r in rows) else []),
            "", f"### Attack zoo families on {args.arch}", "", table(rows, args.rates)]
     return publish("\n".join(out), args.markdown)
 

@@ -116,5 +116,5 @@ def _demo_bcu(entry, args: argparse.Namespace) -> tuple[float, float, float]:
               init=lambda: build_model(args.arch, num_classes=entry.test.num_classes, in_channels=shape[1]))
     cleansed = bcu.cleanse(entry.model, clean_half(entry, seed=args.seed))
     ca = clean_accuracy(cleansed, entry.test.x, entry.test.y)
-    asr = attack_success_rate(cleansed, entry.triggered_test(), entry.test.y, entry.config.target)
+    asr = attack_success_rate(cleansed, entry.triggered_test(), entry.test.y, entry.config.target, entry.attack)
     return ca, asr, bcu.report.seconds
