@@ -51,9 +51,10 @@ def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, y_true: tor
     return float((predict_labels(model, x_triggered[keep]) == target).float().mean())
 
 
-def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, target: int) -> float:
-    """RA: fraction of triggered non-target inputs still classified as their true label."""
-    keep = y_true != target
+def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, target: int,
+                    attack=None) -> float:
+    """RA: fraction of the triggered inputs ASR counts (:func:`success_mask`) still classified as their true label."""
+    keep = success_mask(y_true, target, attack)
     return float((predict_labels(model, x_triggered[keep]) == y_true[keep]).float().mean())
 
 

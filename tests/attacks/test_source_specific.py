@@ -121,6 +121,9 @@ def test_asr_of_a_source_specific_attack_counts_its_sources_only():
     assert metrics.attack_success_rate(every_class, triggered, y, 0, tact) == 1.0
     assert metrics.attack_success_rate(_Fires((1, 5)), triggered, y, 0, tact) == pytest.approx(1 / 3)
     assert metrics.attack_success_rate(_Fires((1, 5)), triggered, y, 0, Attack()) == pytest.approx(2 / 9)
+    # robust accuracy counts the same images: of the sources, those the backdoor leaves alone
+    assert metrics.robust_accuracy(_Fires((1, 5)), triggered, y, 0, tact) == pytest.approx(2 / 3)
+    assert metrics.robust_accuracy(_Fires((1, 5)), triggered, y, 0) == pytest.approx(7 / 9)
     # Evaluation counts the same images, given the attack or an attack as its trigger
     evaluation = Evaluation(triggered, y, triggered, 0, attack=tact)
     assert evaluation(sources_only)["attack_success_rate"] == 1.0
