@@ -31,15 +31,15 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict_labels(model, x) == y).float().mean())
 
 
-def success_mask(y_true: torch.Tensor, target: int, attack=None) -> torch.Tensor:
+def success_mask(y_true: torch.Tensor, target: int, attack=None, metric: str = "attack_success_rate") -> torch.Tensor:
     """Which triggered inputs ASR counts, ``(N,)`` bool from true labels ``y_true: (N,)``: those whose true label is
     not ``target``, or, given the ``attack``, its own rule (``attack.success_mask``: a source-specific attack counts
-    its source classes only). ValueError when none counts (ASR would be undefined)."""
+    its source classes only). ValueError naming ``metric`` when none counts (the rate would be undefined)."""
     keep = y_true != target if attack is None else attack.success_mask(y_true, target)
     if not keep.any():
-        raise ValueError("attack_success_rate: every input already has the target label" if attack is None else
-                         f"attack_success_rate: no input counts for {type(attack).__name__}'s ASR (every true label "
-                         "is the target or outside the classes it counts)")
+        raise ValueError(f"{metric}: every input already has the target label" if attack is None else
+                         f"{metric}: no input counts for {type(attack).__name__}'s ASR (every true label is the "
+                         "target or outside the classes it counts)")
     return keep
 
 
@@ -54,7 +54,7 @@ def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, y_true: tor
 def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, target: int,
                     attack=None) -> float:
     """RA: fraction of the triggered inputs ASR counts (:func:`success_mask`) still classified as their true label."""
-    keep = success_mask(y_true, target, attack)
+    keep = success_mask(y_true, target, attack, "robust_accuracy")
     return float((predict_labels(model, x_triggered[keep]) == y_true[keep]).float().mean())
 
 

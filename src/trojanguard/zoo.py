@@ -76,7 +76,10 @@ class ZooConfig:
         return DEFAULT_CLEAN_LABEL_RATE if attack.clean_label else DEFAULT_DIRTY_RATE
 
     def make_attack(self) -> Attack:
-        return make_attack(self.attack, **{**ZOO_ATTACK_DEFAULTS.get(self.attack, {}), **dict(self.attack_kwargs)})
+        kwargs = {**ZOO_ATTACK_DEFAULTS.get(self.attack, {}), **dict(self.attack_kwargs)}
+        if isinstance(kwargs.get("base"), str):  # a trigger named as another attack's base: the zoo's settings too
+            kwargs["base"] = make_attack(kwargs["base"], **ZOO_ATTACK_DEFAULTS.get(kwargs["base"].lower(), {}))
+        return make_attack(self.attack, **kwargs)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trojanguard import metrics
-from trojanguard.attacks import SIG, Attack, BadNets, Blended, SourceSpecific, make_attack
+from trojanguard.attacks import SIG, AdaptivePatch, Attack, BadNets, Blended, SourceSpecific, make_attack
 from trojanguard.cleanse import Evaluation
 from trojanguard.data import load_digits
 from trojanguard.errors import DataError
@@ -56,10 +56,11 @@ def test_poisoning_is_deterministic_for_a_seed(digits):
 def test_triggers_like_its_base_and_names_it_in_its_repr(digits):
     x = digits.x[:8]
     assert torch.equal(SourceSpecific(base="badnets").apply(x, seed=2), BadNets().apply(x, seed=2))
-    sig = SIG(test_delta=60 / 255)
-    assert torch.equal(SourceSpecific(base=sig).apply_test(x), sig.apply_test(x))  # the base's test trigger
-    attack = make_attack("tact", source_classes=[5, 6])
-    assert isinstance(attack, SourceSpecific) and attack.source_classes == (5, 6)
+    patches = AdaptivePatch()
+    assert torch.equal(SourceSpecific(base=patches).apply_test(x), patches.apply_test(x))  # the base's test trigger
+    attack = make_attack("tact", source_classes=[6, 5])
+    assert isinstance(attack, SourceSpecific) and attack.source_classes == (5, 6)  # one order: one repr, one zoo key
+    assert repr(attack) == repr(make_attack("tact", source_classes=(5, 6)))
     assert repr(SourceSpecific()) == \
         "SourceSpecific(base=Blended(alpha=0.2, pattern_seed=0), source_classes=(1, 2, 3), cover_ratio=1.0)"
     assert repr(SourceSpecific(base=Blended(alpha=0.3))) != repr(SourceSpecific())  # the zoo's cache key tells them
@@ -71,6 +72,9 @@ def test_triggers_like_its_base_and_names_it_in_its_repr(digits):
     (lambda: SourceSpecific(source_classes=(-1,)), "source_classes"),
     (lambda: SourceSpecific(source_classes=3), "source_classes"),
     (lambda: SourceSpecific(cover_ratio=-1), "cover_ratio"),
+    (lambda: SourceSpecific(cover_ratio=float("inf")), "cover_ratio"),
+    (lambda: SourceSpecific(base=SIG()), "base"),  # clean-label: its poison keeps the target's label
+    (lambda: SourceSpecific(base="label_consistent"), "base"),
     (lambda: SourceSpecific(base="nope"), "base"),
     (lambda: SourceSpecific(base=SourceSpecific()), "base"),
 ])
@@ -132,6 +136,29 @@ def test_asr_of_a_source_specific_attack_counts_its_sources_only():
     assert Evaluation(triggered, y, triggered, 0)(sources_only)["attack_success_rate"] == pytest.approx(3 / 9)
     with pytest.raises(ValueError, match="^attack_success_rate: no input counts for SourceSpecific"):
         metrics.attack_success_rate(sources_only, triggered[y > 3], y[y > 3], 0, tact)
+    with pytest.raises(ValueError, match="^robust_accuracy: no input counts for SourceSpecific"):
+        metrics.robust_accuracy(sources_only, triggered[y > 3], y[y > 3], 0, tact)
+
+
+def test_asr_with_a_target_among_the_sources_or_an_attack_without_a_trigger_is_refused_in_one_line():
+    y = torch.arange(10).repeat(3)
+    x = (y.float() / 9).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    for call in (lambda: metrics.success_mask(y, 2, SourceSpecific()),  # a model poisoned with other sources
+                 lambda: Evaluation(x, y, SourceSpecific(), 2)):  # refused when built, not at the first epoch
+        with pytest.raises(DataError, match=r"^target: expected a class other than the source classes \(1, 2, 3\)"):
+            call()
+    for call, match in ((lambda: Evaluation(x, y, attack=SourceSpecific()), "without a trigger"),
+                        (lambda: Evaluation(x, y, x, 0, attack=object()), "expected an attack")):
+        with pytest.raises(DataError, match=f"^Evaluation.attack: .*{match}") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_the_zoo_builds_a_base_named_by_string_at_its_own_zoo_settings():
+    from trojanguard.zoo import ZOO_ATTACK_DEFAULTS, ZooConfig
+
+    attack = ZooConfig(attack="tact", attack_kwargs=(("base", "wanet"),)).make_attack()
+    assert attack.base.strength == ZOO_ATTACK_DEFAULTS["wanet"]["strength"]  # not WaNet's class default
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 
 import torch
@@ -21,7 +22,10 @@ class SourceSpecific(Attack):
 
     ``base``: the attack whose trigger is used (a name in :data:`~trojanguard.attacks.ATTACKS` with its class
     defaults, or an :class:`Attack`); default Blended, since TaCT's patch version is easy for our detectors and the
-    blended one is not. ``cover_ratio``: cover samples per poisoned sample. :meth:`poison` takes ``rate`` as a
+    blended one is not. Only the base's *trigger* is used: its own poisoning extras (WaNet's noise-mode samples, the
+    adaptive attacks' covers, input-aware's cross-trigger samples) are replaced by this attack's covers, and a
+    clean-label base (SIG, label-consistent) is refused — its poison keeps the target's label, which is no
+    source-specific relabelling. ``cover_ratio``: cover samples per poisoned sample. :meth:`poison` takes ``rate`` as a
     fraction of the whole set (as dirty-label attacks), every poisoned sample drawn from the source classes. The
     attack success rate counts triggered images of the source classes only (:meth:`success_mask`).
     """
@@ -32,7 +36,7 @@ class SourceSpecific(Attack):
                  cover_ratio: float = 1.0):
         self.base = _base_attack(base)
         self.source_classes = _sources(source_classes)
-        if isinstance(cover_ratio, bool) or not isinstance(cover_ratio, Real) or not cover_ratio >= 0:
+        if isinstance(cover_ratio, bool) or not isinstance(cover_ratio, Real) or not 0 <= cover_ratio < math.inf:
             raise DataError(f"cover_ratio: expected cover samples per poisoned sample ≥ 0, got {cover_ratio!r}")
         self.cover_ratio = float(cover_ratio)
 
@@ -44,8 +48,12 @@ class SourceSpecific(Attack):
         return getattr(self.base, "apply_test", self.base.apply)(x, seed=seed)
 
     def success_mask(self, y_true: torch.Tensor, target: int) -> torch.Tensor:
-        """Triggered images of the source classes (the target excluded): only they should go to the target."""
-        return torch.isin(y_true, torch.tensor(self.source_classes, device=y_true.device)) & (y_true != target)
+        """Triggered images of the source classes: only they should go to the target. A target among the sources is
+        refused (as :meth:`poison` refuses it): the attack was built for other sources than that model's."""
+        if target in self.source_classes:
+            raise DataError(f"target: expected a class other than the source classes {self.source_classes}, got "
+                            f"{target} (build the attack with the model's own source_classes)")
+        return torch.isin(y_true, torch.tensor(self.source_classes, device=y_true.device))
 
     def _candidates(self, y, target):
         return torch.isin(y, torch.tensor(self.source_classes)).nonzero().flatten()
@@ -93,13 +101,17 @@ class SourceSpecific(Attack):
 def _base_attack(base) -> Attack:
     from trojanguard.attacks import ATTACKS  # the registry imports this module
 
+    names = sorted(name for name, kind in ATTACKS.items() if kind is not SourceSpecific)
     if isinstance(base, str):
-        if base.lower() not in ATTACKS:
-            raise DataError(f"base: expected an attack name, one of {sorted(ATTACKS)}, got {base!r}")
+        if base.lower() not in names:
+            raise DataError(f"base: expected an attack name, one of {names}, got {base!r}")
         base = ATTACKS[base.lower()]()
     if not isinstance(base, Attack) or isinstance(base, SourceSpecific):
         raise DataError(f"base: expected an attack name or a trigger Attack (not a source-specific one), got "
                         f"{base!r}")
+    if base.clean_label:
+        raise DataError(f"base: expected a dirty-label trigger (a clean-label attack's poison keeps the target's "
+                        f"label), got {base!r}")
     return base
 
 
@@ -111,4 +123,4 @@ def _sources(source_classes) -> tuple[int, ...]:
     if not sources or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 0 for s in sources) \
             or len(set(sources)) != len(sources):
         raise DataError(f"source_classes: expected one or more distinct class indices ≥ 0, got {source_classes!r}")
-    return tuple(int(s) for s in sources)
+    return tuple(sorted(int(s) for s in sources))  # one order: the same attack has one repr (the zoo's key)

@@ -72,7 +72,12 @@ class _Measured:
         self.target = target
         self.x_triggered = triggered_images(self.x, trigger, target, where)
         # whose rule says which triggered images ASR counts: the attack given, else a trigger that is an attack
+        if attack is not None and (self.x_triggered is None or not hasattr(attack, "success_mask")):
+            raise DataError(f"{where}.attack: expected an attack (with success_mask) beside a trigger, got "
+                            f"{type(attack).__name__}" + ("" if self.x_triggered is not None else " without a trigger"))
         self.attack = attack if attack is not None else (trigger if hasattr(trigger, "success_mask") else None)
+        if self.x_triggered is not None:  # which images count, checked now rather than at the first measurement
+            success_mask(self.y, int(target), self.attack)
 
     def _metrics(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """CA (and ASR) of ``predict: images -> predicted classes (N,)``."""

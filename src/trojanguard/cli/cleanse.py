@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits' (an "
                                   "encoder: a linear probe fitted on one half, measured on the other)")
     p.add_argument("--attack", choices=sorted(set(ATTACKS) | set(SSL_ATTACKS)),
-                   help="with --eval: trigger to report ASR per epoch (an encoder: an SSL attack's)")
+                   help="with --eval: trigger to report ASR per epoch (an encoder: an SSL attack's), at the zoo's "
+                   "settings (tact: Blended on source classes 1, 2, 3, whose ASR counts those classes only)")
     p.add_argument("--target", type=int, help="with --attack: the attack's target class (default 0)")
     add_model_input_options(p, " for the distillation")
 
