@@ -76,15 +76,14 @@ class _Measured:
             raise DataError(f"{where}.attack: expected an attack (with success_mask) beside a trigger, got "
                             f"{type(attack).__name__}" + ("" if self.x_triggered is not None else " without a trigger"))
         self.attack = attack if attack is not None else (trigger if hasattr(trigger, "success_mask") else None)
-        if self.x_triggered is not None:  # which images count, checked now rather than at the first measurement
-            success_mask(self.y, int(target), self.attack)
+        # the triggered images ASR counts, decided (and refused, where none counts) now, not at the first measurement
+        self.counted = None if self.x_triggered is None else success_mask(self.y, int(target), self.attack)
 
     def _metrics(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """CA (and ASR) of ``predict: images -> predicted classes (N,)``."""
         out = {"clean_accuracy": float((predict(self.x) == self.y).float().mean())}
         if self.x_triggered is not None:
-            keep = success_mask(self.y, int(self.target), self.attack)
-            out["attack_success_rate"] = float((predict(self.x_triggered[keep]) == self.target).float().mean())
+            out["attack_success_rate"] = float((predict(self.x_triggered[self.counted]) == self.target).float().mean())
         return out
 
 
