@@ -159,6 +159,36 @@ def test_own_pass_members_reading_one_layer_share_one_forward_pass_on_new_images
     assert len(passes) == 1
 
 
+def test_the_shallow_probe_reads_a_quarter_of_the_depth_in_a_pass_of_its_own(model, monkeypatch):
+    """``layer="shallow"`` resolves to the candidate layer a quarter of the way down (the small CNN's first block;
+    the ResNet-18's ``layer1``); the ``probe-shallow`` member is that probe, reads the labels, and costs new images a
+    second pass beside the middle-layer members'."""
+    from trojanguard.models import build_model
+    from trojanguard.models.features import FeatureTap, feature_map_layers, shallow_feature_layer
+
+    x, new = random_images(60, seed=6), random_images(8, seed=7)
+    layers = feature_map_layers(model, x[:2])
+    assert shallow_feature_layer(model, x[:2]) == layers[(len(layers) - 1) // 4] == "features.0"
+    resnet = build_model("resnet18_cifar", num_classes=CLASSES).eval()
+    assert shallow_feature_layer(resnet, x[:2]) == "layer1"
+    labels = training_labels(model, x)
+    alone = LabelProbe(model, layer="shallow", show_progress=False).fit(x, labels)
+    assert alone.layer == "features.0" and "layer='features.0'" in repr(alone)
+    ensemble = Ensemble(model, members="typicality,probe,probe-shallow", member_gates=None, fragility="none",
+                        show_progress=False).fit(x, labels)
+    assert ensemble.detectors["probe-shallow"].layer == "features.0" and ensemble.probe_read_labels
+    column = ensemble.members.index("probe-shallow")
+    assert torch.allclose(ensemble.reference_scores[:, column].float(), alone.fit_scores.float(), atol=1e-5)
+    middle = ensemble.reference_scores[:, ensemble.members.index("probe")]
+    assert not torch.allclose(middle, ensemble.reference_scores[:, column])  # another layer, other scores
+    passes, forward = [], FeatureTap.forward
+    monkeypatch.setattr(FeatureTap, "forward", lambda tap, images: passes.append(tap.layer_name) or forward(tap, images))
+    assert torch.allclose(ensemble.member_scores(new)[:, column].float(), alone.score(new), atol=1e-5)
+    assert sorted(set(passes)) == sorted({"features.0", ensemble.detectors["probe"].layer})
+    only_shallow = Ensemble(model, members="features,probe-shallow", show_progress=False).fit(x, labels)
+    assert only_shallow.probe_read_labels and only_shallow.fitted_stable_gate is None
+
+
 def test_bad_inputs_name_the_argument(model):
     with pytest.raises(ValueError, match="^regularization:"):
         LabelProbe(model, regularization=0.0)

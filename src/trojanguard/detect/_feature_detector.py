@@ -25,10 +25,13 @@ from trojanguard.models.features import (
     model_device,
     module_by_name,
     pooled_output,
+    shallow_feature_layer,
 )
 from trojanguard.progress import progress
 
 AUTO_LAYER = "auto"  # a detector's layer resolved on the first images it sees: the one at half the network's depth
+SHALLOW_LAYER = "shallow"  # likewise, the one at a quarter of its depth (the shallow label probe's)
+LAYER_RULES = {AUTO_LAYER: middle_feature_layer, SHALLOW_LAYER: shallow_feature_layer}  # keyword -> resolver
 
 
 def image_digests(x: torch.Tensor) -> list[bytes]:
@@ -89,7 +92,7 @@ class FeatureDetector(Detector):
     def __init__(self, model: nn.Module, *, layer: str | None, batch_size: int, show_progress: bool):
         model = as_classifier(model).module
         check_positive_int("batch_size", batch_size)
-        if layer not in (None, AUTO_LAYER):
+        if layer not in (None, *LAYER_RULES):
             module_by_name(model, layer)  # validates the name up front
         self.model, self.layer, self.batch_size, self.show_progress = model, layer, batch_size, show_progress
         self.input_shape: tuple[int, ...] | None = None
@@ -137,12 +140,13 @@ class FeatureDetector(Detector):
         to the layer used (the default one when it was None). ``digests``: also each image's content digest.
         ``typical_layer``: also that module's pooled output, in the same pass (``"auto"``: the layer at half the
         network's depth, :func:`~trojanguard.models.features.middle_feature_layer`; none for a compiled model).
-        A detector whose ``layer`` is ``"auto"`` resolves it here on ``data``'s first images, the same way."""
-        if self.layer == AUTO_LAYER:
+        A detector whose ``layer`` is ``"auto"`` resolves it here on ``data``'s first images, the same way
+        (``"shallow"``: the layer at a quarter of the depth, :func:`~trojanguard.models.features.shallow_feature_layer`)."""
+        if self.layer in LAYER_RULES:
             first = next(iter(iter_image_batches(data, 2)), None)
             if first is None:
                 raise DataError("data: no images to fit on")
-            self.layer = middle_feature_layer(self.model, first[0].to(model_device(self.model), torch.float32))
+            self.layer = LAYER_RULES[self.layer](self.model, first[0].to(model_device(self.model), torch.float32))
         tap = FeatureTap(self.model, self.layer)
         features, logits, shape, digest_list = [], [], None, [] if digests else None
         typical, handle, captured = [], None, []
@@ -177,7 +181,7 @@ class FeatureDetector(Detector):
     def _check_layer(self, features: Features) -> None:
         """Adopt the layer of shared ``features`` (when none was chosen, or ``"auto"``), or refuse features of
         another layer."""
-        if self.layer in (None, AUTO_LAYER):
+        if self.layer in (None, *LAYER_RULES):
             self.layer = features.layer
         elif features.layer != self.layer:
             raise ValueError(f"features: expected features of layer {self.layer!r} (this detector's), got "

@@ -3,12 +3,14 @@
 Members (:data:`MEMBERS`): Cognitive Distillation in its three modes (``cd-p``, ``cd-l``, ``cd-f``), the robust
 feature Mahalanobis distance (``features``), Spectral Signatures (``spectral``) and Activation Clustering
 (``clustering``), the class-agnostic distance at a middle layer (``typicality``) and the label probe (``probe``: how
-readily a strongly regularised linear read-out of the middle layer predicts an image's label; it is the one member
-that reads the labels given to :meth:`Ensemble.fit`). The three feature members read one layer and share one forward
-pass (fit and score); ``typicality`` and ``probe`` read the middle layer — in that same pass when fitting beside
-``features`` (whose typicality prefilter reads it too), in a pass of their own otherwise and when scoring new images
-(one pass for both: members reading one layer share it); each CD member is its own optimisation (~``steps`` ×
-forward + input gradient per image), so CD dominates the cost.
+readily a strongly regularised linear read-out of the middle layer predicts an image's label; ``probe-shallow``: the
+same read-out at a quarter of the network's depth, where a trigger that acts only with some source classes is still a
+plain pattern; the probes are the members that read the labels given to :meth:`Ensemble.fit`). The three feature
+members read one layer and share one forward pass (fit and score); ``typicality`` and ``probe`` read the middle layer
+— in that same pass when fitting beside ``features`` (whose typicality prefilter reads it too), in a pass of their
+own otherwise and when scoring new images (one pass for both: members reading one layer share it), ``probe-shallow``
+its own; each CD member is its own optimisation (~``steps`` × forward + input gradient per image), so CD dominates
+the cost.
 
 Fit (:meth:`Ensemble.fit`), on the screened set itself (or trusted reference data): the fitted members are fitted
 on it, and every member scores it. Those *reference scores* fix how members' scores are combined, by ``fusion``
@@ -98,7 +100,7 @@ import torch
 from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
-from trojanguard.detect._feature_detector import Features, image_digests
+from trojanguard.detect._feature_detector import SHALLOW_LAYER, Features, image_digests
 from trojanguard.detect.base import Detector
 from trojanguard.detect.fragility import (
     ALPHA,
@@ -116,7 +118,7 @@ from trojanguard.progress import progress_bar
 
 CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one shared forward pass
-OWN_PASS_MEMBERS = ("typicality", "probe")  # read another layer (the middle one): a scorer module of their own
+OWN_PASS_MEMBERS = ("typicality", "probe", "probe-shallow")  # read another layer: a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
 LABELLED_MEMBERS = ("features", "typicality", "probe")  # the same, where the fit is given the training labels
@@ -141,8 +143,11 @@ def _build_member(name: str, model: nn.Module, options: dict, show_progress: boo
         from trojanguard.detect.spectral import SpectralSignature as cls
     elif name == "typicality":
         from trojanguard.detect.typicality import Typicality as cls
-    elif name == "probe":
+    elif name in ("probe", "probe-shallow"):
         from trojanguard.detect.label_probe import LabelProbe as cls
+
+        if name == "probe-shallow":
+            options = {"layer": SHALLOW_LAYER, **options}
     else:
         from trojanguard.detect.activation_clustering import ActivationClustering as cls
     return cls(model, **{"show_progress": show_progress, **options})
@@ -332,7 +337,7 @@ class Ensemble(Detector):
 
         self.members = (LABELLED_MEMBERS if labels is not None else DEFAULT_MEMBERS) if self.auto_members \
             else self._chosen_members  # a refit starts from every member again (gates may have left some out)
-        self._probe_reads_labels = labels is not None and "probe" in self.members
+        self._probe_reads_labels = labels is not None and any(self.detectors[n].READS_LABELS for n in self.members)
 
         columns: dict[str, torch.Tensor] = {}
         self.member_seconds = {}

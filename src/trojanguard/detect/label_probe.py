@@ -91,8 +91,9 @@ class LabelProbe(FeatureDetector):
         model: any ``nn.Module`` classifier taking ``(N, C, H, W)`` in [0, 1] and returning ``(N, K)`` logits;
             never modified (the detector runs a private copy).
         layer: ``"auto"`` (default: the layer at half the network's depth,
-            :func:`~trojanguard.models.features.middle_feature_layer`), a module name, or None (the last 4-D
-            output before global pooling).
+            :func:`~trojanguard.models.features.middle_feature_layer`), ``"shallow"`` (at a quarter of it,
+            :func:`~trojanguard.models.features.shallow_feature_layer`: the ensemble's ``probe-shallow``), a module
+            name, or None (the last 4-D output before global pooling).
         regularization: scikit-learn's ``C``, the inverse L2 strength on standardised features; small = strong.
         folds: folds of the out-of-fold scores of the fit set (at least 2).
         batch_size: images per forward pass. seed: the folds. show_progress: progress bar over batches.

@@ -79,6 +79,17 @@ def middle_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     return candidates[(len(candidates) - 1) // 2]
 
 
+def shallow_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The candidate feature layer (:func:`feature_map_layers`) at a quarter of the network's depth: local
+    appearance — edges, colours, small patterns — before the network has combined it into the conjunctions a class
+    is made of (what the shallow label probe reads: a trigger that acts only with some source classes is still a
+    plain pattern there). None for a compiled model, which has no inner layer to hook."""
+    if is_compiled(model):
+        return None
+    candidates = feature_map_layers(model, example)
+    return candidates[(len(candidates) - 1) // 4]
+
+
 class LayerOutput(nn.Module):
     """``forward(x)`` returns the output of ``model``'s module ``layer`` (the rest of the forward pass is
     skipped); ``layer=None`` returns the model's own output."""
