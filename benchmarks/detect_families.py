@@ -430,13 +430,15 @@ def add_gated_rows(records: list[dict], scored: tuple[str, ...], tables: tuple[d
                                     for unit in table[name]}
 
 
-def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
+def lofo(results: dict, others: tuple[dict, ...] = (), candidates: tuple[str, ...] = ()) -> str:
     """Leave one family out, by each of ``PROCEDURES``: on the implanted families but the held-out one, choose the
     setting (member subset × fusion rule) by the criterion over their AUROCs (``CRITERIA``: the mean, ties by the
     worst case; or the worst case, ties by the mean); report the held-out family's AUROC with it, and the robust
     rule's FPR / TPR on it (no clean data). Families whose attack did not implant (ASR < ``IMPLANTED_ASR``) are
     reported but never used to choose. ``others``: results files of other settings (a dataset, a poison rate) whose
-    records join the pool as ``family @ setting``; holding out a family holds it out in every setting."""
+    records join the pool as ``family @ setting``; holding out a family holds it out in every setting.
+    ``candidates``: row names (``"features+probe / zscore + class"``) the procedures choose among instead of every
+    setting — a choice between a default and its variants, made the same way."""
     records = [dict(r, unit=r["attack"]) for r in results["attacks"].values()]
     for other in others:
         label = other["setting"].split(", ")[-1]  # what differs: the dataset or the poison rate
@@ -471,6 +473,11 @@ def lofo(results: dict, others: tuple[dict, ...] = ()) -> str:
         members_of = lambda n: GATED_MARK.sub("", n.split(" / ")[0])
         fusion_of = lambda n: n.split(" / ")[1].split(STABLE)[0].removesuffix(CONCENTRATED)
         settings = [n for n in table if members_of(n) in pool and (fusion_of(n) in fusions or "+" not in members_of(n))]
+        if candidates:
+            unknown = [c for c in candidates if c not in table]
+            if unknown:
+                raise SystemExit(f"--lofo-candidates: no such setting {unknown[0]!r} (a row name of the table)")
+            settings = [n for n in settings if n in candidates] or list(candidates)
         grid = np.array([[table[n][a] for a in attacks] for n in settings])  # settings × units, for speed
         rows, held_out, held_untouched = [], [], []
         for held in attacks:
@@ -590,6 +597,9 @@ def main() -> None:
     parser.add_argument("--lofo", action="store_true", help="only report from the results file")
     parser.add_argument("--lofo-with", nargs="*", type=Path, default=[],
                         help="results files of other settings that join leave-one-family-out (with --lofo)")
+    parser.add_argument("--lofo-candidates", nargs="+", default=(),
+                        help="with --lofo: choose only among these settings (row names, e.g. 'features+probe / "
+                             "zscore + class')")
     parser.add_argument("--rescore", type=parse_members, default=None,
                         help="refit these feature members on the results file's screened sets (CD scores kept)")
     parser.add_argument("--labels", action="store_true",
@@ -640,7 +650,7 @@ def main() -> None:
             print(f"{attack}: done in {results['attacks'][attack]['seconds']:.0f} s", flush=True)
     print(report(results, args))
     print()
-    print(lofo(results, tuple(json.loads(p.read_text()) for p in args.lofo_with)))
+    print(lofo(results, tuple(json.loads(p.read_text()) for p in args.lofo_with), tuple(args.lofo_candidates)))
 
 
 if __name__ == "__main__":
