@@ -68,6 +68,11 @@ probe cannot read, and stays out on colour digits, where its outliers spread and
 0.05–0.10. (The twenty-fourth session's gate, class enrichment ≥ 3, was chosen leave one family out among 2, 3 and
 4; held out the significance gate does better, and it has no value to choose.)
 
+With labels the default also has ``probe-shallow``: leave one family out over twelve families, choosing between the
+labelled default with and without it, picks it in every fold of four screened draws (a source-specific trigger's
+poison are one plain pattern at a quarter of the depth, a conjunction with their source class deeper on;
+``benchmarks/RESULTS.md``, "The shallow label probe").
+
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
 
@@ -121,7 +126,7 @@ FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one 
 OWN_PASS_MEMBERS = ("typicality", "probe", "probe-shallow")  # read another layer: a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
 DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
-LABELLED_MEMBERS = ("features", "typicality", "probe")  # the same, where the fit is given the training labels
+LABELLED_MEMBERS = ("features", "typicality", "probe", "probe-shallow")  # the same, where the fit is given the labels
 LABELLED_MEMBER_GATES = {"typicality": ALPHA}  # ... of which typicality joins only where its outliers gather in a class
 AUTO = "auto"  # members / stable_gate / member_gates chosen at fit: the LABELLED_ ones with labels, else the above
 FUSIONS = ("rank", "probit", "max", "select", "zscore")
