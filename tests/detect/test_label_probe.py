@@ -189,6 +189,29 @@ def test_the_shallow_probe_reads_a_quarter_of_the_depth_in_a_pass_of_its_own(mod
     assert only_shallow.probe_read_labels and only_shallow.fitted_stable_gate is None
 
 
+def test_a_label_probe_without_labels_steps_aside_where_the_model_predicts_one_class():
+    """On the model's predictions a probe needs two classes; a screened set the model puts in one class (one class's
+    folder) is fitted without it — a warning, the member in ``gated_out`` — instead of failing, and scored the same
+    as without it."""
+    from trojanguard.detect.base import SampleSizeWarning
+
+    one_class = small_classifier(num_classes=CLASSES)
+    with torch.no_grad():
+        one_class.head.bias.copy_(torch.tensor([100.0, 0.0, 0.0, 0.0]))
+    x, new = random_images(40, seed=9), random_images(6, seed=10)
+    with pytest.warns(SampleSizeWarning, match="^data: the model predicts class 0 for every fit image"):
+        ensemble = Ensemble(one_class, members="features,probe-shallow", show_progress=False).fit(x)
+    assert ensemble.members == ("features",) and ensemble.gated_out == ("probe-shallow",)
+    alone = Ensemble(one_class, members="features", show_progress=False).fit(x)
+    assert torch.equal(ensemble.reference_scores, alone.reference_scores)
+    assert torch.allclose(ensemble.score(new), alone.score(new))
+    with pytest.raises(DataError, match="^labels: expected images of at least two classes"):  # given labels: refused
+        Ensemble(one_class, members="features,probe-shallow", show_progress=False).fit(x, torch.zeros(40).long())
+    # a probe alone has nothing to step aside for
+    with pytest.raises(DataError, match="^labels: expected images of at least two classes"):
+        Ensemble(one_class, members="probe-shallow", show_progress=False).fit(x)
+
+
 def test_bad_inputs_name_the_argument(model):
     with pytest.raises(ValueError, match="^regularization:"):
         LabelProbe(model, regularization=0.0)

@@ -68,10 +68,12 @@ probe cannot read, and stays out on colour digits, where its outliers spread and
 0.05–0.10. (The twenty-fourth session's gate, class enrichment ≥ 3, was chosen leave one family out among 2, 3 and
 4; held out the significance gate does better, and it has no value to choose.)
 
-With labels the default also has ``probe-shallow``: leave one family out over twelve families, choosing between the
-labelled default with and without it, picks it in every fold of four screened draws (a source-specific trigger's
-poison are one plain pattern at a quarter of the depth, a conjunction with their source class deeper on;
-``benchmarks/RESULTS.md``, "The shallow label probe").
+Both defaults also have ``probe-shallow`` (with labels it reads them, without them the model's predictions): leave
+one family out over twelve families, choosing between each default with and without it, picks it in every fold of
+four screened draws (a source-specific trigger's poison are one plain pattern at a quarter of the depth, a
+conjunction with their source class deeper on; ``benchmarks/RESULTS.md``, "The shallow label probe"). A label probe
+fitted without labels needs two predicted classes: where the model predicts one class for every fit image it is left
+out of that fit (``gated_out``, with a warning) rather than failing it.
 
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
 detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
@@ -97,6 +99,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -106,7 +109,7 @@ from torch import nn
 
 from trojanguard.data.batching import iter_image_batches
 from trojanguard.detect._feature_detector import SHALLOW_LAYER, Features, image_digests
-from trojanguard.detect.base import Detector
+from trojanguard.detect.base import Detector, SampleSizeWarning
 from trojanguard.detect.fragility import (
     ALPHA,
     STABLE_GATE,
@@ -125,7 +128,7 @@ CD_MODES = {"cd-p": "probabilities", "cd-l": "logits", "cd-f": "features"}
 FEATURE_MEMBERS = ("features", "spectral", "clustering")  # read one layer: one shared forward pass
 OWN_PASS_MEMBERS = ("typicality", "probe", "probe-shallow")  # read another layer: a scorer module of their own
 MEMBERS = (*CD_MODES, *FEATURE_MEMBERS, *OWN_PASS_MEMBERS)
-DEFAULT_MEMBERS = ("features", "clustering", "typicality")  # chosen leave-one-family-out (benchmarks/RESULTS.md)
+DEFAULT_MEMBERS = ("features", "clustering", "typicality", "probe-shallow")  # chosen leave one family out (RESULTS.md)
 LABELLED_MEMBERS = ("features", "typicality", "probe", "probe-shallow")  # the same, where the fit is given the labels
 LABELLED_MEMBER_GATES = {"typicality": ALPHA}  # ... of which typicality joins only where its outliers gather in a class
 AUTO = "auto"  # members / stable_gate / member_gates chosen at fit: the LABELLED_ ones with labels, else the above
@@ -375,6 +378,7 @@ class Ensemble(Detector):
         self.member_seconds["feature pass"] = time.perf_counter() - started
         if callable(labels):  # after the first pass: only the own-pass label probe reads them
             labels = labels()
+        stepped_aside = []  # label probes with neither labels nor two predicted classes to read
         for name in self.own_pass_members:
             started = time.perf_counter()
             member = self.detectors[name]
@@ -383,13 +387,21 @@ class Ensemble(Detector):
                 features = Features(shared.typical, shared.logits, shared.typical_layer, shared.shape)
             else:
                 features = member.extract_features(data, f"ensemble {name}")
+            logits = features.logits if logits is None else logits
+            if (member.READS_LABELS and labels is None and len(self.members) > len(stepped_aside) + 1
+                    and features.predicted.unique().numel() < 2):
+                warnings.warn(f"data: the model predicts class {int(features.predicted[0])} for every fit image, so "
+                              f"the label probe {name!r} has no classes to compare; it is left out of this fit",
+                              SampleSizeWarning, stacklevel=2)
+                stepped_aside.append(name)
+                continue
             member.fit_features(features, labels if member.READS_LABELS else None)
             self._own_pass[name] = member.as_module()
             fit_scores = getattr(member, "fit_scores", None)  # the label probe's out-of-fold scores of its fit set
             columns[name] = (fit_scores.float() if fit_scores is not None
                              else self._own_pass[name].head(features.logits, features.features.float()))
-            logits = features.logits if logits is None else logits
             self.member_seconds[name] = time.perf_counter() - started
+        self.members = tuple(n for n in self.members if n not in stepped_aside)
         log = None
         if checkpoint is not None and self.cd_members:
             from trojanguard.models.io import model_sha256
@@ -412,6 +424,7 @@ class Ensemble(Detector):
                 raise DataError(f"data: member {name!r} scored {len(column)} images of {len(digests)}; pass data "
                                 "that reads the same images every time it is iterated")
         self._gate_members(columns, logits, shared)
+        self.gated_out = (*self.gated_out, *stepped_aside)
         self.reference_scores = torch.stack([columns[n].double() for n in self.members], 1)
         self._sorted = self.reference_scores.T.sort(dim=1).values
         self.bimodality = {n: bimodality_coefficient(self.reference_scores[:, m]) for m, n in enumerate(self.members)}
