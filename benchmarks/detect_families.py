@@ -477,7 +477,7 @@ def lofo(results: dict, others: tuple[dict, ...] = (), candidates: tuple[str, ..
             unknown = [c for c in candidates if c not in table]
             if unknown:
                 raise SystemExit(f"--lofo-candidates: no such setting {unknown[0]!r} (a row name of the table)")
-            settings = [n for n in settings if n in candidates] or list(candidates)
+            settings = list(candidates)
         grid = np.array([[table[n][a] for a in attacks] for n in settings])  # settings × units, for speed
         rows, held_out, held_untouched = [], [], []
         for held in attacks:

@@ -73,10 +73,7 @@ def middle_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     describe texture and parts, shallow enough that it is not yet organised by class (what
     :class:`~trojanguard.detect.FeatureMahalanobis`'s class-agnostic typicality fit reads). None for a compiled
     model (TorchScript / torch.export), which has no inner layer to hook."""
-    if is_compiled(model):
-        return None
-    candidates = feature_map_layers(model, example)
-    return candidates[(len(candidates) - 1) // 2]
+    return _candidate_at_depth(model, example, 2)
 
 
 def shallow_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -84,10 +81,15 @@ def shallow_feature_layer(model: nn.Module, example: torch.Tensor) -> str | None
     appearance — edges, colours, small patterns — before the network has combined it into the conjunctions a class
     is made of (what the shallow label probe reads: a trigger that acts only with some source classes is still a
     plain pattern there). None for a compiled model, which has no inner layer to hook."""
+    return _candidate_at_depth(model, example, 4)
+
+
+def _candidate_at_depth(model: nn.Module, example: torch.Tensor, divisor: int) -> str | None:
+    """The candidate feature layer 1 / ``divisor`` of the way down (None for a compiled model)."""
     if is_compiled(model):
         return None
     candidates = feature_map_layers(model, example)
-    return candidates[(len(candidates) - 1) // 4]
+    return candidates[(len(candidates) - 1) // divisor]
 
 
 class LayerOutput(nn.Module):
