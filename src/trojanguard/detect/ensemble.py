@@ -76,7 +76,9 @@ fitted without labels needs two predicted classes: where the model predicts one 
 out of that fit (``gated_out``, with a warning) rather than failing it.
 
 The default members, fusion and concentration were chosen leave-one-family-out on the fifteen-family zoo (``benchmarks/
-detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``).
+detect_families.py --lofo``; the held-out table is in ``benchmarks/RESULTS.md``). The members weigh equally: clipped,
+top-k, significance- or correlation-weighted means and heavier probes were measured and do no better held out
+(``benchmarks/fusion_weights.py``).
 
 Why a common scale. Members' raw scores have unrelated scales (a mask fraction, a Mahalanobis distance, a squared
 projection, a cluster's size); robust z-scores and ranks are label-free common scales. Both are fixed once the
