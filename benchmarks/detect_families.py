@@ -179,6 +179,8 @@ def rescore(record: dict, members: tuple[str, ...], args) -> None:
         record["test_fragility"] = ensemble.fragility_scores(entry.test.x).tolist()
     record.setdefault("rescored", {}).update({m: f"{ensemble.detectors[m]!r}" for m in members})
     record.setdefault("labels_given", {}).update({m: bool(args.labels) for m in members})
+    if "features" in members:  # which label probe's easier half its class fits left out (Ensemble's probe_filter)
+        record["probe_filter"] = ensemble.fitted_probe_filter
     record["member_seconds"].update(ensemble.member_seconds)  # the rescored passes' times (this machine)
 
 
@@ -194,7 +196,8 @@ def run_attack(attack: str, args) -> dict:
               "seconds": time.perf_counter() - started, "member_seconds": ensemble.member_seconds,
               "scores": {m: ensemble.reference_scores[:, k].tolist() for k, m in enumerate(ensemble.members)},
               "fragility": ensemble.reference_fragility.tolist(),
-              "labels_given": {m: bool(args.labels) for m in ensemble.members}}
+              "labels_given": {m: bool(args.labels) for m in ensemble.members},
+              "probe_filter": ensemble.fitted_probe_filter}
     if attack in args.fpr_attacks:
         test, predicted = ensemble.member_scores(entry.test.x, with_classes=True)
         record["test_scores"] = {m: test[:, k].tolist() for k, m in enumerate(ensemble.members)}

@@ -275,8 +275,8 @@ def test_the_shallow_probe_lifts_the_labelled_default_on_a_source_specific_backd
     """The zoo's TaCT-like model (a blend that only three source classes' images carry to the target; the other
     classes' triggered images keep their labels), the 20 % screened draw 1: at 10 % poison the target class is half
     poison and the middle-layer members cannot tell its halves apart, while the shallow probe still reads the plain
-    trigger. Measured: ``Ensemble()`` with labels 0.904, without ``probe-shallow`` 0.818 (``probe-shallow`` alone
-    1.000). Which draws the middle-layer members lose is a coin toss per model and draw (RESULTS.md), so the lift is
+    trigger. Measured: ``Ensemble()`` with labels 0.991 (0.904 without its probe filter,
+    ``tests/detect/test_probe_filter.py``), without ``probe-shallow`` 0.818 (``probe-shallow`` alone 1.000). Which draws the middle-layer members lose is a coin toss per model and draw (RESULTS.md), so the lift is
     asserted where they lose; the shallow probe and the labelled default's floor everywhere."""
     from trojanguard.zoo import ZooConfig, get_backdoored_model
 
@@ -312,6 +312,7 @@ def test_screen_gives_the_ensemble_the_labels_of_a_labelled_source(tmp_path, mod
     assert labelled.summary["fit"]["members"] == list(same.members) and labelled.summary["fit"]["labels_read"]
     assert labelled.summary["fit"]["gated_out"] == list(same.gated_out)
     assert labelled.summary["fit"]["member_p_values"] == pytest.approx(same.member_p_values)
+    assert labelled.summary["fit"]["probe_filter"] == same.fitted_probe_filter == "probe-shallow"
     expected = same.score(images)
     assert torch.allclose(torch.as_tensor(labelled.scores).float(), expected, atol=1e-6)
     plain = screen(model, images, out_dir=tmp_path / "b", calibration=None, report=False, show_progress=False)

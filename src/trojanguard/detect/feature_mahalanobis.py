@@ -35,8 +35,11 @@ half is what the robust class fit can then trim; all members let poison that out
 Measured (benchmarks/RESULTS.md, "The screened draw's spread, and the prefilter's fallback"): the colour filter on
 grey digits, the one screened draw of four whose target class had 2 typical members of 55: AUROC 0.04 with
 ``"all"``, 1.00 with ``"half"``; elsewhere (colour digits, 1 % and 5 % poison) within 0.01.
-Scoring is unchanged: every input is still measured at ``layer``. Measured (benchmarks/RESULTS.md, "The
-typicality prefilter"): on colour digits, where no colour cue separates the poison, it lifts the mean AUROC over
+Where a trigger is common in the whole set (a source-specific backdoor with correctly labelled covers) the prefilter
+can keep a class's poison and drop its own images; ``fit_features(..., left_out=)`` then leaves given images out of
+the class fits too — the ensemble passes each class's easier half by its shallow label probe (``Ensemble``'s
+``probe_filter``). Scoring is unchanged: every input is still measured at ``layer``. Measured (benchmarks/RESULTS.md,
+"The typicality prefilter"): on colour digits, where no colour cue separates the poison, it lifts the mean AUROC over
 the implanted families from 0.66 to 0.87; it is chosen by principle (the breakdown argument above), not on those
 families. The cost is the fit's: one more pooled layer kept during the same forward pass, one more robust fit.
 
@@ -119,6 +122,7 @@ class FeatureMahalanobis(FeatureDetector):
     sample: used by the final fit — False marks the reference samples the fit treated as outliers or that belong
     to a class too small to fit), ``present`` (bool per class: has a centre), ``class_counts`` (reference samples
     per class), ``typical`` (bool per reference sample: the prefilter called it typical; all True without one),
+    ``left_out`` (the :meth:`fit_features` argument, None without it),
     ``fit_warnings`` (sample-size warnings of the fit, module docstring), ``input_shape`` ``(C, H, W)``.
     """
 
@@ -139,6 +143,7 @@ class FeatureMahalanobis(FeatureDetector):
             module_by_name(self.model, typical_layer)  # validates the name up front
         self.typical_layer, self.typical_fallback = typical_layer, typical_fallback
         self.typical: torch.Tensor | None = None
+        self.left_out: torch.Tensor | None = None
         self.class_means: torch.Tensor | None = None
         self.covariance: torch.Tensor | None = None
         self.present: torch.Tensor | None = None
@@ -162,12 +167,25 @@ class FeatureMahalanobis(FeatureDetector):
         (the realistic case for unlabeled incoming data). Returns ``self``."""
         return super().fit(reference_data, labels)
 
-    def fit_features(self, features: Features, labels: torch.Tensor | None = None) -> FeatureMahalanobis:
+    def fit_features(self, features: Features, labels: torch.Tensor | None = None, *,
+                     left_out: torch.Tensor | None = None) -> FeatureMahalanobis:
         """:meth:`fit` on features already extracted (``extract_features``, or shared with other detectors on the
-        same layer); ``labels`` as in :meth:`fit`."""
+        same layer); ``labels`` as in :meth:`fit`. ``left_out``: bool ``(n,)``, fit images the class statistics must
+        not be fitted on besides the ones the prefilter drops (the ensemble's label-probe filter: each class's
+        easier half, :func:`~trojanguard.detect.label_probe.easier_half`); they are still scored, and a class
+        that keeps too few images falls back as the prefilter's does, the left-out images taken last."""
         self._check_layer(features)
         classes, num_classes = features.classes(labels), features.num_classes
         typical, typicality = self._typical(features)
+        called_typical = typical
+        if left_out is not None:
+            left_out = torch.as_tensor(left_out).bool().flatten()
+            if left_out.shape != typical.shape:
+                raise ValueError(f"left_out: expected one flag per fit image ({len(typical)}), got "
+                                 f"{tuple(left_out.shape)}")
+            typical = typical & ~left_out
+            if typicality is not None:
+                typicality = torch.where(left_out, torch.full_like(typicality, math.inf), typicality)
         shape, features = features.shape, features.features
         counts = torch.bincount(classes, minlength=num_classes)
         fitted = counts >= self.min_class_samples
@@ -194,7 +212,8 @@ class FeatureMahalanobis(FeatureDetector):
         self.class_means, self.covariance = means.float(), covariance.float()
         self.support = torch.zeros(len(features), dtype=torch.bool)
         self.support[keep] = support
-        self.present, self.class_counts, self.typical = fitted, counts, typical
+        self.present, self.class_counts, self.typical = fitted, counts, called_typical
+        self.left_out = left_out
         self.input_shape = shape
         self._scorer = None
         self.fit_warnings = sample_size_warnings(counts, features.shape[1], self.min_class_samples,
@@ -202,7 +221,8 @@ class FeatureMahalanobis(FeatureDetector):
         if unfiltered.any():
             self.fit_warnings.append(
                 f"reference_data: classes {unfiltered.nonzero().flatten().tolist()} have fewer than "
-                f"{self.min_class_samples} images the typicality prefilter calls typical "
+                f"{self.min_class_samples} images the typicality prefilter calls typical"
+                f"{'' if left_out is None else ' outside the label-probe filter'} "
                 f"({typical_counts[unfiltered].tolist()} of {counts[unfiltered].tolist()}), so they are fitted on "
                 f"{'their more typical half' if self.typical_fallback == 'half' else 'all their images'}; a class made "
                 "mostly of atypical images is what poison that outnumbers its class looks like, and there the fit may "

@@ -21,12 +21,17 @@ What it misses: at a low poison rate the trigger is too rare a cue for a penalis
 the *hard* images (labels that disagree with their content): on 1 % poison the probe alone inverts; it is a member to
 be fused with a feature-space distance, not a detector on its own.
 
+The same reading serves the ensemble's ``features`` member: each class's easier half by the shallow probe
+(:func:`easier_half`) is left out of its class fit, so a class that is half poison is still fitted on its own
+images (:class:`~trojanguard.detect.Ensemble`, ``probe_filter``).
+
 Scoring new inputs (no labels) uses the probe fitted on the whole fit set and the model's predicted class: pure
 tensor operations in :class:`LabelProbeScorer` (one forward pass, exportable to ONNX).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -82,6 +87,22 @@ def out_of_fold_log_probability(z: np.ndarray, classes: np.ndarray, regularizati
             continue
         out[test] = _log_probability(_fit_logistic(z[train], classes[train], regularization), z[test], classes[test])
     return out
+
+
+def easier_half(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Bool ``(n,)``: in each class of ``classes`` (n,), the half of its images (rounded down) with the highest
+    label-probe ``scores`` (n,) — the images the probe finds easiest to label, which is where a dirty-label trigger's
+    poison sit (module docstring). The ensemble's ``features`` member leaves them out of its class fits
+    (:class:`~trojanguard.detect.Ensemble`, ``probe_filter``); NaN scores count as hardest."""
+    scores, classes = torch.as_tensor(scores).double().flatten(), torch.as_tensor(classes).long().flatten()
+    if scores.shape != classes.shape:
+        raise ValueError(f"scores: expected one score per class entry ({len(classes)}), got {tuple(scores.shape)}")
+    easier = torch.zeros(len(scores), dtype=torch.bool)
+    ranked = torch.nan_to_num(scores, nan=-math.inf)
+    for c in classes.unique().tolist():
+        members = (classes == c).nonzero().flatten()
+        easier[members[ranked[members].argsort(descending=True, stable=True)[: len(members) // 2]]] = True
+    return easier
 
 
 class LabelProbe(FeatureDetector):

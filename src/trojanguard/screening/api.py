@@ -391,6 +391,7 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
         info["labels_read"] = detector.probe_read_labels
         info["gated_out"] = list(detector.gated_out)  # gated members the fit left out, and each gated one's p-value
         info["member_p_values"] = {name: float(p) for name, p in detector.member_p_values.items()}
+        info["probe_filter"] = detector.fitted_probe_filter  # the probe whose easy half features' class fits left out
     if getattr(detector, "reference_fragility", None) is not None:  # the ensemble's class tests (detect/fragility.py)
         for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
             fired, share, p = getattr(detector, attribute)
