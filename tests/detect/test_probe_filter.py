@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_images, screened_draw, small_classifier
+from helpers import random_images, small_classifier
 
 from trojanguard.detect import Ensemble, FeatureMahalanobis
 from trojanguard.detect._feature_detector import Features
@@ -93,21 +93,3 @@ def test_bad_probe_filters_name_the_argument():
         Ensemble(model, probe_filter="typicality")
     with pytest.raises(ValueError, match="^probe_filter: 'probe' filters the 'features' member's class fits, so both"):
         Ensemble(model, members="features,probe-shallow", probe_filter="probe")
-
-
-@pytest.mark.slow
-def test_the_probe_filter_lifts_the_labelled_default_on_a_source_specific_backdoor():
-    """The zoo's TaCT-like model, the 20 % screened draws 0 and 1 — the draws where the typicality prefilter keeps the
-    target class's poison and drops its own images, so without the filter ``features`` ranks the class inverted.
-    Measured: ``Ensemble()`` with labels 0.995 / 0.991, with ``probe_filter=None`` 0.930 / 0.904."""
-    from trojanguard.zoo import ZooConfig, get_backdoored_model
-
-    entry = get_backdoored_model(ZooConfig(attack="tact", poison_rate=0.1), show_progress=False)
-    poisoned = entry.train.is_poisoned
-    for draw in (0, 1):
-        index = screened_draw(poisoned, draw)
-        x, labels, truth = entry.train.dataset.x[index], entry.train.dataset.y[index], poisoned[index]
-        filtered = auroc(truth, Ensemble(entry.model, show_progress=False).fit(x, labels).score(x))
-        unfiltered = auroc(truth, Ensemble(entry.model, probe_filter=None, show_progress=False).fit(x, labels).score(x))
-        print(f"tact draw {draw}: with the probe filter {filtered:.3f}, without {unfiltered:.3f}")
-        assert filtered >= 0.95 and filtered >= unfiltered + 0.03
