@@ -381,6 +381,7 @@ class Ensemble(Detector):
         self.members = (LABELLED_MEMBERS if labels is not None else DEFAULT_MEMBERS) if self.auto_members \
             else self._chosen_members  # a refit starts from every member again (gates may have left some out)
         self._probe_reads_labels = labels is not None and any(self.detectors[n].READS_LABELS for n in self.members)
+        self._probe_filter = None  # set once the probes are fitted (fitted_probe_filter)
 
         columns: dict[str, torch.Tensor] = {}
         self.member_seconds = {}
