@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from fusion_weights import REGIMES, evaluate, implanted_units, plain_mean
+from fusion_weights import REGIMES, evaluate, held_out_choice, implanted_units, plain_mean
 
 
 def main() -> None:
@@ -33,12 +33,9 @@ def main() -> None:
         if tables["A"].keys() != tables["B"].keys():
             raise SystemExit(f"draw {draw}: the two versions hold different implanted settings")
         changed = []
-        for unit, (family, a) in tables["A"].items():
-            b = tables["B"][unit][1]
-            others = [u for u, (f, _) in tables["A"].items() if f != family]
-            key = {v: (np.mean([tables[v][u][1] for u in others]), min(tables[v][u][1] for u in others))
-                   for v in ("A", "B")}
-            pick = "B" if key["B"] > key["A"] else "A"
+        picks = held_out_choice(tables)
+        for unit, (_, a) in tables["A"].items():
+            b, pick = tables["B"][unit][1], picks[unit]
             chosen[pick] += 1
             totals["A"].append(a)
             totals["B"].append(b)

@@ -138,6 +138,19 @@ def evaluate(units, fuse, rule: str) -> dict[str, tuple[str, float]]:
     return out
 
 
+def held_out_choice(tables: dict[str, dict[str, tuple[str, float]]]) -> dict[str, str]:
+    """Leave one family out among candidates: ``{unit: candidate}``, for each implanted setting the candidate (a key of
+    ``tables``, each ``{unit: (family, AUROC)}`` of one draw) with the best mean AUROC over the other families'
+    settings, ties to the better worst, then to the first candidate."""
+    units = next(iter(tables.values()))
+    chosen = {}
+    for unit, (family, _) in units.items():
+        others = [u for u, (f, _) in units.items() if f != family]
+        chosen[unit] = max(tables, key=lambda k: (np.mean([tables[k][u][1] for u in others]),
+                                                  min(tables[k][u][1] for u in others)))
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="labelled")
@@ -162,14 +175,9 @@ def main() -> None:
     candidates = args.lofo or list(VARIANTS)
     held, chosen = [], {}
     for draw in args.draws:
-        table = tables[draw]
-        units = table[candidates[0]]
-        for unit, (family, _) in units.items():
-            others = [u for u, (f, _) in units.items() if f != family]
-            best = max(candidates, key=lambda k: (np.mean([table[k][u][1] for u in others]),
-                                                  min(table[k][u][1] for u in others)))
+        for unit, best in held_out_choice({k: tables[draw][k] for k in candidates}).items():
             chosen[best] = chosen.get(best, 0) + 1
-            held.append((draw, unit, table[best][unit][1]))
+            held.append((draw, unit, tables[draw][best][unit][1]))
     print(f"leave one family out among {len(candidates)}: held out ≥ 0.95 on {sum(x >= 0.95 for *_, x in held)} of "
           f"{len(held)}, worst {min(x for *_, x in held):.3f}; chosen {chosen}")
 
