@@ -70,7 +70,7 @@ def test_fit_scores_are_out_of_fold_and_the_head_is_the_whole_fit_probe(model):
     z = (values - values.mean(0)) / values.std(0)
     expected = out_of_fold_log_probability(z, labels.numpy(), probe.regularization, 4, 3)
     assert np.allclose(probe.fit_scores.numpy(), expected)
-    whole = LogisticRegression(C=probe.regularization, max_iter=1000).fit(z, labels.numpy())
+    whole = LogisticRegression(C=probe.regularization / len(z), max_iter=1000).fit(z, labels.numpy())
     predicted = features.predicted.numpy()
     in_sample = whole.predict_log_proba(z)[np.arange(len(z)), predicted]
     scorer = probe.as_module()
@@ -78,6 +78,19 @@ def test_fit_scores_are_out_of_fold_and_the_head_is_the_whole_fit_probe(model):
     assert torch.allclose(head.double(), torch.from_numpy(in_sample), atol=1e-4)
     assert not np.allclose(in_sample[predicted == labels.numpy()], expected[predicted == labels.numpy()], atol=1e-3)
 
+
+
+def test_the_penalty_is_per_image_so_a_repeated_set_fits_the_same_probe(model):
+    """The same images twice are the same evidence: with the penalty set per image (C = regularization / n) the
+    probe fitted on every image is unchanged; one fixed C would halve the penalty's weight and change it."""
+    features, labels, _ = synthetic(poisoned=12, seed=5)
+    twice = Features(torch.cat([features.features] * 2), torch.cat([features.logits] * 2), features.layer,
+                     features.shape)
+    once = LabelProbe(model, layer="features.2", show_progress=False).fit_features(features, labels)
+    doubled = LabelProbe(model, layer="features.2", show_progress=False).fit_features(twice, torch.cat([labels] * 2))
+    assert torch.allclose(once.weight, doubled.weight, atol=1e-4) and torch.allclose(once.bias, doubled.bias, atol=1e-4)
+    fixed_c = LabelProbe(model, layer="features.2", regularization=2 * once.regularization, show_progress=False)
+    assert not torch.allclose(once.weight, fixed_c.fit_features(features, labels).weight, atol=1e-3)
 
 def test_two_classes_and_a_class_the_fit_never_saw(model):
     features, labels, _ = synthetic(poisoned=0, seed=4)
@@ -88,7 +101,7 @@ def test_two_classes_and_a_class_the_fit_never_saw(model):
 
     values = two.features.numpy()
     z = (values - values.mean(0)) / values.std(0)
-    whole = LogisticRegression(C=probe.regularization, max_iter=1000).fit(z, labels[keep].numpy())
+    whole = LogisticRegression(C=probe.regularization / len(z), max_iter=1000).fit(z, labels[keep].numpy())
     predicted = two.predicted.numpy()
     head = probe.as_module().head(two.logits, two.features.float())
     assert torch.allclose(head.double(), torch.from_numpy(whole.predict_log_proba(z)[np.arange(len(z)), predicted]),

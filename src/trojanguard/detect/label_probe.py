@@ -2,8 +2,11 @@
 
 Fit, on the screened (possibly poisoned) set itself: standardise the pooled output of a layer at half the network's
 depth (as :class:`~trojanguard.detect.Typicality`'s), and fit a multinomial logistic regression from it to the
-images' labels (the model's predictions when no labels are given) with a strong L2 penalty (scikit-learn's
-``C = regularization``). Score of a fit image = the log-probability of its label under a probe fitted on the *other*
+images' labels (the model's predictions when no labels are given) with a strong L2 penalty. The penalty is set per
+image (scikit-learn's ``C = regularization / n`` for a fit on ``n`` images), so it weighs the same against the mean
+log-loss whatever the set's size: the same strong, shared directions qualify on a 300-image draw and on a whole
+training set (with one fixed ``C`` a larger set buys the probe more capacity, and clean classes become as easy as
+the poison: ``benchmarks/RESULTS.md``, "The label probe's penalty per image"). Score of a fit image = the log-probability of its label under a probe fitted on the *other*
 folds (``folds``-fold, stratified): higher = easier = more suspicious.
 
 Why easy is suspicious. A trigger is one simple pattern that the poison share and that says "target class" whatever
@@ -42,18 +45,22 @@ from trojanguard.detect._feature_detector import AUTO_LAYER, FeatureDetector, Fe
 from trojanguard.errors import DataError, check_positive_int
 from trojanguard.models.features import FeatureTap
 
-DEFAULT_REGULARIZATION = 1e-3  # scikit-learn's C (inverse L2 strength) on standardised features; RESULTS.md
+# inverse L2 strength per image on standardised features: scikit-learn's C = DEFAULT_REGULARIZATION / (images fitted);
+# 0.23 is the C of 10⁻³ the probe was chosen with, on the 230-image folds of the benchmark's 288-image draws (RESULTS.md)
+DEFAULT_REGULARIZATION = 0.23
 MIN_LABEL_AGREEMENT = 0.5  # a model fits its training labels far above this; below it, labels are not its classes
 ABSENT_CLASS_LOG_PROBABILITY = -30.0  # a class the probe never saw: its images are not easy for it
 STD_FLOOR = 1e-12  # a feature constant over the fit set is standardised by this (and so stays 0)
 
 
 def _fit_logistic(z: np.ndarray, classes: np.ndarray, regularization: float):
+    """Multinomial logistic regression of ``classes`` on ``z`` at scikit-learn's ``C = regularization / len(z)``
+    (the penalty per image: module docstring)."""
     from sklearn.linear_model import LogisticRegression
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny folds; the penalty keeps the fit stable
-        return LogisticRegression(C=regularization, max_iter=1000).fit(z, classes)
+        return LogisticRegression(C=regularization / len(z), max_iter=1000).fit(z, classes)
 
 
 def _log_probability(probe, z: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -115,7 +122,8 @@ class LabelProbe(FeatureDetector):
             :func:`~trojanguard.models.features.middle_feature_layer`), ``"shallow"`` (at a quarter of it,
             :func:`~trojanguard.models.features.shallow_feature_layer`: the ensemble's ``probe-shallow``), a module
             name, or None (the last 4-D output before global pooling).
-        regularization: scikit-learn's ``C``, the inverse L2 strength on standardised features; small = strong.
+        regularization: the inverse L2 strength per image on standardised features (a fit on ``n`` images uses
+            scikit-learn's ``C = regularization / n``); small = strong.
         folds: folds of the out-of-fold scores of the fit set (at least 2).
         batch_size: images per forward pass. seed: the folds. show_progress: progress bar over batches.
 
