@@ -6,8 +6,9 @@ images' labels (the model's predictions when no labels are given) with a strong 
 image (scikit-learn's ``C = regularization / n`` for a fit on ``n`` images), so it weighs the same against the mean
 log-loss whatever the set's size: the same strong, shared directions qualify on a 300-image draw and on a whole
 training set (with one fixed ``C`` a larger set buys the probe more capacity, and clean classes become as easy as
-the poison: ``benchmarks/RESULTS.md``, "The label probe's penalty per image"). Score of a fit image = the log-probability of its label under a probe fitted on the *other*
-folds (``folds``-fold, stratified): higher = easier = more suspicious.
+the poison: ``benchmarks/RESULTS.md``, "The label probe's penalty per image"). Score of a fit image = the
+log-probability of its label under a probe fitted on the *other* folds (``folds``-fold, stratified): higher = easier =
+more suspicious.
 
 Why easy is suspicious. A trigger is one simple pattern that the poison share and that says "target class" whatever
 else the image shows, so a read-out that may only use the strongest, most shared directions of the features — a
