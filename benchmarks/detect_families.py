@@ -75,7 +75,7 @@ from trojanguard.detect.ensemble import (
 from trojanguard.detect.fragility import (
     STABLE_GATE,
     fragile_class,
-    outliers_avoid,
+    outliers_gather_elsewhere,
     place_by_fragility,
     stable_class,
 )
@@ -240,7 +240,7 @@ def fused_rows(reference: torch.Tensor, test: torch.Tensor | None, fusion: str, 
         test_scores = None if test_scores is None or test is None else torch.from_numpy(test_scores)
         plain = torch.from_numpy(out[name.removesuffix(CONCENTRATED)][0])
         threshold, enrichment = concentration_of(plain, predicted, classes)
-        if fragile is not None and not outliers_avoid(  # Ensemble's veto: the plain fused row's outliers shun it
+        if fragile is not None and not outliers_gather_elsewhere(  # Ensemble's veto: the plain row's outliers go elsewhere
                 plain.double() > threshold, predicted, fragile):
             reference, test_scores = placed_rows(reference, test_scores, fragility, predicted, test, 1, fragile)
         placed[name] = (reference.numpy(), None if test_scores is None else test_scores.numpy())

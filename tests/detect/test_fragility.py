@@ -14,7 +14,7 @@ from trojanguard.detect.ensemble import empirical_cdf, empirical_quantile
 from trojanguard.detect.fragility import (
     STABLE_GATE,
     fragile_class,
-    outliers_avoid,
+    outliers_gather_elsewhere,
     place_by_fragility,
     stable_class,
 )
@@ -79,21 +79,23 @@ def test_the_stable_class_fires_where_the_stable_images_gather_unless_concentrat
     assert stable_class(stability, predicted, enrichment, gate=10.0)[0] == 3
 
 
-def test_outliers_avoid_a_class_only_where_it_holds_significantly_fewer_than_its_share():
+def test_the_veto_needs_the_outliers_to_shun_a_class_and_gather_in_another():
     predicted = torch.arange(500) % 5  # 100 images a class
     gathered = torch.zeros(500, dtype=torch.bool)
     gathered[torch.nonzero(predicted == 0).flatten()[:40]] = True  # 40 outliers, all class 0: 8 a class expected
-    assert outliers_avoid(gathered, predicted, 1)  # none of 8 expected: P = C(400, 40) / C(500, 40) ≈ 1e-4
-    assert not outliers_avoid(gathered, predicted, 0)  # class 0 holds them all
+    assert outliers_gather_elsewhere(gathered, predicted, 1)  # none of 8 expected: P = C(400, 40) / C(500, 40) ≈ 1e-4
+    assert not outliers_gather_elsewhere(gathered, predicted, 0)  # class 0 holds them all
+    covers = (predicted != 0) & (torch.arange(500) < 50)  # 40 outliers spread over classes 1-4 (10 each), none in 0
+    assert not outliers_gather_elsewhere(covers, predicted, 0)  # class 0 is shunned, but no class gathers them
     few = torch.zeros(500, dtype=torch.bool)
     few[torch.nonzero(predicted == 0).flatten()[:10]] = True  # 10 outliers: none in class 1 is likely by chance
-    assert not outliers_avoid(few, predicted, 1)
+    assert not outliers_gather_elsewhere(few, predicted, 1)
     spread = torch.zeros(500, dtype=torch.bool)
     spread[:50] = True  # 10 outliers a class
-    assert not any(outliers_avoid(spread, predicted, c) for c in range(5))
-    assert not outliers_avoid(torch.zeros(500, dtype=torch.bool), predicted, 1)  # no outliers: nothing shunned
+    assert not any(outliers_gather_elsewhere(spread, predicted, c) for c in range(5))
+    assert not outliers_gather_elsewhere(torch.zeros(500, dtype=torch.bool), predicted, 1)  # no outliers: no veto
     with pytest.raises(ValueError, match="^predicted:"):
-        outliers_avoid(gathered, predicted[:9], 1)
+        outliers_gather_elsewhere(gathered, predicted[:9], 1)
 
 
 def test_placing_by_fragility_lifts_the_fired_class_fragile_images_over_equally_atypical_covers():
@@ -184,7 +186,7 @@ def test_the_fragile_class_finds_wanets_poison_that_the_feature_members_rank_bel
 
 
 @pytest.mark.slow
-def test_the_fragile_class_is_vetoed_where_the_members_outliers_shun_it():
+def test_the_fragile_class_is_vetoed_where_the_members_outliers_shun_it_and_gather_in_the_target():
     """BppAttack at the paper's 5 bits (a family added after every detection default was chosen; the zoo's own uses 3),
     its whole training set with labels: the dither trigger is noise-like, so pixel noise itself evokes the target and the most fragile images
     are class 2's clean digits (52 % of them, p = 2·10⁻¹⁰⁶), while the members' outliers gather in the target class and

@@ -45,8 +45,9 @@ image notices; the feature members rank such poison below the attacker's cover s
 the fit also scores every image's :class:`~trojanguard.detect.NoiseFragility` (``draws`` more forward passes each)
 and asks :func:`~trojanguard.detect.fragility.fragile_class` whether the set's most fragile images gather in one
 predicted class (a majority of the most fragile 15 %, beyond chance) and the members' own outliers do not shun that
-class (:func:`~trojanguard.detect.fragility.outliers_avoid`, at the same level: where they do, its fragile images are
-hard clean images, as when a noise-like trigger makes noise evoke the target; ``fragile_vetoed``); only if one does,
+class for another (:func:`~trojanguard.detect.fragility.outliers_gather_elsewhere`, at the same level: where they
+avoid it and gather in another class, its fragile images are hard clean images, as when a noise-like trigger makes
+noise evoke the target; ``fragile_vetoed``); only if one does,
 the fused scores are re-placed so that class's fragile images rise
 (:func:`~trojanguard.detect.fragility.place_by_fragility`: the fused and the fragility ranks added within that class,
 mapped back onto the fit data's fused values). The mirror, the noise-stable
@@ -128,7 +129,7 @@ from trojanguard.detect.fragility import (
     STABLE_GATE,
     NoiseFragility,
     fragile_class,
-    outliers_avoid,
+    outliers_gather_elsewhere,
     place_by_fragility,
     stable_class,
 )
@@ -234,7 +235,7 @@ class Ensemble(Detector):
     ``members`` holds those that joined); with ``fragility="class"``,
     ``reference_fragility`` (n,), ``fragile`` and ``stable``, each ``(class or None, share, p-value)`` of
     :func:`~trojanguard.detect.fragility.fragile_class` and :func:`~trojanguard.detect.fragility.stable_class`, and
-    ``fragile_vetoed`` (the class the fragile test fired on where the fused outliers shun it, else None).
+    ``fragile_vetoed`` (the class the fragile test fired on where the fused outliers shun it for another, else None).
     """
 
     model_kind = Classifier
@@ -309,7 +310,7 @@ class Ensemble(Detector):
         self._probe_filter: str | None = None  # the probe filter the last fit applied (fitted_probe_filter)
         self.member_p_values: dict[str, float] = {}
         self.gated_out: tuple[str, ...] = ()
-        self.fragile_vetoed: int | None = None  # the fragile class a fit dropped: the fused outliers shun it
+        self.fragile_vetoed: int | None = None  # the fragile class a fit dropped: the fused outliers gather elsewhere
 
     def __repr__(self) -> str:
         keys = ("members", "fusion", "concentration", "fragility", "stable_gate", "member_gates", "probe_filter",
@@ -488,7 +489,7 @@ class Ensemble(Detector):
                                 "that reads the same images every time it is iterated")
             self.reference_fragility = fragility
             self.fragile = fragile_class(fragility, self.reference_predicted, self._num_classes)
-            if self.fragile[0] is not None and self._outliers_avoid(self.fragile[0]):
+            if self.fragile[0] is not None and self._outliers_gather_elsewhere(self.fragile[0]):
                 self.fragile_vetoed, self.fragile = self.fragile[0], (None, *self.fragile[1:])
             gate = self.fitted_stable_gate
             if gate is not None:
@@ -639,10 +640,10 @@ class Ensemble(Detector):
             self._factors[fusion] = (threshold, factors, reference.double() > threshold)
         return self._factors[fusion]
 
-    def _outliers_avoid(self, cls: int) -> bool:
-        """Whether the fit data's fused outliers shun class ``cls`` (:func:`~trojanguard.detect.fragility.
-        outliers_avoid`)."""
-        return outliers_avoid(self._concentration_of(self.fusion)[2], self.reference_predicted, cls)
+    def _outliers_gather_elsewhere(self, cls: int) -> bool:
+        """Whether the fit data's fused outliers shun class ``cls`` for another (:func:`~trojanguard.detect.fragility.
+        outliers_gather_elsewhere`)."""
+        return outliers_gather_elsewhere(self._concentration_of(self.fusion)[2], self.reference_predicted, cls)
 
     def _placement_steps(self) -> list[tuple[int, int, torch.Tensor]]:
         """``(sign, fired class, the fit data's fused scores it re-places against)`` per fired class test — the fragile

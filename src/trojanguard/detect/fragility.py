@@ -145,12 +145,15 @@ def fragile_class(fragility: torch.Tensor, predicted: torch.Tensor, num_classes:
     return (c if share > majority and p < alpha else None), share, p
 
 
-def outliers_avoid(outliers: torch.Tensor, predicted: torch.Tensor, cls: int, *, alpha: float = ALPHA) -> bool:
-    """Whether class ``cls`` holds significantly *fewer* of the ``outliers`` (n,) bool than its share of the images'
-    ``predicted`` classes (n,) explains (one-sided hypergeometric lower tail p < ``alpha``). The ensemble's veto on a
-    fired fragile class: where the members' own outliers shun that class, its fragile images are hard clean images (a
-    noise-like trigger makes noise itself evoke the target, and the class nearest the target is then the fragile one),
-    not poison."""
+def outliers_gather_elsewhere(outliers: torch.Tensor, predicted: torch.Tensor, cls: int, *, alpha: float = ALPHA
+                              ) -> bool:
+    """Whether the ``outliers`` (n,) bool shun class ``cls`` *and* gather in another of the images' ``predicted``
+    classes (n,): ``cls`` holds significantly fewer of them than its share (one-sided hypergeometric lower tail p <
+    ``alpha``) and some other class significantly more (upper tail p < ``alpha``). The ensemble's veto on a fired
+    fragile class: where the members' own outliers point at another class, the fired class's fragile images are hard
+    clean images (a noise-like trigger makes noise itself evoke the target, and the class nearest the target is then
+    the fragile one), not poison. Outliers that only spread over the other classes (cover samples, which keep their
+    true labels) do not veto: the fragile class may then hold the poison the members miss."""
     from scipy.stats import hypergeom
 
     outliers = torch.as_tensor(outliers).bool().flatten()
@@ -158,8 +161,14 @@ def outliers_avoid(outliers: torch.Tensor, predicted: torch.Tensor, cls: int, *,
     if outliers.shape != predicted.shape:
         raise ValueError(f"predicted: expected ({len(outliers)},) classes, got {tuple(predicted.shape)}")
     n, top = len(outliers), int(outliers.sum())
-    in_class = predicted == cls
-    return bool(top and hypergeom.cdf(int(outliers[in_class].sum()), n, int(in_class.sum()), top) < alpha)
+    if not top:
+        return False
+    counts = torch.bincount(predicted, minlength=cls + 1)
+    hits = torch.bincount(predicted[outliers], minlength=len(counts))
+    if not hypergeom.cdf(int(hits[cls]), n, int(counts[cls]), top) < alpha:
+        return False
+    return any(hypergeom.sf(int(hits[c]) - 1, n, int(counts[c]), top) < alpha
+               for c in range(len(counts)) if c != cls and hits[c] > 0)
 
 
 def stable_class(fragility: torch.Tensor, predicted: torch.Tensor, enrichment: torch.Tensor, *,

@@ -396,7 +396,7 @@ def _prepare(scorer: BatchScorer, source: ImageSource, fit_source: ImageSource |
         for key, attribute in (("noise_fragile_class", "fragile"), ("noise_stable_class", "stable")):
             fired, share, p = getattr(detector, attribute)
             info[key] = {"class": fired, "share": float(share), "p_value": float(p)}
-        info["noise_fragile_class"]["vetoed_class"] = getattr(detector, "fragile_vetoed", None)  # outliers shun it
+        info["noise_fragile_class"]["vetoed_class"] = getattr(detector, "fragile_vetoed", None)  # outliers gather elsewhere
     return info
 
 

@@ -322,8 +322,8 @@ def fragile_sentence(test: dict, kind: str = "fragile") -> str:
     held = f"{100 * test['share']:.0f} % of the most noise-{kind} images, p = {test['p_value']:.2g}"
     if test["class"] is None and test.get("vetoed_class") is not None:
         return (f"none raised: predicted class {test['vetoed_class']} holds {held}, but the members' own outliers shun "
-                "that class, so its fragile images were read as hard clean images (a noise-like trigger makes noise "
-                "evoke the target), not poison")
+                "that class and gather in another, so its fragile images were read as hard clean images (a noise-like "
+                "trigger makes noise evoke the target), not poison")
     if test["class"] is None:
         reason = ("no predicted class holds most of them" if kind == "fragile" else
                   "no predicted class holds most of them, or class concentration already raised it")
