@@ -2,7 +2,7 @@
 the poisoned training set itself (no clean data), per zoo attack; plus FPR control and leave-one-family-out.
 
 Run: ``python benchmarks/detect_families.py [--attacks badnets ...] [--fraction 0.2 | --clean 100]
-[--poison-rate 0.01] [--dataset colour_digits] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
+[--poison-rate 0.01] [--dataset colour_digits] [--zoo-seed 1] [--members cd-p,cd-l,features,...] [--fpr-attacks badnets] [--out results.json]``; ``--lofo`` only reads the results file and reports; ``--variants`` compares the options of
 ``spectral`` and ``clustering`` fitted on the whole training set; ``--rescore features`` refits feature members on
 the results file's screened sets (its CD scores kept) after their fit changed; ``--labels`` gives the fit the
 screened set's training labels (the label probe's regime: a training set has them; the records say which members
@@ -108,11 +108,12 @@ def screened_subset(poisoned: torch.Tensor, fraction: float, clean: int, seed: i
 
 
 def zoo_config(attack: str, poison_rate: float | None, dataset: str = "digits", arch: str = "small_cnn",
-               image_size: int = ZooConfig.image_size) -> ZooConfig:
-    """The zoo model of ``attack`` at ``poison_rate`` (a fraction of the training set; None: the zoo's default). A
-    clean-label attack poisons only its target class, so its rate is converted to a fraction of that class (the
-    digits' ten classes are balanced: ``10 × poison_rate``)."""
-    model = {"dataset": dataset, "arch": arch, "image_size": image_size}
+               image_size: int = ZooConfig.image_size, seed: int = 0) -> ZooConfig:
+    """The zoo model of ``attack`` at ``poison_rate`` (a fraction of the training set; None: the zoo's default) and
+    training ``seed`` (another poisoned set and model; the zoo's is 0). A clean-label attack poisons only its target
+    class, so its rate is converted to a fraction of that class (the digits' ten classes are balanced: ``10 ×
+    poison_rate``)."""
+    model = {"dataset": dataset, "arch": arch, "image_size": image_size, "seed": seed}
     if poison_rate is None:
         return ZooConfig(attack=attack, **model)
     clean_label = ZooConfig(attack=attack).make_attack().clean_label
@@ -128,8 +129,8 @@ def scored_members(records) -> tuple[str, ...]:
 def screened(attack: str, args):
     """The zoo entry of ``attack`` and its screened set: ``(entry, images, truth, cover)`` (cover: the attack altered
     the image but kept its label)."""
-    entry = get_backdoored_model(zoo_config(attack, args.poison_rate, args.dataset, args.arch, args.image_size),
-                                 show_progress=False)
+    config = zoo_config(attack, args.poison_rate, args.dataset, args.arch, args.image_size, args.zoo_seed)
+    entry = get_backdoored_model(config, show_progress=False)
     index = screened_subset(entry.train.is_poisoned, args.fraction, args.clean, args.seed)
     return entry, entry.train.dataset.x[index], entry.train.is_poisoned[index], entry.train.is_cover[index]
 
@@ -595,7 +596,9 @@ def main() -> None:
     parser.add_argument("--fpr-attacks", nargs="*", default=["badnets"], help="attacks whose test split is scored")
     parser.add_argument("--fpr", type=float, default=0.05)
     parser.add_argument("--splits", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the screened draw's and the members' seed")
+    parser.add_argument("--zoo-seed", type=int, default=0,
+                        help="the zoo models' training seed (another poisoned set and model; the zoo's is 0)")
     parser.add_argument("--out", type=Path, default=Path("detect_families.json"))
     parser.add_argument("--lofo", action="store_true", help="only report from the results file")
     parser.add_argument("--lofo-with", nargs="*", type=Path, default=[],
@@ -628,7 +631,8 @@ def main() -> None:
     setting = (f"{'clean ' + str(args.clean) if args.clean else 'fraction ' + str(args.fraction)}, steps {args.steps}, "
                f"seed {args.seed}" + ("" if args.poison_rate is None else f", poison rate {args.poison_rate:g}")
                + ("" if args.dataset == "digits" else f", {args.dataset}")
-               + ("" if args.arch == "small_cnn" else f", {args.arch} at {args.image_size} px"))
+               + ("" if args.arch == "small_cnn" else f", {args.arch} at {args.image_size} px")
+               + ("" if args.zoo_seed == 0 else f", zoo seed {args.zoo_seed}"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if results.get("setting") != setting:
         results = {"setting": setting, "machine": f"{platform.processor() or platform.machine()}, torch "
