@@ -8,7 +8,11 @@ also chooses, per held-out family, the variant with the best mean AUROC on the o
 better worst) and scores the held-out family with it.
 
     python benchmarks/fusion_weights.py                      # labelled default, draw files in benchmarks/detect_draws
-    python benchmarks/fusion_weights.py --regime label-free --draw-dir DIR   # copies with the probe on predictions
+    python benchmarks/fusion_weights.py --regime label-free  # label-free default, benchmarks/detect_draws/label_free
+
+The label-free copies are the pool files with ``features`` and ``probe-shallow`` refitted without labels (the model's
+predictions instead; every other member reads no labels, so its scores are the labelled files'); RESULTS.md, "The
+label-free pool in the repository".
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ REGIMES = {  # the SDK's defaults (LABELLED_MEMBERS / DEFAULT_MEMBERS; "[g]": ga
     "labelled": (("features", "typicality[g]", "probe", "probe-shallow"), "zscore + class"),
     "label-free": (("features", "clustering", "typicality", "probe-shallow"), "zscore + class + stable≤2"),
 }
+
+
+DRAW_DIRS = {"labelled": Path(__file__).parent / "detect_draws",
+             "label-free": Path(__file__).parent / "detect_draws" / "label_free"}  # each regime's copy of the pool
 
 
 def pool_files(draw_dir: Path, draw: int) -> list[Path]:
@@ -154,12 +162,16 @@ def held_out_choice(tables: dict[str, dict[str, tuple[str, float]]]) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="labelled")
-    parser.add_argument("--draw-dir", type=Path, default=Path(__file__).parent / "detect_draws")
+    parser.add_argument("--draw-dir", type=Path, default=None,
+                        help="the pool's draw files (default: benchmarks/detect_draws, labelled; its label_free/ "
+                             "copies for --regime label-free)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--lofo", nargs="*", default=None, metavar="VARIANT",
                         help="also leave one family out among these variants (none named: all)")
     args = parser.parse_args()
     members, rule = REGIMES[args.regime]
+    if args.draw_dir is None:
+        args.draw_dir = DRAW_DIRS[args.regime]
     tables = {}
     for draw in args.draws:
         units = implanted_units(args.draw_dir, draw, members)
