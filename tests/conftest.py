@@ -73,46 +73,63 @@ def _seed():
 
 
 @contextlib.contextmanager
-def empty_cache_one_thread(tmp_path_factory, name: str):
-    """Within the block: a new, empty TROJANGUARD_CACHE folder and one torch thread; both restored after it."""
-    before, threads = os.environ.get("TROJANGUARD_CACHE"), torch.get_num_threads()
-    os.environ["TROJANGUARD_CACHE"] = str(tmp_path_factory.mktemp(name))
-    torch.set_num_threads(1)
+def model_cache(folder):
+    """Within the block: TROJANGUARD_CACHE is ``folder``; the session's setting is restored after it."""
+    before = os.environ.get("TROJANGUARD_CACHE")
+    os.environ["TROJANGUARD_CACHE"] = str(folder)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
         if before is None:
             del os.environ["TROJANGUARD_CACHE"]
         else:
             os.environ["TROJANGUARD_CACHE"] = before
 
 
-@pytest.fixture(scope="session")
-def ssl_zoo(tmp_path_factory):
-    """The SSL zoo's default poisoned encoder and its clean twin (``SSLZooConfig()``), trained once per test session
-    from an empty cache, on one torch thread: the numbers are then the benchmarks' (they run one thread), and a
-    concurrent CPU job does not stall two threads' synchronisation (on two shared cores it made an epoch ~6×
-    slower). The cache directory is restored afterwards."""
-    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
-
-    with empty_cache_one_thread(tmp_path_factory, "ssl-cache"):
-        config = SSLZooConfig()
-        yield get_poisoned_encoder(config, show_progress=False), get_poisoned_encoder(config.clean(), show_progress=False)
-
-
-@pytest.fixture(scope="session")
-def badencoder_zoo(ssl_zoo):
-    """The SSL zoo's BadEncoder (``SSLZooConfig(attack="badencoder")``, 16 px): the clean encoder of ``ssl_zoo``
-    (same session cache, so it is not trained twice) fine-tuned by BadEncoder, on one torch thread."""
-    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
-
+@contextlib.contextmanager
+def empty_cache_one_thread(folder):
+    """Within the block: TROJANGUARD_CACHE is ``folder`` (a new, empty one) and torch runs one thread; both restored
+    after it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield get_poisoned_encoder(SSLZooConfig(attack="badencoder"), show_progress=False)
+        with model_cache(folder):
+            yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ssl_zoo_cache(tmp_path_factory):
+    """The model cache of ``ssl_zoo`` and ``badencoder_zoo`` (empty when the session starts): set only while they
+    are built or read, so the other tests of their worker share the session's cache with the other workers."""
+    return tmp_path_factory.mktemp("ssl-cache")
+
+
+@pytest.fixture(scope="session")
+def ssl_zoo(ssl_zoo_cache):
+    """The SSL zoo's default poisoned encoder and its clean twin (``SSLZooConfig()``), trained once per test session
+    from an empty cache (``ssl_zoo_cache``), on one torch thread: the numbers are then the benchmarks' (they run one
+    thread), and a concurrent CPU job does not stall two threads' synchronisation (on two shared cores it made an
+    epoch ~6× slower). The rest of the session stays on one thread, so the tests that measure these encoders
+    measure them as the benchmarks do."""
+    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
+
+    torch.set_num_threads(1)
+    with model_cache(ssl_zoo_cache):
+        config = SSLZooConfig()
+        return get_poisoned_encoder(config, show_progress=False), get_poisoned_encoder(config.clean(),
+                                                                                        show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def badencoder_zoo(ssl_zoo, ssl_zoo_cache):
+    """The SSL zoo's BadEncoder (``SSLZooConfig(attack="badencoder")``, 16 px): the clean encoder of ``ssl_zoo``
+    (same cache, so it is not trained twice) fine-tuned by BadEncoder, on one torch thread."""
+    from trojanguard.zoo import SSLZooConfig, get_poisoned_encoder
+
+    with model_cache(ssl_zoo_cache):
+        return get_poisoned_encoder(SSLZooConfig(attack="badencoder"), show_progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +138,7 @@ def clip_zoo(tmp_path_factory):
     an empty cache on one torch thread (~7 s each); the cache setting is restored as soon as they are built."""
     from trojanguard.zoo import CLIPZooConfig, get_poisoned_clip
 
-    with empty_cache_one_thread(tmp_path_factory, "clip-cache"):  # restored before any test runs: the models are
+    with empty_cache_one_thread(tmp_path_factory.mktemp("clip-cache")):  # restored before any test runs: the models are
         return {a: get_poisoned_clip(CLIPZooConfig(attack=a), show_progress=False) for a in ("badnets", "blended")}
 
 

@@ -24,8 +24,9 @@ def encoders(ssl_zoo):
 
 
 @pytest.mark.slow
-def test_a_poisoned_encoder_shows_the_backdoor_and_is_cached(encoders):
+def test_a_poisoned_encoder_shows_the_backdoor_and_is_cached(encoders, ssl_zoo_cache, monkeypatch):
     poisoned, clean = encoders
+    monkeypatch.setenv("TROJANGUARD_CACHE", str(ssl_zoo_cache))  # where the session's zoo pair was written
     print(f"\nprobe CA / ASR: poisoned {poisoned.probe_clean_accuracy:.3f} / {poisoned.probe_attack_success_rate:.3f}, "
           f"clean {clean.probe_clean_accuracy:.3f} / {clean.probe_attack_success_rate:.3f}; train s "
           f"{poisoned.train_seconds:.0f} + {clean.train_seconds:.0f}")
