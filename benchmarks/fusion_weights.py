@@ -10,9 +10,9 @@ better worst) and scores the held-out family with it.
     python benchmarks/fusion_weights.py                      # labelled default, draw files in benchmarks/detect_draws
     python benchmarks/fusion_weights.py --regime label-free  # label-free default, benchmarks/detect_draws/label_free
 
-The label-free copies are the pool files with ``features`` and ``probe-shallow`` refitted without labels (the model's
-predictions instead; every other member reads no labels, so its scores are the labelled files'); RESULTS.md, "The
-label-free pool in the repository".
+The label-free copies are the pool files with ``features``, ``probe`` and ``probe-shallow`` refitted without labels
+(the model's predictions instead; every other member reads no labels, so its scores are the labelled files'); RESULTS.md,
+"The label-free pool in the repository".
 """
 
 from __future__ import annotations
