@@ -535,7 +535,10 @@ class PoisonCAM(Detector):
         nets = nn.ModuleList()
         for member in range(self.ensemble):
             torch.manual_seed(self.seed * 1000 + member)
-            net = build_model("small_cnn", num_classes=2, in_channels=channels)
+            # trained channels-last (NHWC): the CPU's convolution and pooling kernels run this small CNN's steps about
+            # twice as fast as in NCHW (benchmarks/RESULTS.md, "PoisonCAM's classifier channels-last"); the same
+            # function, its sums in another order; kept NCHW afterwards, as saved and exported
+            net = build_model("small_cnn", num_classes=2, in_channels=channels).to(memory_format=torch.channels_last)
             optimizer = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
             pool = x[keep if folds is None else keep[folds != member]]
@@ -544,13 +547,13 @@ class PoisonCAM(Detector):
 
             def step(batch, _epoch, _index, net=net):
                 images, labels = batch
-                return F.cross_entropy(net(images), labels)
+                return F.cross_entropy(net(images.contiguous(memory_format=torch.channels_last)), labels)
 
             net.train()
             train(net, step, batches, optimizer=optimizer, scheduler=scheduler, epochs=epochs,
                   device=torch.device("cpu"), show_progress=self.show_progress,
                   desc=f"PoisonCAM classifier {member + 1}/{self.ensemble}")
-            nets.append(net.eval())
+            nets.append(net.to(memory_format=torch.contiguous_format).eval())
         return nets
 
     # ------------------------------------------------------------------ saving a fit
