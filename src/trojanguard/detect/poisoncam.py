@@ -535,9 +535,9 @@ class PoisonCAM(Detector):
         nets = nn.ModuleList()
         for member in range(self.ensemble):
             torch.manual_seed(self.seed * 1000 + member)
-            # trained channels-last (NHWC): the CPU's convolution and pooling kernels run this small CNN's steps about
-            # twice as fast as in NCHW (benchmarks/RESULTS.md, "PoisonCAM's classifier channels-last"); the same
-            # function, its sums in another order; kept NCHW afterwards, as saved and exported
+            # trained channels-last (NHWC): the CPU's convolution and pooling kernels run this small CNN's steps ~1.5×
+            # as fast as in NCHW (benchmarks/RESULTS.md, "PoisonCAM's classifier channels-last"); the same function,
+            # its sums in another order; returned in NCHW, as saved and exported
             net = build_model("small_cnn", num_classes=2, in_channels=channels).to(memory_format=torch.channels_last)
             optimizer = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
