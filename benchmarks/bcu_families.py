@@ -90,6 +90,10 @@ SETTINGS: dict[str, dict] = {
     "intact2%+no_augment": {"intact_paths": 0.02, "augment": "none"},
     # ... or more steps: twice the photo crops ("images": the size of --data ood's set; or epochs40+no_augment)
     "images4000+no_augment": {"images": 4000, "augment": "none"},
+    # far data (thirty-second session): the far default on another source ("ood_source": --data ood's source), half
+    # photo crops and half strokes (line drawings; the photo crops did not teach a thin "1"), or strokes alone
+    "mix+epochs40+no_augment": {"ood_source": "photos+strokes", "epochs": 40, "augment": "none"},
+    "strokes+epochs40+no_augment": {"ood_source": "strokes", "epochs": 40, "augment": "none"},
 }
 ASR_BAR, CA_DROP_BAR = 0.05, 0.03
 
@@ -104,11 +108,12 @@ def user_folder(entry, seed: int) -> torch.Tensor:
         return load_image_folder(folder, size=grey.shape[-1], channels=grey.shape[1]).x
 
 
-def unlabeled(entry, model, source: str, seed: int, images: int = DEFAULT_OOD_IMAGES) -> torch.Tensor:
+def unlabeled(entry, model, source: str, seed: int, images: int = DEFAULT_OOD_IMAGES,
+              ood_source: str = "photos") -> torch.Tensor:
     if source == "in":
         return clean_half(entry, seed=seed)
     if source == "ood":
-        return ood_images(images, model=model, seed=seed)
+        return ood_images(images, model=model, seed=seed, source=ood_source)
     folder = user_folder(entry, seed)
     return folder if source == "folder" else adapt_to_model(model, folder, len(folder) // 2, seed)
 
@@ -118,7 +123,8 @@ def run_one(teacher: str, attack: str, setting: str, seed: int, source: str = "i
                                  show_progress=False)
     model, ca, asr = teacher_model(entry, "zoo" if teacher in ZOO_TEACHERS else teacher)
     kwargs = {**OLD_DEFAULT, **SETTINGS[setting]}
-    data = unlabeled(entry, model, source, seed, kwargs.pop("images", DEFAULT_OOD_IMAGES))
+    data = unlabeled(entry, model, source, seed, kwargs.pop("images", DEFAULT_OOD_IMAGES),
+                     kwargs.pop("ood_source", "photos"))
     init = FlatCNN if teacher == "flat_noshift" else (lambda: build_model(entry.config.arch, num_classes=10))
     bcu = BCU(seed=seed, show_progress=False, init=init, **kwargs)
     with warnings.catch_warnings():

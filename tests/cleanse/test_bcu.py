@@ -493,7 +493,7 @@ def test_kept_statistics_are_unchanged_after_cleansing():
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("source", ["photos", "dead_leaves", "fractal"])
+@pytest.mark.parametrize("source", ["photos", "dead_leaves", "fractal", "strokes", "photos+strokes"])
 def test_ood_images_are_adapted_to_the_model_and_class_balanced(source):
     torch.manual_seed(0)
     model = SmallCNN()
@@ -505,7 +505,7 @@ def test_ood_images_are_adapted_to_the_model_and_class_balanced(source):
     assert len(ood_images(50, channels=1, model=SmallCNN(in_channels=1), pool_factor=2)[0]) == 1
     with pytest.raises(DataError, match="3 input channels"):
         ood_images(50, channels=1, model=model, pool_factor=2)
-    with pytest.raises(DataError, match="source: expected one of photos, dead_leaves, fractal, got 'noise'"):
+    with pytest.raises(DataError, match="source: expected one of photos, dead_leaves, fractal, strokes, photos\\+strokes, got 'noise'"):
         ood_images(50, source="noise")
 
 

@@ -108,8 +108,9 @@ def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
     wrong_arch = ["cleanse", "--model", str(model_path), "--arch", "resnet18_cifar", "--data", "ood", "--out", str(out)]
     assert main(wrong_arch) == 1 and "does not fit architecture" in capsys.readouterr().err
     assert main([*args, "--data", "ood:waves"]) == 1
-    assert "--data: expected ood or ood:<source> with a source of photos, dead_leaves, fractal, got 'ood:waves'" in \
-        capsys.readouterr().err
+    expected = ("--data: expected ood or ood:<source> with a source of photos, dead_leaves, fractal, strokes, "
+                "photos+strokes, got 'ood:waves'")
+    assert expected in capsys.readouterr().err
     assert main([*args, "--data", "ood:fractal", "--ood-images", "100"]) == 0 and out.is_file()
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["details"]["data"] == "ood:fractal" and report["details"]["ood"]["source"] == "fractal"

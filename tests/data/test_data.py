@@ -9,6 +9,7 @@ from trojanguard.data import (
     load_image_folder,
     load_npz,
     load_ood_crops,
+    load_ood_source,
     load_procedural,
 )
 from trojanguard.errors import DataError
@@ -89,8 +90,38 @@ def test_procedural_images_are_seeded_in_range_and_natural_like():
     assert min(colours) >= 5  # ... and every image shows many discs
 
 
+def test_strokes_are_thin_seeded_line_drawings():
+    x = load_procedural("strokes", 300, size=32, seed=5).x
+    assert x.shape == (300, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, load_procedural("strokes", 300, size=32, seed=5).x)
+    assert not torch.equal(x, load_procedural("strokes", 300, size=32, seed=6).x)
+    background = x.flatten(2).median(-1).values[..., None, None]  # the flat background: most of every image
+    stroke = (x - background).abs().amax(1) > 0.02
+    share = stroke.flatten(1).float().mean(1)
+    assert float(share.median()) < 0.35  # thin lines on a flat field, not a texture
+    assert float((share > 0.02).float().mean()) > 0.95  # almost every image shows a stroke
+    # thin (at most ~6 px wide): few stroke pixels sit inside a 7 x 7 square of stroke pixels (a blob's do)
+    inside = -torch.nn.functional.max_pool2d(-stroke[:, None].float(), 7, stride=1, padding=3)
+    assert float(inside.sum() / stroke.sum()) < 0.12  # measured 0.06 (dead leaves: 0.27)
+    assert load_procedural("strokes", 3, size=64, channels=1).x.shape == (3, 1, 64, 64)
+
+
+def test_ood_source_mixes_photo_crops_and_strokes():
+    mixed = load_ood_source("photos+strokes", 40, size=16, seed=2).x
+    photos = load_ood_crops(20, size=16, seed=2).x
+    strokes = load_procedural("strokes", 20, size=16, seed=3).x
+    assert mixed.shape == (40, 3, 16, 16)
+    as_set = {tuple(img.flatten().tolist()) for img in torch.cat([photos, strokes])}
+    assert {tuple(img.flatten().tolist()) for img in mixed} == as_set  # every half, each once, in a shuffled order
+    assert not torch.equal(mixed[:20], photos)
+    assert torch.equal(load_ood_source("photos", 7, size=16, seed=2).x, load_ood_crops(7, size=16, seed=2).x)
+    assert len(load_ood_source("photos+strokes", 1, size=16)) == 1
+    with pytest.raises(DataError, match="source: expected one of photos, dead_leaves, fractal, strokes, photos"):
+        load_ood_source("noise", 4)
+
+
 def test_procedural_bad_inputs():
-    with pytest.raises(DataError, match="kind: expected 'dead_leaves' or 'fractal', got 'waves'"):
+    with pytest.raises(DataError, match="kind: expected one of dead_leaves, fractal, strokes, got 'waves'"):
         load_procedural("waves")
     with pytest.raises(DataError, match="n: expected a positive"):
         load_procedural("fractal", 0)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.cleanse.base import model_device, preflight
-from trojanguard.data import OOD_SOURCES, load_ood_crops, load_procedural
+from trojanguard.data import OOD_SOURCES, load_ood_source
 from trojanguard.errors import DataError
 
 DEFAULT_OOD_IMAGES = 2000  # METHODS.md §3 CPU scale: 500–2000 images; crops are free (measured: BadNets CA
@@ -204,6 +204,4 @@ def adapt_to_model(model: nn.Module, images: torch.Tensor, n: int, seed: int = 0
 
 
 def _source_images(source: str, n: int, size: int, channels: int, seed: int) -> torch.Tensor:
-    if source == "photos":
-        return load_ood_crops(n=n, size=size, channels=channels, seed=seed).x
-    return load_procedural(source, n=n, size=size, channels=channels, seed=seed).x
+    return load_ood_source(source, n=n, size=size, channels=channels, seed=seed).x
