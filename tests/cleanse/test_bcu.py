@@ -49,7 +49,7 @@ from trojanguard.cleanse.distillation import (
     normalisation_gap,
     prediction_agreement,
 )
-from trojanguard.cleanse.unlabeled import VIEWS, View, balanced_subset, clean_half, ood_images
+from trojanguard.cleanse.unlabeled import VIEWS, View, balanced_subset, choose_view, clean_half, ood_images
 from trojanguard.data import load_ood_crops
 from trojanguard.errors import DataError
 from trojanguard.models import ResNet18, SmallCNN, build_model
@@ -507,6 +507,28 @@ def test_ood_images_are_adapted_to_the_model_and_class_balanced(source):
         ood_images(50, channels=1, model=model, pool_factor=2)
     with pytest.raises(DataError, match="source: expected one of photos, dead_leaves, fractal, strokes, photos\\+strokes, got 'noise'"):
         ood_images(50, source="noise")
+
+
+def test_view_rules_pick_the_most_even_spread_or_the_least_normalisation_gap():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    crops = load_ood_crops(64, size=32, seed=1).x
+    by_entropy, entropy = choose_view(model, crops)
+    assert entropy[str(by_entropy)] == max(entropy.values())
+    by_gap, entropy_too = choose_view(model, crops, rule="gap")
+    assert entropy_too == entropy  # the entropies are reported whatever the rule
+    with torch.no_grad():
+        gaps = {str(v): normalisation_gap(model, v(crops)) for v in VIEWS}
+    assert gaps[str(by_gap)] == min(gaps.values())
+    info: dict = {}
+    ood_images(40, model=model, pool_factor=2, info=info, view_rule="gap")
+    assert info["view_rule"] == "gap" and info["view"] == str(choose_view(model, load_ood_crops(80, seed=0).x[:256],
+                                                                          rule="gap")[0])
+    no_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(ValueError, match="view_rule: 'gap' needs a model with batch-norm running statistics"):
+        choose_view(no_norm, crops, rule="gap")
+    with pytest.raises(ValueError, match="view_rule: expected one of entropy, gap, got 'best'"):
+        ood_images(10, view_rule="best")
 
 
 def test_balanced_subset_takes_classes_round_robin():

@@ -111,9 +111,10 @@ def test_cleanse_command_reads_npz_and_refuses_bad_input(tmp_path, capsys):
     expected = ("--data: expected ood or ood:<source> with a source of photos, dead_leaves, fractal, strokes, "
                 "photos+strokes, got 'ood:waves'")
     assert expected in capsys.readouterr().err
-    assert main([*args, "--data", "ood:fractal", "--ood-images", "100"]) == 0 and out.is_file()
+    assert main([*args, "--data", "ood:fractal", "--ood-images", "100", "--ood-view", "gap"]) == 0 and out.is_file()
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["details"]["data"] == "ood:fractal" and report["details"]["ood"]["source"] == "fractal"
+    assert report["details"]["ood"]["view_rule"] == "gap"
 
 
 def test_cleanse_command_defaults_match_bcu_and_bad_reinit_is_refused(tmp_path):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanguard.cleanse.base import model_device, preflight
+from trojanguard.cleanse.distillation import normalisation_gap
 from trojanguard.data import OOD_SOURCES, load_ood_source
 from trojanguard.errors import DataError
 
@@ -105,13 +106,30 @@ def class_entropy(classes: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
+# How the view is chosen: "entropy" (default) — the most even spread of the model's predicted classes; "gap" — the
+# least normalisation gap to the model's batch-norm statistics (ours, thirty-second session: on the digits zoo the
+# entropy rule's rare grey photo views cost a class; measured, not the default: benchmarks/RESULTS.md)
+VIEW_RULES = ("entropy", "gap")
+
+
 def choose_view(model: nn.Module, crops: torch.Tensor, views: tuple[View, ...] = VIEWS,
-                channels: int = 3) -> tuple[View, dict[str, float]]:
-    """The view under which ``model`` spreads ``crops`` most evenly over its classes, and every view's entropy."""
+                channels: int = 3, rule: str = "entropy") -> tuple[View, dict[str, float]]:
+    """The view ``rule`` picks (:data:`VIEW_RULES`; default: the one under which ``model`` spreads ``crops`` most
+    evenly over its classes), and every view's entropy."""
+    if rule not in VIEW_RULES:
+        raise ValueError(f"view_rule: expected one of {', '.join(VIEW_RULES)}, got {rule!r}")
     scores = {}
     for view in views:
         scores[view] = class_entropy(predicted_classes(model, _channels(view(crops), channels)))
-    best = max(views, key=lambda v: scores[v])  # first of equals: the plainest view
+    if rule == "gap":
+        device = model_device(model)
+        with torch.no_grad():
+            gaps = {view: normalisation_gap(model, _channels(view(crops), channels).to(device)) for view in views}
+        if any(gap is None for gap in gaps.values()):
+            raise ValueError("view_rule: 'gap' needs a model with batch-norm running statistics; this one has none")
+        best = min(views, key=lambda v: gaps[v])  # first of equals: the plainest view
+    else:
+        best = max(views, key=lambda v: scores[v])  # first of equals: the plainest view
     return best, {str(v): round(s, 4) for v, s in scores.items()}
 
 
@@ -160,20 +178,23 @@ def clean_half(entry, seed: int = 0, fraction: float = 0.5, untouched: bool = Tr
 
 def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, seed: int = 0,
                model: nn.Module | None = None, pool_factor: int = POOL_FACTOR,
-               info: dict | None = None, source: str = "photos") -> torch.Tensor:
+               info: dict | None = None, source: str = "photos", view_rule: str = "entropy") -> torch.Tensor:
     """Out-of-distribution unlabeled images ``(n, channels, size, size)`` in [0, 1] from ``source``: ``photos``
     (random crops of scikit-learn's sample photos), ``dead_leaves`` or ``fractal`` (procedural, generated from
     ``seed``: :func:`trojanguard.data.load_procedural`).
 
     Without ``model``: ``n`` raw images. With ``model`` (the suspicious classifier): ``pool_factor · n`` images
-    rendered in the view the model spreads most evenly over its classes, then a class-balanced subset of ``n`` by
-    its predictions (see the module docstring). ``info``, when given, receives the source, the chosen view, every
+    rendered in the view the model spreads most evenly over its classes (``view_rule="gap"``: the view closest to its
+    batch-norm statistics, :func:`choose_view`), then a class-balanced subset of ``n`` by its predictions (see the
+    module docstring). ``info``, when given, receives the source, the chosen view, every
     view's entropy and the class shares of the result.
     """
     if n <= 0:
         raise DataError(f"n: expected a positive number of images, got {n}")
     if source not in OOD_SOURCES:
         raise DataError(f"source: expected one of {', '.join(OOD_SOURCES)}, got {source!r}")
+    if view_rule not in VIEW_RULES:
+        raise ValueError(f"view_rule: expected one of {', '.join(VIEW_RULES)}, got {view_rule!r}")
     if model is None:
         return _source_images(source, n, size, channels, seed)
     if pool_factor < 1:
@@ -182,22 +203,22 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
     preflight(model, _channels(crops[:2], channels), model_device(model))  # clear error if the crops do not fit
     if info is not None:
         info.update(source=source)
-    return adapt_to_model(model, crops, n, seed, channels, info)
+    return adapt_to_model(model, crops, n, seed, channels, info, view_rule)
 
 
 def adapt_to_model(model: nn.Module, images: torch.Tensor, n: int, seed: int = 0, channels: int = 3,
-                   info: dict | None = None) -> torch.Tensor:
+                   info: dict | None = None, view_rule: str = "entropy") -> torch.Tensor:
     """Colour images ``(N, 3, H, W)`` in [0, 1] (crops, procedural images, your own folder) adapted to ``model`` as
     :func:`ood_images` adapts its crops: rendered in the view the model spreads most evenly over its classes, then a
     class-balanced subset of ``n`` by its predictions. ``info``, when given, receives the chosen view, every view's
     entropy and the class shares of the result."""
-    view, scores = choose_view(model, images[:VIEW_SAMPLE], channels=channels)
+    view, scores = choose_view(model, images[:VIEW_SAMPLE], channels=channels, rule=view_rule)
     pool = _channels(view(images), channels)
     classes = predicted_classes(model, pool)
     chosen = balanced_subset(classes, n, seed)
     if info is not None:
         shares = torch.bincount(classes[chosen]).double() / n
-        info.update(view=str(view), view_entropy=scores, pool=len(pool),
+        info.update(view=str(view), view_rule=view_rule, view_entropy=scores, pool=len(pool),
                     class_share=[round(float(s), 4) for s in shares], entropy=class_entropy(classes[chosen]),
                     max_entropy=math.log(max(2, int(classes.max()) + 1)))
     return pool[chosen].contiguous()

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     from trojanguard.attacks import ATTACKS
     from trojanguard.attacks.ssl import SSL_ATTACKS
     from trojanguard.cleanse import CLEANSERS
-    from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES
+    from trojanguard.cleanse.unlabeled import DEFAULT_OOD_IMAGES, VIEW_RULES
 
     p = sub.add_parser("cleanse", help="cleanse a suspicious model on unlabeled images (--method, default BCU)",
                        description="Cleanse a suspicious classifier on unlabeled images with --method (default bcu: "
@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
                     "reads the captions")
     p.add_argument("--data", required=True,
                    help="unlabeled images: an image folder, an .npz, 'ood' (natural-photo crops adapted to the "
-                        "model; 'ood:dead_leaves' or 'ood:fractal': procedural images, generated) or 'digits'; "
+                        "model; 'ood:dead_leaves', 'ood:fractal' or 'ood:strokes': procedural images, generated; "
+                        "'ood:photos+strokes': half each) or 'digits'; "
                         "image–caption pairs for ubt / cleanclip: an .npz with 'images' and 'captions', or a folder "
                         "with captions.csv (file, caption)")
     p.add_argument("--out", required=True, help="where to write the cleansed weights (.safetensors or .pt)")
@@ -48,6 +49,9 @@ def add_parser(sub) -> None:
                    help="cleansing method; " + registry_help(CLEANSERS, DEFAULT_METHOD))
     p.add_argument("--ood-images", type=int, default=DEFAULT_OOD_IMAGES,
                    help=f"images to draw with --data ood (default {DEFAULT_OOD_IMAGES})")
+    p.add_argument("--ood-view", default="entropy", choices=VIEW_RULES,
+                   help="how --data ood picks the view it renders the images in: entropy (default: the most even "
+                        "spread of the model's classes) or gap (the closest to its batch-norm statistics)")
     add_config_options(p, [(entry.name, entry.config, entry.options) for entry in _methods(CLEANSERS)
                            if entry.config is not None])
     p.add_argument("--eval", help="labelled data to report CA per epoch: an image folder, an .npz or 'digits' (an "
@@ -206,7 +210,7 @@ def _unlabeled_data(spec: str, args: argparse.Namespace, model, info: dict):
             raise DataError(f"--data: expected ood or ood:<source> with a source of {', '.join(OOD_SOURCES)}, got "
                             f"{spec!r}")
         return ood_images(args.ood_images, size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels,
-                          seed=args.data_seed, model=model, info=info, source=source)
+                          seed=args.data_seed, model=model, info=info, source=source, view_rule=args.ood_view)
     if spec == "digits":
         train, _ = load_digits(size=args.image_size or DEFAULT_IMAGE_SIZE, channels=args.in_channels, seed=args.data_seed)
         import torch
