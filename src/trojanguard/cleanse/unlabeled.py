@@ -116,21 +116,24 @@ def choose_view(model: nn.Module, crops: torch.Tensor, views: tuple[View, ...] =
                 channels: int = 3, rule: str = "entropy") -> tuple[View, dict[str, float]]:
     """The view ``rule`` picks (:data:`VIEW_RULES`; default: the one under which ``model`` spreads ``crops`` most
     evenly over its classes), and every view's entropy."""
-    if rule not in VIEW_RULES:
-        raise ValueError(f"view_rule: expected one of {', '.join(VIEW_RULES)}, got {rule!r}")
-    scores = {}
-    for view in views:
-        scores[view] = class_entropy(predicted_classes(model, _channels(view(crops), channels)))
+    _check_view_rule(rule)
+    rendered = {view: _channels(view(crops), channels) for view in views}
+    scores = {view: class_entropy(predicted_classes(model, x)) for view, x in rendered.items()}
     if rule == "gap":
         device = model_device(model)
         with torch.no_grad():
-            gaps = {view: normalisation_gap(model, _channels(view(crops), channels).to(device)) for view in views}
+            gaps = {view: normalisation_gap(model, x.to(device)) for view, x in rendered.items()}
         if any(gap is None for gap in gaps.values()):
             raise ValueError("view_rule: 'gap' needs a model with batch-norm running statistics; this one has none")
         best = min(views, key=lambda v: gaps[v])  # first of equals: the plainest view
     else:
         best = max(views, key=lambda v: scores[v])  # first of equals: the plainest view
     return best, {str(v): round(s, 4) for v, s in scores.items()}
+
+
+def _check_view_rule(rule: str) -> None:
+    if rule not in VIEW_RULES:
+        raise ValueError(f"view_rule: expected one of {', '.join(VIEW_RULES)}, got {rule!r}")
 
 
 def balanced_subset(classes: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -180,8 +183,9 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
                model: nn.Module | None = None, pool_factor: int = POOL_FACTOR,
                info: dict | None = None, source: str = "photos", view_rule: str = "entropy") -> torch.Tensor:
     """Out-of-distribution unlabeled images ``(n, channels, size, size)`` in [0, 1] from ``source``: ``photos``
-    (random crops of scikit-learn's sample photos), ``dead_leaves`` or ``fractal`` (procedural, generated from
-    ``seed``: :func:`trojanguard.data.load_procedural`).
+    (random crops of scikit-learn's sample photos), ``dead_leaves``, ``fractal`` or ``strokes`` (procedural, generated
+    from ``seed``: :func:`trojanguard.data.load_procedural`) or ``photos+strokes`` (half each:
+    :func:`trojanguard.data.load_ood_source`).
 
     Without ``model``: ``n`` raw images. With ``model`` (the suspicious classifier): ``pool_factor · n`` images
     rendered in the view the model spreads most evenly over its classes (``view_rule="gap"``: the view closest to its
@@ -193,8 +197,7 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
         raise DataError(f"n: expected a positive number of images, got {n}")
     if source not in OOD_SOURCES:
         raise DataError(f"source: expected one of {', '.join(OOD_SOURCES)}, got {source!r}")
-    if view_rule not in VIEW_RULES:
-        raise ValueError(f"view_rule: expected one of {', '.join(VIEW_RULES)}, got {view_rule!r}")
+    _check_view_rule(view_rule)  # also without a model: a typo fails here, not on the first call with one
     if model is None:
         return _source_images(source, n, size, channels, seed)
     if pool_factor < 1:
@@ -209,8 +212,8 @@ def ood_images(n: int = DEFAULT_OOD_IMAGES, size: int = 32, channels: int = 3, s
 def adapt_to_model(model: nn.Module, images: torch.Tensor, n: int, seed: int = 0, channels: int = 3,
                    info: dict | None = None, view_rule: str = "entropy") -> torch.Tensor:
     """Colour images ``(N, 3, H, W)`` in [0, 1] (crops, procedural images, your own folder) adapted to ``model`` as
-    :func:`ood_images` adapts its crops: rendered in the view the model spreads most evenly over its classes, then a
-    class-balanced subset of ``n`` by its predictions. ``info``, when given, receives the chosen view, every view's
+    :func:`ood_images` adapts its crops: rendered in the view ``view_rule`` picks (:func:`choose_view`; default: the
+    most even spread of the model's classes), then a class-balanced subset of ``n`` by its predictions. ``info``, when given, receives the chosen view, every view's
     entropy and the class shares of the result."""
     view, scores = choose_view(model, images[:VIEW_SAMPLE], channels=channels, rule=view_rule)
     pool = _channels(view(images), channels)
